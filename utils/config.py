@@ -1,0 +1,221 @@
+"""Typed, validated settings loaded from ``config.yaml``.
+
+All validation happens here, in one place: an unknown key, a wrong type or a value out of
+range raises one :class:`~utils.errors.ConfigError` that names the key, the bad value and what
+is allowed. Downstream code can trust a :class:`Settings` object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .backbones import BACKBONES, MAX_STRIDE
+from .errors import ConfigError
+
+DATA_FORMATS = ("demo", "study", "mvtec")
+INTENSITY_MODES = ("none", "zscore", "percentile")
+RESIZE_MODES = ("pad", "stretch")
+IMAGE_SCORES = ("max", "top1pct_mean")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the images come from and how every image is preprocessed (train and test alike)."""
+
+    format: Literal["demo", "study", "mvtec"] = "demo"
+    #: Folder holding the study's ``data/`` folder, an MVTec category folder, or the demo set.
+    root: str = "data/demo"
+    #: Study layout: split CSVs (names without .csv) whose union is the training set.
+    train_splits: list[str] = field(default_factory=lambda: ["ixi_normal_train", "normal_train"])
+    val_split: str = "normal_val"
+    #: Study layout: pathology groups to test; null means every group that has P/P_ann/P_neg CSVs.
+    test_groups: Optional[list[str]] = None
+    #: Square resize policy: "pad" (zero-pad to square, then resize) or "stretch".
+    resize: Literal["pad", "stretch"] = "pad"
+    #: Per-image intensity standardisation before ImageNet normalisation.
+    intensity: Literal["none", "zscore", "percentile"] = "none"
+    #: On an unreadable image: false fails naming the file; true skips it with a warning.
+    skip_bad_images: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a PaDiM run. Build with :func:`load_config` or :func:`settings_from_dict`."""
+
+    backbone: str = "efficientnet_lite0"
+    #: "imagenet", "random", or a path to a state-dict file.
+    weights: str = "imagenet"
+    #: Backbone stages used: 1 = stride 4, 2 = stride 8, 3 = stride 16.
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    #: Optional check: must equal the channel sum of ``layers`` for ``backbone``.
+    target_dimension: Optional[int] = None
+    #: Channels kept by the seeded random selection; null keeps all of them.
+    output_dimension: Optional[int] = 100
+    seed: int = 0
+    image_size: int = 128
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Covariance regularisation: Sigma + epsilon * I.
+    epsilon: float = 0.01
+    #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it.
+    blur_sigma: float = 4.0
+    batch_size: int = 32
+    #: dtype of the covariance accumulator and of the stored inverse covariance.
+    covariance_dtype: Literal["float32", "float64"] = "float32"
+    #: Image score from the anomaly map: its maximum, or the mean of its top 1 % pixels.
+    image_score: Literal["max", "top1pct_mean"] = "max"
+    results_dir: str = "results"
+    data: DataSettings = field(default_factory=DataSettings)
+
+    @property
+    def total_channels(self) -> int:
+        return BACKBONES[self.backbone].channels(self.layers)
+
+    @property
+    def kept_channels(self) -> int:
+        return self.output_dimension if self.output_dimension is not None else self.total_channels
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the stride-4 feature grid."""
+        return self.image_size // 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied and validated (``data`` may be a dict of data keys)."""
+        merged = self.to_dict()
+        for key, value in changes.items():
+            if key == "data" and isinstance(value, dict):
+                merged["data"].update(value)
+            else:
+                merged[key] = value
+        return settings_from_dict(merged)
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
+    """Read a YAML config file into :class:`Settings`; ``overrides`` replace top-level keys."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    raw.update(overrides)
+    return settings_from_dict(raw)
+
+
+def settings_from_dict(raw: dict[str, Any]) -> Settings:
+    """Validate a plain mapping (as read from YAML) and build :class:`Settings`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"settings must be a mapping, not {type(raw).__name__}")
+    raw = dict(raw)
+    data_raw = raw.pop("data", None)
+    if data_raw is None:
+        data_raw = {}
+    if not isinstance(data_raw, dict):
+        raise ConfigError(f"`data` must be a mapping of data keys, got {data_raw!r}")
+    data = DataSettings(**_typed_fields(DataSettings, data_raw, prefix="data."))
+    settings = Settings(data=data, **_typed_fields(Settings, raw, prefix=""))
+    _check_ranges(settings)
+    return settings
+
+
+def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "data"]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            nearest = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean `{prefix}{nearest[0]}`?" if nearest else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
+        values[key] = _coerce(prefix + key, value, hints[key])
+    return values
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"`{key}` is {value!r}; allowed: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"`{key}` must be a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {hint!r} for {key}")  # a bug here, not user input
+
+
+def _check_ranges(s: Settings) -> None:
+    if s.backbone not in BACKBONES:
+        nearest = difflib.get_close_matches(s.backbone, list(BACKBONES), n=1)
+        hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+        raise ConfigError(f"`backbone` is {s.backbone!r}{hint}; allowed: {', '.join(BACKBONES)}")
+    if not s.layers or sorted(set(s.layers)) != s.layers or not set(s.layers) <= {1, 2, 3}:
+        raise ConfigError(f"`layers` is {s.layers!r}; allowed: a non-empty increasing subset of [1, 2, 3]")
+    total = s.total_channels
+    if s.target_dimension is not None and s.target_dimension != total:
+        raise ConfigError(
+            f"`target_dimension` is {s.target_dimension} but {s.backbone} layers {s.layers} have {total} channels; "
+            f"set it to {total} or remove it"
+        )
+    if s.output_dimension is not None and not 1 <= s.output_dimension <= total:
+        raise ConfigError(
+            f"`output_dimension` is {s.output_dimension}; allowed: 1 to {total} ({s.backbone} layers {s.layers}) or null"
+        )
+    if s.image_size < 2 * MAX_STRIDE or s.image_size % MAX_STRIDE:
+        raise ConfigError(
+            f"`image_size` is {s.image_size}; allowed: a multiple of {MAX_STRIDE}, at least {2 * MAX_STRIDE}"
+        )
+    if s.image_size > 1024:
+        raise ConfigError(f"`image_size` is {s.image_size}; allowed: at most 1024")
+    if not s.epsilon > 0 or s.epsilon != s.epsilon or s.epsilon == float("inf"):
+        raise ConfigError(f"`epsilon` is {s.epsilon}; allowed: a finite number > 0")
+    if not 0 <= s.blur_sigma <= s.image_size / 4:
+        raise ConfigError(f"`blur_sigma` is {s.blur_sigma}; allowed: 0 to image_size / 4 = {s.image_size / 4}")
+    if s.batch_size < 1:
+        raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
+    if s.data.num_workers < 0:
+        raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: an integer >= 0")
+    if s.weights not in ("imagenet", "random") and not s.weights.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        raise ConfigError(
+            f"`weights` is {s.weights!r}; allowed: imagenet, random, or a path to a state-dict file (.pth/.pt)"
+        )
+    if not s.data.train_splits:
+        raise ConfigError("`data.train_splits` is empty; name at least one split CSV")

@@ -1,0 +1,29 @@
+"""Exception types: every failure a user can cause ends in one of these, with a one-line message.
+
+The command line catches :class:`PadimError` and prints ``error: <message>`` with exit code 2,
+so any message raised through these classes must be complete on its own line.
+"""
+
+
+class PadimError(Exception):
+    """Base class of all errors that are the user's to fix (bad config, data or model file)."""
+
+
+class ConfigError(PadimError, ValueError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+
+class DataError(PadimError, ValueError):
+    """Input data is missing, unreadable or inconsistent."""
+
+
+class BackboneError(PadimError, RuntimeError):
+    """A backbone or its weights cannot be built or loaded."""
+
+
+class ModelFileError(PadimError, ValueError):
+    """A saved model file is missing, damaged, foreign or incompatible with the request."""
+
+
+class DistributedError(PadimError, RuntimeError):
+    """A multi-process run failed on some rank."""

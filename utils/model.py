@@ -1,0 +1,245 @@
+"""The fitted PaDiM estimator: ``fit``, ``score``, ``save`` and ``load``.
+
+Images enter as preprocessed float tensors ``(N, 3, S, S)`` (see :mod:`utils.preprocess`),
+either one tensor or an iterable of batches (a ``DataLoader``, a list); batches may also be
+mappings with an ``"image"`` entry, as the datasets of :mod:`utils.data` yield.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import BACKBONES
+from .config import Settings, settings_from_dict
+from .errors import DataError, ModelFileError
+from .features import PatchEmbedder, random_channel_indices, resolve_device
+from .gaussian import GaussianStatistics, regularised_precision
+from .scoring import anomaly_maps, image_scores, mahalanobis
+
+ImageSource = Union[torch.Tensor, Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
+
+FILE_FORMAT = "padim-model"
+FILE_VERSION = 1
+#: Settings that define a fitted model: a file fitted with other values cannot serve a request.
+MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype")
+#: Data settings that change what the model sees, so they must match too.
+MODEL_DATA_KEYS = ("resize", "intensity")
+
+
+@dataclass
+class ScoreResult:
+    """``maps``: ``(N, S, S)`` float32 anomaly maps; ``scores``: ``(N,)`` image scores."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+
+
+class Padim:
+    """PaDiM: a Gaussian per patch position over pretrained CNN features (Defard et al., 2021).
+
+    >>> model = Padim(settings).fit(train_batches)       # doctest: +SKIP
+    >>> result = model.score(test_batches)                # result.maps: (N, S, S)
+    >>> model.save("models/padim.pt"); Padim.load("models/padim.pt")
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.channel_indices = random_channel_indices(settings.total_channels, settings.kept_channels, settings.seed)
+        self.mean: torch.Tensor | None = None
+        self.precision: torch.Tensor | None = None
+        self.train_count = 0
+        self._embedder: PatchEmbedder | None = None
+
+    # ------------------------------------------------------------------ features
+    @property
+    def embedder(self) -> PatchEmbedder:
+        if self._embedder is None:
+            s = self.settings
+            self._embedder = PatchEmbedder(
+                s.backbone, s.weights, s.layers, self.channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed
+            ).to(self.device)
+        return self._embedder
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``(N, 3, S, S)`` -> patch embeddings ``(N, d, S/4, S/4)``."""
+        return self.embedder(images.to(self.device, non_blocking=True))
+
+    def _batches(self, images: ImageSource, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            images = images.split(self.settings.batch_size)
+        total = len(images) if hasattr(images, "__len__") else None
+        for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
+            if isinstance(batch, Mapping):
+                batch = batch["image"]
+            yield self._checked(batch)
+
+    def _checked(self, batch: torch.Tensor) -> torch.Tensor:
+        size = self.settings.image_size
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise DataError(f"expected preprocessed images of shape (N, 3, {size}, {size}), got {shape}")
+        if not batch.is_floating_point():
+            raise DataError(f"expected float images (preprocessed), got dtype {batch.dtype}")
+        if not bool(torch.isfinite(batch).all()):
+            raise DataError("input images contain NaN or Inf values")
+        return batch
+
+    # ------------------------------------------------------------------ fitting
+    def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:
+        """Streaming statistics of the embeddings of ``images`` (one shard of a fit)."""
+        s = self.settings
+        dtype = getattr(torch, s.covariance_dtype)
+        grid = s.feature_size
+        with torch.inference_mode():
+            stats = GaussianStatistics.empty(grid * grid, s.kept_channels, dtype=dtype, device=self.device)
+            for batch in self._batches(images, "fit", progress):
+                stats.update(self.embed(batch))
+        return stats
+
+    def fit_statistics(self, stats: GaussianStatistics) -> "Padim":
+        """Finish a fit from accumulated statistics (consumes ``stats`` to save memory)."""
+        if stats.count <= 0:
+            raise DataError("cannot fit PaDiM: the training set is empty")
+        with torch.inference_mode():
+            self.train_count = stats.count
+            self.mean = stats.mean.clone()
+            self.precision = regularised_precision(stats, self.settings.epsilon, in_place=True)
+        return self
+
+    def fit(self, images: ImageSource, progress: bool = True) -> "Padim":
+        """Fit the per-position Gaussians on normal images; memory stays flat in the number of images."""
+        return self.fit_statistics(self.accumulate(images, progress=progress))
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.precision is not None
+
+    # ------------------------------------------------------------------ scoring
+    def distances(self, images: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distances on the patch grid ``(N, S/4, S/4)`` for one batch."""
+        self._require_fitted()
+        return mahalanobis(self.embed(images), self.mean, self.precision)
+
+    def score(self, images: ImageSource, progress: bool = True, region: torch.Tensor | None = None) -> ScoreResult:
+        """Anomaly maps ``(N, S, S)`` and image scores ``(N,)`` for ``images``.
+
+        ``region`` (optional ``(N, S, S)`` bool) restricts the image score to those pixels, e.g.
+        the head mask; the maps themselves are never masked or normalised.
+        """
+        self._require_fitted()
+        maps = []
+        with torch.inference_mode():
+            for batch in self._batches(images, "score", progress):
+                distances = self.distances(batch).float()
+                maps.append(anomaly_maps(distances, self.settings.image_size, self.settings.blur_sigma).cpu())
+        if not maps:
+            raise DataError("nothing to score: no images were given")
+        all_maps = torch.cat(maps)
+        if region is not None and region.shape != all_maps.shape:
+            raise DataError(f"region shape {tuple(region.shape)} does not match maps {tuple(all_maps.shape)}")
+        scores = image_scores(all_maps, self.settings.image_score, region)
+        return ScoreResult(all_maps.numpy(), scores.numpy())
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise ModelFileError("this PaDiM model is not fitted: call fit() or Padim.load() first")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the model to one file, atomically: a temporary file in the same folder, then rename.
+
+        An interrupted save never leaves a partial file at ``path``. The file holds only tensors,
+        numbers and a JSON string, so :meth:`load` reads it with ``weights_only=True``.
+        """
+        self._require_fitted()
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        payload = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "settings": json.dumps(self.settings.to_dict()),
+            "channel_indices": self.channel_indices.clone(),
+            "mean": self.mean.detach().cpu().clone(),
+            "precision": self.precision.detach().cpu().clone(),
+            "train_count": int(self.train_count),
+        }
+        handle, temporary = tempfile.mkstemp(prefix=".padim-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(payload, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
+        """Read a model file written by :meth:`save`.
+
+        With ``settings``, the file must have been fitted with the same model-defining settings
+        (backbone, weights, layers, channels, seed, image size, epsilon, preprocessing); run-time
+        settings such as device, batch size, blur and image score are taken from ``settings``.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelFileError(f"model file not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(f"{path} is not a readable PaDiM model file ({reason[:200]})") from None
+        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+            raise ModelFileError(f"{path} is not a PaDiM model file (no '{FILE_FORMAT}' header)")
+        if payload.get("version") != FILE_VERSION:
+            raise ModelFileError(f"{path} has model file version {payload.get('version')}; this code reads {FILE_VERSION}")
+        try:
+            stored = settings_from_dict(json.loads(payload["settings"]))
+            mean, precision = payload["mean"], payload["precision"]
+            channel_indices, train_count = payload["channel_indices"], int(payload["train_count"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path} is a damaged PaDiM model file ({exc})") from None
+        if settings is not None:
+            _check_compatible(stored, settings, path)
+            run_time = {k: v for k, v in settings.to_dict().items() if k not in MODEL_KEYS}
+            run_time["data"] = {**run_time["data"], **{k: getattr(stored.data, k) for k in MODEL_DATA_KEYS}}
+            stored = stored.replace(**run_time)
+        model = cls(stored)
+        positions, dim = stored.feature_size**2, stored.kept_channels
+        if (
+            not torch.equal(model.channel_indices, channel_indices)
+            or tuple(mean.shape) != (positions, dim)
+            or tuple(precision.shape) != (positions, dim, dim)
+        ):
+            raise ModelFileError(f"{path} is inconsistent: its tensors do not match its own settings")
+        model.mean = mean.to(model.device)
+        model.precision = precision.to(model.device)
+        model.train_count = train_count
+        return model
+
+
+def _check_compatible(stored: Settings, requested: Settings, path: str) -> None:
+    differences = [
+        f"{key}: file {getattr(stored, key)!r} vs config {getattr(requested, key)!r}"
+        for key in MODEL_KEYS
+        if getattr(stored, key) != getattr(requested, key)
+    ] + [
+        f"data.{key}: file {getattr(stored.data, key)!r} vs config {getattr(requested.data, key)!r}"
+        for key in MODEL_DATA_KEYS
+        if getattr(stored.data, key) != getattr(requested.data, key)
+    ]
+    if differences:
+        raise ModelFileError(f"{path} was fitted with other settings ({'; '.join(differences)}); refit or fix the config")

@@ -1,0 +1,144 @@
+"""One preprocessing path for every image and mask, training and test alike.
+
+image file -> grayscale float in [0, 1] -> square (pad or stretch) -> resize to S x S ->
+optional per-image intensity standardisation -> 3 channels -> ImageNet normalisation.
+Masks follow the same geometry with nearest-neighbour resizing, so pixels stay aligned.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
+from .errors import DataError
+
+#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
+MAX_PIXELS = 64_000_000
+
+
+def read_grayscale(path: str) -> np.ndarray:
+    """Decode an image file to a float32 ``(H, W)`` array in [0, 1].
+
+    8- and 16-bit grayscale, RGB, RGBA (alpha dropped) and palette images are accepted; colour
+    is converted to luminance. Unreadable files raise :class:`DataError` naming the file.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise DataError(
+                        f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit"
+                    )
+                image.load()
+                return _to_unit_gray(image)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+
+
+def _to_unit_gray(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return (array / top).astype(np.float32)
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        return np.clip(array, 0, 1) if array.max() <= 1 else array / max(float(array.max()), 1e-12)
+    if image.mode in ("P", "PA", "RGBA", "LA", "RGB", "CMYK", "YCbCr", "1"):
+        image = image.convert("RGB").convert("L") if image.mode != "1" else image.convert("L")
+    elif image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Decode a mask file to a bool ``(H, W)`` array (any nonzero pixel is foreground)."""
+    return read_grayscale(path) > 0
+
+
+def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
+    """Zero-pad ``(..., H, W)`` symmetrically to a square (``pad``) or leave it (``stretch``)."""
+    if mode == "stretch":
+        return array
+    h, w = array.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(array, (left, side - w - left, top, side - h - top))
+
+
+def resize_image(gray: np.ndarray, size: int, mode: str) -> torch.Tensor:
+    """``(H, W)`` float -> ``(S, S)`` float, bilinear with antialiasing."""
+    x = to_square(torch.from_numpy(np.ascontiguousarray(gray))[None, None], mode)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0, 0].clamp_(0, 1)
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str) -> torch.Tensor:
+    """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, same geometry as :func:`resize_image`."""
+    x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], mode)
+    return F.interpolate(x, size=(size, size), mode="nearest")[0, 0] > 0.5
+
+
+def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image intensity standardisation of an ``(S, S)`` image in [0, 1].
+
+    ``zscore``: (x - mean) / std over ``region`` (the head when known, else nonzero pixels),
+    mapped back to roughly [0, 1] as 0.5 + 0.15 z. ``percentile``: the 1st-99th percentile range
+    inside ``region`` mapped to [0, 1]. Both make scanners with different gain comparable.
+    """
+    if mode == "none":
+        return image
+    if region is None or int(region.sum()) < 16:
+        region = image > 0.02
+        if int(region.sum()) < 16:
+            region = torch.ones_like(image, dtype=torch.bool)
+    values = image[region]
+    if mode == "zscore":
+        std = values.std().clamp_min(1e-6)
+        return (0.5 + 0.15 * (image - values.mean()) / std).clamp_(0, 1)
+    if mode == "percentile":
+        low, high = torch.quantile(values, torch.tensor([0.01, 0.99]))
+        return ((image - low) / (high - low).clamp_min(1e-6)).clamp_(0, 1)
+    raise DataError(f"unknown intensity mode {mode!r}")
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """``(S, S)`` gray in [0, 1] -> ``(3, S, S)`` with ImageNet mean/std normalisation."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.unsqueeze(0).expand(3, -1, -1) - mean) / std
+
+
+def preprocess(gray: np.ndarray, size: int, resize: str = "pad", intensity: str = "none",
+               region: np.ndarray | None = None) -> torch.Tensor:
+    """Full path for one decoded image: ``(H, W)`` in [0, 1] -> ``(3, S, S)`` network input.
+
+    ``region`` (optional ``(H, W)`` bool, e.g. the head mask) guides intensity standardisation.
+    """
+    image = resize_image(gray, size, resize)
+    region_s = resize_mask(region, size, resize) if region is not None else None
+    return normalise(standardise_intensity(image, intensity, region_s))
+
+
+def load_image(path: str, size: int, resize: str = "pad", intensity: str = "none") -> torch.Tensor:
+    """Read and preprocess one image file -> ``(3, S, S)``."""
+    return preprocess(read_grayscale(path), size, resize, intensity)
+
+
+def denormalise(image: torch.Tensor) -> np.ndarray:
+    """Network input ``(3, S, S)`` -> displayable gray ``(S, S)`` in [0, 1] (for figures)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.cpu() * std + mean).mean(0).clamp(0, 1).numpy()

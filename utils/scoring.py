@@ -1,0 +1,79 @@
+"""Anomaly maps: Mahalanobis distance at every patch position, upsampled and smoothed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every embedding to its position's Gaussian, all positions at once.
+
+    Args:
+        embeddings: ``(N, d, H, W)``.
+        mean: ``(P, d)`` with ``P = H * W``.
+        precision: ``(P, d, d)`` inverse covariances.
+
+    Returns:
+        ``(N, H, W)`` distances, in the dtype of ``precision``.
+    """
+    n, d, h, w = embeddings.shape
+    samples = embeddings.flatten(2).permute(2, 0, 1).to(precision.dtype)  # (P, N, d)
+    deviations = samples - mean.to(precision.dtype).unsqueeze(1)
+    # One batched matrix product over positions: (P, N, d) @ (P, d, d).
+    squared = (torch.bmm(deviations, precision) * deviations).sum(dim=-1)  # (P, N)
+    return squared.clamp_min_(0).sqrt_().T.reshape(n, h, w)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ``round(truncate * sigma)``, as scipy.ndimage uses."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, H, W)`` maps, mirrored at the border.
+
+    Same result as ``scipy.ndimage.gaussian_filter(m, sigma, mode='mirror')`` per map; the
+    kernel radius is clipped to the map size so small maps remain valid.
+    """
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps.dtype).to(maps.device)
+    h, w = maps.shape[-2:]
+    radius = min(kernel.numel() // 2, h - 1, w - 1)
+    full_radius = kernel.numel() // 2
+    kernel = kernel[full_radius - radius : full_radius + radius + 1]
+    kernel = kernel / kernel.sum()
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
+    """Distances ``(N, h, w)`` on the patch grid -> smoothed maps ``(N, S, S)`` at image size ``S``."""
+    maps = F.interpolate(distances.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return gaussian_blur(maps.squeeze(1), sigma)
+
+
+def image_scores(maps: torch.Tensor, method: str = "max", region: torch.Tensor | None = None) -> torch.Tensor:
+    """One score per map ``(N, S, S) -> (N,)``, optionally only over pixels where ``region`` is true.
+
+    ``max`` is the PaDiM paper's score; ``top1pct_mean`` (the mean of the highest 1 % of
+    pixels) is less sensitive to a single hot pixel.
+    """
+    flat = maps.flatten(1)
+    if region is not None:
+        flat = flat.masked_fill(~region.flatten(1).bool(), float("-inf"))
+    if method == "max":
+        return flat.max(dim=1).values
+    if method == "top1pct_mean":
+        counts = flat.isfinite().sum(dim=1) if region is not None else torch.full((flat.shape[0],), flat.shape[1])
+        k = max(1, math.ceil(0.01 * int(counts.min())))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown image score {method!r}")
