@@ -1,0 +1,78 @@
+"""Config validation: each bad setting gives one clear error naming key, value and what is allowed."""
+
+import os
+
+import pytest
+
+from utils.config import Settings, load_config, settings_from_dict
+from utils.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_config_loads_with_channel_check():
+    settings = load_config(os.path.join(ROOT, "config.yaml"))
+    assert settings.backbone == "efficientnet_lite0" and settings.total_channels == 176
+    assert settings.target_dimension == 176 and settings.kept_channels == 100
+
+
+@pytest.mark.parametrize(
+    "backbone, total", [("resnet18", 448), ("wide_resnet50_2", 1792), ("efficientnet_lite0", 176), ("efficientnet_lite2", 192)]
+)
+def test_channel_sums(backbone, total):
+    assert settings_from_dict({"backbone": backbone, "target_dimension": total}).total_channels == total
+
+
+@pytest.mark.parametrize(
+    "raw, fragments",
+    [
+        ({"backbon": "resnet18"}, ["unknown config key `backbon`", "did you mean `backbone`"]),
+        ({"backbone": "resnet19"}, ["`backbone` is 'resnet19'", "resnet18", "allowed"]),
+        ({"output_dimension": 500, "backbone": "resnet18"}, ["`output_dimension` is 500", "1 to 448"]),
+        ({"target_dimension": 400, "backbone": "resnet18"}, ["`target_dimension` is 400", "448"]),
+        ({"seed": "zero"}, ["`seed` must be an integer", "'zero'"]),
+        ({"epsilon": "small"}, ["`epsilon` must be a number"]),
+        ({"epsilon": -1.0}, ["`epsilon` is -1.0", "> 0"]),
+        ({"blur_sigma": -2}, ["`blur_sigma` is -2.0"]),
+        ({"image_size": 100}, ["`image_size` is 100", "multiple of 16"]),
+        ({"image_size": 16}, ["`image_size` is 16"]),
+        ({"device": "tpu"}, ["`device` is 'tpu'", "auto, cpu, cuda"]),
+        ({"batch_size": 0}, ["`batch_size` is 0"]),
+        ({"batch_size": True}, ["`batch_size` must be an integer"]),
+        ({"layers": [3, 1]}, ["`layers` is [3, 1]"]),
+        ({"data": {"formt": "study"}}, ["unknown config key `data.formt`", "did you mean `data.format`"]),
+        ({"data": {"resize": "crop"}}, ["`data.resize` is 'crop'", "pad, stretch"]),
+        ({"data": "here"}, ["`data` must be a mapping"]),
+        ({"weights": "imagenet21k"}, ["`weights` is 'imagenet21k'"]),
+    ],
+)
+def test_each_bad_setting_gives_one_clear_error(raw, fragments):
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("backbone: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("backbone: resnet18\noutput_dimension: 100\n")
+    settings = load_config(path, seed=3)
+    assert settings.seed == 3 and settings.epsilon == Settings().epsilon == 0.01
+    assert settings.blur_sigma == 4.0 and settings.replace(seed=4).seed == 4
+    with pytest.raises(ConfigError):
+        settings.replace(output_dimension=449)

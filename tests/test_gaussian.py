@@ -1,0 +1,98 @@
+"""Streaming statistics and Cholesky inversion against numpy on all samples."""
+
+import numpy as np
+import pytest
+import torch
+
+from utils.gaussian import GaussianStatistics, regularised_precision
+
+
+def _embeddings(n, d=6, h=2, w=3, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g)
+    x = torch.randn(n, h * w, d, generator=g) @ mixing + offset
+    return x.permute(0, 2, 1).reshape(n, d, h, w)  # (N, d, H, W)
+
+
+def _numpy_reference(embeddings):
+    n, d = embeddings.shape[:2]
+    samples = embeddings.double().numpy().reshape(n, d, -1).transpose(2, 0, 1)  # (P, N, d)
+    means = samples.mean(axis=1)
+    covs = np.stack([np.cov(samples[p], rowvar=False) for p in range(samples.shape[0])])
+    return means, covs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_sizes", [[40], [1, 7, 32], [13, 13, 14]])
+def test_streaming_matches_numpy_over_all_samples(dtype, batch_sizes):
+    # A large common offset is where naive sum-of-squares accumulation loses precision.
+    x = _embeddings(sum(batch_sizes), offset=100.0)
+    stats = GaussianStatistics.empty(6, 6, dtype=dtype)
+    for chunk in x.split(batch_sizes):
+        stats.update(chunk)
+    mean, cov = _numpy_reference(x)
+    assert stats.count == len(x)
+    np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-6, atol=1e-6)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    scale = np.abs(cov).max()
+    np.testing.assert_allclose(stats.covariance().double().numpy(), cov, rtol=0, atol=tolerance * scale)
+
+
+def test_merging_two_shards_equals_fitting_on_all():
+    x = _embeddings(50, seed=3, offset=-5.0)
+    whole = GaussianStatistics.empty(6, 6, dtype=torch.float64)
+    whole.update(x)
+    first, second = GaussianStatistics.empty(6, 6, dtype=torch.float64), GaussianStatistics.empty(6, 6, dtype=torch.float64)
+    for chunk in x[:17].split(5):
+        first.update(chunk)
+    second.update(x[17:])
+    first.merge(second)
+    assert first.count == 50
+    torch.testing.assert_close(first.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first.scatter, whole.scatter, rtol=1e-10, atol=1e-10)
+
+
+def test_merge_into_empty_and_from_empty():
+    x = _embeddings(9)
+    stats = GaussianStatistics.empty(6, 6)
+    stats.update(x)
+    target = GaussianStatistics.empty(6, 6)
+    target.merge(stats)
+    target.merge(GaussianStatistics.empty(6, 6))
+    assert target.count == 9
+    torch.testing.assert_close(target.scatter, stats.scatter)
+
+
+def test_precision_is_inverse_of_regularised_covariance():
+    x = _embeddings(30, seed=5)
+    stats = GaussianStatistics.empty(6, 6, dtype=torch.float64)
+    stats.update(x)
+    _, cov = _numpy_reference(x)
+    precision = regularised_precision(stats, epsilon=0.01, chunk=4)
+    expected = np.linalg.inv(cov + 0.01 * np.eye(6))
+    np.testing.assert_allclose(precision.numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_precision_is_finite_with_fewer_samples_than_dimensions():
+    stats = GaussianStatistics.empty(6, 6)
+    stats.update(_embeddings(2))
+    precision = regularised_precision(stats, epsilon=0.01)
+    assert torch.isfinite(precision).all()
+    # Along directions with no variance, the precision is exactly 1 / epsilon.
+    single = GaussianStatistics.empty(6, 6)
+    single.update(_embeddings(1))
+    np.testing.assert_allclose(regularised_precision(single, 0.01).numpy(), np.broadcast_to(100 * np.eye(6), (6, 6, 6)), rtol=1e-5)
+
+
+def test_large_matrices_are_inverted_correctly():
+    # Batched torch.linalg.inv was seen to fail or return wrong inverses for several matrices
+    # larger than ~270 on CPU; the Cholesky path must be right there.
+    d = 300
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, d, d, generator=g, dtype=torch.float64) / d**0.5
+    scatter = a @ a.transpose(1, 2) * 10
+    stats = GaussianStatistics(11, torch.zeros(3, d, dtype=torch.float64), scatter.float())
+    precision = regularised_precision(stats, epsilon=0.01).double()
+    cov = scatter.float().double() / 10 + 0.01 * torch.eye(d, dtype=torch.float64)
+    residual = (cov @ precision - torch.eye(d, dtype=torch.float64)).abs().max()
+    assert residual < 1e-3

@@ -1,0 +1,143 @@
+"""The fitted estimator end to end on synthetic images: detection, determinism, persistence."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import smooth_textures, to_batch
+from utils.backbones import BACKBONES, build_backbone
+from utils.errors import BackboneError, DataError, ModelFileError
+from utils.features import random_channel_indices
+from utils.model import Padim
+
+
+def _blob_set(size=64, count=6, seed=100):
+    """Test textures with a bright disk at a random place; returns gray images and masks."""
+    rng = np.random.default_rng(seed)
+    images = smooth_textures(count, size, seed)
+    masks = np.zeros_like(images, dtype=bool)
+    yy, xx = np.mgrid[:size, :size]
+    for image, mask in zip(images, masks):
+        cy, cx = rng.integers(12, size - 12, size=2)
+        mask[:] = (yy - cy) ** 2 + (xx - cx) ** 2 <= 6**2
+        image[mask] = 1.0
+    return images, masks
+
+
+def test_bright_blob_scores_higher_than_texture(small_settings):
+    model = Padim(small_settings).fit(to_batch(smooth_textures(40, 64, seed=0)), progress=False)
+    images, masks = _blob_set()
+    result = model.score(to_batch(images), progress=False)
+    assert result.maps.shape == (6, 64, 64) and result.scores.shape == (6,)
+    assert np.isfinite(result.maps).all()
+    assert roc_auc_score(masks.ravel(), result.maps.ravel()) > 0.9
+    assert all(m[k].mean() > m[~k].mean() for m, k in zip(result.maps, masks))
+
+
+def test_same_seed_identical_maps_other_seed_other_channels(small_settings):
+    train = to_batch(smooth_textures(12, 64, seed=1))
+    test = to_batch(smooth_textures(2, 64, seed=2))
+    first = Padim(small_settings).fit(train, progress=False).score(test, progress=False)
+    second = Padim(small_settings).fit(train, progress=False).score(test, progress=False)
+    assert np.array_equal(first.maps, second.maps)
+    other = Padim(small_settings.replace(seed=1))
+    assert not torch.equal(other.channel_indices, Padim(small_settings).channel_indices)
+    assert len(other.channel_indices.unique()) == small_settings.output_dimension
+
+
+def test_channel_selection_is_seeded_sorted_and_in_range():
+    a = random_channel_indices(448, 100, seed=5)
+    assert torch.equal(a, random_channel_indices(448, 100, seed=5))
+    assert torch.equal(a, a.sort().values) and a.unique().numel() == 100
+    assert 0 <= int(a.min()) and int(a.max()) < 448
+
+
+def test_embedding_matches_manual_selection_of_stage_maps(small_settings):
+    """The embedding is the selected channels of the stage maps, nearest-upsampled to stride 4."""
+    model = Padim(small_settings)
+    images = to_batch(smooth_textures(2, 64, seed=4))
+    embedding = model.embed(images)
+    maps = build_backbone("efficientnet_lite0", "imagenet", [1, 2, 3])(images)
+    full = torch.cat([torch.nn.functional.interpolate(m, size=(16, 16), mode="nearest") for m in maps], dim=1)
+    assert embedding.shape == (2, 24, 16, 16)
+    torch.testing.assert_close(embedding, full[:, model.channel_indices], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_gives_its_stage_channels_at_strides_4_8_16(name):
+    extractor = build_backbone(name, "random", [1, 2, 3])
+    with torch.inference_mode():
+        maps = extractor(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == list(BACKBONES[name].stage_channels)
+    assert [m.shape[-1] for m in maps] == [16, 8, 4]
+
+
+def test_resnet_imagenet_without_internet_gives_one_line_error(monkeypatch):
+    import torch.hub
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(BackboneError) as info:
+        build_backbone("resnet18", "imagenet", [1, 2, 3])
+    message = str(info.value)
+    assert "\n" not in message and "weights: /path/to/file.pth" in message and "efficientnet_lite" in message
+
+
+def test_local_state_dict_file_is_loaded(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    extractor = build_backbone("resnet18", str(path), [1])
+    torch.testing.assert_close(extractor.stem[0].weight, reference.conv1.weight)
+    with pytest.raises(BackboneError, match="does not fit wide_resnet50_2"):
+        build_backbone("wide_resnet50_2", str(path), [1])
+
+
+def test_save_load_round_trip_gives_identical_scores(small_settings, tmp_path):
+    model = Padim(small_settings).fit(to_batch(smooth_textures(10, 64, seed=3)), progress=False)
+    test = to_batch(smooth_textures(3, 64, seed=4))
+    path = model.save(tmp_path / "model.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+    loaded = Padim.load(path, small_settings)
+    before, after = model.score(test, progress=False), loaded.score(test, progress=False)
+    assert np.array_equal(before.maps, after.maps) and np.array_equal(before.scores, after.scores)
+    assert loaded.train_count == 10
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [({"backbone": "efficientnet_lite1"}, "backbone"), ({"image_size": 96}, "image_size"),
+     ({"output_dimension": 20}, "output_dimension"), ({"seed": 9}, "seed")],
+)
+def test_loading_with_other_model_settings_is_refused(small_settings, tmp_path, change, key):
+    path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match=key):
+        Padim.load(path, small_settings.replace(**change))
+
+
+def test_run_time_settings_may_differ_when_loading(small_settings, tmp_path):
+    path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
+    loaded = Padim.load(path, small_settings.replace(blur_sigma=0.0, batch_size=2))
+    assert loaded.settings.blur_sigma == 0.0 and loaded.settings.batch_size == 2
+
+
+def test_bad_inputs_are_refused_clearly(small_settings):
+    model = Padim(small_settings)
+    with pytest.raises(DataError, match=r"shape \(N, 3, 64, 64\)"):
+        model.fit(torch.zeros(2, 3, 32, 32), progress=False)
+    bad = torch.zeros(2, 3, 64, 64)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        model.fit(bad, progress=False)
+    with pytest.raises(DataError, match="empty"):
+        model.fit([], progress=False)
+    with pytest.raises(ModelFileError, match="not fitted"):
+        model.score(torch.zeros(1, 3, 64, 64), progress=False)

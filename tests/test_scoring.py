@@ -1,0 +1,58 @@
+"""Mahalanobis distance and blur against SciPy."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from utils.scoring import anomaly_maps, gaussian_blur, image_scores, mahalanobis
+
+
+def test_mahalanobis_matches_scipy_on_every_position():
+    rng = np.random.default_rng(0)
+    n, d, h, w = 4, 5, 3, 2
+    embeddings = rng.normal(size=(n, d, h, w))
+    means = rng.normal(size=(h * w, d))
+    precisions = []
+    for _ in range(h * w):
+        a = rng.normal(size=(d, d))
+        precisions.append(np.linalg.inv(a @ a.T + 0.1 * np.eye(d)))
+    precisions = np.stack(precisions)
+    got = mahalanobis(torch.from_numpy(embeddings), torch.from_numpy(means), torch.from_numpy(precisions)).numpy()
+    assert got.shape == (n, h, w)
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                p = y * w + x
+                expected = scipy_mahalanobis(embeddings[i, :, y, x], means[p], precisions[p])
+                assert got[i, y, x] == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_blur_matches_scipy_mirror_mode(sigma):
+    rng = np.random.default_rng(1)
+    maps = rng.random((2, 48, 40))
+    got = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+    for m, g in zip(maps, got):
+        np.testing.assert_allclose(g, gaussian_filter(m, sigma, mode="mirror", truncate=4.0), atol=1e-10)
+
+
+def test_zero_sigma_leaves_maps_unchanged_and_upsampling_keeps_constant_maps():
+    maps = torch.rand(2, 8, 8)
+    assert torch.equal(gaussian_blur(maps, 0), maps)
+    constant = torch.full((1, 8, 8), 3.0)
+    assert torch.allclose(anomaly_maps(constant, 32, 4.0), torch.full((1, 32, 32), 3.0))
+
+
+def test_image_scores_max_topk_and_region():
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 9.0  # a hot pixel outside the region
+    maps[0, 5, 5] = 2.0
+    maps[1, 3, 3] = 4.0
+    region = torch.zeros(2, 10, 10, dtype=torch.bool)
+    region[:, 2:8, 2:8] = True
+    assert image_scores(maps, "max").tolist() == [9.0, 4.0]
+    assert image_scores(maps, "max", region).tolist() == [2.0, 4.0]
+    # top 1 % of 100 pixels is the single largest; of the 36 region pixels, also one.
+    assert image_scores(maps, "top1pct_mean").tolist() == [9.0, 4.0]
