@@ -1,0 +1,200 @@
+"""Robustness: numerical edge cases, model files, determinism, properties (hypothesis)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from conftest import ROOT, smooth_textures, to_batch
+from utils.errors import ModelFileError
+from utils.gaussian import GaussianStatistics, regularised_precision
+from utils.model import Padim
+from utils.scoring import mahalanobis
+
+
+# ---------------------------------------------------------------- numerics
+@pytest.mark.parametrize("count, dim", [(1, 24), (5, 100)])
+def test_fewer_training_images_than_channels_gives_finite_maps(small_settings, count, dim):
+    """Regularisation (Sigma + epsilon I) keeps the covariance invertible even when N < d."""
+    settings = small_settings.replace(output_dimension=dim)
+    model = Padim(settings).fit(to_batch(smooth_textures(count, 64, seed=1)), progress=False)
+    result = model.score(to_batch(smooth_textures(2, 64, seed=2)), progress=False)
+    assert np.isfinite(result.maps).all() and (result.maps >= 0).all()
+
+
+def test_constant_images_zero_variance(small_settings):
+    constant = to_batch(np.full((6, 64, 64), 0.3, dtype=np.float32))
+    model = Padim(small_settings).fit(constant, progress=False)
+    same = model.score(constant[:2], progress=False)
+    other = model.score(to_batch(np.full((1, 64, 64), 0.8, dtype=np.float32)), progress=False)
+    assert np.isfinite(same.maps).all() and np.isfinite(other.maps).all()
+    # Training images lie exactly on the mean: distance 0 (up to float32 rounding of the mean).
+    assert same.maps.max() < 1e-2 < other.maps.min()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_rejected(small_settings, value):
+    images = to_batch(smooth_textures(2, 64, seed=1))
+    images[1, 2, 5, 5] = value
+    with pytest.raises(Exception, match="NaN or Inf"):
+        Padim(small_settings).fit(images, progress=False)
+
+
+def test_float32_and_float64_statistics_agree(small_settings):
+    train = to_batch(smooth_textures(16, 64, seed=3))
+    test = to_batch(smooth_textures(2, 64, seed=4))
+    maps32 = Padim(small_settings).fit(train, progress=False).score(test, progress=False).maps
+    maps64 = Padim(small_settings.replace(covariance_dtype="float64")).fit(train, progress=False).score(test, progress=False).maps
+    np.testing.assert_allclose(maps32, maps64, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- model files
+@pytest.fixture
+def saved_model(small_settings, tmp_path):
+    model = Padim(small_settings).fit(to_batch(smooth_textures(6, 64, seed=5)), progress=False)
+    return model, model.save(tmp_path / "model.pt")
+
+
+def test_truncated_model_file_gives_clear_error(saved_model, tmp_path):
+    _, path = saved_model
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="not a readable PaDiM model file"):
+        Padim.load(truncated)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world\n", b"\x89PNG\r\n\x1a\n" + b"\0" * 100])
+def test_foreign_files_give_clear_error(tmp_path, content):
+    path = tmp_path / "foreign.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="PaDiM model file"):
+        Padim.load(path)
+
+
+def test_foreign_torch_file_and_missing_file(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"conv.weight": torch.zeros(2)}, path)
+    with pytest.raises(ModelFileError, match="no 'padim-model' header"):
+        Padim.load(path)
+    with pytest.raises(ModelFileError, match="not found"):
+        Padim.load(tmp_path / "nothing.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.environ.get("PADIM_EXPLOIT_TARGET", "/tmp/padim_pwned"),))
+
+
+def test_loading_never_runs_pickled_code(tmp_path, monkeypatch):
+    target = tmp_path / "pwned"
+    monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(target))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "padim-model", "version": 1, "payload": _Exploit()}, path)
+    with pytest.raises(ModelFileError):
+        Padim.load(path)
+    assert not target.exists()
+
+
+def test_interrupted_save_leaves_no_file(saved_model, tmp_path, monkeypatch):
+    model, _ = saved_model
+    target = tmp_path / "sub" / "new.pt"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(target)
+    assert not target.exists() and os.listdir(target.parent) == []
+
+
+def test_interrupted_save_keeps_previous_file_intact(saved_model, monkeypatch):
+    model, path = saved_model
+    before = open(path, "rb").read()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path)
+    assert open(path, "rb").read() == before
+
+
+def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
+    _, path = saved_model
+    payload = torch.load(path, weights_only=True)
+    payload["precision"] = payload["precision"][:, :5, :5]
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(ModelFileError, match="inconsistent"):
+        Padim.load(bad)
+
+
+# ---------------------------------------------------------------- determinism
+_DETERMINISM_SCRIPT = """
+import sys, hashlib, numpy as np
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from conftest import smooth_textures, to_batch
+from utils.config import settings_from_dict
+from utils.model import Padim
+s = settings_from_dict({{"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 4}})
+m = Padim(s).fit(to_batch(smooth_textures(10, 64, seed=1)), progress=False)
+r = m.score(to_batch(smooth_textures(3, 64, seed=2)), progress=False)
+print(hashlib.sha256(np.ascontiguousarray(r.maps).tobytes()).hexdigest())
+"""
+
+
+def test_same_seed_bitwise_identical_maps_in_two_processes():
+    script = _DETERMINISM_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    digests = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+        for _ in range(2)
+    ]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+# ---------------------------------------------------------------- properties
+arrays = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(seed=arrays, total=st.integers(2, 30), cut=st.floats(0, 1), offset=st.floats(-1e3, 1e3))
+def test_merge_is_split_invariant(seed, total, cut, offset):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(total, 3, 2, 1, generator=g, dtype=torch.float64) * 3 + offset
+    split = int(round(cut * total))
+    whole = GaussianStatistics.empty(2, 3, dtype=torch.float64)
+    whole.update(x)
+    left, right = GaussianStatistics.empty(2, 3, dtype=torch.float64), GaussianStatistics.empty(2, 3, dtype=torch.float64)
+    left.update(x[:split])
+    right.update(x[split:])
+    right.merge(left)  # order of shards must not matter
+    assert right.count == total
+    scale = 1 + abs(offset)
+    torch.testing.assert_close(right.mean, whole.mean, rtol=1e-9, atol=1e-9 * scale)
+    torch.testing.assert_close(right.scatter, whole.scatter, rtol=1e-7, atol=1e-7 * scale**2)
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(seed=arrays, dim=st.integers(1, 6), epsilon=st.floats(1e-3, 10))
+def test_mahalanobis_properties(seed, dim, epsilon):
+    rng = np.random.default_rng(seed)
+    samples = rng.normal(size=(dim + 3, dim)) * rng.uniform(0.1, 10)
+    stats = GaussianStatistics.empty(1, dim, dtype=torch.float64)
+    stats.update(torch.from_numpy(samples).view(-1, dim, 1, 1))  # (N, d, H=1, W=1)
+    precision = regularised_precision(stats, epsilon)
+    mean = stats.mean
+    point = rng.normal(size=dim) * 5
+    x = torch.from_numpy(point).view(1, dim, 1, 1)
+    distance = float(mahalanobis(x, mean, precision)[0, 0, 0])
+    expected = scipy_mahalanobis(point, mean[0].numpy(), precision[0].numpy())
+    assert distance >= 0 and distance == pytest.approx(expected, rel=1e-7, abs=1e-9)
+    # zero at the mean; the distance of mean + t*v scales linearly with t
+    at_mean = float(mahalanobis(mean.view(1, dim, 1, 1), mean, precision)[0, 0, 0])
+    assert at_mean == pytest.approx(0, abs=1e-6)
+    direction = torch.from_numpy(point).view(1, dim, 1, 1) - mean.view(1, dim, 1, 1)
+    doubled = float(mahalanobis(mean.view(1, dim, 1, 1) + 2 * direction, mean, precision)[0, 0, 0])
+    assert doubled == pytest.approx(2 * distance, rel=1e-7, abs=1e-9)
