@@ -43,10 +43,14 @@ def _parser() -> argparse.ArgumentParser:
 def _fit(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distributed import run_fit
-    from .evaluation import run_directory
 
     settings = load_config(args.config)
-    output = args.output or os.path.join(run_directory(settings), "model.pt")
+    if args.output:
+        output = args.output
+    else:
+        from .evaluation import run_directory
+
+        output = os.path.join(run_directory(settings), "model.pt")
     started = time.perf_counter()
     path = run_fit(settings, output, progress=not args.quiet)
     if path is not None:  # rank 0 (or the only process)

@@ -34,8 +34,10 @@ class DataSettings:
     root: str = "data/demo"
     #: Study layout: split CSVs (names without .csv) whose union is the training set.
     train_splits: list[str] = field(default_factory=lambda: ["ixi_normal_train", "normal_train"])
-    val_split: str = "normal_val"
-    #: Study layout: pathology groups to test; null means every group that has P/P_ann/P_neg CSVs.
+    #: Study layout: validation split CSV; null means no validation set.
+    val_split: Optional[str] = "normal_val"
+    #: Pathology groups (study) or defect folders (MVTec) to test; null means every group found
+    #: (study: every P with P/P_ann/P_neg CSVs except mass_all and local). Normal images always come too.
     test_groups: Optional[list[str]] = None
     #: Square resize policy: "pad" (zero-pad to square, then resize) or "stretch".
     resize: Literal["pad", "stretch"] = "pad"
@@ -44,6 +46,8 @@ class DataSettings:
     #: On an unreadable image: false fails naming the file; true skips it with a warning.
     skip_bad_images: bool = False
     num_workers: int = 0
+    #: Seed of the generated demo set (format demo), used when it is generated at ``root``.
+    demo_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,4 +222,8 @@ def _check_ranges(s: Settings) -> None:
             f"`weights` is {s.weights!r}; allowed: imagenet, random, or a path to a state-dict file (.pth/.pt)"
         )
     if not s.data.train_splits:
-        raise ConfigError("`data.train_splits` is empty; name at least one split CSV")
+        raise ConfigError("`data.train_splits` is []; allowed: a non-empty list of split CSV names")
+    if s.data.test_groups is not None and not s.data.test_groups:
+        raise ConfigError("`data.test_groups` is []; allowed: a non-empty list of group names, or null for all groups")
+    if s.data.demo_seed < 0:
+        raise ConfigError(f"`data.demo_seed` is {s.data.demo_seed}; allowed: an integer >= 0")

@@ -53,6 +53,10 @@ class PatchEmbedder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.extractor = build_backbone(backbone, weights, layers)
+        # Channels-last (NHWC) convolutions are 15-25 % faster on CPU (oneDNN) and give maps
+        # whose channels are contiguous, so selecting channels and storing the embeddings
+        # position-major below are cheap row copies instead of large transposes.
+        self.extractor.to(memory_format=torch.channels_last)
         offsets = [0]
         for layer in layers:
             offsets.append(offsets[-1] + stage_channels[layer - 1])
@@ -63,15 +67,43 @@ class PatchEmbedder(nn.Module):
             self.register_buffer(f"_select{i}", indices, persistent=False)
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor(images)
-        grid = maps[0].shape[-2:] if self.extractor.layers[0] == 1 else (images.shape[-2] // 4, images.shape[-1] // 4)
-        parts = []
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings ``(N, d, H, W)`` of ``images``; written into ``out`` when given (any strides).
+
+        Without ``out`` the result is stored position-major, as ``(H, W, N, d)`` in memory, and
+        returned as a permuted ``(N, d, H, W)`` view: values are the same as a contiguous
+        tensor's, but the per-position matrices ``(N, d)`` that the statistics and the
+        Mahalanobis distance multiply are contiguous, so neither has to transpose ~70 MB per
+        batch (wide_resnet50_2, d = 550). Selection, nearest upsampling, concatenation and this
+        transposition happen in one copy per stage.
+        """
+        maps = self.extractor(images.contiguous(memory_format=torch.channels_last))
+        n = images.shape[0]
+        gh, gw = maps[0].shape[-2:] if self.extractor.layers[0] == 1 else (images.shape[-2] // 4, images.shape[-1] // 4)
+        dim = sum(int(indices.numel()) for indices in self.per_stage)
+        if out is None:
+            out = torch.empty(gh, gw, n, dim, dtype=maps[0].dtype, device=maps[0].device).permute(2, 3, 0, 1)
+        elif tuple(out.shape) != (n, dim, gh, gw):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, dim, gh, gw)}")
+        offset = 0
         for i, feature_map in enumerate(maps):
-            selected = feature_map.index_select(1, getattr(self, f"_select{i}"))
-            if selected.shape[1] == 0:
+            indices = getattr(self, f"_select{i}")
+            k = int(indices.numel())
+            if k == 0:
                 continue
-            if selected.shape[-2:] != grid:
-                selected = F.interpolate(selected, size=grid, mode="nearest")
-            parts.append(selected)
-        return torch.cat(parts, dim=1)
+            # Channels last: (N, h, w, C) is contiguous, the selection gathers within rows.
+            selected = feature_map.permute(0, 2, 3, 1).index_select(3, indices)  # (N, h, w, k)
+            target = out[:, offset : offset + k].permute(0, 2, 3, 1)  # (N, H, W, k)
+            h, w = selected.shape[1:3]
+            if (h, w) == (gh, gw):
+                target.copy_(selected)
+            elif gh % h == 0 and gw % w == 0:
+                # Nearest upsampling by an integer factor repeats every pixel fy x fx times
+                # (exactly what F.interpolate(mode="nearest") does): a broadcasting copy.
+                fy, fx = gh // h, gw // w
+                target.unflatten(2, (w, fx)).unflatten(1, (h, fy)).copy_(selected[:, :, None, :, None, :])
+            else:
+                upsampled = F.interpolate(selected.permute(0, 3, 1, 2), size=(gh, gw), mode="nearest")
+                target.copy_(upsampled.permute(0, 2, 3, 1))
+            offset += k
+        return out

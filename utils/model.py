@@ -42,6 +42,19 @@ class ScoreResult:
     scores: np.ndarray
 
 
+#: Images per fold of the streaming statistics (see :meth:`Padim.accumulate`).
+STAGING_IMAGES = 64
+
+
+def staging_rows(batch_size: int, positions: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
+    """Images held by the fit's staging buffer: ``STAGING_IMAGES``, at least one batch, and (for
+    large grids) no more than a quarter of the scatter's memory (at least 64 MB allowed)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = positions * dim * itemsize
+    budget = max(positions * dim * dim * itemsize // 4, 64 * 2**20)
+    return max(batch_size, min(STAGING_IMAGES, budget // row_bytes - 1))
+
+
 class Padim:
     """PaDiM: a Gaussian per patch position over pretrained CNN features (Defard et al., 2021).
 
@@ -95,14 +108,42 @@ class Padim:
 
     # ------------------------------------------------------------------ fitting
     def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:
-        """Streaming statistics of the embeddings of ``images`` (one shard of a fit)."""
+        """Streaming statistics of the embeddings of ``images`` (one shard of a fit).
+
+        Embeddings are written straight into a position-major staging buffer of
+        :func:`staging_rows` images (two batches by default) that is folded into the statistics
+        when full: the ``(P, d, d)`` scatter is read and written once per 64 images instead of
+        once per batch, and only its lower triangle is updated (``?syrk``), then completed once
+        at the end. The buffer has a fixed size, so memory does not grow with the number of
+        images; see ``bench/README.md`` for figures.
+        """
+        return self._accumulate(images, progress, symmetric=True)
+
+    def _accumulate(self, images: ImageSource, progress: bool, symmetric: bool) -> GaussianStatistics:
         s = self.settings
         dtype = getattr(torch, s.covariance_dtype)
         grid = s.feature_size
+        positions, dim = grid * grid, s.kept_channels
         with torch.inference_mode():
-            stats = GaussianStatistics.empty(grid * grid, s.kept_channels, dtype=dtype, device=self.device)
+            stats = GaussianStatistics.empty(positions, dim, dtype=dtype, device=self.device)
+            capacity = staging_rows(s.batch_size, positions, dim, dtype)
+            staging = torch.empty(positions, capacity + 1, dim, dtype=dtype, device=self.device)
+            filled = 0
             for batch in self._batches(images, "fit", progress):
-                stats.update(self.embed(batch))
+                n = batch.shape[0]
+                if filled + n > capacity:
+                    stats.fold_rows(staging, filled, lower_only=True)
+                    filled = 0
+                if n > capacity:  # a batch larger than the buffer: fold it on its own
+                    stats.update(self.embed(batch))
+                    continue
+                target = staging[:, filled : filled + n].unflatten(0, (grid, grid)).permute(2, 3, 0, 1)
+                self.embedder(batch.to(self.device, non_blocking=True), out=target)
+                filled += n
+            stats.fold_rows(staging, filled, lower_only=True)
+            del staging
+            if symmetric:
+                stats.symmetrise()
         return stats
 
     def fit_statistics(self, stats: GaussianStatistics) -> "Padim":
@@ -117,7 +158,8 @@ class Padim:
 
     def fit(self, images: ImageSource, progress: bool = True) -> "Padim":
         """Fit the per-position Gaussians on normal images; memory stays flat in the number of images."""
-        return self.fit_statistics(self.accumulate(images, progress=progress))
+        # The precision reads only the lower triangle of the scatter: skip completing the upper one.
+        return self.fit_statistics(self._accumulate(images, progress, symmetric=False))
 
     @property
     def is_fitted(self) -> bool:

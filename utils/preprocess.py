@@ -72,6 +72,8 @@ def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
     """Zero-pad ``(..., H, W)`` symmetrically to a square (``pad``) or leave it (``stretch``)."""
     if mode == "stretch":
         return array
+    if mode != "pad":
+        raise DataError(f"unknown resize mode {mode!r}; allowed: pad, stretch")
     h, w = array.shape[-2:]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
@@ -91,27 +93,60 @@ def resize_mask(mask: np.ndarray, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="nearest")[0, 0] > 0.5
 
 
+def foreground_mask(image: torch.Tensor) -> torch.Tensor:
+    """Estimate the head (foreground) of an ``(S, S)`` image in [0, 1] from the image alone.
+
+    Otsu threshold of the lightly smoothed image, largest connected component, holes filled.
+    It needs no annotation, so training, test and ``predict`` images all get the same region
+    (annotated head masks exist only for test images and are used for evaluation, not here).
+    Returns all True when no sensible foreground is found (e.g. a flat image).
+    """
+    from scipy import ndimage
+
+    array = ndimage.gaussian_filter(image.detach().cpu().numpy().astype(np.float64), 1.0)
+    low, high = float(array.min()), float(array.max())
+    if high - low < 1e-3:
+        return torch.ones(image.shape, dtype=torch.bool)
+    counts, edges = np.histogram(array, bins=128, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * centres)
+    total, total_mean = weight[-1], mean[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mean * weight - total * mean) ** 2 / (weight * (total - weight))
+    threshold = centres[int(np.nanargmax(between[:-1]))]
+    labels, count = ndimage.label(array > threshold)
+    if count == 0:
+        return torch.ones(image.shape, dtype=torch.bool)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))))
+    region = ndimage.binary_fill_holes(labels == largest)
+    if region.sum() < 0.01 * region.size:
+        return torch.ones(image.shape, dtype=torch.bool)
+    return torch.from_numpy(region)
+
+
 def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image intensity standardisation of an ``(S, S)`` image in [0, 1].
 
-    ``zscore``: (x - mean) / std over ``region`` (the head when known, else nonzero pixels),
-    mapped back to roughly [0, 1] as 0.5 + 0.15 z. ``percentile``: the 1st-99th percentile range
-    inside ``region`` mapped to [0, 1]. Both make scanners with different gain comparable.
+    Statistics come from ``region``, by default :func:`foreground_mask` (the head estimated
+    from the image itself, identical for training and test images).
+    ``zscore``: (x - mean) / std inside the region, mapped back to [0, 1] as 0.5 + 0.15 z
+    (clipped). ``percentile``: the region's 1st-99th percentile range mapped to [0, 1]
+    (clipped). Both remove per-scanner gain and offset: an image and ``a * image + b`` (a > 0)
+    give the same result, up to clipping. ``none`` returns the image unchanged.
     """
     if mode == "none":
         return image
+    if mode not in ("zscore", "percentile"):
+        raise DataError(f"unknown intensity mode {mode!r}; allowed: none, zscore, percentile")
     if region is None or int(region.sum()) < 16:
-        region = image > 0.02
-        if int(region.sum()) < 16:
-            region = torch.ones_like(image, dtype=torch.bool)
-    values = image[region]
+        region = foreground_mask(image)
+    values = image[region].double()
     if mode == "zscore":
         std = values.std().clamp_min(1e-6)
-        return (0.5 + 0.15 * (image - values.mean()) / std).clamp_(0, 1)
-    if mode == "percentile":
-        low, high = torch.quantile(values, torch.tensor([0.01, 0.99]))
-        return ((image - low) / (high - low).clamp_min(1e-6)).clamp_(0, 1)
-    raise DataError(f"unknown intensity mode {mode!r}")
+        return (0.5 + 0.15 * (image - values.mean()) / std).float().clamp_(0, 1)
+    low, high = torch.quantile(values, torch.tensor([0.01, 0.99], dtype=torch.float64))
+    return ((image - low) / (high - low).clamp_min(1e-6)).float().clamp_(0, 1)
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
@@ -125,7 +160,9 @@ def preprocess(gray: np.ndarray, size: int, resize: str = "pad", intensity: str 
                region: np.ndarray | None = None) -> torch.Tensor:
     """Full path for one decoded image: ``(H, W)`` in [0, 1] -> ``(3, S, S)`` network input.
 
-    ``region`` (optional ``(H, W)`` bool, e.g. the head mask) guides intensity standardisation.
+    ``region`` (optional ``(H, W)`` bool) overrides the region that intensity standardisation
+    measures; by default it is estimated from the image (:func:`foreground_mask`), which is
+    what :mod:`utils.data` and ``predict`` use for every image, so train and test match.
     """
     image = resize_image(gray, size, resize)
     region_s = resize_mask(region, size, resize) if region is not None else None

@@ -8,22 +8,36 @@ import torch
 import torch.nn.functional as F
 
 
+#: Positions per step of :func:`mahalanobis`: the chunk's deviations and products (~5 MB each for
+#: d = 550 and 32 images) stay in cache between the matrix product and the row-wise dot product.
+POSITION_CHUNK = 64
+
+
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Mahalanobis distance of every embedding to its position's Gaussian, all positions at once.
 
     Args:
         embeddings: ``(N, d, H, W)``.
         mean: ``(P, d)`` with ``P = H * W``.
-        precision: ``(P, d, d)`` inverse covariances.
+        precision: ``(P, d, d)`` inverse covariances (symmetric).
 
     Returns:
         ``(N, H, W)`` distances, in the dtype of ``precision``.
     """
     n, d, h, w = embeddings.shape
-    samples = embeddings.flatten(2).permute(2, 0, 1).to(precision.dtype)  # (P, N, d)
-    deviations = samples - mean.to(precision.dtype).unsqueeze(1)
-    # One batched matrix product over positions: (P, N, d) @ (P, d, d).
-    squared = (torch.bmm(deviations, precision) * deviations).sum(dim=-1)  # (P, N)
+    positions = h * w
+    samples = embeddings.flatten(2).permute(2, 0, 1)  # (P, N, d); contiguous for PatchEmbedder output
+    centre = mean.to(precision.dtype).unsqueeze(2)  # (P, d, 1)
+    squared = torch.empty(positions, n, dtype=precision.dtype, device=precision.device)
+    for start in range(0, positions, POSITION_CHUNK):
+        stop = min(start + POSITION_CHUNK, positions)
+        # Deviations as columns (c, d, N): precision @ deviations is a batched product with a
+        # wide left operand, ~25 % faster on CPU than deviations @ precision (same result, as
+        # the precision is symmetric); then the column-wise dot product with the deviations.
+        deviations = torch.empty(stop - start, d, n, dtype=precision.dtype, device=precision.device)
+        torch.sub(samples[start:stop].transpose(1, 2).to(precision.dtype), centre[start:stop], out=deviations)
+        product = torch.bmm(precision[start:stop], deviations)
+        torch.sum(product.mul_(deviations), dim=1, out=squared[start:stop])
     return squared.clamp_min_(0).sqrt_().T.reshape(n, h, w)
 
 

@@ -1,0 +1,168 @@
+"""anomalib 2.7.0's PaDiM on the same images, backbone and weights as ours; run by bench/run.py
+with the interpreter of a separate virtual environment that has anomalib (never the project's).
+
+One measurement per process (peak RSS is per process):
+
+    <venv>/bin/python bench/anomalib_worker.py '{"backbone": "wide_resnet50_2", "d": 550, "n": 711, ...}'
+
+What is changed in anomalib, and nothing else:
+
+- its ``torch.linalg.inv`` call (in ``MultiVariateGaussian.forward``) is replaced by a Cholesky
+  inverse, because the batched LU inverse fails or returns wrong results here for >= 2 matrices
+  of size >= ~272 with >= 2 threads (pytorch #142815). ``inverse: threaded`` (default) factorises
+  chunks of 64 matrices on one Python thread per core with single-threaded LAPACK, as our fit does
+  (MKL's multi-threaded Cholesky on 550 x 550 matrices is many times slower on a shared 2-core
+  machine); ``inverse: batched`` is the plain ``cholesky_inverse(cholesky(A))`` one-call drop-in.
+- its random-weight backbone gets the weights of ours (torchvision's initialisation under the
+  same seed, loaded into timm's identical ResNet), and its random channel choice ``idx`` is set
+  to ours, so both see identical embeddings (checked: ``backbone_max_abs_diff``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def cholesky_inverse_threaded(matrices, chunk: int = 64):
+    import torch
+
+    out = torch.empty_like(matrices)
+    starts = list(range(0, matrices.shape[0], chunk))
+    threads = torch.get_num_threads()
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                if not starts:
+                    return
+                start = starts.pop(0)
+            with torch.no_grad():
+                factor = torch.linalg.cholesky(matrices[start : start + chunk])
+                out[start : start + chunk] = torch.cholesky_inverse(factor)
+
+    torch.set_num_threads(1)
+    try:
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def cholesky_inverse_batched(matrices):
+    import torch
+
+    return torch.cholesky_inverse(torch.linalg.cholesky(matrices))
+
+
+def main(spec: dict) -> None:
+    import numpy as np
+    import torch
+
+    common.set_threads(spec["threads"])
+    import anomalib
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    from utils.backbones import build_backbone
+    from utils.features import random_channel_indices
+    from utils.backbones import BACKBONES
+
+    backbone, d, seed = spec["backbone"], spec["d"], spec.get("seed", 0)
+    layers = [1, 2, 3]
+    real_inv = torch.linalg.inv
+    torch.linalg.inv = cholesky_inverse_threaded if spec.get("inverse", "threaded") == "threaded" else cholesky_inverse_batched
+
+    model = PadimModel(backbone=backbone, layers=["layer1", "layer2", "layer3"], pre_trained=False, n_features=d)
+    # Our backbone's weights (torchvision initialisation under the seed, as utils.features does).
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reference = getattr(torchvision.models, backbone)(weights=None)
+    missing, _ = model.feature_extractor.feature_extractor.load_state_dict(reference.state_dict(), strict=False)
+    if missing:
+        raise SystemExit(f"timm {backbone} lacks torchvision weights: {missing[:3]}")
+    del reference
+    total = BACKBONES[backbone].channels(layers)
+    model.idx = random_channel_indices(total, d, seed)
+    result = {"anomalib_version": anomalib.__version__, "inverse": spec.get("inverse", "threaded")}
+
+    # Check: same features as our (NCHW) backbone on one batch.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ours = build_backbone(backbone, "random", layers)
+    probe = common.load_batch(common.test_paths(4))
+    with torch.no_grad():
+        a = model.feature_extractor(probe)
+        b = ours(probe)
+    result["backbone_max_abs_diff"] = float(max((a[k] - v).abs().max() for k, v in zip(["layer1", "layer2", "layer3"], b)))
+    del ours, a, b
+    with torch.no_grad():  # warm-up, not timed (as for ours)
+        model.eval()
+        model.feature_extractor(probe)
+
+    timings: dict = {}
+    model.train()
+    began = time.perf_counter()
+    for batch in common.batches(common.train_paths(spec["n"]), timings):
+        model(batch)
+    timings["collect_s"] = time.perf_counter() - began
+    began = time.perf_counter()
+    with torch.no_grad():
+        model.fit()
+    timings["gaussian_fit_s"] = time.perf_counter() - began
+    result.update(
+        fit_s=round(timings["collect_s"] + timings["gaussian_fit_s"], 3),
+        collect_s=round(timings["collect_s"], 3),
+        gaussian_fit_s=round(timings["gaussian_fit_s"], 3),
+        load_s=round(timings["load_s"], 3),
+        fit_peak_rss_gb=round(common.peak_rss_gb(), 3),
+    )
+
+    if spec.get("score_n"):
+        model.eval()
+        images = common.load_batch(common.test_paths(spec["score_n"]))
+        seconds, distances = 0.0, []
+        with torch.no_grad():
+            for batch in images.split(common.BATCH):
+                began = time.perf_counter()
+                model(batch)
+                seconds += time.perf_counter() - began
+                embedding = model.generate_embedding(model.feature_extractor(batch))
+                distances.append(model.anomaly_map_generator.compute_distance(
+                    embedding, [model.gaussian.mean, model.gaussian.inv_covariance])[:, 0].numpy())
+        result["score_ms_per_image"] = round(1000 * seconds / len(images), 2)
+        if spec.get("distances_out"):
+            np.save(spec["distances_out"], np.concatenate(distances).astype(np.float64))
+
+    if spec.get("check_shipped_inverse"):
+        # anomalib's own call on its own matrices: the first 16 positions' regularised covariances.
+        precision = model.gaussian.inv_covariance[:16]
+        covariance = cholesky_inverse_batched(precision.double()).float()  # back to Sigma + eps I
+        check = {}
+        try:
+            inverse = real_inv(covariance)
+            residual = (covariance.double() @ inverse.double() - torch.eye(d, dtype=torch.float64)).abs().amax()
+            check = {"raised": False, "max_abs_residual": float(residual)}
+        except Exception as exc:  # noqa: BLE001 - what happens is the finding
+            check = {"raised": True, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        result["shipped_inverse_check"] = check
+    common.emit(result)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,628 @@
+"""Benchmark of the PaDiM fit and scoring against the floor (the backbone alone), a naive
+per-position reference, and anomalib's PaDiM: on the study's real images (../shared/fast_ixi).
+
+    python bench/run.py                      # full run (~10-15 min on 2 cores), writes bench/results.json
+    python bench/run.py --quick              # smoke run (~2 min), writes bench/out/results-quick.json
+
+Every measurement runs in a fresh subprocess (peak RSS is per process), with the same image
+loader, batch size (32) and thread count. Figures that are compared in a ratio are measured side
+by side: floor, fit, floor (the ratio uses the mean of the two floors around each fit), and per
+scoring batch the backbone alone and the full scoring alternate. The correctness guard (fast
+distances vs the naive float64 reference, relative error < 1e-4) is checked before any speed is
+reported: if it fails, the JSON holds the guard and no speed figures, and the exit code is 1.
+
+See bench/README.md for the JSON keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+#: PaDiM dimension and weights per backbone (paper: resnet18 100, wide_resnet50_2 550; the
+#: project's default for EfficientNet-Lite0 is 100). ResNets: random weights (no download here).
+BACKBONE_SETUP = {
+    "wide_resnet50_2": {"d": 550, "weights": "random"},
+    "resnet18": {"d": 100, "weights": "random"},
+    "efficientnet_lite0": {"d": 100, "weights": "imagenet"},
+}
+ANOMALIB_BACKBONES = ("wide_resnet50_2", "resnet18")
+GUARD_THRESHOLD = 1e-4
+EPSILON = 0.01
+
+
+# =============================================================================== workers
+def _settings(backbone: str, batch_size: int = common.BATCH):
+    from utils.config import settings_from_dict
+
+    setup = BACKBONE_SETUP[backbone]
+    return settings_from_dict({
+        "backbone": backbone, "weights": setup["weights"], "output_dimension": setup["d"], "image_size": common.IMAGE_SIZE,
+        "device": "cpu", "batch_size": batch_size, "epsilon": EPSILON, "layers": [1, 2, 3],
+    })
+
+
+def _warm_up(extractor) -> None:
+    import torch
+
+    with torch.inference_mode():
+        extractor(common.load_batch(common.test_paths(4)).contiguous(memory_format=torch.channels_last))
+
+
+def worker_floor(spec: dict) -> dict:
+    """Image loading + the backbone alone (as Padim runs it: channels-last), over the same images
+    and batches as a fit; with ``plain``, the same network in NCHW on the same batches too."""
+    import torch
+
+    from utils.backbones import build_backbone
+    from utils.model import Padim
+
+    model = Padim(_settings(spec["backbone"]))
+    extractor = model.embedder.extractor
+    plain = None
+    if spec.get("plain"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model.settings.seed)
+            plain = build_backbone(spec["backbone"], model.settings.weights, [1, 2, 3])
+    _warm_up(extractor)
+    timings = {"load_s": 0.0}
+    forward = plain_forward = 0.0
+    with torch.inference_mode():
+        if plain is not None:
+            plain(common.load_batch(common.test_paths(4)))
+        for batch in common.batches(common.train_paths(spec["n"]), timings):
+            began = time.perf_counter()
+            extractor(batch.contiguous(memory_format=torch.channels_last))
+            forward += time.perf_counter() - began
+            if plain is not None:
+                began = time.perf_counter()
+                plain(batch)
+                plain_forward += time.perf_counter() - began
+    result = {"floor_s": timings["load_s"] + forward, "load_s": timings["load_s"], "forward_s": forward}
+    if plain is not None:
+        result["plain_nchw_floor_s"] = timings["load_s"] + plain_forward
+    return {k: round(v, 3) for k, v in result.items()}
+
+
+def worker_fit(spec: dict) -> dict:
+    """``Padim.fit`` from image files (load + backbone + statistics + inverse); then, optionally,
+    scoring speed against the backbone alone on the same batches, and the test distances."""
+    import numpy as np
+    import torch
+
+    from utils.model import Padim
+
+    model = Padim(_settings(spec["backbone"]))
+    _warm_up(model.embedder.extractor)
+    timings = {"load_s": 0.0}
+    began = time.perf_counter()
+    model.fit(common.batches(common.train_paths(spec["n"]), timings), progress=False)
+    fit_s = time.perf_counter() - began
+    result = {"fit_s": round(fit_s, 3), "load_s": round(timings["load_s"], 3), "fit_peak_rss_gb": round(common.peak_rss_gb(), 3)}
+    if spec.get("score_n"):
+        images = common.load_batch(common.test_paths(spec["score_n"]))
+        batches = list(images.split(common.BATCH))
+        extractor = model.embedder.extractor
+        floor = score = 0.0
+        with torch.inference_mode():
+            model.score(batches[0], progress=False)  # warm-up of the scoring path
+            for rep in range(spec.get("score_reps", 2)):
+                for batch in batches:
+                    order = ("floor", "score") if rep % 2 == 0 else ("score", "floor")
+                    for what in order:
+                        began = time.perf_counter()
+                        if what == "floor":
+                            extractor(batch.contiguous(memory_format=torch.channels_last))
+                            floor += time.perf_counter() - began
+                        else:
+                            model.score(batch, progress=False)
+                            score += time.perf_counter() - began
+            distances = np.concatenate([model.distances(b).double().numpy() for b in batches])
+        count = len(images) * spec.get("score_reps", 2)
+        result.update(score_ms_per_image=round(1000 * score / count, 2), score_floor_ms_per_image=round(1000 * floor / count, 2))
+        if spec.get("distances_out"):
+            np.save(spec["distances_out"], distances)
+    return result
+
+
+def worker_naive(spec: dict) -> dict:
+    """The study's method: every embedding kept, ``np.cov`` and ``np.linalg.inv`` per position
+    (float64), then SciPy's ``mahalanobis`` per image and position, bilinear upsampling and
+    ``scipy.ndimage.gaussian_filter``. Same backbone, weights, channels and images as ours."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+    from scipy.spatial.distance import mahalanobis
+
+    from utils.model import Padim
+
+    model = Padim(_settings(spec["backbone"]))
+    _warm_up(model.embedder.extractor)
+    d, grid = model.settings.kept_channels, model.settings.feature_size
+    positions = grid * grid
+    paths = common.train_paths(spec["n"])
+    timings = {"load_s": 0.0}
+    began = time.perf_counter()
+    embeddings = np.empty((len(paths), d, positions), dtype=np.float32)
+    row = 0
+    with torch.inference_mode():
+        for batch in common.batches(paths, timings):
+            embeddings[row : row + len(batch)] = model.embed(batch).flatten(2).numpy()
+            row += len(batch)
+    collect_s = time.perf_counter() - began
+    began = time.perf_counter()
+    mean = embeddings.mean(axis=0, dtype=np.float64)  # (d, P)
+    precision = np.empty((positions, d, d))
+    identity = np.eye(d)
+    for p in range(positions):
+        covariance = np.cov(embeddings[:, :, p], rowvar=False) + EPSILON * identity
+        precision[p] = np.linalg.inv(covariance)
+    statistics_s = time.perf_counter() - began
+    result = {
+        "fit_s": round(collect_s + statistics_s, 3), "collect_s": round(collect_s, 3), "statistics_s": round(statistics_s, 3),
+        "load_s": round(timings["load_s"], 3), "fit_peak_rss_gb": round(common.peak_rss_gb(), 3),
+    }
+    del embeddings
+    if spec.get("score_n"):
+        images = common.load_batch(common.test_paths(spec["score_n"]))
+        all_distances, seconds = [], 0.0
+        sigma = model.settings.blur_sigma
+        with torch.inference_mode():
+            for batch in images.split(common.BATCH):
+                began = time.perf_counter()
+                embedding = model.embed(batch).flatten(2).double().numpy()  # (N, d, P)
+                distances = np.empty((len(batch), positions))
+                for i in range(len(batch)):
+                    for p in range(positions):
+                        distances[i, p] = mahalanobis(embedding[i, :, p], mean[:, p], precision[p])
+                maps = F.interpolate(torch.from_numpy(distances.reshape(-1, 1, grid, grid)), size=(common.IMAGE_SIZE,) * 2,
+                                     mode="bilinear", align_corners=False)[:, 0].numpy()
+                maps = np.stack([gaussian_filter(m, sigma, mode="mirror") for m in maps])
+                maps.reshape(len(batch), -1).max(axis=1)
+                seconds += time.perf_counter() - began
+                all_distances.append(distances.reshape(-1, grid, grid))
+        result["score_ms_per_image"] = round(1000 * seconds / len(images), 2)
+        if spec.get("distances_out"):
+            np.save(spec["distances_out"], np.concatenate(all_distances))
+    return result
+
+
+def _e2e_settings(results_dir: str):
+    from utils.config import settings_from_dict
+
+    return settings_from_dict({
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "output_dimension": 100, "image_size": common.IMAGE_SIZE,
+        "device": "cpu", "batch_size": common.BATCH, "results_dir": results_dir,
+        "data": {"format": "study", "root": common.DATA_ROOT},
+    })
+
+
+def _e2e_image_lists(settings) -> list[list[str]]:
+    """The images the evaluation pushes through the network, as it batches them: the training
+    set, the validation set, then every test group (each distinct image once per group)."""
+    from utils.data import load_data
+
+    bundle = load_data(settings)
+    lists = [bundle.train.paths]
+    if bundle.val is not None:
+        lists.append(bundle.val.paths)
+    for group in bundle.test.values():
+        lists.append(list(dict.fromkeys(group.paths)))
+    return lists
+
+
+def worker_e2e(spec: dict) -> dict:
+    from utils.evaluation import run_evaluation
+
+    settings = _e2e_settings(spec["results_dir"])
+    began = time.perf_counter()
+    evaluation = run_evaluation(settings, progress=False)
+    total = time.perf_counter() - began
+    timings = {k: v for k, v in evaluation.timings.items() if isinstance(v, (int, float))}
+    return {"e2e_s": round(total, 3), "evaluation_timings": timings, "groups": len(evaluation.groups)}
+
+
+def worker_e2e_floor(spec: dict) -> dict:
+    """Image decoding + backbone forward over every image the evaluation processes."""
+    import torch
+
+    from utils.model import Padim
+
+    settings = _e2e_settings(spec["results_dir"])
+    lists = _e2e_image_lists(settings)
+    extractor = Padim(settings).embedder.extractor
+    _warm_up(extractor)
+    timings = {"load_s": 0.0}
+    forward, images = 0.0, 0
+    with torch.inference_mode():
+        for paths in lists:
+            for batch in common.batches(paths, timings):
+                began = time.perf_counter()
+                extractor(batch.contiguous(memory_format=torch.channels_last))
+                forward += time.perf_counter() - began
+                images += len(batch)
+    return {"floor_s": round(timings["load_s"] + forward, 3), "load_s": round(timings["load_s"], 3),
+            "forward_s": round(forward, 3), "images": images}
+
+
+WORKERS = {"floor": worker_floor, "fit": worker_fit, "naive": worker_naive, "e2e": worker_e2e, "e2e_floor": worker_e2e_floor}
+
+
+# =============================================================================== driver
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.log = []
+
+    def _run(self, command: list[str], label: str) -> dict:
+        env = dict(os.environ)
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[key] = str(self.args.threads)
+        load_before = common.load_average()
+        began = time.perf_counter()
+        process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=common.ROOT)
+        wall = time.perf_counter() - began
+        lines = [line for line in process.stdout.splitlines() if line.startswith(common.RESULT_TAG)]
+        entry = {"label": label, "wall_s": round(wall, 1), "load_before": load_before, "load_after": common.load_average()}
+        if process.returncode != 0 or not lines:
+            tail = (process.stderr or process.stdout).strip().splitlines()[-8:]
+            entry["error"] = " | ".join(tail)[-1500:]
+            self.log.append(entry)
+            print(f"  {label}: FAILED ({wall:.0f} s): {entry['error'][-400:]}", flush=True)
+            return {"error": entry["error"]}
+        result = json.loads(lines[-1][len(common.RESULT_TAG):])
+        result["load_average"] = load_before
+        entry["result"] = result
+        self.log.append(entry)
+        shown = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) or k == "shipped_inverse_check"}
+        print(f"  {label} ({wall:.0f} s, load {load_before[0] if load_before else '?'}): {json.dumps(shown)}", flush=True)
+        return result
+
+    def ours(self, worker: str, spec: dict, label: str) -> dict:
+        spec = {"threads": self.args.threads, **spec}
+        return self._run([sys.executable, os.path.abspath(__file__), "--worker", worker, "--spec", json.dumps(spec)], label)
+
+    def anomalib(self, spec: dict, label: str) -> dict:
+        spec = {"threads": self.args.threads, **spec}
+        return self._run([self.args.anomalib_python, os.path.join(BENCH, "anomalib_worker.py"), json.dumps(spec)], label)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def _ratio(a, b, digits=3):
+    return round(a / b, digits) if a is not None and b else None
+
+
+def _guard(fast_path: str, naive_path: str) -> dict:
+    import numpy as np
+
+    fast, naive = np.load(fast_path), np.load(naive_path)
+    if fast.shape != naive.shape:
+        return {"passed": False, "error": f"shapes differ: {fast.shape} vs {naive.shape}"}
+    relative = np.abs(fast - naive) / np.maximum(np.abs(naive), 1e-12)
+    worst = float(relative.max())
+    return {
+        "distances": int(relative.size), "max_rel_err": worst, "median_rel_err": float(np.median(relative)),
+        "naive_distance_range": [round(float(naive.min()), 3), round(float(naive.max()), 3)],
+        "passed": bool(worst < GUARD_THRESHOLD),
+    }
+
+
+def _versions(anomalib_python: str | None) -> dict:
+    import numpy
+    import scipy
+    import torch
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+                "blas": "MKL" if torch.backends.mkl.is_available() else "other"}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if anomalib_python:
+        probe = subprocess.run([anomalib_python, "-c", "import importlib.metadata as m; print(m.version('anomalib'), m.version('timm'))"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            versions["anomalib"], versions["timm"] = probe.stdout.split()
+    return versions
+
+
+def run_benchmark(args) -> int:
+    out_dir = args.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    runner = Runner(args)
+    anomalib_python = None if args.no_anomalib else args.anomalib_python
+    if anomalib_python and not os.path.isfile(anomalib_python):
+        print(f"anomalib interpreter {anomalib_python} not found: anomalib is skipped (see bench/README.md)")
+        anomalib_python = None
+    args.anomalib_python = anomalib_python
+    results = {
+        "schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": common.git_revision(),
+        "command": " ".join([os.path.relpath(sys.argv[0], common.ROOT)] + sys.argv[1:]), "quick": args.quick,
+        "machine": common.machine_info(), "threads": args.threads, "versions": _versions(anomalib_python),
+        "load_average": {"start": common.load_average()},
+        "settings": {"image_size": common.IMAGE_SIZE, "batch_size": common.BATCH, "layers": [1, 2, 3], "n": args.n,
+                     "n_small": args.n_small, "score_images": args.score_n, "reps": args.reps, "epsilon": EPSILON,
+                     "data": os.path.normpath(common.DATA_ROOT)},
+        "guard": {"threshold": GUARD_THRESHOLD}, "backbones": {},
+    }
+    started = time.perf_counter()
+    backbones = [b for b in args.backbones.split(",") if b]
+    measured: dict[str, dict] = {}
+    # ---------------------------------------------------------------- measurements
+    for backbone in backbones:
+        setup = BACKBONE_SETUP[backbone]
+        print(f"{backbone} (d = {setup['d']}, {setup['weights']} weights), N = {args.n}", flush=True)
+        m = measured[backbone] = {"floors": [], "fits": []}
+        fast_d = os.path.join(out_dir, f"{backbone}_fast_distances.npy")
+        naive_d = os.path.join(out_dir, f"{backbone}_naive_distances.npy")
+        base = {"backbone": backbone, "n": args.n}
+        m["floors"].append(runner.ours("floor", {**base, "plain": not args.quick}, f"floor N={args.n}"))
+        for rep in range(args.reps):
+            spec = {**base, "score_n": args.score_n, "distances_out": fast_d} if rep == 0 else base
+            m["fits"].append(runner.ours("fit", spec, f"fit N={args.n}"))
+            m["floors"].append(runner.ours("floor", base, f"floor N={args.n}"))
+        m["fit_small"] = runner.ours("fit", {"backbone": backbone, "n": args.n_small}, f"fit N={args.n_small}")
+        if not args.no_naive:
+            m["naive"] = runner.ours("naive", {**base, "score_n": args.score_n, "distances_out": naive_d}, f"naive N={args.n}")
+        if anomalib_python and backbone in ANOMALIB_BACKBONES:
+            anomalib_d = os.path.join(out_dir, f"{backbone}_anomalib_distances.npy")
+            m["anomalib"] = runner.anomalib({**base, "d": setup["d"], "score_n": args.score_n, "distances_out": anomalib_d,
+                                             "check_shipped_inverse": True, "inverse": args.anomalib_inverse}, f"anomalib N={args.n}")
+            m["anomalib_small"] = runner.anomalib({"backbone": backbone, "n": args.n_small, "d": setup["d"],
+                                                   "inverse": args.anomalib_inverse}, f"anomalib N={args.n_small}")
+            m["anomalib_distances"] = anomalib_d
+        m["fast_distances"], m["naive_distances"] = fast_d, naive_d
+    e2e = None
+    if not args.no_e2e:
+        print("end to end: run_evaluation, efficientnet_lite0, 128 px, all test groups", flush=True)
+        e2e_dir = os.path.join(out_dir, "e2e_results")
+        try:
+            import utils.evaluation  # noqa: F401
+            e2e = {"floors": [runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor")]}
+            e2e["run"] = runner.ours("e2e", {"results_dir": e2e_dir}, "e2e run_evaluation")
+            e2e["floors"].append(runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor"))
+        except ImportError as exc:
+            e2e = {"skipped": f"utils.evaluation is not importable: {exc}"}
+    results["load_average"]["end"] = common.load_average()
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+
+    # ---------------------------------------------------------------- correctness guard first
+    guard_ok = True
+    for backbone, m in measured.items():
+        if os.path.isfile(m["fast_distances"]) and os.path.isfile(m["naive_distances"]) and "error" not in m.get("naive", {}):
+            g = _guard(m["fast_distances"], m["naive_distances"])
+            if m.get("anomalib_distances") and os.path.isfile(m["anomalib_distances"]):
+                info = _guard(m["anomalib_distances"], m["naive_distances"])
+                g["anomalib_max_rel_err_info"] = info.get("max_rel_err")  # information: anomalib adds 1e-5 to epsilon
+        else:
+            g = {"passed": False, "error": "no naive reference or no fast distances (run without --no-naive)"}
+        results["guard"][backbone] = g
+        guard_ok &= g["passed"]
+    results["guard"]["passed"] = guard_ok
+    if not guard_ok:
+        print("CORRECTNESS GUARD FAILED: no speed figures are reported", json.dumps(results["guard"], indent=1))
+        results["runs"] = runner.log
+        _write(results, args.output)
+        return 1
+
+    # ---------------------------------------------------------------- figures
+    for backbone, m in measured.items():
+        setup = BACKBONE_SETUP[backbone]
+        floors = [f.get("floor_s") for f in m["floors"]]
+        ratios = []
+        for i, fit in enumerate(m["fits"]):
+            around = [f for f in floors[i : i + 2] if f]
+            if fit.get("fit_s") and around:
+                ratios.append(fit["fit_s"] / statistics.mean(around))
+        first = m["fits"][0] if m["fits"] else {}
+        entry = {
+            "d": setup["d"], "weights": setup["weights"], "n": args.n,
+            "floor": {"runs_s": floors, "floor_s": _median(floors), "load_s": m["floors"][0].get("load_s"),
+                      "forward_s": m["floors"][0].get("forward_s"), "plain_nchw_floor_s": m["floors"][0].get("plain_nchw_floor_s")},
+            "fit": {"runs_s": [f.get("fit_s") for f in m["fits"]], "fit_s": _median([f.get("fit_s") for f in m["fits"]]),
+                    "peak_rss_gb": _median([f.get("fit_peak_rss_gb") for f in m["fits"]]), "load_s": first.get("load_s")},
+            "fit_over_floor": round(statistics.median(ratios), 3) if ratios else None,
+            "fit_over_floor_runs": [round(r, 3) for r in ratios],
+            "fit_small": {"n": args.n_small, "fit_s": m["fit_small"].get("fit_s"), "peak_rss_gb": m["fit_small"].get("fit_peak_rss_gb")},
+            "score": {"ms_per_image": first.get("score_ms_per_image"), "floor_ms_per_image": first.get("score_floor_ms_per_image"),
+                      "ratio": _ratio(first.get("score_ms_per_image"), first.get("score_floor_ms_per_image"))},
+        }
+        big, small = entry["fit"]["peak_rss_gb"], entry["fit_small"]["peak_rss_gb"]
+        entry["memory_growth"] = round(big / small - 1, 4) if big and small else None
+        if "naive" in m and "error" not in m["naive"]:
+            naive = m["naive"]
+            entry["naive"] = {k: naive.get(k) for k in ("fit_s", "collect_s", "statistics_s", "fit_peak_rss_gb", "score_ms_per_image")}
+            entry["vs_naive"] = {"fit_speedup": _ratio(naive.get("fit_s"), entry["fit"]["fit_s"], 2),
+                                 "memory_ratio": _ratio(naive.get("fit_peak_rss_gb"), big, 2),
+                                 "score_speedup": _ratio(naive.get("score_ms_per_image"), entry["score"]["ms_per_image"], 2)}
+        if "anomalib" in m:
+            a, a_small = m["anomalib"], m.get("anomalib_small", {})
+            entry["anomalib"] = {
+                "fit_s": a.get("fit_s"), "collect_s": a.get("collect_s"), "gaussian_fit_s": a.get("gaussian_fit_s"),
+                "peak_rss_gb": a.get("fit_peak_rss_gb"), "score_ms_per_image": a.get("score_ms_per_image"),
+                "small": {"n": args.n_small, "fit_s": a_small.get("fit_s"), "peak_rss_gb": a_small.get("fit_peak_rss_gb")},
+                "backbone_max_abs_diff": a.get("backbone_max_abs_diff"), "inverse": a.get("inverse"),
+                "shipped_inverse_check": a.get("shipped_inverse_check"), "error": a.get("error"),
+            }
+            entry["vs_anomalib"] = {"fit_speedup": _ratio(a.get("fit_s"), entry["fit"]["fit_s"], 2),
+                                    "memory_ratio": _ratio(a.get("fit_peak_rss_gb"), big, 2),
+                                    "score_speedup": _ratio(a.get("score_ms_per_image"), entry["score"]["ms_per_image"], 2)}
+        results["backbones"][backbone] = entry
+    if e2e is not None:
+        if "skipped" in e2e:
+            results["end_to_end"] = e2e
+        elif "error" in e2e["run"]:
+            results["end_to_end"] = {"skipped": f"run_evaluation failed: {e2e['run']['error'][-500:]}"}
+        else:
+            floors = [f.get("floor_s") for f in e2e["floors"] if f.get("floor_s")]
+            results["end_to_end"] = {
+                "e2e_s": e2e["run"]["e2e_s"], "floor_runs_s": floors, "floor_s": round(statistics.mean(floors), 3) if floors else None,
+                "images": e2e["floors"][0].get("images"), "evaluation_timings": e2e["run"].get("evaluation_timings"),
+                "ratio": _ratio(e2e["run"]["e2e_s"], statistics.mean(floors)) if floors else None,
+            }
+    results["targets"] = _targets(results)
+    results["runs"] = runner.log
+    _write(results, args.output)
+    print(table(results))
+    return 0
+
+
+def _targets(results: dict) -> list[dict]:
+    targets = []
+
+    def add(key, text, value, limit, better="lower"):
+        met = None if value is None else (value <= limit if better == "lower" else value >= limit)
+        targets.append({"id": key, "target": text, "value": value, "limit": limit, "met": met})
+
+    for name, b in results["backbones"].items():
+        add(f"1.memory_growth.{name}", f"{name}: fit peak RSS, N={b['n']} vs N={b['fit_small']['n']}, relative growth < 0.10",
+            b.get("memory_growth"), 0.10)
+        if name == "wide_resnet50_2":
+            add("1.peak_rss.wide_resnet50_2", "wide_resnet50_2 d=550: fit peak RSS (GB) <= 2.6", b["fit"]["peak_rss_gb"], 2.6)
+        add(f"2.fit_over_floor.{name}", f"{name}: fit wall / floor (load + backbone) <= 1.25", b.get("fit_over_floor"), 1.25)
+        add(f"2.score_over_floor.{name}", f"{name}: scoring ms/image / backbone ms/image <= 1.25", b["score"].get("ratio"), 1.25)
+        if "vs_anomalib" in b and name == "wide_resnet50_2":
+            add("3.fit_speedup_vs_anomalib", "wide_resnet50_2: anomalib fit / our fit >= 2", b["vs_anomalib"]["fit_speedup"], 2.0, "higher")
+            add("3.memory_vs_anomalib", "wide_resnet50_2: anomalib peak RSS / ours >= 3", b["vs_anomalib"]["memory_ratio"], 3.0, "higher")
+    e2e = results.get("end_to_end")
+    if e2e and "ratio" in e2e:
+        add("4.end_to_end", "run_evaluation / (decoding + backbone over its images) <= 1.5", e2e["ratio"], 1.5)
+    for name, g in results["guard"].items():
+        if isinstance(g, dict):
+            add(f"5.guard.{name}", f"{name}: max relative error of distances vs naive float64 < 1e-4", g.get("max_rel_err"), GUARD_THRESHOLD)
+    return targets
+
+
+def _write(results: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1)
+        handle.write("\n")
+    print(f"wrote {path}")
+
+
+def table(results: dict) -> str:
+    """Markdown table of the figures (the one in bench/README.md)."""
+    v, m = results["versions"], results["machine"]
+    lines = [
+        f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; {results['threads']} threads; "
+        f"Python {v['python']}, torch {v['torch']} ({v['blas']}), numpy {v['numpy']}, scipy {v['scipy']}"
+        + (f", anomalib {v['anomalib']} (timm {v.get('timm')})" if "anomalib" in v else "")
+        + f"; load average {results['load_average']['start']} -> {results['load_average']['end']}; run {results['wall_s']} s",
+        "",
+        "| backbone (d) | method | fit N s | floor N s | fit / floor | peak RSS N (GB) | peak RSS N_small (GB) | growth | score ms/img | backbone ms/img | score / backbone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(x, fmt="{:.2f}"):
+        return "–" if x is None else fmt.format(x)
+
+    for name, b in results["backbones"].items():
+        lines.append(
+            f"| {name} ({b['d']}) | ours | {f(b['fit']['fit_s'], '{:.1f}')} | {f(b['floor']['floor_s'], '{:.1f}')} | "
+            f"{f(b['fit_over_floor'])} | {f(b['fit']['peak_rss_gb'])} | {f(b['fit_small']['peak_rss_gb'])} | "
+            f"{f(b['memory_growth'], '{:+.1%}')} | {f(b['score']['ms_per_image'], '{:.1f}')} | "
+            f"{f(b['score']['floor_ms_per_image'], '{:.1f}')} | {f(b['score']['ratio'])} |")
+        if "anomalib" in b:
+            a = b["anomalib"]
+            growth = a["peak_rss_gb"] / a["small"]["peak_rss_gb"] - 1 if a.get("peak_rss_gb") and a["small"].get("peak_rss_gb") else None
+            lines.append(
+                f"| {name} ({b['d']}) | anomalib {v.get('anomalib', '')} | {f(a['fit_s'], '{:.1f}')} | | "
+                f"{f(_ratio(a['fit_s'], b['floor']['floor_s']))} | {f(a['peak_rss_gb'])} | {f(a['small']['peak_rss_gb'])} | "
+                f"{f(growth, '{:+.1%}')} | {f(a['score_ms_per_image'], '{:.1f}')} | | |")
+        if "naive" in b:
+            n = b["naive"]
+            lines.append(
+                f"| {name} ({b['d']}) | naive (np.cov, inv, SciPy) | {f(n['fit_s'], '{:.1f}')} | | "
+                f"{f(_ratio(n['fit_s'], b['floor']['floor_s']))} | {f(n['fit_peak_rss_gb'])} | | | {f(n['score_ms_per_image'], '{:.1f}')} | | |")
+    lines.append("")
+    for name, b in results["backbones"].items():
+        extra = []
+        if "vs_anomalib" in b:
+            va = b["vs_anomalib"]
+            extra.append(f"vs anomalib: fit {f(va['fit_speedup'])}x faster, {f(va['memory_ratio'])}x less memory, "
+                         f"scoring {f(va['score_speedup'])}x faster")
+        if "vs_naive" in b:
+            vn = b["vs_naive"]
+            extra.append(f"vs naive: fit {f(vn['fit_speedup'])}x, memory {f(vn['memory_ratio'])}x, scoring {f(vn['score_speedup'])}x")
+        if b["floor"].get("plain_nchw_floor_s"):
+            extra.append(f"floor with the plain NCHW backbone {b['floor']['plain_nchw_floor_s']:.1f} s")
+        g = results["guard"].get(name, {})
+        extra.append(f"guard: max rel. error {g.get('max_rel_err', float('nan')):.1e} over {g.get('distances')} distances")
+        lines.append(f"- {name}: " + "; ".join(extra))
+    e2e = results.get("end_to_end")
+    if e2e:
+        if "skipped" in e2e:
+            lines.append(f"- end to end: not measured ({e2e['skipped'][:300]})")
+        else:
+            lines.append(f"- end to end (efficientnet_lite0, run_evaluation over {e2e['images']} image passes): {e2e['e2e_s']:.1f} s vs "
+                         f"decoding + backbone {e2e['floor_s']:.1f} s = {e2e['ratio']:.2f}x")
+    lines.append("")
+    lines.append("| target | value | limit | met |")
+    lines.append("| --- | --- | --- | --- |")
+    for t in results["targets"]:
+        value = t["value"]
+        shown = "–" if value is None else (f"{value:.1e}" if abs(value) < 1e-2 and value != 0 else f"{value:.3g}")
+        lines.append(f"| {t['target']} | {shown} | {t['limit']} | {'yes' if t['met'] else ('–' if t['met'] is None else 'NO')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=None, help="training images for the main fit (default 711, all; --quick 128)")
+    parser.add_argument("--n-small", type=int, default=None, help="training images of the second fit, for memory growth (default 100; --quick 64)")
+    parser.add_argument("--backbones", default=None,
+                        help="comma-separated: wide_resnet50_2, resnet18, efficientnet_lite0 (default efficientnet_lite0,wide_resnet50_2; --quick efficientnet_lite0,resnet18)")
+    parser.add_argument("--score-n", type=int, default=None, help="test images for scoring speed and the guard (default 64; --quick 32)")
+    parser.add_argument("--reps", type=int, default=1, help="fits per backbone, each between two floor runs (default 1)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every measurement (default: all CPUs)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke mode: small N, small backbones, no end-to-end run")
+    parser.add_argument("--output", default=None, help="JSON file (default bench/results.json; --quick bench/out/results-quick.json)")
+    parser.add_argument("--out-dir", default=os.path.join(BENCH, "out"), help="scratch outputs (git-ignored)")
+    parser.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", "/tmp/anomalib-venv/bin/python"),
+                        help="interpreter of the venv with anomalib (bench/requirements-anomalib.txt)")
+    parser.add_argument("--anomalib-inverse", choices=("threaded", "batched"), default="threaded",
+                        help="Cholesky inverse patched into anomalib (see bench/anomalib_worker.py)")
+    parser.add_argument("--no-anomalib", action="store_true")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive reference (and so the guard: exit code 1)")
+    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.spec)
+        common.set_threads(spec["threads"])
+        common.emit(WORKERS[args.worker](spec))
+        return 0
+    quick = args.quick
+    args.n = args.n or (128 if quick else 711)
+    args.n_small = args.n_small or (64 if quick else 100)
+    args.score_n = args.score_n or (32 if quick else 64)
+    args.backbones = args.backbones or ("efficientnet_lite0,resnet18" if quick else "efficientnet_lite0,wide_resnet50_2")
+    args.output = args.output or os.path.join(BENCH, "out", "results-quick.json") if quick else (args.output or os.path.join(BENCH, "results.json"))
+    if quick:
+        args.no_e2e = True
+    unknown = [b for b in args.backbones.split(",") if b and b not in BACKBONE_SETUP]
+    if unknown:
+        parser.error(f"unknown backbone {unknown[0]!r}; choose from {', '.join(BACKBONE_SETUP)}")
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

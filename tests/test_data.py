@@ -1,0 +1,467 @@
+"""Data loading: the study layout and MVTec AD on tiny generated sets, every data error, the
+single preprocessing path, and (when ../shared/fast_ixi is present) the real set's counts.
+
+Geometry expectations are computed by hand: a 64x32 image padded to 64x64 and resized to
+32x32 halves every coordinate and shifts rows by the 16-pixel pad (nearest: dst = src // 2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REAL_DATA, requires_real_data
+from utils.backbones import IMAGENET_MEAN, IMAGENET_STD
+from utils.config import settings_from_dict
+from utils.data import NORMAL, SkippedImageWarning, load_data, make_loader
+from utils.errors import ConfigError, DataError
+from utils.preprocess import foreground_mask, preprocess, standardise_intensity
+
+S = 32
+W, H = 64, 32  # study test images: non-square, so pad and stretch differ
+BOXES = {  # (row0, row1, col0, col1), inclusive, in the 64x32 original
+    "m0_a": (8, 15, 20, 35),
+    "m0_b": (2, 5, 50, 59),
+    "m1_a": (20, 27, 4, 11),
+}
+HEAD = (0, 31, 2, 61)  # rows, cols of every test image's head mask (original pixels)
+
+
+# ---------------------------------------------------------------------------- builders
+def _png(path, array) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return path
+
+
+def _rect(r0, r1, c0, c1, shape=(H, W)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[r0 : r1 + 1, c0 : c1 + 1] = True
+    return mask
+
+
+def _image(value: int, shape=(H, W)) -> np.ndarray:
+    return np.full(shape, value, dtype=np.uint8)
+
+
+def _csv(root, name, files) -> None:
+    path = os.path.join(root, "data", "splits", name + ".csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        handle.write("filename\n" + "".join(f + "\n" for f in files))
+
+
+def make_study(root) -> str:
+    """A tiny study-layout set. Pathology `mass`: m0 (two boxes, two rows), m1 (one box)."""
+    root = str(root)
+    ixi = [f"./data/IXI/ixi{i}.png" for i in range(3)]
+    for i, rel in enumerate(ixi):
+        _png(os.path.join(root, rel), _image(100 + 10 * i, shape=(40, 24)))
+    fm = "./data/fastMRI/brain_mid_png/"
+    pos = "./data/fastMRI/brain_mid_anno_pos_png/"
+    neg = "./data/fastMRI/brain_mid_anno_neg_png/"
+    head = _rect(*HEAD)
+    for name in ("t0", "t1", "v0", "n0", "n1", "m0", "m1", "e0", "a0"):
+        _png(os.path.join(root, fm, name + ".png"), _image(150))
+        _png(os.path.join(root, fm, name + "_brain_map_full.png"), head)
+    for key, box in BOXES.items():
+        _png(os.path.join(root, pos, f"{key}.png"), _rect(*box))
+    _png(os.path.join(root, pos, "e0_a.png"), _rect(0, 7, 0, 7))
+    _png(os.path.join(root, pos, "a0_a.png"), _rect(0, 7, 0, 7))
+    _png(os.path.join(root, neg, "m0.png"), head & ~_rect(*BOXES["m0_a"]) & ~_rect(*BOXES["m0_b"]))
+    _png(os.path.join(root, neg, "m1.png"), head & ~_rect(*BOXES["m1_a"]))
+    _png(os.path.join(root, neg, "e0.png"), head & ~_rect(0, 7, 0, 7))
+    _png(os.path.join(root, neg, "a0.png"), head & ~_rect(0, 7, 0, 7))
+    open(os.path.join(root, fm, "unlisted_empty.png"), "wb").close()  # as in the real set: 0 bytes, no CSV
+    _csv(root, "ixi_normal_train", ixi)
+    _csv(root, "normal_train", [fm + "t0.png", fm + "t1.png", ixi[0]])  # ixi0 twice: a union counts it once
+    _csv(root, "normal_val", [fm + "v0.png"])
+    _csv(root, "normal_test", [fm + "n0.png", fm + "n1.png"])
+    _csv(root, "normal_test_ann", [fm + "n0_brain_map_full.png", fm + "n1_brain_map_full.png"])
+    _csv(root, "mass", [fm + "m0.png", fm + "m0.png", fm + "m1.png"])
+    _csv(root, "mass_ann", [pos + "m0_a.png", pos + "m0_b.png", pos + "m1_a.png"])
+    _csv(root, "mass_neg", [neg + "m0.png", neg + "m0.png", neg + "m1.png"])
+    _csv(root, "edema", [fm + "e0.png"])
+    _csv(root, "edema_ann", [pos + "e0_a.png"])
+    _csv(root, "edema_neg", [neg + "e0.png"])
+    _csv(root, "mass_all", [fm + "a0.png"])
+    _csv(root, "mass_all_ann", [pos + "a0_a.png"])
+    _csv(root, "mass_all_neg", [neg + "a0.png"])
+    _csv(root, "local", [fm + "a0.png"])
+    _csv(root, "local_neg", [neg + "a0.png"])
+    return root
+
+
+def study_settings(root, **data):
+    return settings_from_dict(
+        {"image_size": S, "batch_size": 2, "device": "cpu", "output_dimension": 24,
+         "data": {"format": "study", "root": str(root), **data}}
+    )
+
+
+def scaled_pad(r0, r1, c0, c1) -> np.ndarray:
+    """Expected S x S mask of an original (H x W) rectangle after pad-to-square + resize by 1/2."""
+    top = (W - H) // 2  # 16 rows of padding above
+    mask = np.zeros((S, S), dtype=bool)
+    rows = [i for i in range(S) if r0 + top <= 2 * i <= r1 + top]
+    cols = [j for j in range(S) if c0 <= 2 * j <= c1]
+    mask[np.ix_(rows, cols)] = True
+    return mask
+
+
+def scaled_stretch(r0, r1, c0, c1) -> np.ndarray:
+    mask = np.zeros((S, S), dtype=bool)
+    mask[r0 : r1 + 1, c0 // 2 + (c0 % 2) : c1 // 2 + 1] = True
+    return mask
+
+
+def gray_of(image: torch.Tensor) -> np.ndarray:
+    """Undo ImageNet normalisation of channel 0 by hand."""
+    return image[0].numpy() * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+
+
+# ---------------------------------------------------------------------------- study layout
+def test_study_layout_groups_counts_and_order(tmp_path):
+    bundle = load_data(study_settings(make_study(tmp_path)))
+    assert len(bundle.train) == 5  # 3 IXI + 2 fastMRI; ixi0 listed in both CSVs counts once
+    assert sorted(os.path.basename(p) for p in bundle.train.paths) == ["ixi0.png", "ixi1.png", "ixi2.png", "t0.png", "t1.png"]
+    assert [os.path.basename(p) for p in bundle.val.paths] == ["v0.png"]
+    assert list(bundle.test) == ["edema", "mass", NORMAL]  # sorted groups, normal last; mass_all/local excluded
+    mass = bundle.test["mass"]
+    assert [os.path.basename(p) for p in mass.paths] == ["m0.png", "m0.png", "m1.png"]  # one row per annotation
+    assert mass.anomalous and not bundle.test[NORMAL].anomalous
+    assert mass.sources[1] == "mass.csv line 3"
+
+
+def test_study_items_pad_geometry_masks_and_heads(tmp_path):
+    bundle = load_data(study_settings(make_study(tmp_path), resize="pad"))
+    mass = bundle.test["mass"]
+    item = mass[1]  # m0, second annotation
+    assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
+    assert item["mask"].dtype == torch.bool and item["head"].dtype == torch.bool
+    assert item["index"] == 1 and item["path"].endswith("m0.png")
+    np.testing.assert_array_equal(item["mask"].numpy(), scaled_pad(*BOXES["m0_b"]))
+    # row view: head = this box ∪ neg; neg excludes every box of the slice, so the other box is left out
+    np.testing.assert_array_equal(item["head"].numpy(), scaled_pad(*HEAD) & ~scaled_pad(*BOXES["m0_a"]))
+    gray = gray_of(item["image"])
+    assert np.allclose(gray[12:20, 4:28], 150 / 255, atol=1e-4)  # image rows 16..47 of the padded square
+    assert np.allclose(gray[:6], 0, atol=1e-4) and np.allclose(gray[-6:], 0, atol=1e-4)  # zero padding
+
+    merged = mass.per_image()
+    assert [os.path.basename(p) for p in merged.paths] == ["m0.png", "m1.png"]
+    union = scaled_pad(*BOXES["m0_a"]) | scaled_pad(*BOXES["m0_b"])
+    np.testing.assert_array_equal(merged[0]["mask"].numpy(), union)
+    np.testing.assert_array_equal(merged[0]["head"].numpy(), scaled_pad(*HEAD))  # the union: the whole head
+    np.testing.assert_array_equal(merged[1]["mask"].numpy(), scaled_pad(*BOXES["m1_a"]))
+
+    normal = bundle.test[NORMAL][0]
+    assert not normal["mask"].any()
+    np.testing.assert_array_equal(normal["head"].numpy(), scaled_pad(*HEAD))
+    assert bundle.train[0]["head"].all() and not bundle.train[0]["mask"].any()
+
+
+def test_stretch_geometry(tmp_path):
+    bundle = load_data(study_settings(make_study(tmp_path), resize="stretch"), ("test",))
+    item = bundle.test["mass"][0]
+    np.testing.assert_array_equal(item["mask"].numpy(), scaled_stretch(*BOXES["m0_a"]))
+    assert np.allclose(gray_of(item["image"]), 150 / 255, atol=1e-4)  # no padding anywhere
+
+
+def test_requested_splits_only_and_test_groups(tmp_path):
+    root = make_study(tmp_path)
+    only_test = load_data(study_settings(root), ("test",))
+    assert only_test.train is None and only_test.val is None and only_test.test
+    picked = load_data(study_settings(root, test_groups=["mass_all", "normal"]), ("test",))
+    assert list(picked.test) == ["mass_all", NORMAL]
+    no_val = load_data(study_settings(root, val_split=None), ("train", "val"))
+    assert no_val.val is None and no_val.test == {}
+    with pytest.raises(DataError, match="unknown split 'training'"):
+        load_data(study_settings(root), ("training",))
+
+
+def test_loader_batches_in_order_and_is_deterministic(tmp_path):
+    settings = study_settings(make_study(tmp_path))
+    group = load_data(settings, ("test",)).test["mass"]
+    first = list(make_loader(group, settings))
+    assert [len(b["path"]) for b in first] == [2, 1]
+    assert first[0]["image"].shape == (2, 3, S, S) and first[0]["mask"].shape == (2, S, S)
+    assert [p for b in first for p in b["path"]] == group.paths
+    assert torch.equal(first[0]["index"], torch.tensor([0, 1]))
+    second = list(make_loader(group, settings))
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) for a, b in zip(first, second))
+
+
+def test_loader_with_worker_processes(tmp_path):
+    settings = study_settings(make_study(tmp_path), num_workers=1)
+    group = load_data(settings, ("test",)).test["mass"]
+    batches = list(make_loader(group, settings))
+    single = list(make_loader(group, settings.replace(data={"num_workers": 0})))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, single))
+
+
+# ---------------------------------------------------------------------------- errors
+def _one_line_error(settings, splits=("train", "val", "test")) -> str:
+    with pytest.raises(DataError) as info:
+        load_data(settings, splits)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_root_says_how_to_get_the_data(tmp_path):
+    message = _one_line_error(study_settings(tmp_path / "nowhere"))
+    assert "nowhere" in message and "data.zip" in message and "data/splits" in message
+
+
+def test_root_pointing_at_the_data_folder(tmp_path):
+    root = make_study(tmp_path / "set")
+    message = _one_line_error(study_settings(os.path.join(root, "data")))
+    assert "parent" in message and os.path.normpath(root) in message
+
+
+def test_csv_naming_a_missing_file(tmp_path):
+    root = make_study(tmp_path)
+    _csv(root, "normal_val", ["./data/fastMRI/brain_mid_png/v0.png", "./data/fastMRI/brain_mid_png/gone.png"])
+    message = _one_line_error(study_settings(root))
+    assert "normal_val.csv line 3" in message and "gone.png" in message and "not found" in message
+
+
+def test_missing_mask_file_names_the_row(tmp_path):
+    root = make_study(tmp_path)
+    os.remove(os.path.join(root, "data/fastMRI/brain_mid_anno_pos_png/m1_a.png"))
+    message = _one_line_error(study_settings(root), ("test",))
+    assert "mass.csv line 4" in message and "m1_a.png" in message
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "bad_checksum"])
+def test_bad_png_fails_naming_it(tmp_path, damage):
+    root = make_study(tmp_path)
+    target = os.path.join(root, "data/fastMRI/brain_mid_png/t1.png")
+    data = open(target, "rb").read()
+    damaged = {"empty": b"", "garbage": b"\x89PNG\r\n\x1a\n" + bytes(64), "truncated": data[: len(data) // 2],
+               "bad_checksum": data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]}[damage]
+    open(target, "wb").write(damaged)
+    message = _one_line_error(study_settings(root), ("train",))
+    assert "t1.png" in message and "normal_train.csv line 3" in message and "skip_bad_images" in message
+
+
+def test_bad_training_png_skipped_with_a_warning(tmp_path):
+    root = make_study(tmp_path)
+    open(os.path.join(root, "data/fastMRI/brain_mid_png/t1.png"), "wb").close()
+    with pytest.warns(SkippedImageWarning, match="t1.png"):
+        bundle = load_data(study_settings(root, skip_bad_images=True), ("train",))
+    assert len(bundle.train) == 4 and not any(p.endswith("t1.png") for p in bundle.train.paths)
+
+
+def test_skipped_pathology_image_drops_its_mask_rows(tmp_path):
+    root = make_study(tmp_path)
+    open(os.path.join(root, "data/fastMRI/brain_mid_png/m0.png"), "wb").close()  # rows 1 and 2 of mass.csv
+    with pytest.warns(SkippedImageWarning) as record:
+        mass = load_data(study_settings(root, skip_bad_images=True), ("test",)).test["mass"]
+    assert any("m0.png" in str(w.message) and "mass.csv line 2" in str(w.message) for w in record)
+    assert [os.path.basename(p) for p in mass.paths] == ["m1.png"]
+    np.testing.assert_array_equal(mass[0]["mask"].numpy(), scaled_pad(*BOXES["m1_a"]))  # m1 keeps its own box
+
+
+def test_corrupt_mask_skips_only_its_row(tmp_path):
+    root = make_study(tmp_path)
+    open(os.path.join(root, "data/fastMRI/brain_mid_anno_pos_png/m0_b.png"), "wb").write(b"not a png")
+    with pytest.warns(SkippedImageWarning, match="m0_b.png"):
+        mass = load_data(study_settings(root, skip_bad_images=True), ("test",)).test["mass"]
+    assert [os.path.basename(p) for p in mass.paths] == ["m0.png", "m1.png"]
+    np.testing.assert_array_equal(mass[0]["mask"].numpy(), scaled_pad(*BOXES["m0_a"]))
+    np.testing.assert_array_equal(mass[1]["mask"].numpy(), scaled_pad(*BOXES["m1_a"]))
+
+
+def test_every_image_skipped_is_an_error(tmp_path):
+    root = make_study(tmp_path)
+    open(os.path.join(root, "data/fastMRI/brain_mid_png/v0.png"), "wb").close()
+    with pytest.warns(SkippedImageWarning):
+        message = _one_line_error(study_settings(root, skip_bad_images=True), ("val",))
+    assert "normal_val" in message and "skipped" in message
+
+
+def test_image_mask_size_mismatch(tmp_path):
+    root = make_study(tmp_path)
+    _png(os.path.join(root, "data/fastMRI/brain_mid_anno_pos_png/m1_a.png"), np.zeros((30, 64), np.uint8))
+    message = _one_line_error(study_settings(root), ("test",))
+    assert "mass.csv line 4" in message and "m1_a.png" in message and "64x30" in message and "64x32" in message
+
+
+def test_pathology_csv_length_mismatch(tmp_path):
+    root = make_study(tmp_path)
+    _csv(root, "mass_ann", ["./data/fastMRI/brain_mid_anno_pos_png/m0_a.png", "./data/fastMRI/brain_mid_anno_pos_png/m0_b.png"])
+    message = _one_line_error(study_settings(root), ("test",))
+    assert "mass.csv has 3" in message and "mass_ann.csv has 2" in message
+
+
+@pytest.mark.parametrize("split, data", [("normal_val", {}), ("normal_train", {}), ("edema", {})])
+def test_empty_split(tmp_path, split, data):
+    root = make_study(tmp_path)
+    _csv(root, split, [])
+    if split == "edema":
+        _csv(root, "edema_ann", [])
+        _csv(root, "edema_neg", [])
+    message = _one_line_error(study_settings(root, **data))
+    assert f"{split}.csv lists no images" in message
+
+
+def test_missing_split_csv_and_bad_header(tmp_path):
+    root = make_study(tmp_path)
+    message = _one_line_error(study_settings(root, val_split="normal_valid"), ("val",))
+    assert "normal_valid.csv" in message and "normal_val" in message  # lists what is available
+    with open(os.path.join(root, "data/splits/normal_val.csv"), "w") as handle:
+        handle.write("path\n./data/fastMRI/brain_mid_png/v0.png\n")
+    assert "`filename`" in _one_line_error(study_settings(root), ("val",))
+
+
+def test_unknown_test_group(tmp_path):
+    root = make_study(tmp_path)
+    message = _one_line_error(study_settings(root, test_groups=["tumour"]), ("test",))
+    assert "'tumour'" in message and "available groups: edema, mass, mass_all" in message
+    assert "local_ann.csv is missing" in _one_line_error(study_settings(root, test_groups=["local"]), ("test",))
+
+
+def test_data_config_errors_name_key_value_and_allowed():
+    for raw, fragment in [
+        ({"test_groups": []}, "`data.test_groups` is []"),
+        ({"train_splits": []}, "`data.train_splits` is []"),
+        ({"demo_seed": -1}, "`data.demo_seed` is -1"),
+        ({"intensity": "minmax"}, "`data.intensity` is 'minmax'; allowed: none, zscore, percentile"),
+        ({"skip_bad_images": "yes"}, "`data.skip_bad_images` must be true or false"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            settings_from_dict({"data": raw})
+        assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- MVTec AD
+def make_mvtec(root) -> str:
+    root = str(root)
+    for i in range(3):
+        _png(os.path.join(root, "train/good", f"{i:03d}.png"), _image(120 + i, shape=(48, 48)))
+    _png(os.path.join(root, "test/good/000.png"), _image(120, shape=(48, 48)))
+    for defect, box in (("crack", (4, 11, 8, 19)), ("scratch", (30, 33, 0, 47))):
+        for i in range(2):
+            _png(os.path.join(root, "test", defect, f"{i:03d}.png"), _image(90, shape=(48, 48)))
+            _png(os.path.join(root, "ground_truth", defect, f"{i:03d}_mask.png"), _rect(*box, shape=(48, 48)))
+    return root
+
+
+def mvtec_settings(root, **data):
+    return settings_from_dict({"image_size": S, "batch_size": 4, "device": "cpu", "data": {"format": "mvtec", "root": str(root), **data}})
+
+
+def test_mvtec_layout(tmp_path):
+    bundle = load_data(mvtec_settings(make_mvtec(tmp_path)))
+    assert len(bundle.train) == 3 and bundle.val is None
+    assert list(bundle.test) == ["crack", "scratch", NORMAL]
+    crack = bundle.test["crack"][1]
+    expected = np.zeros((S, S), dtype=bool)  # 48 -> 32: nearest source index = floor(dst * 1.5)
+    rows = [i for i in range(S) if 4 <= int(i * 1.5) <= 11]
+    cols = [j for j in range(S) if 8 <= int(j * 1.5) <= 19]
+    expected[np.ix_(rows, cols)] = True
+    np.testing.assert_array_equal(crack["mask"].numpy(), expected)
+    assert crack["head"].all()
+    good = bundle.test[NORMAL][0]
+    assert not good["mask"].any() and good["path"].endswith(os.path.join("test", "good", "000.png"))
+    assert list(load_data(mvtec_settings(tmp_path, test_groups=["scratch"]), ("test",)).test) == ["scratch", NORMAL]
+
+
+def test_mvtec_errors(tmp_path):
+    assert "MVTec AD category" in _one_line_error(mvtec_settings(tmp_path / "absent"))
+    root = make_mvtec(tmp_path / "cat")
+    os.remove(os.path.join(root, "ground_truth/crack/001_mask.png"))
+    message = _one_line_error(mvtec_settings(root), ("test",))
+    assert "001_mask.png" in message and os.path.join("test", "crack", "001.png") in message
+    _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8))
+    assert "48x40" in _one_line_error(mvtec_settings(root), ("test",))
+    assert "'dent'" in _one_line_error(mvtec_settings(root, test_groups=["dent"]), ("test",))
+    open(os.path.join(root, "train/good/001.png"), "wb").close()
+    assert "001.png" in _one_line_error(mvtec_settings(root), ("train",))
+    with pytest.warns(SkippedImageWarning, match="001.png"):
+        assert len(load_data(mvtec_settings(root, skip_bad_images=True), ("train",)).train) == 2
+
+
+# ---------------------------------------------------------------------------- preprocessing path
+def _scan(gain: float, offset: float, noise: float, seed: int) -> np.ndarray:
+    """A 'head' (textured disc) on a background: two scanners = different gain, offset, noise."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:96, :96]
+    disc = (rows - 48) ** 2 + ((cols - 48) / 0.8) ** 2 < 34**2
+    texture = 0.6 + 0.2 * np.sin(rows / 5.0) * np.cos(cols / 7.0)
+    image = np.where(disc, gain * texture, offset) + rng.normal(0, noise, disc.shape)
+    return np.clip(image, 0, 1).astype(np.float32), disc
+
+
+def test_foreground_mask_finds_the_head_on_a_noisy_background():
+    image, disc = _scan(gain=0.9, offset=0.13, noise=0.03, seed=0)
+    found = foreground_mask(torch.from_numpy(image)).numpy()
+    iou = (found & disc).sum() / (found | disc).sum()
+    assert iou > 0.95
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+def test_intensity_standardisation_removes_scanner_gain_and_offset(mode):
+    a, disc = _scan(gain=0.95, offset=0.0, noise=0.0, seed=1)  # IXI-like: zero background, bright
+    b, _ = _scan(gain=0.7, offset=0.13, noise=0.0, seed=1)  # fastMRI-like: darker, grey background
+    raw_gap = abs(np.median(a[disc]) - np.median(b[disc]))
+    sa = standardise_intensity(torch.from_numpy(a), mode).numpy()
+    sb = standardise_intensity(torch.from_numpy(b), mode).numpy()
+    assert raw_gap > 0.1
+    assert np.abs(sa[disc] - sb[disc]).mean() < 0.02
+    assert np.array_equal(standardise_intensity(torch.from_numpy(a), "none").numpy(), a)
+
+
+def test_preprocess_rejects_unknown_modes():
+    gray = np.zeros((8, 8), np.float32)
+    with pytest.raises(DataError, match="resize mode 'crop'"):
+        preprocess(gray, S, resize="crop")
+    with pytest.raises(DataError, match="intensity mode 'minmax'"):
+        preprocess(gray, S, intensity="minmax")
+
+
+def test_intensity_setting_reaches_the_items(tmp_path):
+    root = make_study(tmp_path)
+    raw = load_data(study_settings(root), ("val",)).val[0]["image"]
+    standardised = load_data(study_settings(root, intensity="percentile"), ("val",)).val[0]["image"]
+    assert not torch.equal(raw, standardised)
+
+
+# ---------------------------------------------------------------------------- the real set
+PATHOLOGY_COUNTS = {
+    "absent_septum": 1, "artefacts": 16, "craniatomy": 15, "dural": 7, "ea_mass": 4, "edema": 18,
+    "encephalomalacia": 1, "enlarged_ventricles": 19, "intraventricular": 1, "lesions": 22, "mass": 22,
+    "posttreatment": 44, "resection": 10, "sinus": 2, "wml": 5, "other": 5,
+}
+
+
+@requires_real_data
+def test_real_study_set_loads_with_the_documented_counts():
+    settings = study_settings(REAL_DATA).replace(image_size=64)
+    bundle = load_data(settings)
+    assert len(bundle.train) == 711 and len(set(bundle.train.paths)) == 711
+    assert len(bundle.val) == 15
+    assert list(bundle.test) == sorted(PATHOLOGY_COUNTS) + [NORMAL]
+    assert {name: len(group) for name, group in bundle.test.items() if name != NORMAL} == PATHOLOGY_COUNTS
+    assert len(bundle.test[NORMAL]) == 30
+    # the documented 0-byte PNG exists but no CSV names it, so it never reaches a set
+    empty = os.path.join(REAL_DATA, "data/fastMRI/brain_mid_png/file_brain_AXT1_202_2020277.png")
+    assert os.path.getsize(empty) == 0
+    assert all(os.path.normpath(empty) != os.path.normpath(p) for g in bundle.test.values() for p in g.paths)
+    mass = bundle.test["mass"]
+    merged = mass.per_image()
+    assert len(merged) == len(set(mass.paths)) < len(mass)
+    first = merged[0]
+    assert first["image"].shape == (3, 64, 64) and first["mask"].any() and (first["head"] & ~first["mask"]).any()
+    assert not (first["mask"] & ~first["head"]).any()  # boxes lie inside the head
+    assert bundle.train[0]["head"].all()
+    groups = load_data(settings.replace(data={"test_groups": ["mass_all"]}), ("test",)).test
+    assert list(groups) == ["mass_all", NORMAL] and len(groups["mass_all"]) == 26

@@ -1,0 +1,108 @@
+"""padim.ipynb runs top to bottom headless on a small demo set and produces the table, figures and files."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+
+REQUIRED_COLUMNS = ["group", "n_images", "A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_best"]
+
+
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory):
+    """Execute a copy of padim.ipynb with PADIM_CONFIG/PADIM_SOURCES pointing at a temporary folder."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from utils.demo_data import DemoCounts, generate_demo
+
+    folder = tmp_path_factory.mktemp("notebook")
+    root = generate_demo(folder / "demo", counts=DemoCounts(ixi_train=16, fastmri_train=8, val=4, per_kind=3, normal_test=4))
+    config = folder / "config.yaml"
+    with open(os.path.join(ROOT, "config.yaml"), encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    raw.update(image_size=64, output_dimension=32, target_dimension=None, device="cpu", batch_size=16,
+               results_dir=str(folder / "results"))
+    raw["data"].update(format="demo", root=str(root))
+    config.write_text(yaml.safe_dump(raw))
+    sources = folder / "sources"
+
+    notebook = nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
+    previous = {k: os.environ.get(k) for k in ("PADIM_CONFIG", "PADIM_SOURCES")}
+    os.environ.update(PADIM_CONFIG=str(config), PADIM_SOURCES=str(sources))
+    try:
+        client = nbclient.NotebookClient(notebook, timeout=240, kernel_name="python3",
+                                         resources={"metadata": {"path": ROOT}})
+        client.execute()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return notebook, folder, sources
+
+
+def _outputs(notebook):
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+
+
+def test_notebook_is_committed_thin_and_without_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in code)
+    assert all(len(cell.source.splitlines()) <= 15 for cell in code), "cells should stay a few calls each"
+    assert notebook.cells[0].cell_type == "markdown"
+
+
+def test_notebook_runs_and_shows_the_table_and_figures(notebook_run):
+    notebook, _, _ = notebook_run
+    outputs = _outputs(notebook)
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    markdown = "\n".join(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
+    assert "(A) AUROC" in markdown and "**mean**" in markdown
+    for group in ("cyst", "hyperintense_lesion", "mass_oedema"):
+        assert group in markdown
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # three groups of examples and the AUROC plot
+
+
+def test_notebook_writes_the_results_files(notebook_run):
+    _, folder, sources = notebook_run
+    runs = os.listdir(folder / "results")
+    assert len(runs) == 1
+    run = folder / "results" / runs[0]
+    for name in ("metrics.csv", "metrics.md", "config.yaml", "timings.json", "model.pt"):
+        assert (run / name).is_file(), name
+    table = pd.read_csv(run / "metrics.csv")
+    assert list(table.columns[: 2]) == ["group", "n_images"] and set(REQUIRED_COLUMNS) <= set(table.columns)
+    assert table["group"].iloc[-1] == "mean" and len(table) == 4
+    body = table.iloc[:-1]
+    assert ((body[["A_auroc", "B_auroc", "C_auroc"]] >= 0) & (body[["A_auroc", "B_auroc", "C_auroc"]] <= 1)).all().all()
+    figures = sorted(os.listdir(sources))
+    assert "demo_auroc.png" in figures and len(figures) == 4
+    assert all(os.path.getsize(sources / f) < 200_000 for f in figures)
+    assert not [f for f in os.listdir(run) if f.startswith(".")], "no temporary files left behind"
+
+
+def test_command_line_evaluate_writes_the_same_files(notebook_run, capsys):
+    from utils.cli import main
+
+    _, folder, _ = notebook_run
+    run = folder / "results" / os.listdir(folder / "results")[0]
+    before = pd.read_csv(run / "metrics.csv")
+    files = sorted(os.listdir(run))
+    assert main(["evaluate", "--config", str(folder / "config.yaml"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and str(run.name) in printed
+    assert os.listdir(folder / "results") == [run.name], "the same config maps to the same run folder"
+    assert sorted(os.listdir(run)) == files
+    after = pd.read_csv(run / "metrics.csv")
+    pd.testing.assert_frame_equal(before, after, atol=1e-4, check_exact=False)

@@ -1,0 +1,155 @@
+"""Evaluation metrics: pure functions on numpy arrays (no torch, no files, no state).
+
+Pixel metrics pool every pixel of a set of maps (``(N, S, S)`` float) against their ground truth
+(``(N, S, S)`` bool), optionally only where ``region`` (``(N, S, S)`` bool, e.g. the head mask)
+is true. Image metrics take one score per image. Maps are used as they are: nothing here
+normalises them (no min-max with test statistics), so scores from different groups stay comparable.
+
+Degenerate inputs (no positive or no negative pixel/image, an empty region) give ``nan``, never an
+exception; :func:`degenerate_reason` says why, for the notes of a results table.
+
+- :func:`pixel_auroc`, :func:`pixel_ap`: ROC AUC and average precision (scikit-learn's
+  ``average_precision_score``: the step-wise area under the precision-recall curve, no
+  interpolation and no threshold grid).
+- :func:`image_auroc`: anomalous images' scores against normal images' scores.
+- :func:`best_dice`: the best pooled Dice over *every* threshold (an exact sweep over the sorted
+  scores). The threshold is chosen on the very pixels it is scored on, so it is optimistic.
+- :func:`normal_threshold`, :func:`dice_at`: a threshold from normal (validation) maps, a high
+  percentile of their pixels, and the pooled Dice at a given threshold: an honest Dice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+NAN = float("nan")
+
+
+def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten ``maps`` and ``masks`` (same shape) to 1-D scores and bool labels, keeping only
+    the pixels where ``region`` is true (all pixels when ``region`` is None)."""
+    maps = np.asarray(maps)
+    masks = np.asarray(masks, dtype=bool)
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must have the same shape")
+    if region is None:
+        return maps.ravel(), masks.ravel()
+    region = np.asarray(region, dtype=bool)
+    if region.shape != maps.shape:
+        raise ValueError(f"region {region.shape} must have the shape of the maps {maps.shape}")
+    return maps[region], masks[region]
+
+
+def degenerate_reason(labels: np.ndarray, what: str = "pixels") -> Optional[str]:
+    """Why a ranking metric is undefined on ``labels`` (bool), or ``None`` when it is defined."""
+    labels = np.asarray(labels, dtype=bool)
+    if labels.size == 0:
+        return f"no {what}"
+    positives = int(labels.sum())
+    if positives == 0:
+        return f"no anomalous {what}"
+    if positives == labels.size:
+        return f"no normal {what}"
+    return None
+
+
+def _checked_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or Inf")
+    return scores
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for bool ``labels``; ``nan`` if a class is missing."""
+    labels = np.asarray(labels, dtype=bool)
+    if degenerate_reason(labels) is not None:
+        return NAN
+    return float(roc_auc_score(labels, _checked_scores(scores)))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """scikit-learn's average precision; ``nan`` if a class is missing."""
+    labels = np.asarray(labels, dtype=bool)
+    if degenerate_reason(labels) is not None:
+        return NAN
+    return float(average_precision_score(labels, _checked_scores(scores)))
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
+    """Pixel-level ROC AUC pooled over all (region) pixels of all maps."""
+    return auroc(*pixels(maps, masks, region))
+
+
+def pixel_ap(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
+    """Pixel-level average precision pooled over all (region) pixels of all maps."""
+    return average_precision(*pixels(maps, masks, region))
+
+
+def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> float:
+    """ROC AUC of anomalous images (positives) against normal images (negatives); ``nan`` if either is empty."""
+    anomalous = np.asarray(anomalous_scores, dtype=np.float64).ravel()
+    normal = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if anomalous.size == 0 or normal.size == 0:
+        return NAN
+    labels = np.concatenate([np.ones(anomalous.size, bool), np.zeros(normal.size, bool)])
+    return auroc(np.concatenate([anomalous, normal]), labels)
+
+
+def best_dice(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """The best pooled Dice over all thresholds, and the threshold that gives it.
+
+    Predicting ``score >= t`` over the pooled (region) pixels, Dice(t) = 2 TP / (k + P), with
+    ``k`` the number of pixels predicted anomalous and ``P`` the number of anomalous pixels.
+    Sorting the scores once gives TP and k for every distinct threshold (ties move together),
+    so the sweep is exact and O(n log n). Returns ``(nan, nan)`` when there is no anomalous
+    pixel. Optimistic by construction: the threshold is chosen on the evaluated pixels.
+    """
+    scores, labels = pixels(maps, masks, region)
+    positives = int(labels.sum())
+    if positives == 0:
+        return NAN, NAN
+    scores = _checked_scores(scores)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    true_positives = np.cumsum(labels[order], dtype=np.int64)
+    # the last index of each run of equal scores: predicting ">= that score" takes the whole run
+    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+    predicted = ends + 1
+    dice = 2.0 * true_positives[ends] / (predicted + positives)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(sorted_scores[ends[best]])
+
+
+def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optional[np.ndarray] = None) -> float:
+    """Pooled Dice of ``score >= threshold`` against ``masks`` over the (region) pixels.
+
+    ``nan`` when the threshold is ``nan`` or there is no anomalous pixel (and nothing is predicted).
+    """
+    if threshold is None or not math.isfinite(threshold):
+        return NAN
+    scores, labels = pixels(maps, masks, region)
+    predicted = scores >= threshold
+    denominator = int(predicted.sum()) + int(labels.sum())
+    if int(labels.sum()) == 0:
+        return NAN
+    return float(2.0 * int((predicted & labels).sum()) / denominator)
+
+
+def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, percentile: float = 99.0) -> float:
+    """A decision threshold from maps of *normal* images: the ``percentile`` of their (region) pixels.
+
+    At 99, about 1 % of normal pixels are flagged. ``nan`` when there is no pixel.
+    """
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    values = np.asarray(maps)
+    if region is not None:
+        values = values[np.asarray(region, dtype=bool)]
+    if values.size == 0:
+        return NAN
+    return float(np.percentile(_checked_scores(values.ravel()), percentile))
