@@ -1,0 +1,124 @@
+"""Robustness of image decoding and of the command line: odd files end in one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from utils.errors import DataError
+from utils.preprocess import MAX_PIXELS, read_grayscale, read_mask
+
+
+def _gradient(h=20, w=30):
+    return np.tile(np.linspace(0, 1, w), (h, 1))
+
+
+def test_16_bit_png_keeps_its_full_range(tmp_path):
+    path = tmp_path / "sixteen.png"
+    Image.fromarray((_gradient() * 65535).astype(np.uint16)).save(path)
+    gray = read_grayscale(str(path))
+    np.testing.assert_allclose(gray, _gradient(), atol=1e-4)
+
+
+def test_rgba_and_palette_pngs_give_the_same_gray(tmp_path):
+    eight = (_gradient() * 255).astype(np.uint8)
+    rgba = np.dstack([eight, eight, eight, np.full_like(eight, 128)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(eight, "L").convert("P").save(tmp_path / "palette.png")
+    expected = eight / 255.0
+    np.testing.assert_allclose(read_grayscale(str(tmp_path / "rgba.png")), expected, atol=1 / 255)
+    np.testing.assert_allclose(read_grayscale(str(tmp_path / "palette.png")), expected, atol=1 / 255)
+
+
+def test_mask_values_other_than_0_and_255_are_foreground_when_nonzero(tmp_path):
+    values = np.array([[0, 1, 128], [255, 0, 7]], dtype=np.uint8)
+    Image.fromarray(values).save(tmp_path / "mask.png")
+    assert read_mask(str(tmp_path / "mask.png")).tolist() == [[False, True, True], [True, False, True]]
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "0 bytes"), (b"not an image at all", "cannot read image"),
+                                               (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "cannot read image")])
+def test_empty_non_image_and_truncated_files(tmp_path, content, fragment):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=fragment) as info:
+        read_grayscale(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path):
+    side = int(MAX_PIXELS**0.5) + 64
+    path = tmp_path / "huge.png"
+    Image.new("1", (side, side)).save(path)  # 1-bit: a small file that would decode to a huge array
+    with pytest.raises(DataError, match="pixel limit"):
+        read_grayscale(str(path))
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path):
+    folder = tmp_path / "IRM cerveau é 脑"
+    folder.mkdir()
+    path = folder / "coupe n°1.png"
+    Image.fromarray((_gradient() * 255).astype(np.uint8)).save(path)
+    assert read_grayscale(str(path)).shape == (20, 30)
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [("backbone: resnet19\n", "`backbone` is 'resnet19'"), ("seeds: 1\n", "did you mean `seed`"),
+     ("output_dimension: 1000\n", "`output_dimension` is 1000"), ("image_size: 100\n", "`image_size` is 100"),
+     ("data:\n  format: study\n  root: /nonexistent/fast_ixi\n", "data.zip")],
+)
+def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path, config, fragment):
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    done = _cli("fit", "--config", str(path), "--output", str(tmp_path / "m.pt"), "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and fragment in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_missing_config_and_model(tmp_path):
+    done = _cli("fit", "--config", str(tmp_path / "none.yaml"))
+    assert done.returncode == 2 and "config file not found" in done.stderr and "Traceback" not in done.stderr
+    empty = tmp_path / "c.yaml"
+    empty.write_text("")
+    done = _cli("predict", "--config", str(empty), "--model", str(tmp_path / "x.pt"), "--input", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "model file not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_during_fit_leaves_no_model_file(tmp_path):
+    """SIGINT in the middle of a fit: exit 130, no model file, no temporary file left behind."""
+    from utils.demo_data import generate_demo
+
+    root = tmp_path / "demo"
+    generate_demo(str(root), seed=0)
+    config = tmp_path / "config.yaml"
+    # wide_resnet50_2 with random weights is slow enough on the CPU to be interrupted mid-fit.
+    config.write_text(
+        f"backbone: wide_resnet50_2\nweights: random\noutput_dimension: 100\nbatch_size: 4\ndevice: cpu\n"
+        f"data:\n  format: study\n  root: {root}\n"
+    )
+    output = tmp_path / "out" / "model.pt"
+    process = subprocess.Popen([sys.executable, "-m", "utils", "fit", "--config", str(config), "--output", str(output)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline and "fit" not in seen:  # wait until the progress bar appears
+        seen += os.read(process.stderr.fileno(), 4096).decode(errors="replace")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not output.exists()
+    assert not output.parent.exists() or os.listdir(output.parent) == []
