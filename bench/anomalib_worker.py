@@ -115,6 +115,7 @@ def main(spec: dict) -> None:
         model.eval()
         model.feature_extractor(probe)
 
+    base = common.current_rss_gb()
     timings: dict = {}
     model.train()
     began = time.perf_counter()
@@ -131,6 +132,7 @@ def main(spec: dict) -> None:
         gaussian_fit_s=round(timings["gaussian_fit_s"], 3),
         load_s=round(timings["load_s"], 3),
         fit_peak_rss_gb=round(common.peak_rss_gb(), 3),
+        base_rss_gb=round(base, 3),
     )
 
     if spec.get("score_n"):

@@ -70,6 +70,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def current_rss_gb() -> float:
+    """Resident memory of this process now (/proc/self/statm), in GB."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError):
+        return float("nan")
+
+
 def set_threads(threads: int) -> None:
     import torch
 

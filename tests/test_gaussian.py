@@ -96,3 +96,25 @@ def test_large_matrices_are_inverted_correctly():
     cov = scatter.float().double() / 10 + 0.01 * torch.eye(d, dtype=torch.float64)
     residual = (cov @ precision - torch.eye(d, dtype=torch.float64)).abs().max()
     assert residual < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lower_triangle_folds_then_symmetrise_match_full_updates(dtype):
+    # d above FLOAT64_PRODUCT_MAX_DIM: the fit's fast path (?syrk on the lower triangle).
+    d, positions = 140, 3
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(50, positions, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5 + 3.0).to(dtype)
+    full, lower = GaussianStatistics.empty(positions, d, dtype=dtype), GaussianStatistics.empty(positions, d, dtype=dtype)
+    for chunk in x.split([20, 17, 13]):
+        full.update(chunk.permute(0, 2, 1).reshape(len(chunk), d, 1, positions))
+        work = torch.empty(positions, len(chunk) + 1, d, dtype=dtype)
+        work[:, : len(chunk)] = chunk.transpose(0, 1)
+        lower.fold_rows(work, len(chunk), lower_only=True)
+    before = regularised_precision(lower, epsilon=0.01)  # reads the lower triangle only
+    lower.symmetrise()
+    assert not lower.lower_only and torch.equal(lower.scatter, lower.scatter.mT)
+    assert torch.equal(before, regularised_precision(lower, epsilon=0.01))
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    scale = full.scatter.abs().max()
+    torch.testing.assert_close(lower.scatter / scale, full.scatter / scale, rtol=0, atol=tolerance)
+    torch.testing.assert_close(lower.mean, full.mean)

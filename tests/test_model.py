@@ -143,3 +143,17 @@ def test_bad_inputs_are_refused_clearly(small_settings):
         model.fit([], progress=False)
     with pytest.raises(ModelFileError, match="not fitted"):
         model.score(torch.zeros(1, 3, 64, 64), progress=False)
+
+
+def test_fit_equals_accumulate_then_fit_statistics_for_large_dimensions(small_settings):
+    # d = 176 (all channels): fit() folds the lower triangle only (?syrk) and never completes
+    # the upper one; accumulate() returns a symmetric scatter. Both must give the same model.
+    settings = small_settings.replace(output_dimension=None)
+    train = to_batch(smooth_textures(30, 64, seed=5))
+    direct = Padim(settings).fit(train, progress=False)
+    model = Padim(settings)
+    stats = model.accumulate(train, progress=False)
+    assert not stats.lower_only and torch.equal(stats.scatter, stats.scatter.mT)
+    model.fit_statistics(stats)
+    torch.testing.assert_close(direct.mean, model.mean, rtol=0, atol=0)
+    torch.testing.assert_close(direct.precision, model.precision, rtol=0, atol=0)

@@ -56,3 +56,19 @@ def test_image_scores_max_topk_and_region():
     assert image_scores(maps, "max", region).tolist() == [2.0, 4.0]
     # top 1 % of 100 pixels is the single largest; of the 36 region pixels, also one.
     assert image_scores(maps, "top1pct_mean").tolist() == [9.0, 4.0]
+
+
+@pytest.mark.parametrize("grid, size, sigma", [((8, 8), 32, 4.0), ((5, 7), 40, 1.5), ((8, 8), 32, 0.0)])
+def test_separable_map_operator_equals_interpolate_then_blur(grid, size, sigma):
+    # Independent reference: F.interpolate to the image size, then SciPy's mirror-mode blur.
+    rng = np.random.default_rng(2)
+    distances = torch.from_numpy(rng.random((3, *grid)) * 10)
+    upsampled = torch.nn.functional.interpolate(distances.unsqueeze(1), size=(size, size), mode="bilinear",
+                                                align_corners=False).squeeze(1).numpy()
+    expected = np.stack([gaussian_filter(m, sigma, mode="mirror", truncate=4.0) if sigma else m for m in upsampled])
+    got = anomaly_maps(distances, size, sigma)
+    assert got.shape == (3, size, size) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-10)
+    single = anomaly_maps(distances.float(), size, sigma)
+    assert single.dtype == torch.float32
+    np.testing.assert_allclose(single.numpy(), expected, atol=1e-4)

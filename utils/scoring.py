@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -70,9 +71,32 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
-    """Distances ``(N, h, w)`` on the patch grid -> smoothed maps ``(N, S, S)`` at image size ``S``."""
-    maps = F.interpolate(distances.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return gaussian_blur(maps.squeeze(1), sigma)
+    """Distances ``(N, h, w)`` on the patch grid -> smoothed maps ``(N, S, S)`` at image size ``S``.
+
+    Bilinear upsampling (``align_corners=False``) followed by :func:`gaussian_blur`, computed as
+    ``A_h @ D @ A_w^T``: both steps are linear and separable, so each axis is one small matrix
+    (``S x h``, built once by running ``F.interpolate`` and :func:`gaussian_blur` on unit
+    inputs in float64). Same maps as the two steps (to float rounding), ~10x faster on CPU.
+    """
+    h, w = distances.shape[-2:]
+    rows = _map_operator(h, image_size, image_size, float(sigma), distances.dtype, distances.device, axis=0)
+    cols = _map_operator(w, image_size, image_size, float(sigma), distances.dtype, distances.device, axis=1)
+    return torch.matmul(torch.matmul(rows, distances), cols.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _map_operator(cells: int, height: int, width: int, sigma: float, dtype: torch.dtype, device: torch.device,
+                  axis: int) -> torch.Tensor:
+    """``(size, cells)`` matrix of upsampling + blur along ``axis`` (0: rows, 1: columns) of an
+    ``height x width`` map, from the reference operations applied to unit inputs."""
+    units = torch.eye(cells, dtype=torch.float64).view(cells, 1, cells, 1)  # unit i along this axis
+    size = height if axis == 0 else width
+    line = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # (cells, size)
+    if sigma > 0:  # constant along the other axis, so the blur acts along this one only
+        maps = line[:, :, None].expand(cells, height, width) if axis == 0 else line[:, None, :].expand(cells, height, width)
+        blurred = gaussian_blur(maps.contiguous(), sigma)
+        line = blurred[:, :, 0] if axis == 0 else blurred[:, 0, :]
+    return line.T.to(dtype=dtype, device=device).contiguous()
 
 
 def image_scores(maps: torch.Tensor, method: str = "max", region: torch.Tensor | None = None) -> torch.Tensor:
