@@ -80,6 +80,18 @@ def test_pixel_auroc_and_ap_match_brute_force(seed):
     assert M.pixel_ap(maps, masks) == pytest.approx(brute_ap(scores, labels), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_one_sort_ranking_metrics_equal_scikit_learn(seed):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    maps, masks, region = random_case(seed)  # scores rounded to 0.1: many ties
+    for scores, labels in (M.pixels(maps, masks), M.pixels(maps, masks, region)):
+        area, ap = M.ranking_metrics(scores, labels)
+        assert area == pytest.approx(roc_auc_score(labels, scores), abs=1e-10)
+        assert ap == pytest.approx(average_precision_score(labels, scores), abs=1e-10)
+    assert M.pixel_metrics(maps, masks, region) == (M.pixel_auroc(maps, masks, region), M.pixel_ap(maps, masks, region))
+
+
 def test_ap_hand_computed():
     maps = np.array([[0.9, 0.8, 0.7, 0.6]])
     masks = np.array([[True, False, True, False]])
@@ -333,7 +345,7 @@ def test_figures_and_heatmap_files(tmp_path):
     maps = rng.random((2, 32, 32))
     masks = maps > 0.9
     figure = example_figure(rng.random((2, 32, 32)), masks, maps, threshold=0.8, vmin=0, vmax=1)
-    assert isinstance(figure, Figure) and len(figure.axes) == 11  # 2 x 5 panels and a colour bar
+    assert isinstance(figure, Figure) and len(figure.axes) == 2  # the panels and a colour bar
     lesion = group("lesion", maps, [0, 1], masks)
     bars = auroc_bar_plot(metrics_table({"lesion": lesion}, 0.8))
     path = save_figure(bars, tmp_path / "out" / "bars.png")
@@ -354,3 +366,33 @@ def test_a_given_model_must_match_the_settings():
     with pytest.raises(ModelFileError, match="seed"):
         Evaluation(settings(seed=1)).fit(model=model)
     assert Evaluation(settings(batch_size=3)).fit(model=model) is model
+
+
+def test_example_panels_show_image_outline_heat_overlay_and_detections():
+    from matplotlib import colormaps
+
+    from utils.plotting import GAP, example_panels
+
+    size = 16
+    gray = np.full((size, size), 0.5, dtype=np.float32)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[4:9, 4:9] = True
+    heat = np.zeros((size, size), dtype=np.float32)
+    heat[5:8, 5:8] = 10.0
+    heat[12, 12] = 10.0  # hot, but outside the head
+    head = np.zeros((size, size), dtype=bool)
+    head[:, :10] = True
+    strip = example_panels(gray, mask, heat, head, threshold=5.0, vmin=0.0, vmax=10.0)
+    assert strip.shape == (size, 5 * size + 4 * GAP, 3)
+    panels = [strip[:, k * (size + GAP): k * (size + GAP) + size] for k in range(5)]
+    lime, yellow = np.array([0, 1, 0]), np.array([1, 1, 0])
+    assert np.allclose(panels[0], 0.5)
+    ring = mask.copy()
+    ring[5:8, 5:8] = False  # the one-pixel border of the 5 x 5 box
+    assert np.allclose(panels[1][ring], lime) and np.allclose(panels[1][~ring], 0.5)
+    assert np.allclose(panels[2][12, 12], colormaps["jet"](1.0)[:3]) and np.allclose(panels[2][0, 0], colormaps["jet"](0.0)[:3])
+    assert np.allclose(panels[3][12, 12], 0.5)  # outside the head: the image only
+    assert np.allclose(panels[3][0, 0], 0.55 * 0.5 + 0.45 * np.array(colormaps["jet"](0.0)[:3]))
+    assert np.allclose(panels[4][6, 6], 0.4 * 0.5 + 0.6 * yellow)
+    assert np.allclose(panels[4][12, 12], 0.5) and np.allclose(panels[4][0, 0], 0.5)
+    assert np.allclose(panels[4][ring], lime)

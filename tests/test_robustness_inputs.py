@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from utils.errors import DataError
+from utils.config import Settings, settings_from_dict
+from utils.errors import ConfigError, DataError
 from utils.preprocess import MAX_PIXELS, read_grayscale, read_mask
 
 
@@ -122,3 +123,34 @@ def test_ctrl_c_during_fit_leaves_no_model_file(tmp_path):
     assert "Traceback" not in stderr
     assert not output.exists()
     assert not output.parent.exists() or os.listdir(output.parent) == []
+
+
+def _wrong_type(value):
+    """A value of another type than ``value`` (the default of a key): a mapping for scalars and
+    lists, a list for mappings; a string for numbers and booleans where that is a clearer case."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return "not-a-number"
+    return {"nested": 1}
+
+
+def _every_key(defaults: dict, prefix: str = ""):
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            yield from _every_key(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("key", [key for key, _ in _every_key(Settings().to_dict())])
+def test_a_wrong_type_for_every_key_gives_one_error_naming_the_key(key):
+    defaults = dict(_every_key(Settings().to_dict()))
+    raw: dict = {}
+    target = raw
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        target = target.setdefault(parent, {})
+    target[leaf] = _wrong_type(defaults[key])
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw)
+    message = str(info.value)
+    assert "\n" not in message and f"`{key}`" in message, message

@@ -80,14 +80,48 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(average_precision_score(labels, _checked_scores(scores)))
 
 
+def _ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort once by decreasing score; for every distinct score ``t`` (from the highest): the
+    true and false positives of predicting ``score >= t``, and ``t`` itself (ties move together)."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])  # last index of each tie run
+    true_positives = np.cumsum(labels[order], dtype=np.int64)[ends]
+    return true_positives, ends + 1 - true_positives, sorted_scores[ends]
+
+
+def ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """``(ROC AUC, average precision)`` of ``scores`` for bool ``labels`` from ONE sort.
+
+    The same values as scikit-learn's ``roc_auc_score`` and ``average_precision_score`` (tested
+    to 1e-10, ties included), which each sort all scores again: on the ~3 million pixels of a
+    real-data evaluation that doubled the time of the metrics. ``(nan, nan)`` if a class is missing.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    if degenerate_reason(labels) is not None:
+        return NAN, NAN
+    true_positives, false_positives, _ = _ranked(_checked_scores(scores), labels)
+    tpr = np.r_[0.0, true_positives / true_positives[-1]]
+    fpr = np.r_[0.0, false_positives / false_positives[-1]]
+    area = float(np.trapezoid(tpr, fpr))
+    precision = true_positives / (true_positives + false_positives)
+    average_precision = float(np.sum(np.diff(tpr) * precision))  # recall steps x precision
+    return area, average_precision
+
+
+def pixel_metrics(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """Pixel-level ``(ROC AUC, average precision)`` pooled over all (region) pixels of all maps."""
+    return ranking_metrics(*pixels(maps, masks, region))
+
+
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
     """Pixel-level ROC AUC pooled over all (region) pixels of all maps."""
-    return auroc(*pixels(maps, masks, region))
+    return pixel_metrics(maps, masks, region)[0]
 
 
 def pixel_ap(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
     """Pixel-level average precision pooled over all (region) pixels of all maps."""
-    return average_precision(*pixels(maps, masks, region))
+    return pixel_metrics(maps, masks, region)[1]
 
 
 def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> float:
@@ -113,16 +147,10 @@ def best_dice(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] 
     positives = int(labels.sum())
     if positives == 0:
         return NAN, NAN
-    scores = _checked_scores(scores)
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    true_positives = np.cumsum(labels[order], dtype=np.int64)
-    # the last index of each run of equal scores: predicting ">= that score" takes the whole run
-    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
-    predicted = ends + 1
-    dice = 2.0 * true_positives[ends] / (predicted + positives)
+    true_positives, false_positives, thresholds = _ranked(_checked_scores(scores), labels)
+    dice = 2.0 * true_positives / (true_positives + false_positives + positives)
     best = int(np.argmax(dice))
-    return float(dice[best]), float(sorted_scores[ends[best]])
+    return float(dice[best]), float(thresholds[best])
 
 
 def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optional[np.ndarray] = None) -> float:
