@@ -44,6 +44,10 @@ def test_channel_sums(backbone, total):
         ({"data": {"resize": "crop"}}, ["`data.resize` is 'crop'", "pad, stretch"]),
         ({"data": "here"}, ["`data` must be a mapping"]),
         ({"weights": "imagenet21k"}, ["`weights` is 'imagenet21k'"]),
+        ({"covariance_shrinkage": "oas"}, ["`covariance_shrinkage` is 'oas'", "none, ledoit_wolf"]),
+        ({"flip_train": "no"}, ["`flip_train` must be true or false", "'no'"]),
+        ({"flip_test": "yes"}, ["`flip_test` must be true or false", "'yes'"]),
+        ({"mask_background": 1}, ["`mask_background` must be true or false"]),
     ],
 )
 def test_each_bad_setting_gives_one_clear_error(raw, fragments):

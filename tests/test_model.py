@@ -157,3 +157,86 @@ def test_fit_equals_accumulate_then_fit_statistics_for_large_dimensions(small_se
     model.fit_statistics(stats)
     torch.testing.assert_close(direct.mean, model.mean, rtol=0, atol=0)
     torch.testing.assert_close(direct.precision, model.precision, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- quality options (docs/quality.md)
+def _embeddings(model, images):
+    """Position-major embeddings ``(P, N, d)`` in float64, computed directly by the backbone."""
+    with torch.inference_mode():
+        return model.embed(images).double().flatten(2).permute(2, 0, 1).contiguous()
+
+
+def test_ledoit_wolf_fit_matches_sklearn_per_position(small_settings):
+    from sklearn.covariance import ledoit_wolf, ledoit_wolf_shrinkage
+
+    from utils.shrinkage import ledoit_wolf_shrinkage as ours_shrinkage
+
+    settings = small_settings.replace(covariance_shrinkage="ledoit_wolf", covariance_dtype="float64", batch_size=7)
+    train = to_batch(smooth_textures(30, 64, seed=11))  # 30 images < 24 channels + margin: shrinkage matters
+    model = Padim(settings)
+    stats = model.accumulate(train, progress=False)
+    coefficients = ours_shrinkage(stats, model._moments)
+    samples = _embeddings(model, train).numpy()  # (P, N, d)
+    expected = np.array([ledoit_wolf_shrinkage(x) for x in samples])
+    assert 0.0 < expected.min() and expected.max() < 1.0  # a case where shrinkage is neither off nor total
+    np.testing.assert_allclose(coefficients.numpy(), expected, rtol=1e-6, atol=1e-9)
+
+    fitted = Padim(settings).fit(train, progress=False)
+    n = samples.shape[1]
+    for position in (0, 77, samples.shape[0] - 1):
+        shrunk = ledoit_wolf(samples[position])[0] * n / (n - 1)  # sklearn: biased covariance; PaDiM: n - 1
+        reference = np.linalg.inv(shrunk + settings.epsilon * np.eye(shrunk.shape[0]))
+        np.testing.assert_allclose(fitted.precision[position].numpy(), reference, rtol=1e-6, atol=1e-8)
+    assert 0.0 < fitted.shrinkage < 1.0
+    plain = Padim(small_settings.replace(covariance_dtype="float64")).fit(train, progress=False)
+    assert not torch.allclose(plain.precision, fitted.precision)
+
+
+def test_ledoit_wolf_refuses_statistics_without_all_moments(small_settings):
+    settings = small_settings.replace(covariance_shrinkage="ledoit_wolf")
+    train = to_batch(smooth_textures(8, 64, seed=12))
+    model = Padim(settings)
+    stats = model.accumulate(train[:4], progress=False)
+    other = Padim(settings).accumulate(train[4:], progress=False)
+    with torch.inference_mode():
+        stats.merge(other)  # as a multi-process fit would: the moments cover only this shard
+    with pytest.raises(DataError, match="single-process"):
+        model.fit_statistics(stats)
+
+
+def test_flip_test_averages_the_map_and_the_mirrored_map_of_the_flip(small_settings):
+    train = to_batch(smooth_textures(12, 64, seed=13))
+    images, _ = _blob_set(count=3)
+    batch = to_batch(images)
+    plain = Padim(small_settings).fit(train, progress=False)
+    flipped = Padim(small_settings.replace(flip_test=True)).fit(train, progress=False)
+    direct = plain.score(batch, progress=False).maps
+    mirrored = plain.score(batch.flip(-1), progress=False).maps[:, :, ::-1]
+    np.testing.assert_allclose(flipped.score(batch, progress=False).maps, (direct + mirrored) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_background_zeroes_the_map_outside_the_estimated_head(small_settings):
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    head = (yy - 32) ** 2 / 26**2 + (xx - 32) ** 2 / 20**2 <= 1
+    gray = (0.4 + 0.6 * smooth_textures(10, size, seed=14)) * head  # a bright "head" on a black background
+    train = to_batch(gray[:8])
+    test = to_batch(gray[8:])
+    plain = Padim(small_settings).fit(train, progress=False).score(test, progress=False).maps
+    masked = Padim(small_settings.replace(mask_background=True)).fit(train, progress=False).score(test, progress=False).maps
+    from scipy import ndimage
+
+    far = ndimage.binary_erosion(~head, iterations=8)  # well outside the ellipse and its 4 px margin
+    core = ndimage.binary_erosion(head, iterations=3)
+    assert (masked[:, far] == 0).all() and (plain[:, far] > 0).all()
+    np.testing.assert_array_equal(masked[:, core], plain[:, core])
+
+
+def test_flip_train_equals_fitting_on_the_images_and_their_mirror_images(small_settings):
+    settings = small_settings.replace(covariance_dtype="float64")
+    train = to_batch(smooth_textures(10, 64, seed=15))
+    augmented = Padim(settings.replace(flip_train=True)).fit(train, progress=False)
+    reference = Padim(settings).fit(torch.cat([train, train.flip(-1)]), progress=False)
+    assert augmented.train_count == reference.train_count == 20
+    torch.testing.assert_close(augmented.mean, reference.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(augmented.precision, reference.precision, rtol=1e-8, atol=1e-8)

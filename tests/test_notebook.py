@@ -106,3 +106,20 @@ def test_command_line_evaluate_writes_the_same_files(notebook_run, capsys):
     assert sorted(os.listdir(run)) == files
     after = pd.read_csv(run / "metrics.csv")
     pd.testing.assert_frame_equal(before, after, atol=1e-4, check_exact=False)
+
+
+def test_command_line_evaluate_can_skip_figures_and_model(notebook_run, tmp_path, capsys):
+    from utils.cli import main
+
+    _, folder, _ = notebook_run
+    raw = yaml.safe_load((folder / "config.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "results")  # not part of the run name: same run, other folder
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", "--config", str(config), "--quiet", "--no-figures", "--no-save-model"]) == 0
+    assert "mean" in capsys.readouterr().out
+    (run,) = os.listdir(tmp_path / "results")
+    assert run == os.listdir(folder / "results")[0]
+    assert sorted(os.listdir(tmp_path / "results" / run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json"]
+    full = pd.read_csv(folder / "results" / run / "metrics.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / run / "metrics.csv"), full, atol=1e-4, check_exact=False)

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="fit (or load) and score every test group; write metrics")
     common(evaluate)
     evaluate.add_argument("--model", help="use this fitted model file instead of fitting")
+    evaluate.add_argument("--no-figures", action="store_true", help="skip the figures (faster; metrics files only)")
+    evaluate.add_argument("--no-save-model", action="store_true", help="do not write model.pt into the results folder")
 
     predict = commands.add_parser("predict", help="heat-map PNGs and a CSV of image scores for a folder of images")
     common(predict)
@@ -63,7 +65,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import run_evaluation
 
     settings = load_config(args.config)
-    result = run_evaluation(settings, model_path=args.model, progress=not args.quiet)
+    result = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
+                            figures=not args.no_figures, save_model=not args.no_save_model)
     print(result.summary())
     return 0
 

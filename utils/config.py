@@ -23,6 +23,7 @@ DATA_FORMATS = ("demo", "study", "mvtec")
 INTENSITY_MODES = ("none", "zscore", "percentile")
 RESIZE_MODES = ("pad", "stretch")
 IMAGE_SCORES = ("max", "top1pct_mean")
+COVARIANCE_SHRINKAGE = ("none", "ledoit_wolf")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Settings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Covariance regularisation: Sigma + epsilon * I.
     epsilon: float = 0.01
+    #: Per-position shrinkage of the covariance before the epsilon term: "none" or "ledoit_wolf"
+    #: ((1 - a) Sigma + a mu I, mu = trace / d, a from Ledoit & Wolf 2004 as scikit-learn computes it).
+    covariance_shrinkage: Literal["none", "ledoit_wolf"] = "none"
     #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it.
     blur_sigma: float = 4.0
     batch_size: int = 32
@@ -75,6 +79,12 @@ class Settings:
     covariance_dtype: Literal["float32", "float64"] = "float32"
     #: Image score from the anomaly map: its maximum, or the mean of its top 1 % pixels.
     image_score: Literal["max", "top1pct_mean"] = "max"
+    #: Training augmentation: fit on every training image and its left-right flip (2x the samples).
+    flip_train: bool = False
+    #: Test-time augmentation: average the map of an image and the mirrored map of its left-right flip.
+    flip_test: bool = False
+    #: Set the map to 0 outside the head estimated from the image itself (utils.model.head_masks).
+    mask_background: bool = False
     results_dir: str = "results"
     data: DataSettings = field(default_factory=DataSettings)
 

@@ -305,15 +305,17 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if normal is None or normal.n_images == 0:
         notes.append("C: no normal test images")
     dice_best, best_threshold = M.best_dice(group.maps, group.masks, group.heads)
+    whole = M.pixel_metrics(row_maps, group.row_masks)
+    head = M.pixel_metrics(row_maps, group.row_masks, group.row_heads)
     row = {
         "group": group.name,
         "n_images": group.n_images,
         "n_rows": group.n_rows,
         "small_group": group.n_images <= SMALL_GROUP,
-        "A_auroc": M.pixel_auroc(row_maps, group.row_masks),
-        "A_ap": M.pixel_ap(row_maps, group.row_masks),
-        "B_auroc": M.pixel_auroc(row_maps, group.row_masks, group.row_heads),
-        "B_ap": M.pixel_ap(row_maps, group.row_masks, group.row_heads),
+        "A_auroc": whole[0],
+        "A_ap": whole[1],
+        "B_auroc": head[0],
+        "B_ap": head[1],
         "C_auroc": M.image_auroc(group.scores, normal.scores) if normal is not None else M.NAN,
         "dice_best": dice_best,
         "dice_val_threshold": M.dice_at(group.maps, group.masks, threshold, group.heads),
@@ -622,7 +624,7 @@ EvaluationResult = Evaluation
 
 
 def run_evaluation(settings: Settings, model_path: Optional[str] = None, progress: bool = True,
-                   model: Optional[Padim] = None, figures: bool = True) -> Evaluation:
+                   model: Optional[Padim] = None, figures: bool = True, save_model: bool = True) -> Evaluation:
     """Fit (or load ``model_path``, or use ``model``), score every test group, compute the metrics
     table and write ``results/<run-name>/``: what ``python -m utils evaluate`` and the notebook do."""
     evaluation = Evaluation(settings)
@@ -633,5 +635,5 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
     evaluation.compute_metrics()
     if figures:
         evaluation.make_figures()
-    evaluation.save(figures=figures)
+    evaluation.save(save_model=save_model, figures=figures)
     return evaluation

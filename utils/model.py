@@ -22,14 +22,17 @@ from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, random_channel_indices, resolve_device
 from .gaussian import GaussianStatistics, regularised_precision
+from .preprocess import denormalise, foreground_mask
 from .scoring import anomaly_maps, image_scores, mahalanobis
+from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
 
 ImageSource = Union[torch.Tensor, Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
 
 FILE_FORMAT = "padim-model"
 FILE_VERSION = 1
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
-MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype")
+MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
+              "covariance_shrinkage", "flip_train")
 #: Data settings that change what the model sees, so they must match too.
 MODEL_DATA_KEYS = ("resize", "intensity")
 
@@ -70,6 +73,9 @@ class Padim:
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
         self.train_count = 0
+        #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
+        self.shrinkage: float | None = None
+        self._moments: FourthMoments | None = None
         self._embedder: PatchEmbedder | None = None
 
     # ------------------------------------------------------------------ features
@@ -128,18 +134,28 @@ class Padim:
             stats = GaussianStatistics.empty(positions, dim, dtype=dtype, device=self.device)
             capacity = staging_rows(s.batch_size, positions, dim, dtype)
             staging = torch.empty(positions, capacity + 1, dim, dtype=dtype, device=self.device)
+            moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
             filled = 0
-            for batch in self._batches(images, "fit", progress):
+            batches = self._batches(images, "fit", progress)
+            if s.flip_train:  # every image and its left-right mirror image
+                batches = (view for batch in batches for view in (batch, batch.flip(-1)))
+            for batch in batches:
                 n = batch.shape[0]
                 if filled + n > capacity:
                     stats.fold_rows(staging, filled, lower_only=True)
                     filled = 0
                 if n > capacity:  # a batch larger than the buffer: fold it on its own
-                    stats.update(self.embed(batch))
+                    embeddings = self.embed(batch)
+                    if moments is not None:
+                        moments.update(embeddings.flatten(2).permute(2, 0, 1))
+                    stats.update(embeddings)
                     continue
                 target = staging[:, filled : filled + n].unflatten(0, (grid, grid)).permute(2, 3, 0, 1)
                 self.embedder(batch.to(self.device, non_blocking=True), out=target)
+                if moments is not None:  # before the fold centres the staged rows in place
+                    moments.update(staging[:, filled : filled + n])
                 filled += n
+            self._moments = moments
             stats.fold_rows(staging, filled, lower_only=True)
             del staging
             if symmetric:
@@ -153,6 +169,13 @@ class Padim:
         with torch.inference_mode():
             self.train_count = stats.count
             self.mean = stats.mean.clone()
+            if self.settings.covariance_shrinkage == "ledoit_wolf":
+                if self._moments is None:
+                    raise DataError("covariance_shrinkage ledoit_wolf needs the fit's moments: fit with fit() or accumulate()")
+                shrinkage = ledoit_wolf_shrinkage(stats, self._moments)
+                shrink_scatter(stats, shrinkage)
+                self.shrinkage = float(shrinkage.mean())
+                self._moments = None
             self.precision = regularised_precision(stats, self.settings.epsilon, in_place=True)
         return self
 
@@ -182,7 +205,12 @@ class Padim:
         with torch.inference_mode():
             for batch in self._batches(images, "score", progress):
                 distances = self.distances(batch).float()
-                maps.append(anomaly_maps(distances, self.settings.image_size, self.settings.blur_sigma).cpu())
+                if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
+                    distances = 0.5 * (distances + self.distances(batch.flip(-1)).float().flip(-1))
+                batch_maps = anomaly_maps(distances, self.settings.image_size, self.settings.blur_sigma).cpu()
+                if self.settings.mask_background:
+                    batch_maps = batch_maps * head_masks(batch, margin=max(1, round(self.settings.blur_sigma)))
+                maps.append(batch_maps)
         if not maps:
             raise DataError("nothing to score: no images were given")
         all_maps = torch.cat(maps)
@@ -271,6 +299,22 @@ class Padim:
         model.precision = precision.to(model.device)
         model.train_count = train_count
         return model
+
+
+def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
+    (:func:`utils.preprocess.foreground_mask`; no annotation, so train, test and predict agree),
+    dilated by ``margin`` pixels (``mask_background`` uses the blur radius: the map spreads a
+    lesion at the head's edge by about that much, and Otsu can cut dark edge tissue)."""
+    from scipy import ndimage
+
+    masks = []
+    for image in images:
+        mask = foreground_mask(torch.from_numpy(denormalise(image))).numpy()
+        if margin > 0 and not mask.all():
+            mask = ndimage.binary_dilation(mask, iterations=margin)
+        masks.append(torch.from_numpy(mask))
+    return torch.stack(masks)
 
 
 def _check_compatible(stored: Settings, requested: Settings, path: str) -> None:

@@ -182,7 +182,7 @@ def figure_png(figure: Figure, dpi: int = DPI, colours: int = 256) -> bytes:
     with Image.open(buffer) as image:
         palette = image.convert("RGB").quantize(colors=colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    palette.save(out, format="PNG", optimize=True)
+    palette.save(out, format="PNG")  # optimize=True: 3 % smaller, 10x slower
     return out.getvalue()
 
 
