@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 import time
 from typing import Sequence
 
 from .errors import PadimError
+from .files import atomic_writer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,12 +111,10 @@ def _predict(args: argparse.Namespace) -> int:
             save_heatmap(image, heat, target)
             rows.append((relative, float(score)))
     table = os.path.join(args.output, "scores.csv")
-    temporary = table + ".tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+    with atomic_writer(table) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
+        writer = csv.writer(text)
         writer.writerow(["image", "score"])
         writer.writerows((name, f"{score:.6f}") for name, score in rows)
-    os.replace(temporary, table)
     print(f"{len(rows)} images scored; heat-maps and scores.csv in {args.output} (max score {np.max([r[1] for r in rows]):.3f})")
     return 0
 

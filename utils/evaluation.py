@@ -550,7 +550,8 @@ class Evaluation:
 
     def save(self, save_model: bool = True, figures: bool = True) -> str:
         """Write the results folder atomically, file by file; returns the folder."""
-        from .plotting import save_figure, write_atomic
+        from .files import write_atomic
+        from .plotting import save_figure
 
         if self.table is None:
             raise RuntimeError("call compute_metrics() before save()")

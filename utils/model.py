@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Union
 
@@ -21,6 +20,7 @@ from .backbones import BACKBONES
 from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, random_channel_indices, resolve_device
+from .files import atomic_writer
 from .gaussian import GaussianStatistics, regularised_precision
 from .preprocess import denormalise, foreground_mask
 from .scoring import anomaly_maps, image_scores, mahalanobis
@@ -232,8 +232,6 @@ class Padim:
         """
         self._require_fitted()
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         payload = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -243,17 +241,8 @@ class Padim:
             "precision": self.precision.detach().cpu().clone(),
             "train_count": int(self.train_count),
         }
-        handle, temporary = tempfile.mkstemp(prefix=".padim-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(payload, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        with atomic_writer(path, durable=True) as stream:
+            torch.save(payload, stream)
         return path
 
     @classmethod

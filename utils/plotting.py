@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from .files import write_atomic
 
 #: Colour map of anomaly maps.
 HEAT_CMAP = "jet"
@@ -184,30 +185,6 @@ def figure_png(figure: Figure, dpi: int = DPI, colours: int = 256) -> bytes:
     out = io.BytesIO()
     palette.save(out, format="PNG")  # optimize=True: 3 % smaller, 10x slower
     return out.getvalue()
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = DPI) -> str:

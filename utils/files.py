@@ -1,0 +1,50 @@
+"""Atomic file writing: every file this package writes (models, figures, tables) goes through
+:func:`atomic_writer`, so an interrupted write (an error, Ctrl-C, a full disk) never leaves a
+partial file at the target path, and an existing file there stays intact until the new one is
+complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import BinaryIO, Iterator
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary stream whose content replaces ``path`` only when the ``with`` block succeeds.
+
+    The stream is a temporary file in the target's folder (created if needed), renamed over
+    ``path`` at the end (``os.replace`` is atomic on POSIX and Windows). With ``durable`` the
+    data is flushed to disk (``fsync``) before the rename: worth it for model files.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`); returns the path."""
+    with atomic_writer(path) as stream:
+        stream.write(data)
+    return os.fspath(path)
