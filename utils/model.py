@@ -47,14 +47,25 @@ class ScoreResult:
 
 #: Images per fold of the streaming statistics (see :meth:`Padim.accumulate`).
 STAGING_IMAGES = 64
+#: On CPU the fit runs the backbone on chunks of at most this many images of each batch. It
+#: bounds the activation memory of the forward pass (wide_resnet50_2 at 128 px: +0.11 GB for 8
+#: images, +0.26 GB for 32), which sits on top of the (P, d, d) scatter at the fit's peak; on the
+#: project's 2-core CPU 8-image chunks were as fast as whole batches of 32 (bench/README.md).
+#: On CUDA whole batches are used (small chunks would starve the GPU).
+CPU_FORWARD_CHUNK = 8
 
 
 def staging_rows(batch_size: int, positions: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
     """Images held by the fit's staging buffer: ``STAGING_IMAGES``, at least one batch, and (for
-    large grids) no more than a quarter of the scatter's memory (at least 64 MB allowed)."""
+    large ``d``) no more than 1/16 of the scatter's memory (at least 64 MB allowed).
+
+    A larger buffer means fewer passes over the ``(P, d, d)`` scatter but adds to the fit's peak
+    memory. wide_resnet50_2, d = 550: 33 images (75 MB) instead of 64 (146 MB) cost +0.4 s of
+    folding per 320 images on 2 cores (~2 % of the fit).
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = positions * dim * itemsize
-    budget = max(positions * dim * dim * itemsize // 4, 64 * 2**20)
+    budget = max(positions * dim * dim * itemsize // 16, 64 * 2**20)
     return max(batch_size, min(STAGING_IMAGES, budget // row_bytes - 1))
 
 
@@ -117,7 +128,7 @@ class Padim:
         """Streaming statistics of the embeddings of ``images`` (one shard of a fit).
 
         Embeddings are written straight into a position-major staging buffer of
-        :func:`staging_rows` images (two batches by default) that is folded into the statistics
+        :func:`staging_rows` images (two batches by default; one for large ``d``) that is folded into the statistics
         when full: the ``(P, d, d)`` scatter is read and written once per 64 images instead of
         once per batch, and only its lower triangle is updated (``?syrk``), then completed once
         at the end. The buffer has a fixed size, so memory does not grow with the number of
@@ -151,7 +162,10 @@ class Padim:
                     stats.update(embeddings)
                     continue
                 target = staging[:, filled : filled + n].unflatten(0, (grid, grid)).permute(2, 3, 0, 1)
-                self.embedder(batch.to(self.device, non_blocking=True), out=target)
+                chunk = CPU_FORWARD_CHUNK if self.device.type == "cpu" else n
+                for start in range(0, n, chunk):
+                    part = batch[start : start + chunk].to(self.device, non_blocking=True)
+                    self.embedder(part, out=target[start : start + chunk])
                 if moments is not None:  # before the fold centres the staged rows in place
                     moments.update(staging[:, filled : filled + n])
                 filled += n

@@ -172,18 +172,28 @@ def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_aur
 
 
 def figure_png(figure: Figure, dpi: int = DPI, colours: int = 256) -> bytes:
-    """The figure as PNG bytes, quantised to an adaptive palette of ``colours`` (small files)."""
+    """The figure as PNG bytes, quantised to an adaptive palette of ``colours`` (small files).
+
+    The figure is rendered once to pixels (Agg) and encoded once by Pillow: going through
+    ``savefig(format="png")`` encoded and decoded a full-colour PNG first, which took about
+    half the time of every saved figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    if not colours:
-        return buffer.getvalue()
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        palette = image.convert("RGB").quantize(colors=colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    previous = figure.dpi
+    try:
+        figure.set_dpi(dpi)
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+        image = image.convert("RGB")
+    finally:
+        figure.set_dpi(previous)
+    if colours:
+        image = image.quantize(colors=colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    palette.save(out, format="PNG")  # optimize=True: 3 % smaller, 10x slower
+    image.save(out, format="PNG")  # optimize=True: 3 % smaller, 10x slower
     return out.getvalue()
 
 
