@@ -126,8 +126,8 @@ def test_ctrl_c_during_fit_leaves_no_model_file(tmp_path):
 
 
 def _wrong_type(value):
-    """A value of another type than ``value`` (the default of a key): a mapping for scalars and
-    lists, a list for mappings; a string for numbers and booleans where that is a clearer case."""
+    """A value of another type than ``value`` (the default of a key): a string for numbers and
+    booleans, a mapping for strings, lists and null defaults."""
     if isinstance(value, bool) or isinstance(value, (int, float)):
         return "not-a-number"
     return {"nested": 1}
