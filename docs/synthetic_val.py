@@ -85,7 +85,7 @@ def evaluate(config: str, draws: int = DRAWS) -> str:
     sick_maps = model.score(sick, progress=False).maps
     clean_maps = model.score(clean, progress=False).maps
     m, b = masks.numpy(), brain_sick.numpy()
-    a_auroc, a_ap = M.pixel_auroc(sick_maps, m), M.pixel_ap(sick_maps, m)
+    a_auroc, a_ap = M.pixel_metrics(sick_maps, m)
     b_auroc = M.pixel_auroc(sick_maps, m, b | m)
     s_sick = image_scores(torch.from_numpy(sick_maps), settings.image_score, brain_sick | masks).numpy()
     s_clean = image_scores(torch.from_numpy(clean_maps), settings.image_score, brain_clean).numpy()

@@ -83,7 +83,7 @@ class Settings:
     flip_train: bool = False
     #: Test-time augmentation: average the map of an image and the mirrored map of its left-right flip.
     flip_test: bool = False
-    #: Set the map to 0 outside the head estimated from the image itself (utils.model.head_masks).
+    #: Set the map to 0 outside the head estimated from the image itself (utils.preprocess.head_masks).
     mask_background: bool = False
     results_dir: str = "results"
     data: DataSettings = field(default_factory=DataSettings)

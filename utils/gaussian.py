@@ -119,15 +119,9 @@ class GaussianStatistics:
         """Complete ``scatter`` from its lower triangle after ``fold_rows(..., lower_only=True)``."""
         if not self.lower_only:
             return
-        positions = self.scatter.shape[0]
-        starts = range(0, positions, POSITION_TASK)
-        task = lambda start: _mirror_lower(self.scatter[start : start + POSITION_TASK])  # noqa: E731
-        workers = min(torch.get_num_threads(), len(starts)) if self.scatter.device.type == "cpu" else 1
-        if workers > 1:
-            _run_single_threaded(task, starts, workers)
-        else:
-            for start in starts:
-                task(start)
+        starts = range(0, self.scatter.shape[0], POSITION_TASK)
+        _for_each(lambda start: _mirror_lower(self.scatter[start : start + POSITION_TASK]), starts,
+                  threaded=self.scatter.device.type == "cpu")
         self.lower_only = False
 
     def merge(self, other: "GaussianStatistics") -> None:
@@ -238,13 +232,8 @@ def regularised_precision(
         else:
             torch.cholesky_inverse(block.tril(), out=block)
 
-    workers = min(torch.get_num_threads(), len(starts)) if on_cpu else 1
     with _blas_single_threaded() if lapack is not None else contextlib.nullcontext():
-        if workers <= 1:
-            for start in starts:
-                invert(start)
-        else:
-            _run_single_threaded(invert, starts, workers)
+        _for_each(invert, starts, threaded=on_cpu)
     if in_place:
         stats.count = -1  # the scatter is gone: guard against reuse
     return out
@@ -324,14 +313,8 @@ def _syrk_lower(scatter: torch.Tensor, used: torch.Tensor) -> None:
             syrk(b"U", b"N", ctypes.byref(n), ctypes.byref(k), ctypes.addressof(one), used[p].data_ptr(),
                  ctypes.byref(n), ctypes.addressof(one), scatter[p].data_ptr(), ctypes.byref(n))
 
-    starts = range(0, positions, POSITION_TASK)
     with _blas_single_threaded():
-        workers = min(torch.get_num_threads(), len(starts))
-        if workers > 1:
-            _run_single_threaded(task, starts, workers)
-        else:
-            for start in starts:
-                task(start)
+        _for_each(task, range(0, positions, POSITION_TASK), threaded=True)
 
 
 #: Matrices per float64 factorisation step: bounds its buffer (16 x 550^2 x 8 B = 39 MB per thread).
@@ -390,6 +373,17 @@ def _blas_single_threaded():
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def _for_each(function, items, threaded: bool) -> None:
+    """``function(item)`` for every item: on ``torch.get_num_threads()`` Python threads when
+    ``threaded`` (CPU work) and there is more than one item and thread, else in a plain loop."""
+    workers = min(torch.get_num_threads(), len(items)) if threaded else 1
+    if workers > 1:
+        _run_single_threaded(function, items, workers)
+    else:
+        for item in items:
+            function(item)
 
 
 def _run_single_threaded(function, items, workers: int) -> None:

@@ -8,8 +8,9 @@ normalises them (no min-max with test statistics), so scores from different grou
 Degenerate inputs (no positive or no negative pixel/image, an empty region) give ``nan``, never an
 exception; :func:`degenerate_reason` says why, for the notes of a results table.
 
-- :func:`pixel_auroc`, :func:`pixel_ap`: ROC AUC and average precision (scikit-learn's
-  ``average_precision_score``: the step-wise area under the precision-recall curve, no
+- :func:`ranking_metrics`, :func:`pixel_metrics` (and :func:`pixel_auroc`, :func:`pixel_ap`):
+  ROC AUC and average precision from one sort, equal to scikit-learn's ``roc_auc_score`` and
+  ``average_precision_score`` (the step-wise area under the precision-recall curve, no
   interpolation and no threshold grid).
 - :func:`image_auroc`: anomalous images' scores against normal images' scores.
 - :func:`best_dice`: the best pooled Dice over *every* threshold (an exact sweep over the sorted
@@ -24,7 +25,6 @@ import math
 from typing import Optional
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 NAN = float("nan")
 
@@ -62,22 +62,6 @@ def _checked_scores(scores: np.ndarray) -> np.ndarray:
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf")
     return scores
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for bool ``labels``; ``nan`` if a class is missing."""
-    labels = np.asarray(labels, dtype=bool)
-    if degenerate_reason(labels) is not None:
-        return NAN
-    return float(roc_auc_score(labels, _checked_scores(scores)))
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """scikit-learn's average precision; ``nan`` if a class is missing."""
-    labels = np.asarray(labels, dtype=bool)
-    if degenerate_reason(labels) is not None:
-        return NAN
-    return float(average_precision_score(labels, _checked_scores(scores)))
 
 
 def _ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +115,7 @@ def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> floa
     if anomalous.size == 0 or normal.size == 0:
         return NAN
     labels = np.concatenate([np.ones(anomalous.size, bool), np.zeros(normal.size, bool)])
-    return auroc(np.concatenate([anomalous, normal]), labels)
+    return ranking_metrics(np.concatenate([anomalous, normal]), labels)[0]
 
 
 def best_dice(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, random_channel_indices, resolve_device
 from .files import atomic_writer
 from .gaussian import GaussianStatistics, regularised_precision
-from .preprocess import denormalise, foreground_mask
+from .preprocess import head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
 
@@ -302,22 +302,6 @@ class Padim:
         model.precision = precision.to(model.device)
         model.train_count = train_count
         return model
-
-
-def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
-    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
-    (:func:`utils.preprocess.foreground_mask`; no annotation, so train, test and predict agree),
-    dilated by ``margin`` pixels (``mask_background`` uses the blur radius: the map spreads a
-    lesion at the head's edge by about that much, and Otsu can cut dark edge tissue)."""
-    from scipy import ndimage
-
-    masks = []
-    for image in images:
-        mask = foreground_mask(torch.from_numpy(denormalise(image))).numpy()
-        if margin > 0 and not mask.all():
-            mask = ndimage.binary_dilation(mask, iterations=margin)
-        masks.append(torch.from_numpy(mask))
-    return torch.stack(masks)
 
 
 def _check_compatible(stored: Settings, requested: Settings, path: str) -> None:

@@ -179,3 +179,19 @@ def denormalise(image: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (image.cpu() * std + mean).mean(0).clamp(0, 1).numpy()
+
+
+def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
+    (:func:`foreground_mask`; no annotation, so train, test and predict agree),
+    dilated by ``margin`` pixels (``mask_background`` uses the blur radius: the map spreads a
+    lesion at the head's edge by about that much, and Otsu can cut dark edge tissue)."""
+    from scipy import ndimage
+
+    masks = []
+    for image in images:
+        mask = foreground_mask(torch.from_numpy(denormalise(image))).numpy()
+        if margin > 0 and not mask.all():
+            mask = ndimage.binary_dilation(mask, iterations=margin)
+        masks.append(torch.from_numpy(mask))
+    return torch.stack(masks)
