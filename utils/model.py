@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .backbones import BACKBONES
 from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
-from .features import PatchEmbedder, random_channel_indices, resolve_device
+from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device
 from .files import atomic_writer
 from .gaussian import GaussianStatistics, regularised_precision
 from .preprocess import head_masks
@@ -97,6 +97,7 @@ class Padim:
             self._embedder = PatchEmbedder(
                 s.backbone, s.weights, s.layers, self.channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed
             ).to(self.device)
+            self._embedder.cuda_batch = s.batch_size
         return self._embedder
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,7 @@ class Padim:
         dtype = getattr(torch, s.covariance_dtype)
         grid = s.feature_size
         positions, dim = grid * grid, s.kept_channels
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_float32(self.device):
             stats = GaussianStatistics.empty(positions, dim, dtype=dtype, device=self.device)
             capacity = staging_rows(s.batch_size, positions, dim, dtype)
             staging = torch.empty(positions, capacity + 1, dim, dtype=dtype, device=self.device)
@@ -206,7 +207,8 @@ class Padim:
     def distances(self, images: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distances on the patch grid ``(N, S/4, S/4)`` for one batch."""
         self._require_fitted()
-        return mahalanobis(self.embed(images), self.mean, self.precision)
+        with exact_float32(self.device):
+            return mahalanobis(self.embed(images), self.mean, self.precision)
 
     def score(self, images: ImageSource, progress: bool = True, region: torch.Tensor | None = None) -> ScoreResult:
         """Anomaly maps ``(N, S, S)`` and image scores ``(N,)`` for ``images``.
@@ -216,7 +218,7 @@ class Padim:
         """
         self._require_fitted()
         maps = []
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_float32(self.device):
             for batch in self._batches(images, "score", progress):
                 distances = self.distances(batch).float()
                 if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
