@@ -48,6 +48,8 @@ def test_channel_sums(backbone, total):
         ({"flip_train": "no"}, ["`flip_train` must be true or false", "'no'"]),
         ({"flip_test": "yes"}, ["`flip_test` must be true or false", "'yes'"]),
         ({"mask_background": 1}, ["`mask_background` must be true or false"]),
+        ({"spatial_pooling": 4}, ["`spatial_pooling` is 4", "0 (off) to 3"]),
+        ({"spatial_pooling": 1, "covariance_shrinkage": "ledoit_wolf"}, ["cannot be combined"]),
     ],
 )
 def test_each_bad_setting_gives_one_clear_error(raw, fragments):

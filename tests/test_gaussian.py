@@ -118,3 +118,23 @@ def test_lower_triangle_folds_then_symmetrise_match_full_updates(dtype):
     scale = full.scatter.abs().max()
     torch.testing.assert_close(lower.scatter / scale, full.scatter / scale, rtol=0, atol=tolerance)
     torch.testing.assert_close(lower.mean, full.mean)
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_neighbourhood_pooling_equals_pooling_the_samples_with_numpy(radius):
+    from utils.gaussian import pool_neighbourhoods
+
+    height, width, dim, n = 4, 5, 3, 7
+    x = torch.randn(n, dim, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(radius))
+    stats = GaussianStatistics.empty(height * width, dim, dtype=torch.float64)
+    stats.update(x)
+    before = stats.scatter.clone()
+    pooled = pool_neighbourhoods(stats, height, width, radius)
+    assert torch.equal(stats.scatter, before)  # the input statistics are left as they were
+    covariance = pooled.covariance().numpy()
+    for y in range(height):
+        for z in range(width):
+            samples = np.concatenate([x[:, :, v, u].numpy() for v in range(max(0, y - radius), min(height, y + radius + 1))
+                                      for u in range(max(0, z - radius), min(width, z + radius + 1))])
+            np.testing.assert_allclose(pooled.mean[y * width + z].numpy(), samples.mean(0), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(covariance[y * width + z], np.cov(samples, rowvar=False), rtol=1e-10, atol=1e-12)

@@ -240,3 +240,16 @@ def test_flip_train_equals_fitting_on_the_images_and_their_mirror_images(small_s
     assert augmented.train_count == reference.train_count == 20
     torch.testing.assert_close(augmented.mean, reference.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(augmented.precision, reference.precision, rtol=1e-8, atol=1e-8)
+
+
+def test_spatial_pooling_fits_each_position_on_its_neighbours_samples(small_settings):
+    settings = small_settings.replace(covariance_dtype="float64", spatial_pooling=1, output_dimension=6)
+    images = to_batch(smooth_textures(10, 64, seed=8))
+    model = Padim(settings).fit(images, progress=False)
+    embeddings = model.embed(images).double().numpy()  # (N, d, 16, 16)
+    for y, x in [(0, 0), (5, 7), (15, 9)]:  # a corner, the inside, an edge
+        samples = np.concatenate([embeddings[:, :, v, u] for v in range(max(0, y - 1), min(16, y + 2))
+                                  for u in range(max(0, x - 1), min(16, x + 2))])
+        expected = np.linalg.inv(np.cov(samples, rowvar=False) + settings.epsilon * np.eye(6))
+        np.testing.assert_allclose(model.precision[y * 16 + x].numpy(), expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+    assert model.train_count == 10

@@ -72,6 +72,9 @@ class Settings:
     #: Per-position shrinkage of the covariance before the epsilon term: "none" or "ledoit_wolf"
     #: ((1 - a) Sigma + a mu I, mu = trace / d, a from Ledoit & Wolf 2004 as scikit-learn computes it).
     covariance_shrinkage: Literal["none", "ledoit_wolf"] = "none"
+    #: Pool each position's Gaussian with its neighbours within this many feature-grid cells
+    #: (0 = off, 1 = 3 x 3): (2r + 1)^2 times the samples per Gaussian (utils.gaussian.pool_neighbourhoods).
+    spatial_pooling: int = 0
     #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it.
     blur_sigma: float = 4.0
     batch_size: int = 32
@@ -223,6 +226,10 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`epsilon` is {s.epsilon}; allowed: a finite number > 0")
     if not 0 <= s.blur_sigma <= s.image_size / 4:
         raise ConfigError(f"`blur_sigma` is {s.blur_sigma}; allowed: 0 to image_size / 4 = {s.image_size / 4}")
+    if not 0 <= s.spatial_pooling <= 3:
+        raise ConfigError(f"`spatial_pooling` is {s.spatial_pooling}; allowed: 0 (off) to 3 grid cells")
+    if s.spatial_pooling and s.covariance_shrinkage != "none":
+        raise ConfigError("`spatial_pooling` and `covariance_shrinkage: ledoit_wolf` cannot be combined; set one of them off")
     if s.batch_size < 1:
         raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
     if s.data.num_workers < 0:

@@ -150,6 +150,57 @@ class GaussianStatistics:
         return self.scatter / max(self.count - 1, 1)
 
 
+def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radius: int) -> GaussianStatistics:
+    """Statistics of every position pooled with its neighbours within ``radius`` grid cells.
+
+    The result at position ``p`` is exactly what streaming the samples of all positions ``q``
+    with ``|q - p| <= radius`` (per axis) into ``p`` would give: mean of the neighbour means, and
+    ``sum_q S_q + n sum_q (m_q - m)(m_q - m)^T`` (the merge of equal-count shards). With ``k``
+    neighbours that is ``k n`` samples instead of ``n``, e.g. 9 x 130 for ``radius`` 1, more than
+    the 176 dimensions of efficientnet_lite0; it also tolerates slices that are not perfectly
+    aligned. Border positions have fewer neighbours: their scatter is rescaled so that dividing
+    by the common ``count - 1`` gives their own sample covariance. ``stats`` is left unchanged.
+
+    Args:
+        stats: ``P = height * width`` positions in row-major order.
+    """
+    if radius <= 0:
+        return stats
+    stats.symmetrise()
+    positions, dim = stats.mean.shape
+    if positions != height * width:
+        raise PadimError(f"statistics hold {positions} positions, not a {height} x {width} grid")
+    n = stats.count
+    means = stats.mean.view(height, width, dim)
+    scatters = stats.scatter.view(height, width, dim, dim)
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+    def overlap(dy: int, dx: int) -> tuple[slice, slice, slice, slice]:
+        """Target rows/columns p and source rows/columns p + (dy, dx) that exist."""
+        return (slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx)),
+                slice(max(0, dy), height - max(0, -dy)), slice(max(0, dx), width - max(0, -dx)))
+
+    neighbours = torch.zeros(height, width, dtype=torch.float64, device=stats.mean.device)
+    pooled_mean = torch.zeros_like(means)
+    for dy, dx in offsets:
+        ty, tx, sy, sx = overlap(dy, dx)
+        neighbours[ty, tx] += 1
+        pooled_mean[ty, tx] += means[sy, sx]
+    pooled_mean /= neighbours.unsqueeze(-1)
+    scatter = torch.zeros_like(stats.scatter).view(height, width, dim, dim)
+    for dy, dx in offsets:
+        ty, tx, sy, sx = overlap(dy, dx)
+        scatter[ty, tx] += scatters[sy, sx]
+        spread = (means[sy, sx] - pooled_mean[ty, tx]).to(scatter.dtype)  # (h', w', d)
+        for row, target in zip(spread, scatter[ty, tx]):  # one grid row at a time: no (h', w', d, d) temporary
+            target.baddbmm_(row.unsqueeze(2), row.unsqueeze(1), alpha=n)
+    total = n * len(offsets)
+    # k n samples at a border position, k < len(offsets): scale its scatter to the common count.
+    scale = (total - 1) / (n * neighbours - 1).clamp_min(1)
+    scatter *= scale.to(scatter.dtype)[..., None, None]
+    return GaussianStatistics(total, pooled_mean.reshape(positions, dim), scatter.view(positions, dim, dim))
+
+
 def regularised_precision(
     stats: GaussianStatistics, epsilon: float, chunk: int = 64, in_place: bool = False
 ) -> torch.Tensor:

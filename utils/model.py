@@ -21,7 +21,7 @@ from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device
 from .files import atomic_writer
-from .gaussian import GaussianStatistics, regularised_precision
+from .gaussian import GaussianStatistics, pool_neighbourhoods, regularised_precision
 from .preprocess import head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
@@ -32,7 +32,7 @@ FILE_FORMAT = "padim-model"
 FILE_VERSION = 1
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
-              "covariance_shrinkage", "flip_train")
+              "covariance_shrinkage", "flip_train", "spatial_pooling")
 #: Data settings that change what the model sees, so they must match too.
 MODEL_DATA_KEYS = ("resize", "intensity")
 
@@ -183,6 +183,9 @@ class Padim:
             raise DataError("cannot fit PaDiM: the training set is empty")
         with torch.inference_mode():
             self.train_count = stats.count
+            if self.settings.spatial_pooling:
+                grid = self.settings.feature_size
+                stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
                 if self._moments is None:
