@@ -465,3 +465,26 @@ def test_real_study_set_loads_with_the_documented_counts():
     assert bundle.train[0]["head"].all()
     groups = load_data(settings.replace(data={"test_groups": ["mass_all"]}), ("test",)).test
     assert list(groups) == ["mass_all", NORMAL] and len(groups["mass_all"]) == 26
+
+
+def test_mask_cache_returns_fresh_masks_and_rereads_a_rewritten_file(tmp_path):
+    from utils.data import _ResizedMaskCache
+    from utils.preprocess import read_mask, resize_mask
+
+    path = str(tmp_path / "mask.png")
+    first = np.zeros((40, 60), np.uint8)
+    first[5:15, 10:30] = 255
+    Image.fromarray(first).save(path)
+    cache = _ResizedMaskCache(budget=2 * 32 * 32)
+    shape, mask = cache.get(path, 32, "pad")
+    assert shape == (40, 60) and torch.equal(mask, resize_mask(read_mask(path), 32, "pad"))
+    assert cache.get(path, 32, "pad")[1] is mask  # a second read comes from the cache
+    second = np.zeros((40, 60), np.uint8)
+    second[20:35, 40:55] = 255
+    Image.fromarray(second).save(path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # a visibly newer file
+    assert torch.equal(cache.get(path, 32, "pad")[1], resize_mask(read_mask(path), 32, "pad"))
+    assert not torch.equal(cache.get(path, 32, "pad")[1], mask)
+    for size in (32, 16, 8):  # over the budget: the least recently used entries leave
+        cache.get(path, size, "pad")
+    assert cache.used <= cache.budget
