@@ -14,11 +14,16 @@ One module, one job:
 - :mod:`utils.evaluation`  per-group evaluation and results files
 - :mod:`utils.plotting`    heat-maps and figures
 - :mod:`utils.distributed` torch.distributed fitting and scoring
+- :mod:`utils.runtime`     glibc malloc thresholds, set on import (``PADIM_MALLOC_TUNING=0`` to skip)
 """
+
 
 from .config import Settings, load_config, settings_from_dict
 from .errors import ConfigError, DataError, ModelFileError, PadimError
 from .model import Padim, ScoreResult
+from .runtime import tune_allocator
+
+tune_allocator()  # before the first large allocations; utils/runtime.py has the measurements
 
 __all__ = [
     "ConfigError",
