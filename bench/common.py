@@ -87,6 +87,8 @@ def set_threads(threads: int) -> None:
 
 def emit(result: dict) -> None:
     result.setdefault("peak_rss_gb", round(peak_rss_gb(), 3))
+    runtime = sys.modules.get("utils.runtime")  # our workers import utils, anomalib's worker does not
+    result.setdefault("malloc_tuned", bool(runtime and runtime.ALLOCATOR_TUNED))
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
