@@ -87,7 +87,7 @@ def set_threads(threads: int) -> None:
 
 def emit(result: dict) -> None:
     result.setdefault("peak_rss_gb", round(peak_rss_gb(), 3))
-    runtime = sys.modules.get("utils.runtime")  # our workers import utils, anomalib's worker does not
+    runtime = sys.modules.get("utils.runtime")  # set when the worker imported utils (all of them do)
     result.setdefault("malloc_tuned", bool(runtime and runtime.ALLOCATOR_TUNED))
     print(RESULT_TAG + json.dumps(result), flush=True)
 
