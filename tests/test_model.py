@@ -253,3 +253,29 @@ def test_spatial_pooling_fits_each_position_on_its_neighbours_samples(small_sett
         expected = np.linalg.inv(np.cov(samples, rowvar=False) + settings.epsilon * np.eye(6))
         np.testing.assert_allclose(model.precision[y * 16 + x].numpy(), expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
     assert model.train_count == 10
+
+
+def test_semi_orthogonal_reduction_projects_all_channels_on_orthonormal_seeded_columns(small_settings):
+    from utils.features import semi_orthogonal_projection
+
+    w = semi_orthogonal_projection(176, 24, seed=0).double()
+    torch.testing.assert_close(w.T @ w, torch.eye(24, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.equal(semi_orthogonal_projection(176, 24, seed=0), semi_orthogonal_projection(176, 24, seed=0))
+    assert not torch.equal(semi_orthogonal_projection(176, 24, seed=1), semi_orthogonal_projection(176, 24, seed=0))
+    images = to_batch(smooth_textures(3, 64, seed=9))
+    projected = Padim(small_settings.replace(channel_reduction="semi_orthogonal")).embed(images)
+    full = Padim(small_settings.replace(output_dimension=None)).embed(images)  # all 176 channels, same backbone
+    expected = torch.einsum("ndhw,dk->nkhw", full.double(), semi_orthogonal_projection(176, 24, seed=0).double())
+    assert projected.shape == (3, 24, 16, 16)
+    torch.testing.assert_close(projected.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_semi_orthogonal_model_fits_scores_and_round_trips(small_settings, tmp_path):
+    settings = small_settings.replace(channel_reduction="semi_orthogonal")
+    train, test = to_batch(smooth_textures(12, 64, seed=10)), to_batch(smooth_textures(2, 64, seed=11))
+    model = Padim(settings).fit(train, progress=False)
+    maps = model.score(test, progress=False).maps
+    loaded = Padim.load(model.save(tmp_path / "so.pt"), settings)
+    np.testing.assert_array_equal(loaded.score(test, progress=False).maps, maps)
+    with pytest.raises(ModelFileError, match="channel_reduction"):
+        Padim.load(tmp_path / "so.pt", small_settings)

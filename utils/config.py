@@ -64,6 +64,9 @@ class Settings:
     target_dimension: Optional[int] = None
     #: Channels kept by the seeded random selection; null keeps all of them.
     output_dimension: Optional[int] = 100
+    #: How ``output_dimension`` channels are obtained: "random" (the paper: a seeded random subset)
+    #: or "semi_orthogonal" (all channels projected on a seeded semi-orthogonal matrix, Kim et al. 2021).
+    channel_reduction: Literal["random", "semi_orthogonal"] = "random"
     seed: int = 0
     image_size: int = 128
     device: Literal["auto", "cpu", "cuda"] = "auto"

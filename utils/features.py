@@ -21,6 +21,19 @@ def random_channel_indices(total: int, keep: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:keep].sort().values
 
 
+def semi_orthogonal_projection(total: int, keep: int, seed: int) -> torch.Tensor:
+    """A ``(total, keep)`` matrix with orthonormal columns, seeded (Kim et al., 2021, arXiv:2105.14737).
+
+    The Q factor of a seeded Gaussian matrix (signs fixed by R's diagonal, so the result is
+    unique). Projecting the ``total`` channels on it keeps a mix of all of them, where the random
+    selection keeps ``keep`` channels and drops the rest.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(total, keep, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
     if name == "auto":
@@ -68,6 +81,7 @@ class PatchEmbedder(nn.Module):
         channel_indices: torch.Tensor,
         stage_channels: Sequence[int],
         seed: int = 0,
+        projection: torch.Tensor | None = None,
     ):
         super().__init__()
         # Random weights must be reproducible: initialise under a fixed, local RNG state.
@@ -86,13 +100,29 @@ class PatchEmbedder(nn.Module):
         ]
         for i, indices in enumerate(self.per_stage):
             self.register_buffer(f"_select{i}", indices, persistent=False)
+        #: Optional ``(selected channels, k)`` projection applied after the selection.
+        self.register_buffer("projection", projection, persistent=False)
         #: On CUDA, smaller batches are padded with zero images to this many (``Padim`` sets its
         #: batch size): cuDNN then sees one input shape per process instead of one per batch size.
         self.cuda_batch: int | None = None
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings ``(N, d, H, W)`` of ``images``; written into ``out`` when given (any strides).
+        """Embeddings ``(N, d, H, W)`` of ``images`` (see :meth:`selected`), projected on
+        ``projection`` when there is one; written into ``out`` when given."""
+        if self.projection is None:
+            return self.selected(images, out)
+        selected = self.selected(images)  # (N, D, H, W) over (H, W, N, D) memory
+        projected = torch.matmul(selected.permute(2, 3, 0, 1), self.projection.to(selected.dtype))  # (H, W, N, k)
+        if out is None:
+            return projected.permute(2, 3, 0, 1)
+        if tuple(out.shape) != tuple(projected.permute(2, 3, 0, 1).shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(projected.permute(2, 3, 0, 1).shape)}")
+        return out.copy_(projected.permute(2, 3, 0, 1))
+
+    @torch.inference_mode()
+    def selected(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected-channel embeddings ``(N, d, H, W)`` of ``images``; written into ``out`` when given (any strides).
 
         Without ``out`` the result is stored position-major, as ``(H, W, N, d)`` in memory, and
         returned as a permuted ``(N, d, H, W)`` view: values are the same as a contiguous

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .backbones import BACKBONES
 from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
-from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device
+from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
 from .files import atomic_writer
 from .gaussian import GaussianStatistics, pool_neighbourhoods, regularised_precision
 from .preprocess import head_masks
@@ -32,7 +32,7 @@ FILE_FORMAT = "padim-model"
 FILE_VERSION = 1
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
-              "covariance_shrinkage", "flip_train", "spatial_pooling")
+              "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
 #: Data settings that change what the model sees, so they must match too.
 MODEL_DATA_KEYS = ("resize", "intensity")
 
@@ -80,7 +80,14 @@ class Padim:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.channel_indices = random_channel_indices(settings.total_channels, settings.kept_channels, settings.seed)
+        total, kept = settings.total_channels, settings.kept_channels
+        #: Channels taken from the backbone; with ``semi_orthogonal`` all of them, then projected to ``kept``.
+        self.projection: torch.Tensor | None = None
+        if settings.channel_reduction == "semi_orthogonal":
+            self.channel_indices = torch.arange(total)
+            self.projection = semi_orthogonal_projection(total, kept, settings.seed)
+        else:
+            self.channel_indices = random_channel_indices(total, kept, settings.seed)
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
         self.train_count = 0
@@ -95,7 +102,8 @@ class Padim:
         if self._embedder is None:
             s = self.settings
             self._embedder = PatchEmbedder(
-                s.backbone, s.weights, s.layers, self.channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed
+                s.backbone, s.weights, s.layers, self.channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed,
+                projection=self.projection,
             ).to(self.device)
             self._embedder.cuda_batch = s.batch_size
         return self._embedder
