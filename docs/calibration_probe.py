@@ -13,51 +13,58 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE)); sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import synthetic_val as SV  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.data import load_data, make_loader
-from utils.model import Padim, ScoreResult
-from utils.scoring import image_scores
-from utils.evaluation import run_evaluation
-from utils import metrics as M
-import synthetic_val as SV
+from utils.data import load_data, make_loader  # noqa: E402
+from utils.evaluation import run_evaluation  # noqa: E402
+from utils.model import Padim, ScoreResult  # noqa: E402
+from utils.scoring import image_scores  # noqa: E402
 
-config = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml")
-K = 5
-settings = load_config(config).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
-train = load_data(settings, ("train",)).train
-images = torch.cat([b["image"] for b in make_loader(train, settings)])
-n = len(images)
-held = np.zeros((n, settings.image_size, settings.image_size), np.float32)
-t = time.perf_counter()
-for k in range(K):
-    test_idx = np.arange(n)[np.arange(n) % K == k]
-    fit_idx = np.arange(n)[np.arange(n) % K != k]
-    m = Padim(settings).fit(images[fit_idx], progress=False)
-    held[test_idx] = m.score(images[test_idx], progress=False).maps
-print("kfold", time.perf_counter() - t, "s")
-mu, sd = held.mean(0), held.std(0)
+FOLDS = 5
 
-class Calibrated(Padim):
-    mode = "sub"
-    def score(self, imgs, progress=True, region=None):
-        r = super().score(imgs, progress, region)
-        maps = r.maps - mu if self.mode == "sub" else (r.maps - mu) / np.maximum(sd, np.median(sd) * FLOOR)
+
+class CalibratedPadim(Padim):
+    """PaDiM whose maps are calibrated per pixel by ``level`` (and divided by ``spread``)."""
+
+    level: np.ndarray
+    spread: np.ndarray | None = None
+
+    def score(self, images, progress=True, region=None):
+        maps = super().score(images, progress, region).maps - self.level
+        if self.spread is not None:
+            maps = maps / self.spread
         maps = maps.astype(np.float32)
         return ScoreResult(maps, image_scores(torch.from_numpy(maps), self.settings.image_score, region).numpy())
 
-for mode, FLOOR in (("sub", 0), ("z", 0.5), ("z", 1.0)):
-    model = Calibrated(settings).fit(images, progress=False)
-    model.mode = mode
-    clean, sick, masks, bc, bs = SV.synthetic_set(settings, 10)
-    sm, cm = model.score(sick, progress=False).maps, model.score(clean, progress=False).maps
-    mm, b = masks.numpy(), bs.numpy()
-    a, ap = M.pixel_metrics(sm, mm); bb = M.pixel_auroc(sm, mm, b | mm)
-    c = M.image_auroc(image_scores(torch.from_numpy(sm), settings.image_score, bs | masks).numpy(),
-                      image_scores(torch.from_numpy(cm), settings.image_score, bc).numpy())
-    print(mode, FLOOR, f"val A {a:.3f} AP {ap:.3f} B {bb:.3f} C {c:.3f} mean {(a+ap+bb+c)/4:.3f}", flush=True)
-    ev = run_evaluation(settings, model=model, progress=False, figures=False, save_model=False)
-    row = ev.table.set_index("group").loc["mean"]
-    print(mode, FLOOR, f"test A {row['A_auroc']:.3f} AP {row['A_ap']:.3f} B {row['B_auroc']:.3f} C {row['C_auroc']:.3f}", flush=True)
+
+def main(config: str) -> None:
+    settings = load_config(config).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
+    train = load_data(settings, ("train",)).train
+    images = torch.cat([batch["image"] for batch in make_loader(train, settings)])
+    fold = np.arange(len(images)) % FOLDS
+    held_out = np.zeros((len(images), settings.image_size, settings.image_size), np.float32)
+    started = time.perf_counter()
+    for k in range(FOLDS):
+        model = Padim(settings).fit(images[fold != k], progress=False)
+        held_out[fold == k] = model.score(images[fold == k], progress=False).maps
+    print(f"{FOLDS}-fold held-out maps of {len(images)} training images: {time.perf_counter() - started:.0f} s")
+    level, spread = held_out.mean(0), held_out.std(0)
+    for mode, floor in (("sub", None), ("z", 0.5), ("z", 1.0)):
+        model = CalibratedPadim(settings).fit(images, progress=False)
+        model.level = level
+        model.spread = None if floor is None else np.maximum(spread, np.median(spread) * floor)
+        v = SV.validation_metrics(model, settings, 10)
+        mean = (v["A_auroc"] + v["A_ap"] + v["B_auroc"] + v["C_auroc"]) / 4
+        label = f"{mode} {floor or 0}"
+        print(f"{label} val A {v['A_auroc']:.3f} AP {v['A_ap']:.3f} B {v['B_auroc']:.3f} C {v['C_auroc']:.3f} mean {mean:.3f}")
+        row = run_evaluation(settings, model=model, progress=False, figures=False, save_model=False).table.set_index("group").loc["mean"]
+        print(f"{label} test A {row['A_auroc']:.3f} AP {row['A_ap']:.3f} B {row['B_auroc']:.3f} C {row['C_auroc']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml"))

@@ -30,13 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import synthetic_val as SV  # noqa: E402
-from utils import metrics as M  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import load_data  # noqa: E402
 from utils.evaluation import run_evaluation  # noqa: E402
 from utils.model import Padim  # noqa: E402
 from utils.preprocess import foreground_mask, preprocess, read_grayscale  # noqa: E402
-from utils.scoring import image_scores  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml")
 SEED = 0
@@ -90,13 +88,9 @@ def main(fastmri_only: bool) -> None:
             images.append(preprocess(gray, settings.image_size, d.resize, d.intensity))
     train = torch.stack(images)
     model = Padim(settings).fit(train, progress=False)
-    clean, sick, masks, brain_clean, brain_sick = SV.synthetic_set(settings, 10)
-    sick_maps, clean_maps = model.score(sick, progress=False).maps, model.score(clean, progress=False).maps
-    a, ap = M.pixel_metrics(sick_maps, masks.numpy())
-    b = M.pixel_auroc(sick_maps, masks.numpy(), brain_sick.numpy() | masks.numpy())
-    c = M.image_auroc(image_scores(torch.from_numpy(sick_maps), settings.image_score, brain_sick | masks).numpy(),
-                      image_scores(torch.from_numpy(clean_maps), settings.image_score, brain_clean).numpy())
-    print(f"train {len(train)}: val A {a:.3f} AP {ap:.3f} B {b:.3f} C {c:.3f} mean {(a + ap + b + c) / 4:.3f}", flush=True)
+    v = SV.validation_metrics(model, settings, 10)
+    mean = (v["A_auroc"] + v["A_ap"] + v["B_auroc"] + v["C_auroc"]) / 4
+    print(f"train {len(train)}: val A {v['A_auroc']:.3f} AP {v['A_ap']:.3f} B {v['B_auroc']:.3f} C {v['C_auroc']:.3f} mean {mean:.3f}", flush=True)
     row = run_evaluation(settings, model=model, progress=False, figures=False, save_model=False).table.set_index("group").loc["mean"]
     print(f"train {len(train)}: test A {row['A_auroc']:.3f} AP {row['A_ap']:.3f} B {row['B_auroc']:.3f} C {row['C_auroc']:.3f}")
 

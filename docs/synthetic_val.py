@@ -76,22 +76,28 @@ def synthetic_set(settings, draws: int = DRAWS) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(clean), torch.stack(sick), torch.stack(masks), torch.stack(brains_clean), torch.stack(brains_sick)
 
 
-def evaluate(config: str, draws: int = DRAWS) -> str:
-    started = time.perf_counter()
-    settings = load_config(config)
-    train = load_data(settings, ("train",)).train
-    model = Padim(settings).fit(make_loader(train, settings), progress=False)
+def validation_metrics(model: Padim, settings, draws: int = DRAWS) -> dict[str, float]:
+    """The four validation numbers of a fitted ``model`` on the synthetic-lesion set."""
     clean, sick, masks, brain_clean, brain_sick = synthetic_set(settings, draws)
     sick_maps = model.score(sick, progress=False).maps
     clean_maps = model.score(clean, progress=False).maps
     m, b = masks.numpy(), brain_sick.numpy()
     a_auroc, a_ap = M.pixel_metrics(sick_maps, m)
-    b_auroc = M.pixel_auroc(sick_maps, m, b | m)
     s_sick = image_scores(torch.from_numpy(sick_maps), settings.image_score, brain_sick | masks).numpy()
     s_clean = image_scores(torch.from_numpy(clean_maps), settings.image_score, brain_clean).numpy()
-    c_auroc = M.image_auroc(s_sick, s_clean)
-    return (f"{os.path.basename(config)}\tval-synthetic A_auroc {a_auroc:.3f} A_ap {a_ap:.3f} B_auroc {b_auroc:.3f} "
-            f"C_auroc {c_auroc:.3f}\t({len(sick)} lesioned / {len(clean)} clean, {time.perf_counter() - started:.0f} s)")
+    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": M.pixel_auroc(sick_maps, m, b | m),
+            "C_auroc": M.image_auroc(s_sick, s_clean), "lesioned": len(sick), "clean": len(clean)}
+
+
+def evaluate(config: str, draws: int = DRAWS) -> str:
+    started = time.perf_counter()
+    settings = load_config(config)
+    train = load_data(settings, ("train",)).train
+    model = Padim(settings).fit(make_loader(train, settings), progress=False)
+    v = validation_metrics(model, settings, draws)
+    return (f"{os.path.basename(config)}\tval-synthetic A_auroc {v['A_auroc']:.3f} A_ap {v['A_ap']:.3f} "
+            f"B_auroc {v['B_auroc']:.3f} C_auroc {v['C_auroc']:.3f}\t({v['lesioned']} lesioned / {v['clean']} clean, "
+            f"{time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
