@@ -108,3 +108,14 @@ def test_tf32_is_off_inside_and_the_users_flags_are_restored(small_settings, mon
     with exact_float32(CUDA):
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("change", [{"spatial_pooling": 1}, {"channel_reduction": "semi_orthogonal"}])
+def test_optional_fit_variants_on_cuda_match_the_cpu(small_settings, change):
+    settings = small_settings.replace(covariance_dtype="float64", **change)
+    train = to_batch(smooth_textures(40, 64, seed=12))
+    test = to_batch(smooth_textures(3, 64, seed=13))
+    cpu = Padim(settings).fit(train, progress=False)
+    gpu = Padim(settings.replace(device="cuda")).fit(train, progress=False)
+    _close(gpu.mean.cpu().numpy(), cpu.mean.numpy(), 1e-5)
+    _close(gpu.score(test, progress=False).maps, cpu.score(test, progress=False).maps, 1e-4)
