@@ -136,7 +136,7 @@ class Padim:
     def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:
         """Streaming statistics of the embeddings of ``images`` (one shard of a fit).
 
-        Embeddings are written straight into a position-major staging buffer of
+        Embeddings are copied, one block per position, into a position-major staging buffer of
         :func:`staging_rows` images (two batches by default; one for large ``d``) that is folded into the statistics
         when full: the ``(P, d, d)`` scatter is read and written once per 64 images instead of
         once per batch, and only its lower triangle is updated (``?syrk``), then completed once
