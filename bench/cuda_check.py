@@ -33,20 +33,14 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import run  # noqa: E402  (bench/run.py: the same PaDiM settings per backbone)
 
-SETUPS = {  # backbone -> (kept channels, weights), as in bench/run.py
-    "efficientnet_lite0": (100, "imagenet"),
-    "wide_resnet50_2": (550, "random"),
-}
 METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "C_auroc")  # means over every pathology group
 
 
 def _settings(backbone: str, device: str):
-    from utils.config import settings_from_dict
-
-    dim, weights = SETUPS[backbone]
-    return settings_from_dict({"backbone": backbone, "weights": weights, "output_dimension": dim, "device": device,
-                               "image_size": common.IMAGE_SIZE, "batch_size": common.BATCH, "layers": [1, 2, 3]})
+    """bench/run.py's settings for ``backbone`` (dimension, weights, size, batch, epsilon) on ``device``."""
+    return run._settings(backbone).replace(device=device)
 
 
 def _sync(device) -> None:

@@ -17,7 +17,6 @@ One module, one job:
 - :mod:`utils.runtime`     glibc malloc thresholds, set on import (``PADIM_MALLOC_TUNING=0`` to skip)
 """
 
-
 from .config import Settings, load_config, settings_from_dict
 from .errors import ConfigError, DataError, ModelFileError, PadimError
 from .model import Padim, ScoreResult

@@ -107,29 +107,25 @@ class PatchEmbedder(nn.Module):
         self.cuda_batch: int | None = None
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings ``(N, d, H, W)`` of ``images`` (see :meth:`selected`), projected on
-        ``projection`` when there is one; written into ``out`` when given."""
-        if self.projection is None:
-            return self.selected(images, out)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(N, d, H, W)`` of ``images`` over position-major memory (see :meth:`selected`),
+        projected on ``projection`` when there is one."""
         selected = self.selected(images)  # (N, D, H, W) over (H, W, N, D) memory
+        if self.projection is None:
+            return selected
         projected = torch.matmul(selected.permute(2, 3, 0, 1), self.projection.to(selected.dtype))  # (H, W, N, k)
-        if out is None:
-            return projected.permute(2, 3, 0, 1)
-        if tuple(out.shape) != tuple(projected.permute(2, 3, 0, 1).shape):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(projected.permute(2, 3, 0, 1).shape)}")
-        return out.copy_(projected.permute(2, 3, 0, 1))
+        return projected.permute(2, 3, 0, 1)
 
     @torch.inference_mode()
-    def selected(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Selected-channel embeddings ``(N, d, H, W)`` of ``images``; written into ``out`` when given (any strides).
+    def selected(self, images: torch.Tensor) -> torch.Tensor:
+        """Selected-channel embeddings ``(N, d, H, W)`` of ``images``.
 
-        Without ``out`` the result is stored position-major, as ``(H, W, N, d)`` in memory, and
-        returned as a permuted ``(N, d, H, W)`` view: values are the same as a contiguous
-        tensor's, but the per-position matrices ``(N, d)`` that the statistics and the
-        Mahalanobis distance multiply are contiguous, so neither has to transpose ~70 MB per
-        batch (wide_resnet50_2, d = 550). Selection, nearest upsampling, concatenation and this
-        transposition happen in one copy per stage.
+        The result is stored position-major, as ``(H, W, N, d)`` in memory, and returned as a
+        permuted ``(N, d, H, W)`` view: values are the same as a contiguous tensor's, but the
+        per-position matrices ``(N, d)`` that the statistics and the Mahalanobis distance multiply
+        are contiguous, so neither has to transpose ~70 MB per batch (wide_resnet50_2, d = 550).
+        Selection, nearest upsampling, concatenation and this transposition happen in one copy per
+        stage.
         """
         n = images.shape[0]
         if images.is_cuda and self.cuda_batch is not None and n < self.cuda_batch:
@@ -139,10 +135,7 @@ class PatchEmbedder(nn.Module):
         maps = [feature_map[:n] for feature_map in maps]
         gh, gw = maps[0].shape[-2:] if self.extractor.layers[0] == 1 else (images.shape[-2] // 4, images.shape[-1] // 4)
         dim = sum(int(indices.numel()) for indices in self.per_stage)
-        if out is None:
-            out = torch.empty(gh, gw, n, dim, dtype=maps[0].dtype, device=maps[0].device).permute(2, 3, 0, 1)
-        elif tuple(out.shape) != (n, dim, gh, gw):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, dim, gh, gw)}")
+        out = torch.empty(gh, gw, n, dim, dtype=maps[0].dtype, device=maps[0].device).permute(2, 3, 0, 1)
         offset = 0
         for i, feature_map in enumerate(maps):
             indices = getattr(self, f"_select{i}")

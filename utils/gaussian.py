@@ -173,29 +173,26 @@ def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radi
     n = stats.count
     means = stats.mean.view(height, width, dim)
     scatters = stats.scatter.view(height, width, dim, dim)
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-
-    def overlap(dy: int, dx: int) -> tuple[slice, slice, slice, slice]:
-        """Target rows/columns p and source rows/columns p + (dy, dx) that exist."""
-        return (slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx)),
-                slice(max(0, dy), height - max(0, -dy)), slice(max(0, dx), width - max(0, -dx)))
-
+    # Per neighbour offset (dy, dx): target rows/columns p and source rows/columns p + (dy, dx) that exist.
+    windows = [
+        (slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx)),
+         slice(max(0, dy), height - max(0, -dy)), slice(max(0, dx), width - max(0, -dx)))
+        for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+    ]
     neighbours = torch.zeros(height, width, dtype=torch.float64, device=stats.mean.device)
     pooled_mean = torch.zeros_like(means)
-    for dy, dx in offsets:
-        ty, tx, sy, sx = overlap(dy, dx)
+    for ty, tx, sy, sx in windows:
         neighbours[ty, tx] += 1
         pooled_mean[ty, tx] += means[sy, sx]
     pooled_mean /= neighbours.unsqueeze(-1)
     scatter = torch.zeros_like(stats.scatter).view(height, width, dim, dim)
-    for dy, dx in offsets:
-        ty, tx, sy, sx = overlap(dy, dx)
+    for ty, tx, sy, sx in windows:
         scatter[ty, tx] += scatters[sy, sx]
         spread = (means[sy, sx] - pooled_mean[ty, tx]).to(scatter.dtype)  # (h', w', d)
         for row, target in zip(spread, scatter[ty, tx]):  # one grid row at a time: no (h', w', d, d) temporary
             target.baddbmm_(row.unsqueeze(2), row.unsqueeze(1), alpha=n)
-    total = n * len(offsets)
-    # k n samples at a border position, k < len(offsets): scale its scatter to the common count.
+    total = n * len(windows)
+    # k n samples at a border position, k < len(windows): scale its scatter to the common count.
     scale = (total - 1) / (n * neighbours - 1).clamp_min(1)
     scatter *= scale.to(scatter.dtype)[..., None, None]
     return GaussianStatistics(total, pooled_mean.reshape(positions, dim), scatter.view(positions, dim, dim))
