@@ -100,8 +100,10 @@ def test_large_matrices_are_inverted_correctly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lower_triangle_folds_then_symmetrise_match_full_updates(dtype):
-    # d above FLOAT64_PRODUCT_MAX_DIM: the fit's fast path (?syrk on the lower triangle).
-    d, positions = 140, 3
+    # d = SYRK_MIN_DIM: the fit's fast path for large d (?syrk on the lower triangle).
+    from utils.gaussian import SYRK_MIN_DIM, _routines
+
+    d, positions = SYRK_MIN_DIM, 2
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(50, positions, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5 + 3.0).to(dtype)
     full, lower = GaussianStatistics.empty(positions, d, dtype=dtype), GaussianStatistics.empty(positions, d, dtype=dtype)
@@ -110,6 +112,7 @@ def test_lower_triangle_folds_then_symmetrise_match_full_updates(dtype):
         work = torch.empty(positions, len(chunk) + 1, d, dtype=dtype)
         work[:, : len(chunk)] = chunk.transpose(0, 1)
         lower.fold_rows(work, len(chunk), lower_only=True)
+    assert lower.lower_only == (_routines() is not None)
     before = regularised_precision(lower, epsilon=0.01)  # reads the lower triangle only
     lower.symmetrise()
     assert not lower.lower_only and torch.equal(lower.scatter, lower.scatter.mT)

@@ -337,15 +337,28 @@ def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_
 
 # ---------------------------------------------------------------------------- figures
 def test_figures_and_heatmap_files(tmp_path):
-    from matplotlib.figure import Figure
+    from matplotlib import colormaps
 
-    from utils.plotting import auroc_bar_plot, example_figure, save_figure, save_heatmap
+    from utils.plotting import HEAT_CMAP, RasterFigure, auroc_bar_plot, example_figure, example_panels, save_figure, save_heatmap
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 32, 32))
     masks = maps > 0.9
-    figure = example_figure(rng.random((2, 32, 32)), masks, maps, threshold=0.8, vmin=0, vmax=1)
-    assert isinstance(figure, Figure) and len(figure.axes) == 2  # the panels and a colour bar
+    gray = rng.random((2, 32, 32))
+    figure = example_figure(gray, masks, maps, threshold=0.8, vmin=0, vmax=1, labels=["a.png", "b.png"], title="t")
+    assert isinstance(figure, RasterFigure)
+    # The panels appear pixel for pixel at panels_origin: row 0 as example_panels composes it.
+    top, left = figure.panels_origin
+    expected = np.round(example_panels(gray[0], masks[0], maps[0].astype(np.float32), np.ones((32, 32), bool), 0.8, 0, 1) * 255)
+    assert np.array_equal(figure.pixels[top : top + 32, left : left + expected.shape[1]], expected.astype(np.uint8))
+    # The colour bar, right of the panels, runs from the colour of vmax down to that of vmin.
+    bar = figure.pixels[:, left + expected.shape[1] :]
+    for level in (0.0, 1.0):
+        colour = np.round(np.asarray(colormaps[HEAT_CMAP](level)[:3]) * 255)
+        assert (np.abs(bar.astype(int) - colour).sum(axis=2) == 0).any(axis=None)
+    written = save_figure(figure, tmp_path / "out" / "examples.png")
+    with Image.open(written) as png:
+        assert png.size == figure.size
     lesion = group("lesion", maps, [0, 1], masks)
     bars = auroc_bar_plot(metrics_table({"lesion": lesion}, 0.8))
     path = save_figure(bars, tmp_path / "out" / "bars.png")
@@ -366,6 +379,18 @@ def test_a_given_model_must_match_the_settings():
     with pytest.raises(ModelFileError, match="seed"):
         Evaluation(settings(seed=1)).fit(model=model)
     assert Evaluation(settings(batch_size=3)).fit(model=model) is model
+
+
+def test_outline_is_the_mask_minus_its_scipy_erosion():
+    from scipy.ndimage import binary_erosion
+
+    from utils.plotting import _boundary
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        mask = rng.random((20, 23)) > rng.random()
+        expected = mask & ~binary_erosion(mask, border_value=1) if mask.any() and not mask.all() else np.zeros_like(mask)
+        assert np.array_equal(_boundary(mask), expected)
 
 
 def test_example_panels_show_image_outline_heat_overlay_and_detections():

@@ -41,6 +41,12 @@ def test_mask_values_other_than_0_and_255_are_foreground_when_nonzero(tmp_path):
     values = np.array([[0, 1, 128], [255, 0, 7]], dtype=np.uint8)
     Image.fromarray(values).save(tmp_path / "mask.png")
     assert read_mask(str(tmp_path / "mask.png")).tolist() == [[False, True, True], [True, False, True]]
+    # The same mask as 1-bit, RGB and 16-bit files.
+    Image.fromarray(values > 0).save(tmp_path / "mask1.png")
+    Image.fromarray(np.dstack([values] * 3), "RGB").save(tmp_path / "mask_rgb.png")
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
+    for name in ("mask1.png", "mask_rgb.png", "mask16.png"):
+        assert read_mask(str(tmp_path / name)).tolist() == [[False, True, True], [True, False, True]], name
 
 
 @pytest.mark.parametrize("content, fragment", [(b"", "0 bytes"), (b"not an image at all", "cannot read image"),

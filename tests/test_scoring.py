@@ -72,3 +72,11 @@ def test_separable_map_operator_equals_interpolate_then_blur(grid, size, sigma):
     single = anomaly_maps(distances.float(), size, sigma)
     assert single.dtype == torch.float32
     np.testing.assert_allclose(single.numpy(), expected, atol=1e-4)
+
+
+def test_map_operator_on_maps_smaller_than_the_blur_kernel_equals_the_two_steps():
+    # 8 px maps with sigma 4: the kernel radius (16) is clipped to 7 in both gaussian_blur and the operator.
+    rng = np.random.default_rng(3)
+    distances = torch.from_numpy(rng.random((2, 4, 4)) * 10)
+    upsampled = torch.nn.functional.interpolate(distances.unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=False).squeeze(1)
+    np.testing.assert_allclose(anomaly_maps(distances, 8, 4.0).numpy(), gaussian_blur(upsampled, 4.0).numpy(), atol=1e-10)

@@ -57,15 +57,16 @@ CPU_FORWARD_CHUNK = 8
 
 def staging_rows(batch_size: int, positions: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
     """Images held by the fit's staging buffer: ``STAGING_IMAGES``, at least one batch, and (for
-    large ``d``) no more than 1/16 of the scatter's memory (at least 64 MB allowed).
+    large ``d``) no more than 1/8 of the scatter's memory (at least 64 MB allowed).
 
-    A larger buffer means fewer passes over the ``(P, d, d)`` scatter but adds to the fit's peak
-    memory. wide_resnet50_2, d = 550: 33 images (75 MB) instead of 64 (146 MB) cost +0.4 s of
-    folding per 320 images on 2 cores (~2 % of the fit).
+    A larger buffer means fewer, longer passes over the ``(P, d, d)`` scatter but adds to the
+    fit's peak memory. wide_resnet50_2, d = 550, on 2 cores: folding 198 images took 1.45-1.75 s
+    in 33-image folds (75 MB buffer, the former 1/16 limit) and 1.11-1.22 s in 64-image folds
+    (146 MB; 1/8 of the 1.24 GB scatter), ~1.2 s less over 711 images.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = positions * dim * itemsize
-    budget = max(positions * dim * dim * itemsize // 16, 64 * 2**20)
+    budget = max(positions * dim * dim * itemsize // 8, 64 * 2**20)
     return max(batch_size, min(STAGING_IMAGES, budget // row_bytes - 1))
 
 
@@ -137,7 +138,7 @@ class Padim:
         """Streaming statistics of the embeddings of ``images`` (one shard of a fit).
 
         Embeddings are copied, one block per position, into a position-major staging buffer of
-        :func:`staging_rows` images (two batches by default; one for large ``d``) that is folded into the statistics
+        :func:`staging_rows` images (two batches by default) that is folded into the statistics
         when full: the ``(P, d, d)`` scatter is read and written once per 64 images instead of
         once per batch, and only its lower triangle is updated (``?syrk``), then completed once
         at the end. The buffer has a fixed size, so memory does not grow with the number of

@@ -60,16 +60,20 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma).to(maps.dtype).to(maps.device)
-    h, w = maps.shape[-2:]
-    radius = min(kernel.numel() // 2, h - 1, w - 1)
-    full_radius = kernel.numel() // 2
-    kernel = kernel[full_radius - radius : full_radius + radius + 1]
-    kernel = kernel / kernel.sum()
+    kernel, radius = _clipped_kernel(sigma, *maps.shape[-2:], maps.dtype, maps.device)
     x = maps.unsqueeze(1)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
+
+
+def _clipped_kernel(sigma: float, height: int, width: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, int]:
+    """:func:`gaussian_kernel1d` with its radius clipped to ``min(height, width) - 1`` (renormalised), and that radius."""
+    kernel = gaussian_kernel1d(sigma)
+    full_radius = kernel.numel() // 2
+    radius = min(full_radius, height - 1, width - 1)
+    kernel = kernel[full_radius - radius : full_radius + radius + 1]
+    return (kernel / kernel.sum()).to(dtype=dtype, device=device), radius
 
 
 def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
@@ -94,10 +98,11 @@ def _map_operator(cells: int, height: int, width: int, sigma: float, dtype: torc
     units = torch.eye(cells, dtype=torch.float64).view(cells, 1, cells, 1)  # unit i along this axis
     size = height if axis == 0 else width
     line = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # (cells, size)
-    if sigma > 0:  # constant along the other axis, so the blur acts along this one only
-        maps = line[:, :, None].expand(cells, height, width) if axis == 0 else line[:, None, :].expand(cells, height, width)
-        blurred = gaussian_blur(maps.contiguous(), sigma)
-        line = blurred[:, :, 0] if axis == 0 else blurred[:, 0, :]
+    if sigma > 0:
+        # A map constant along the other axis: gaussian_blur acts along this one only (its other
+        # pass averages a constant), so the 1-D pass with the same clipped kernel is exact.
+        kernel, radius = _clipped_kernel(sigma, height, width, torch.float64, "cpu")
+        line = F.conv1d(F.pad(line.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
     return line.T.to(dtype=dtype, device=device).contiguous()
 
 
