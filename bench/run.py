@@ -417,9 +417,10 @@ def run_benchmark(args) -> int:
         e2e_dir = os.path.join(out_dir, "e2e_results")
         try:
             import utils.evaluation  # noqa: F401
-            e2e = {"floors": [runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor")]}
-            e2e["run"] = runner.ours("e2e", {"results_dir": e2e_dir}, "e2e run_evaluation")
-            e2e["floors"].append(runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor"))
+            e2e = {"floors": [runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor")], "runs": []}
+            for _ in range(args.reps):
+                e2e["runs"].append(runner.ours("e2e", {"results_dir": e2e_dir}, "e2e run_evaluation"))
+                e2e["floors"].append(runner.ours("e2e_floor", {"results_dir": e2e_dir}, "e2e floor"))
         except ImportError as exc:
             e2e = {"skipped": f"utils.evaluation is not importable: {exc}"}
     results["load_average"]["end"] = common.load_average()
@@ -494,14 +495,19 @@ def run_benchmark(args) -> int:
     if e2e is not None:
         if "skipped" in e2e:
             results["end_to_end"] = e2e
-        elif "error" in e2e["run"]:
-            results["end_to_end"] = {"skipped": f"run_evaluation failed: {e2e['run']['error'][-500:]}"}
+        elif any("error" in run for run in e2e["runs"]):
+            failed = next(run for run in e2e["runs"] if "error" in run)
+            results["end_to_end"] = {"skipped": f"run_evaluation failed: {failed['error'][-500:]}"}
         else:
-            floors = [f.get("floor_s") for f in e2e["floors"] if f.get("floor_s")]
+            floors = [f.get("floor_s") for f in e2e["floors"]]
+            runs = [run["e2e_s"] for run in e2e["runs"]]
+            # Each run against the mean of the two floors measured just before and after it.
+            ratios = [run / statistics.mean(around) for i, run in enumerate(runs) if (around := [f for f in floors[i : i + 2] if f])]
+            middle = sorted(range(len(runs)), key=runs.__getitem__)[len(runs) // 2]  # the median run (odd counts)
             results["end_to_end"] = {
-                "e2e_s": e2e["run"]["e2e_s"], "floor_runs_s": floors, "floor_s": round(statistics.mean(floors), 3) if floors else None,
-                "images": e2e["floors"][0].get("images"), "evaluation_timings": e2e["run"].get("evaluation_timings"),
-                "ratio": _ratio(e2e["run"]["e2e_s"], statistics.mean(floors)) if floors else None,
+                "e2e_s": _median(runs), "e2e_runs_s": runs, "floor_runs_s": floors, "floor_s": _median([f for f in floors if f]),
+                "images": e2e["floors"][0].get("images"), "evaluation_timings": e2e["runs"][middle].get("evaluation_timings"),
+                "ratio": round(statistics.median(ratios), 3) if ratios else None, "ratio_runs": [round(r, 3) for r in ratios],
             }
     results["targets"] = _targets(results)
     results["runs"] = runner.log
@@ -604,8 +610,9 @@ def table(results: dict) -> str:
         else:
             t = e2e.get("evaluation_timings") or {}
             parts = ", ".join(f"{k[:-2]} {t[k]:.1f} s" for k in ("load_data_s", "fit_s", "score_s", "metrics_s", "figures_s", "save_s") if k in t)
-            lines.append(f"- end to end (efficientnet_lite0, run_evaluation over {e2e['images']} image passes): {e2e['e2e_s']:.1f} s vs "
-                         f"decoding + backbone {e2e['floor_s']:.1f} s = {e2e['ratio']:.2f}x ({parts})")
+            lines.append(f"- end to end (efficientnet_lite0, run_evaluation over {e2e['images']} image passes, median of "
+                         f"{len(e2e['e2e_runs_s'])} runs): {e2e['e2e_s']:.1f} s vs decoding + backbone {e2e['floor_s']:.1f} s = "
+                         f"{e2e['ratio']:.2f}x, each run against its two neighbouring floors: {e2e['ratio_runs']} ({parts})")
     lines.append("")
     lines.append("| target | value | limit | met |")
     lines.append("| --- | --- | --- | --- |")
@@ -623,7 +630,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbones", default=None,
                         help="comma-separated: wide_resnet50_2, resnet18, efficientnet_lite0 (default efficientnet_lite0,wide_resnet50_2; --quick efficientnet_lite0,resnet18)")
     parser.add_argument("--score-n", type=int, default=None, help="test images for scoring speed and the guard (default 64; --quick 32)")
-    parser.add_argument("--reps", type=int, default=1, help="fits per backbone, each between two floor runs (default 1)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="fits per backbone and end-to-end runs, each between two floor runs; ratios are medians (default 3; --quick 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every measurement (default: all CPUs)")
     parser.add_argument("--quick", action="store_true", help="fast smoke mode: small N, small backbones, no end-to-end run")
     parser.add_argument("--output", default=None, help="JSON file (default bench/results.json; --quick bench/out/results-quick.json)")
@@ -647,6 +655,7 @@ def main(argv=None) -> int:
     args.n = args.n or (128 if quick else 711)
     args.n_small = args.n_small or (64 if quick else 100)
     args.score_n = args.score_n or (32 if quick else 64)
+    args.reps = args.reps or (1 if quick else 3)
     args.backbones = args.backbones or ("efficientnet_lite0,resnet18" if quick else "efficientnet_lite0,wide_resnet50_2")
     args.output = args.output or os.path.join(BENCH, "out", "results-quick.json") if quick else (args.output or os.path.join(BENCH, "results.json"))
     if quick:

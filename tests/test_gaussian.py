@@ -73,6 +73,28 @@ def test_precision_is_inverse_of_regularised_covariance():
     np.testing.assert_allclose(precision.numpy(), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("lapack", ["scipy", "torch"])
+@pytest.mark.parametrize("dtype, samples", [(torch.float64, 30), (torch.float32, 30), (torch.float32, 4)])
+def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(monkeypatch, lapack, dtype, samples):
+    import utils.gaussian as gaussian
+
+    if lapack == "torch":  # the path without SciPy's LAPACK, which CUDA takes too
+        monkeypatch.setitem(gaussian._ROUTINES, "value", None)
+    x = _embeddings(samples, seed=6)  # 4 samples < 6 dimensions: factorised in float64
+    stats = GaussianStatistics.empty(6, 6, dtype=dtype)
+    stats.update(x)
+    _, cov = _numpy_reference(x)
+    whitening = gaussian.regularised_whitening(stats, epsilon=0.01, chunk=4)
+    assert whitening.dtype == dtype and torch.equal(whitening, whitening.tril())
+    expected = np.linalg.inv(np.linalg.cholesky(cov + 0.01 * np.eye(6)))
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4  # float32: ~ condition number x 6e-8
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(whitening.double().numpy(), expected, rtol=0, atol=tolerance * scale)
+    precision = gaussian.regularised_precision(stats, epsilon=0.01, chunk=4).double().numpy()
+    np.testing.assert_allclose(whitening.double().mT.numpy() @ whitening.double().numpy(), precision, rtol=0,
+                               atol=tolerance * np.abs(precision).max())
+
+
 def test_precision_is_finite_with_fewer_samples_than_dimensions():
     stats = GaussianStatistics.empty(6, 6)
     stats.update(_embeddings(2))

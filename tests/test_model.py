@@ -114,6 +114,21 @@ def test_save_load_round_trip_gives_identical_scores(small_settings, tmp_path):
     assert loaded.train_count == 10
 
 
+def test_version_1_files_with_a_precision_still_load_and_score_the_same(small_settings, tmp_path):
+    # Version 1 stored the precision; written here as that code wrote it, from an independent inverse.
+    model = Padim(small_settings.replace(covariance_dtype="float64")).fit(to_batch(smooth_textures(10, 64, seed=3)), progress=False)
+    payload = torch.load(model.save(tmp_path / "v2.pt"), weights_only=True)
+    assert payload["version"] == 2 and "precision" not in payload
+    whitening = payload.pop("whitening")
+    payload["precision"] = torch.linalg.inv(torch.linalg.inv(whitening) @ torch.linalg.inv(whitening).mT)
+    payload["version"] = 1
+    torch.save(payload, tmp_path / "v1.pt")
+    old = Padim.load(tmp_path / "v1.pt", small_settings.replace(covariance_dtype="float64"))
+    torch.testing.assert_close(old.precision, payload["precision"], rtol=1e-9, atol=1e-9 * float(payload["precision"].abs().max()))
+    test = to_batch(smooth_textures(3, 64, seed=4))
+    np.testing.assert_allclose(old.score(test, progress=False).maps, model.score(test, progress=False).maps, rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     "change, key",
     [({"backbone": "efficientnet_lite1"}, "backbone"), ({"image_size": 96}, "image_size"),

@@ -6,27 +6,29 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from utils.scoring import anomaly_maps, gaussian_blur, image_scores, mahalanobis
+from utils.scoring import TRIANGLE_MIN_DIM, anomaly_maps, gaussian_blur, image_scores, mahalanobis
 
 
-def test_mahalanobis_matches_scipy_on_every_position():
+@pytest.mark.parametrize("d, h, w", [(5, 3, 2), (TRIANGLE_MIN_DIM + 1, 1, 2)])  # whole products; triangle blocks
+def test_mahalanobis_matches_scipy_on_every_position(d, h, w):
     rng = np.random.default_rng(0)
-    n, d, h, w = 4, 5, 3, 2
+    n = 4
     embeddings = rng.normal(size=(n, d, h, w))
     means = rng.normal(size=(h * w, d))
-    precisions = []
+    covariances = []
     for _ in range(h * w):
         a = rng.normal(size=(d, d))
-        precisions.append(np.linalg.inv(a @ a.T + 0.1 * np.eye(d)))
-    precisions = np.stack(precisions)
-    got = mahalanobis(torch.from_numpy(embeddings), torch.from_numpy(means), torch.from_numpy(precisions)).numpy()
+        covariances.append(a @ a.T + 0.1 * np.eye(d))
+    precisions = np.linalg.inv(np.stack(covariances))
+    whitening = np.linalg.inv(np.linalg.cholesky(np.stack(covariances)))  # lower triangular, W^T W = precision
+    got = mahalanobis(torch.from_numpy(embeddings), torch.from_numpy(means), torch.from_numpy(whitening)).numpy()
     assert got.shape == (n, h, w)
     for i in range(n):
         for y in range(h):
             for x in range(w):
                 p = y * w + x
                 expected = scipy_mahalanobis(embeddings[i, :, y, x], means[p], precisions[p])
-                assert got[i, y, x] == pytest.approx(expected, rel=1e-10)
+                assert got[i, y, x] == pytest.approx(expected, rel=1e-8)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 4.0])

@@ -303,7 +303,7 @@ def all_reduce_statistics(stats: GaussianStatistics, group: Any = None) -> Gauss
 def _all_reduce_statistics(stats: GaussianStatistics, comm: torch.device, group: Any) -> GaussianStatistics:
     local_count = int(stats.count)
     if local_count < 0:
-        raise PadimError("these statistics were consumed by regularised_precision and cannot be reduced")
+        raise PadimError("these statistics were consumed by regularised_whitening and cannot be reduced")
     count = torch.tensor([local_count], dtype=torch.float64, device=comm)
     dist.all_reduce(count, group=group)
     total = int(round(float(count.item())))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class GaussianStatistics:
         With ``lower_only``, ``d >= SYRK_MIN_DIM`` and SciPy's BLAS available, that product is a
         symmetric rank-k update (``?syrk``) of the lower triangle only: half the arithmetic and
         half the scatter traffic of a full product, ~2x faster for d = 550. ``lower_only`` then stays set until
-        :meth:`symmetrise`; :func:`regularised_precision` reads only the lower triangle.
+        :meth:`symmetrise`; :func:`regularised_whitening` reads only the lower triangle.
         """
         if n_b == 0:
             return
@@ -210,7 +211,25 @@ def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radi
 def regularised_precision(
     stats: GaussianStatistics, epsilon: float, chunk: int = 64, in_place: bool = False
 ) -> torch.Tensor:
-    """Inverse of ``covariance + epsilon * I`` for every position, through Cholesky.
+    """Inverse of ``covariance + epsilon * I`` for every position, through Cholesky: ``(P, d, d)``.
+
+    The same factorisation as :func:`regularised_whitening` (see there for accuracy, memory
+    and threading), then the inverse from the factor (``?potri``). A fitted model stores the
+    whitening matrices instead, which skips a third of this work.
+    """
+    return _regularised(stats, epsilon, chunk, in_place, whitening=False)
+
+
+def regularised_whitening(
+    stats: GaussianStatistics, epsilon: float, chunk: int = 64, in_place: bool = False
+) -> torch.Tensor:
+    """Whitening matrices ``W = L^-1`` of ``covariance + epsilon * I = L L^T`` for every position.
+
+    Returns ``(P, d, d)`` lower-triangular matrices (zero above the diagonal) with ``W^T W`` the
+    precision: the Mahalanobis distance is ``||W (x - mean)||`` (:func:`utils.scoring.mahalanobis`).
+    Computing ``W`` costs ``?potrf`` + ``?trtri`` (2/3 d^3 flops), the precision ``?potrf`` +
+    ``?potri`` (d^3): wide_resnet50_2, d = 550, 1024 positions on 2 cores: see bench/README.md.
+    A sum of squares also cannot cancel, where ``x^T P x`` can.
 
     ``torch.linalg.inv`` on batches of large matrices was seen to fail, and once to return a
     silently wrong inverse, on CPU with several threads (MKL ``?LASWP`` errors; pytorch #142815).
@@ -220,8 +239,8 @@ def regularised_precision(
     default) the distances computed from the result match a float64 reference (``np.cov``,
     ``np.linalg.inv``, SciPy's ``mahalanobis``) to ~2e-5 relative on real wide_resnet50_2
     features with d = 550 and 711 images (condition numbers up to ~4e5); ``bench/run.py``
-    checks this on every run. Ill-conditioned covariances (fewer images than dimensions, where
-    the condition number is ~ largest variance / epsilon) lose more: use ``float64`` there.
+    checks this on every run. Ill-conditioned covariances (fewer samples than dimensions, where
+    the condition number is ~ largest variance / epsilon) are factorised and inverted in float64.
     With ``in_place`` the scatter buffer is overwritten with the result, which keeps the peak
     memory of a fit at one ``(P, d, d)`` buffer; ``stats`` is then consumed. Only the lower
     triangle of the scatter is read, so a scatter folded with ``lower_only`` needs no
@@ -231,40 +250,45 @@ def regularised_precision(
     running single-threaded LAPACK (multi-threaded MKL Cholesky on 550 x 550 matrices was 10-40x
     slower on a 2-core machine shared with other processes). Where SciPy exposes its LAPACK
     (``scipy.linalg.cython_lapack``, OpenBLAS) it is called directly, matrix by matrix, without
-    copies: ~1.8x faster than ``torch.cholesky_inverse`` (MKL) on AMD EPYC for d = 550;
-    otherwise ``torch.linalg.cholesky_ex`` and ``torch.cholesky_inverse`` are used.
-
-    Returns ``(P, d, d)`` in the dtype of ``stats.scatter``.
+    copies: ~1.8x faster than torch's (MKL) on AMD EPYC for d = 550; otherwise (and on CUDA)
+    ``torch.linalg.cholesky_ex`` and ``torch.linalg.solve_triangular`` are used.
     """
+    return _regularised(stats, epsilon, chunk, in_place, whitening=True)
+
+
+def _regularised(stats: GaussianStatistics, epsilon: float, chunk: int, in_place: bool, whitening: bool) -> torch.Tensor:
     if stats.count == 0:
         raise PadimError("no training samples were accumulated: the training set is empty")
     if stats.count < 0:
-        raise PadimError("these statistics were consumed by an in-place regularised_precision")
+        raise PadimError("these statistics were consumed by an in-place regularised_whitening")
     positions, dim, _ = stats.scatter.shape
     out = stats.scatter if in_place else torch.empty_like(stats.scatter)
     scale = 1.0 / max(stats.count - 1, 1)
     starts = range(0, positions, chunk)
     on_cpu = stats.scatter.device.type == "cpu"
     lapack = _routines() if on_cpu and out.is_contiguous() else None
+    finish = _whiten_lower if whitening else _invert_lower
 
     # Fewer samples than dimensions: the covariance is singular, epsilon sets its smallest
     # eigenvalues and the condition number is ~ largest variance / epsilon. Factorising such
-    # matrices in float32 moved distances by up to ~1e-3, so there the Cholesky factor is
-    # computed in float64 (~1.7x the time of float32 for d = 550). Otherwise float32 factors
-    # were accurate (~2e-5 on the distances, see above).
-    factor_dtype = torch.float64 if stats.count - 1 < dim else out.dtype
+    # matrices in float32 moved distances by up to ~1e-3, so there the factor and its inverse
+    # are computed in float64 (~1.7x the time of float32 for d = 550). Otherwise float32 was
+    # accurate (~2e-5 on the distances, see above).
+    work_dtype = torch.float64 if stats.count - 1 < dim else out.dtype
 
     def invert(start: int) -> None:
         block = out[start : start + chunk]
         bad = None
-        if factor_dtype == out.dtype:
+        if work_dtype == out.dtype:
             block.copy_(stats.scatter[start : start + chunk]).mul_(scale)
             block.diagonal(dim1=1, dim2=2).add_(epsilon)
             bad = _factor(block, lapack)
+            if bad is None:
+                finish(block, lapack)
         else:
-            # Factors in float64, FACTOR_CHUNK matrices at a time through one small reused
-            # buffer, written back into the output rows.
-            buffer = torch.empty((min(FACTOR_CHUNK, block.shape[0]), dim, dim), dtype=factor_dtype, device=block.device)
+            # In float64, FACTOR_CHUNK matrices at a time through one small reused buffer,
+            # written back into the output rows.
+            buffer = torch.empty((min(FACTOR_CHUNK, block.shape[0]), dim, dim), dtype=work_dtype, device=block.device)
             for sub in range(0, block.shape[0], FACTOR_CHUNK):
                 rows = slice(start + sub, start + min(sub + FACTOR_CHUNK, block.shape[0]))
                 covariance = buffer[: rows.stop - rows.start]
@@ -274,6 +298,7 @@ def regularised_precision(
                 if failed is not None:
                     bad = sub + failed
                     break
+                finish(covariance, lapack)
                 out[rows] = covariance
             del buffer
         if bad is not None:
@@ -283,17 +308,43 @@ def regularised_precision(
                 f"covariance at position {start + bad} is not positive definite even with epsilon={epsilon} "
                 "(non-finite features?); check the input images or raise `epsilon`"
             )
-        # The inverse from the factor (lower triangle), in the output dtype, in place.
-        if lapack is not None:
-            _potri_lower(block, lapack)
-        else:
-            torch.cholesky_inverse(block.tril(), out=block)
 
     with _blas_single_threaded() if lapack is not None else contextlib.nullcontext():
         _for_each(invert, starts, threaded=on_cpu)
     if in_place:
         stats.count = -1  # the scatter is gone: guard against reuse
     return out
+
+
+def _invert_lower(block: torch.Tensor, routines: dict | None) -> None:
+    """The inverse (symmetric, full) from the Cholesky factor in the lower triangle of every matrix, in place."""
+    if routines is None:
+        torch.cholesky_inverse(block.tril(), out=block)
+    else:
+        _potri_lower(block, routines)
+
+
+def _whiten_lower(block: torch.Tensor, routines: dict | None) -> None:
+    """The inverse of the Cholesky factor in the lower triangle of every matrix, in place; the
+    upper triangle (still holding covariances) is zeroed."""
+    dim = block.shape[-1]
+    if routines is None:
+        identity = torch.eye(dim, dtype=block.dtype, device=block.device).expand_as(block)
+        block.copy_(torch.linalg.solve_triangular(block.tril(), identity, upper=False))
+    else:
+        trtri = routines[("trtri", block.dtype)]
+        n, info = ctypes.c_int(dim), ctypes.c_int(0)
+        for matrix in block:
+            # C-contiguous lower = Fortran upper ("U"), non-unit diagonal ("N").
+            trtri(b"U", b"N", ctypes.byref(n), matrix.data_ptr(), ctypes.byref(n), ctypes.byref(info))
+            if info.value != 0:
+                raise PadimError(f"LAPACK failed inverting a {dim} x {dim} Cholesky factor (info {info.value})")
+    block.masked_fill_(_upper_mask(dim, block.device), 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_mask(dim: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(dim, dim, dtype=torch.bool, device=device).triu_(1)
 
 
 def _factor(block: torch.Tensor, routines: dict | None) -> int | None:
@@ -380,7 +431,7 @@ _ROUTINES: dict = {}
 
 
 def _routines() -> dict | None:
-    """SciPy's BLAS/LAPACK (``?syrk``, ``?potrf``, ``?potri``; OpenBLAS in SciPy's wheels) as
+    """SciPy's BLAS/LAPACK (``?syrk``, ``?potrf``, ``?potri``, ``?trtri``; OpenBLAS in SciPy's wheels) as
     ctypes functions keyed by ``(name, dtype)``, or ``None`` when unavailable, in which case
     torch's own routines are used. They come from ``scipy.linalg.cython_blas`` /
     ``cython_lapack``, SciPy's documented low-level interface (numba binds them the same way);
@@ -404,12 +455,14 @@ def _load_routines() -> dict | None:
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     int_p = ctypes.POINTER(ctypes.c_int)
     lapack_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, int_p, ctypes.c_void_p, int_p, int_p)
+    trtri_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, int_p, ctypes.c_void_p, int_p, int_p)
     syrk_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, int_p, int_p, ctypes.c_void_p,
                                  ctypes.c_void_p, int_p, ctypes.c_void_p, ctypes.c_void_p, int_p)
     # Only the LP64 signatures SciPy documents (32-bit ints), checked against the capsule's.
     wanted = {
         "potrf": (cython_lapack, lapack_type, b"void (char *, int *,", b"*, int *, int *)"),
         "potri": (cython_lapack, lapack_type, b"void (char *, int *,", b"*, int *, int *)"),
+        "trtri": (cython_lapack, trtri_type, b"void (char *, char *, int *,", b"*, int *, int *)"),
         "syrk": (cython_blas, syrk_type, b"void (char *, char *, int *, int *,", b"*, int *)"),
     }
     routines = {}

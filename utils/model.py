@@ -21,7 +21,7 @@ from .config import Settings, settings_from_dict
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
 from .files import atomic_writer
-from .gaussian import GaussianStatistics, pool_neighbourhoods, regularised_precision
+from .gaussian import GaussianStatistics, pool_neighbourhoods, regularised_whitening
 from .preprocess import head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
@@ -29,7 +29,8 @@ from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
 ImageSource = Union[torch.Tensor, Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
 
 FILE_FORMAT = "padim-model"
-FILE_VERSION = 1
+#: 2: the file stores ``whitening`` (inverse Cholesky factors); 1 stored ``precision`` (still read).
+FILE_VERSION = 2
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
@@ -57,16 +58,17 @@ CPU_FORWARD_CHUNK = 8
 
 def staging_rows(batch_size: int, positions: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
     """Images held by the fit's staging buffer: ``STAGING_IMAGES``, at least one batch, and (for
-    large ``d``) no more than 1/8 of the scatter's memory (at least 64 MB allowed).
+    large ``d``) no more than 1/16 of the scatter's memory (at least 64 MB allowed).
 
     A larger buffer means fewer, longer passes over the ``(P, d, d)`` scatter but adds to the
     fit's peak memory. wide_resnet50_2, d = 550, on 2 cores: folding 198 images took 1.45-1.75 s
-    in 33-image folds (75 MB buffer, the former 1/16 limit) and 1.11-1.22 s in 64-image folds
-    (146 MB; 1/8 of the 1.24 GB scatter), ~1.2 s less over 711 images.
+    in 33-image folds (75 MB buffer, this limit) and 1.11-1.22 s in 64-image folds (146 MB), but
+    the larger buffer raised the fit's peak from ~2.33 to 2.42 GB: more than a third of
+    anomalib's 7.06 GB, the memory target of bench/run.py.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = positions * dim * itemsize
-    budget = max(positions * dim * dim * itemsize // 8, 64 * 2**20)
+    budget = max(positions * dim * dim * itemsize // 16, 64 * 2**20)
     return max(batch_size, min(STAGING_IMAGES, budget // row_bytes - 1))
 
 
@@ -90,7 +92,9 @@ class Padim:
         else:
             self.channel_indices = random_channel_indices(total, kept, settings.seed)
         self.mean: torch.Tensor | None = None
-        self.precision: torch.Tensor | None = None
+        #: ``(P, d, d)`` with ``W^T W`` the precision (inverse covariance) at each position;
+        #: a fit stores the inverse lower Cholesky factor (see :func:`utils.gaussian.regularised_whitening`).
+        self.whitening: torch.Tensor | None = None
         self.train_count = 0
         #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
         self.shrinkage: float | None = None
@@ -207,24 +211,32 @@ class Padim:
                 shrink_scatter(stats, shrinkage)
                 self.shrinkage = float(shrinkage.mean())
                 self._moments = None
-            self.precision = regularised_precision(stats, self.settings.epsilon, in_place=True)
+            self.whitening = regularised_whitening(stats, self.settings.epsilon, in_place=True)
         return self
 
     def fit(self, images: ImageSource, progress: bool = True) -> "Padim":
         """Fit the per-position Gaussians on normal images; memory stays flat in the number of images."""
-        # The precision reads only the lower triangle of the scatter: skip completing the upper one.
+        # The whitening reads only the lower triangle of the scatter: skip completing the upper one.
         return self.fit_statistics(self._accumulate(images, progress, symmetric=False))
 
     @property
     def is_fitted(self) -> bool:
-        return self.precision is not None
+        return self.whitening is not None
+
+    @property
+    def precision(self) -> torch.Tensor | None:
+        """``(P, d, d)`` inverse covariances ``W^T W``, computed from :attr:`whitening` on each access (for inspection)."""
+        if self.whitening is None:
+            return None
+        with torch.inference_mode(), exact_float32(self.whitening.device):
+            return torch.bmm(self.whitening.mT, self.whitening)
 
     # ------------------------------------------------------------------ scoring
     def distances(self, images: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distances on the patch grid ``(N, S/4, S/4)`` for one batch."""
         self._require_fitted()
         with exact_float32(self.device):
-            return mahalanobis(self.embed(images), self.mean, self.precision)
+            return mahalanobis(self.embed(images), self.mean, self.whitening)
 
     def score(self, images: ImageSource, progress: bool = True, region: torch.Tensor | None = None) -> ScoreResult:
         """Anomaly maps ``(N, S, S)`` and image scores ``(N,)`` for ``images``.
@@ -270,7 +282,7 @@ class Padim:
             "settings": json.dumps(self.settings.to_dict()),
             "channel_indices": self.channel_indices.clone(),
             "mean": self.mean.detach().cpu().clone(),
-            "precision": self.precision.detach().cpu().clone(),
+            "whitening": self.whitening.detach().cpu().clone(),
             "train_count": int(self.train_count),
         }
         with atomic_writer(path, durable=True) as stream:
@@ -295,14 +307,16 @@ class Padim:
             raise ModelFileError(f"{path} is not a readable PaDiM model file ({reason[:200]})") from None
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise ModelFileError(f"{path} is not a PaDiM model file (no '{FILE_FORMAT}' header)")
-        if payload.get("version") != FILE_VERSION:
-            raise ModelFileError(f"{path} has model file version {payload.get('version')}; this code reads {FILE_VERSION}")
+        version = payload.get("version")
+        if version not in (1, FILE_VERSION):
+            raise ModelFileError(f"{path} has model file version {version}; this code reads 1 and {FILE_VERSION}")
         try:
             stored = settings_from_dict(json.loads(payload["settings"]))
-            mean, precision = payload["mean"], payload["precision"]
+            mean = payload["mean"]
+            whitening = payload["whitening"] if version == FILE_VERSION else _whitening_from_precision(payload["precision"])
             channel_indices, train_count = payload["channel_indices"], int(payload["train_count"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path} is a damaged PaDiM model file ({exc})") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path} is a damaged PaDiM model file ({str(exc).splitlines()[0][:200]})") from None
         if settings is not None:
             _check_compatible(stored, settings, path)
             run_time = {k: v for k, v in settings.to_dict().items() if k not in MODEL_KEYS}
@@ -313,13 +327,29 @@ class Padim:
         if (
             not torch.equal(model.channel_indices, channel_indices)
             or tuple(mean.shape) != (positions, dim)
-            or tuple(precision.shape) != (positions, dim, dim)
+            or tuple(whitening.shape) != (positions, dim, dim)
         ):
             raise ModelFileError(f"{path} is inconsistent: its tensors do not match its own settings")
         model.mean = mean.to(model.device)
-        model.precision = precision.to(model.device)
+        model.whitening = whitening.to(model.device)
         model.train_count = train_count
         return model
+
+
+def _whitening_from_precision(precision: torch.Tensor) -> torch.Tensor:
+    """A version-1 file's precision ``P`` -> lower-triangular ``W`` with ``W^T W = P`` (in float64).
+
+    With ``J`` the exchange matrix (index reversal) and ``J P J = R R^T`` (Cholesky, ``R``
+    lower), ``W = J R^T J`` is lower triangular and ``W^T W = J R R^T J = P``: the fit's ``W``
+    (the inverse Cholesky factor of the covariance is the unique such matrix with a positive
+    diagonal) without inverting anything.
+    """
+    if not isinstance(precision, torch.Tensor) or precision.ndim != 3:
+        raise TypeError("precision is not a (P, d, d) tensor")
+    factor, info = torch.linalg.cholesky_ex(precision.double().flip(-2, -1))
+    if bool((info != 0).any()):
+        raise ValueError("its precision matrices are not positive definite")
+    return factor.mT.flip(-2, -1).to(precision.dtype).contiguous()
 
 
 def _check_compatible(stored: Settings, requested: Settings, path: str) -> None:
