@@ -348,7 +348,7 @@ def test_figures_and_heatmap_files(tmp_path):
     figure = example_figure(gray, masks, maps, threshold=0.8, vmin=0, vmax=1, labels=["a.png", "b.png"], title="t")
     assert isinstance(figure, RasterFigure)
     # The panels appear pixel for pixel at panels_origin: row 0 as example_panels composes it.
-    top, left = figure.panels_origin
+    top, left = figure.boxes["panels"][:2]
     expected = np.round(example_panels(gray[0], masks[0], maps[0].astype(np.float32), np.ones((32, 32), bool), 0.8, 0, 1) * 255)
     assert np.array_equal(figure.pixels[top : top + 32, left : left + expected.shape[1]], expected.astype(np.uint8))
     # The colour bar, right of the panels, runs from the colour of vmax down to that of vmin.
@@ -360,9 +360,20 @@ def test_figures_and_heatmap_files(tmp_path):
     with Image.open(written) as png:
         assert png.size == figure.size
     lesion = group("lesion", maps, [0, 1], masks)
-    bars = auroc_bar_plot(metrics_table({"lesion": lesion}, 0.8))
+    table = metrics_table({"lesion": lesion}, 0.8)
+    bars = auroc_bar_plot(table)
     path = save_figure(bars, tmp_path / "out" / "bars.png")
     assert os.path.getsize(path) < 200_000
+    # Each bar is as long as its value on the plot's 0-1 axis (the group's and the mean row's A, B bars).
+    top, left, height, width = bars.boxes["plot"]
+    plot = bars.pixels[top : top + height, left : left + width].astype(int)
+    chance = int(round(0.5 * (width - 1)))
+    plot[:, chance] = plot[:, chance - 1]  # the dashed chance line is drawn over the bars
+    for k, column in enumerate(("A_auroc", "B_auroc")):
+        colour = np.round(np.asarray(colormaps["tab10"](k)[:3]) * 255)
+        lengths = sorted({int(n) for n in (np.abs(plot - colour).sum(axis=2) == 0).sum(axis=1) if n})
+        expected = sorted({int(round(v * (width - 1))) + 1 for v in table[column] if np.isfinite(v) and v > 0})
+        assert lengths == expected, column
     image = torch.zeros(3, 32, 32)
     target = save_heatmap(image, maps[0], tmp_path / "deep" / "x_heatmap.png")
     with Image.open(target) as png:

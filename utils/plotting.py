@@ -1,10 +1,11 @@
 """Figures: example rows (image, ground truth, heat-map, overlay, thresholded map), a per-group
 AUROC bar plot, and the heat-map PNGs of ``predict``.
 
-The bar plot and ``predict``'s heat-maps are :class:`matplotlib.figure.Figure` objects built
-directly (no pyplot state, nothing to close, safe headless); the example figures are
-:class:`RasterFigure` objects composed as pixels (much faster, one image pixel per screen
-pixel). A notebook shows either with ``display(fig)``; :func:`save_figure` writes either. Heat-map colours use one fixed
+The evaluation's figures (example rows, AUROC bars) are :class:`RasterFigure` objects composed
+as pixels with NumPy and Pillow (matplotlib's colour maps and tick choice, its DejaVu font):
+through matplotlib they were the slowest step of an evaluation. ``predict``'s heat-maps are
+:class:`matplotlib.figure.Figure` objects built directly (no pyplot state, safe headless). A
+notebook shows either with ``display(fig)``; :func:`save_figure` writes either. Heat-map colours use one fixed
 scale per figure (``vmin``/``vmax``, taken from the normal validation maps by
 :mod:`utils.evaluation`), never a per-image or per-group min-max, so a hot colour means the same
 distance everywhere. PNGs are written atomically (temporary file, then rename).
@@ -15,12 +16,14 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .files import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Colour map of anomaly maps.
 HEAT_CMAP = "jet"
@@ -103,12 +106,13 @@ class RasterFigure:
     """A figure composed directly as pixels: ``pixels`` ``(H, W, 3)`` uint8.
 
     Jupyter shows it inline (``_repr_png_``) and :func:`save_figure` writes it, as it does a
-    matplotlib figure. ``panels_origin`` is the ``(row, column)`` of the top-left panel pixel.
+    matplotlib figure. ``boxes`` names its areas as ``(top, left, height, width)`` in pixels:
+    ``"panels"`` of an example figure, ``"plot"`` (the axes) of the bar plot.
     """
 
-    def __init__(self, pixels: np.ndarray, panels_origin: tuple[int, int] = (0, 0)):
+    def __init__(self, pixels: np.ndarray, boxes: Optional[dict[str, tuple[int, int, int, int]]] = None):
         self.pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        self.panels_origin = panels_origin
+        self.boxes = dict(boxes or {})
 
     @property
     def size(self) -> tuple[int, int]:
@@ -241,36 +245,72 @@ def example_figure(
             image.paste(label, (left - label.width - 3, top + r * (size + GAP) + (size - label.height) // 2), label)
     if title:
         draw.text((image.width / 2, 4), title, font=title_font, fill=(0, 0, 0), anchor="mt")
-    return RasterFigure(np.asarray(image), (top, left))
+    return RasterFigure(np.asarray(image), {"panels": (top, left, height, width)})
 
 
-def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_auroc"), title: str = "") -> Figure:
-    """Per-group AUROC bars (one colour per protocol) from a metrics table (a DataFrame with a
-    ``group`` column and a last row ``mean``); groups flagged ``small_group`` get a dagger."""
+#: Legend names of the AUROC columns.
+PROTOCOL_NAMES = {"A_auroc": "(A) pixel, whole image", "B_auroc": "(B) pixel, inside head", "C_auroc": "(C) image vs normal"}
+
+
+def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_auroc"), title: str = "") -> RasterFigure:
+    """Per-group AUROC bars (one colour per protocol, matplotlib's default colours) from a metrics
+    table (a DataFrame with a ``group`` column and a last row ``mean``) on a 0-1 axis with a
+    dashed line at chance (0.5); groups flagged ``small_group`` get a dagger, missing values
+    (NaN) no bar. Drawn as pixels like :func:`example_figure`: through matplotlib, importing its
+    figure machinery and laying out and rendering this one plot took ~0.8 s of an evaluation.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
     names = [str(g) for g in table["group"]]
     small = list(table["small_group"]) if "small_group" in table else [False] * len(names)
     labels = [f"{n} †" if s and n != "mean" else n for n, s in zip(names, small)]
     present = [c for c in columns if c in table]
-    height = 0.8 / max(1, len(present))
-    y = np.arange(len(names))
-    figure = Figure(figsize=(6.0, 1.3 + 0.11 * len(names) * max(1, len(present))), layout="constrained")
-    ax = figure.subplots()
-    legend_names = {"A_auroc": "(A) pixel, whole image", "B_auroc": "(B) pixel, inside head", "C_auroc": "(C) image vs normal"}
-    for k, column in enumerate(present):
-        values = np.asarray(table[column], dtype=np.float64)
-        ax.barh(y + (k - (len(present) - 1) / 2) * height, np.nan_to_num(values, nan=0.0), height=height,
-                label=legend_names.get(column, column))
-    ax.axvline(0.5, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("AUROC (0.5 = chance)")
-    figure.legend(fontsize=7, loc="outside lower center", ncol=max(1, len(present)), frameon=False)
-    ax.set_title(title or "AUROC per group († = 1-2 images: noise)", fontsize=9)
-    return figure
+    colours = [tuple(int(round(255 * v)) for v in colormaps["tab10"](k)[:3]) for k in range(len(present))]
+    title_font, text_font = _font(TITLE_PIXELS), _font(TEXT_PIXELS)
+    bar, gap = 7, 6
+    row = bar * max(1, len(present)) + gap
+    left = max((text_font.getbbox(label)[2] for label in labels), default=0) + 12
+    top = TITLE_PIXELS + 14
+    plot_width, plot_height = 400, row * len(names) + gap
+    legend_top = top + plot_height + 2 * TEXT_PIXELS + 16
+    legend_names = [PROTOCOL_NAMES.get(column, column) for column in present]
+    legend_width = sum(14 + text_font.getbbox(name)[2] for name in legend_names) + 16 * max(0, len(present) - 1)
+    width, height = max(left + plot_width + 16, legend_width + 12), legend_top + TEXT_PIXELS + 10
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+
+    def x_of(value: float) -> int:
+        return left + int(round(min(max(value, 0.0), 1.0) * (plot_width - 1)))
+
+    for tick in np.linspace(0.0, 1.0, 6):  # light grid and labels every 0.2
+        x = x_of(tick)
+        draw.line((x, top, x, top + plot_height - 1), fill=(230, 230, 230))
+        draw.line((x, top + plot_height, x, top + plot_height + 3), fill=(0, 0, 0))
+        draw.text((x, top + plot_height + 5), f"{tick:.1f}", font=text_font, fill=(0, 0, 0), anchor="mt")
+    for r, label in enumerate(labels):
+        y = top + gap + r * row
+        draw.text((left - 6, y + (row - gap) / 2), label, font=text_font, fill=(0, 0, 0), anchor="rm")
+        for k, column in enumerate(present):
+            value = float(table[column].iloc[r])
+            if math.isfinite(value) and value > 0:
+                draw.rectangle((left, y + k * bar, x_of(value), y + (k + 1) * bar - 1), fill=colours[k])
+    chance = x_of(0.5)
+    for y in range(top, top + plot_height, 6):  # dashed line at chance
+        draw.line((chance, y, chance, min(y + 3, top + plot_height - 1)), fill=(128, 128, 128))
+    draw.rectangle((left - 1, top - 1, left + plot_width, top + plot_height), outline=(0, 0, 0))
+    draw.text((left + plot_width / 2, top + plot_height + TEXT_PIXELS + 9), "AUROC (0.5 = chance)", font=text_font,
+              fill=(0, 0, 0), anchor="mt")
+    x = (width - legend_width) // 2
+    for k, name in enumerate(legend_names):
+        draw.rectangle((x, legend_top + 2, x + 10, legend_top + TEXT_PIXELS - 1), fill=colours[k])
+        draw.text((x + 14, legend_top), name, font=text_font, fill=(0, 0, 0), anchor="lt")
+        x += 14 + text_font.getbbox(name)[2] + 16
+    draw.text((width / 2, 5), title or "AUROC per group († = 1-2 images: noise)", font=title_font, fill=(0, 0, 0), anchor="mt")
+    return RasterFigure(np.asarray(image), {"plot": (top, left, plot_height, plot_width)})
 
 
-def figure_png(figure: "Figure | RasterFigure", dpi: int = DPI, colours: int = 256) -> bytes:
+def figure_png(figure: "RasterFigure | Figure", dpi: int = DPI, colours: int = 256) -> bytes:
     """The figure as PNG bytes, quantised to an adaptive palette of ``colours`` (small files).
 
     The figure is rendered once to pixels (Agg) and encoded once by Pillow: going through
@@ -300,7 +340,7 @@ def figure_png(figure: "Figure | RasterFigure", dpi: int = DPI, colours: int = 2
     return out.getvalue()
 
 
-def save_figure(figure: "Figure | RasterFigure", path: str | os.PathLike, dpi: int = DPI) -> str:
+def save_figure(figure: "RasterFigure | Figure", path: str | os.PathLike, dpi: int = DPI) -> str:
     """Save ``figure`` as a PNG at ``path`` atomically; returns the path."""
     return write_atomic(path, figure_png(figure, dpi))
 
@@ -319,6 +359,8 @@ def save_heatmap(image, heat: np.ndarray, target_path: str | os.PathLike,
     high = float(np.max(heat)) if vmax is None else float(vmax)
     if not math.isfinite(high) or high <= low:
         high = low + 1.0
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4.6, 2.2), layout="constrained")
     left, right = figure.subplots(1, 2)
     left.imshow(gray, cmap="gray", vmin=0, vmax=1)
