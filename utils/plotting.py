@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 #: Colour map of anomaly maps.
 HEAT_CMAP = "jet"
-#: Resolution of saved figures: small PNGs (a few tens of KB).
+#: Resolution of saved matplotlib figures: small PNGs (a few tens of KB).
 DPI = 80
+#: zlib level of saved PNGs (see :func:`figure_png`).
+PNG_COMPRESSION = 3
 GT_COLOUR = "lime"
 DETECTED_COLOUR = "yellow"
 COLUMN_TITLES = ("image", "ground truth", "anomaly map", "overlay (head)", "map ≥ threshold (head)")
@@ -336,7 +338,9 @@ def figure_png(figure: "RasterFigure | Figure", dpi: int = DPI, colours: int = 2
     if colours:
         image = image.quantize(colors=colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    image.save(out, format="PNG")  # optimize=True: 3 % smaller, 10x slower
+    # zlib level 3 instead of Pillow's 6: an example figure encodes in 3 ms instead of 10 ms
+    # and is 8 % larger (60 KB); optimize=True would be 3 % smaller and 10x slower.
+    image.save(out, format="PNG", compress_level=PNG_COMPRESSION)
     return out.getvalue()
 
 
