@@ -325,6 +325,16 @@ def _median(values):
     return round(statistics.median(values), 3) if values else None
 
 
+def _over_neighbouring_floors(runs: list, floors: list) -> list[float]:
+    """Run ``i`` (measured between floors ``i`` and ``i + 1``) over the mean of those floors; missing values skipped."""
+    ratios = []
+    for i, run in enumerate(runs):
+        around = [f for f in floors[i : i + 2] if f]
+        if run and around:
+            ratios.append(run / statistics.mean(around))
+    return ratios
+
+
 def _ratio(a, b, digits=3):
     return round(a / b, digits) if a is not None and b else None
 
@@ -449,11 +459,7 @@ def run_benchmark(args) -> int:
     for backbone, m in measured.items():
         setup = BACKBONE_SETUP[backbone]
         floors = [f.get("floor_s") for f in m["floors"]]
-        ratios = []
-        for i, fit in enumerate(m["fits"]):
-            around = [f for f in floors[i : i + 2] if f]
-            if fit.get("fit_s") and around:
-                ratios.append(fit["fit_s"] / statistics.mean(around))
+        ratios = _over_neighbouring_floors([f.get("fit_s") for f in m["fits"]], floors)
         first = m["fits"][0] if m["fits"] else {}
         entry = {
             "d": setup["d"], "weights": setup["weights"], "n": args.n,
@@ -501,8 +507,7 @@ def run_benchmark(args) -> int:
         else:
             floors = [f.get("floor_s") for f in e2e["floors"]]
             runs = [run["e2e_s"] for run in e2e["runs"]]
-            # Each run against the mean of the two floors measured just before and after it.
-            ratios = [run / statistics.mean(around) for i, run in enumerate(runs) if (around := [f for f in floors[i : i + 2] if f])]
+            ratios = _over_neighbouring_floors(runs, floors)
             middle = sorted(range(len(runs)), key=runs.__getitem__)[len(runs) // 2]  # the median run (odd counts)
             results["end_to_end"] = {
                 "e2e_s": _median(runs), "e2e_runs_s": runs, "floor_runs_s": floors, "floor_s": _median([f for f in floors if f]),

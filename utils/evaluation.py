@@ -488,7 +488,7 @@ class Evaluation:
         return with_box[:count]
 
     def make_figures(self, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Any]:
-        """``{"auroc": bar plot (a matplotlib Figure), "examples_<group>": example rows (a RasterFigure), ...}``."""
+        """``{"auroc": AUROC bars, "examples_<group>": example rows, ...}`` as :class:`~utils.plotting.RasterFigure`."""
         from .plotting import auroc_bar_plot, example_figure
 
         if self.table is None:

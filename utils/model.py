@@ -144,8 +144,8 @@ class Padim:
         Embeddings are copied, one block per position, into a position-major staging buffer of
         :func:`staging_rows` images (two batches by default) that is folded into the statistics
         when full: the ``(P, d, d)`` scatter is read and written once per 64 images instead of
-        once per batch, and only its lower triangle is updated (``?syrk``), then completed once
-        at the end. The buffer has a fixed size, so memory does not grow with the number of
+        once per batch, and for large ``d`` only its lower triangle is updated (``?syrk``), then
+        completed once at the end. The buffer has a fixed size, so memory does not grow with the number of
         images; see ``bench/README.md`` for figures.
         """
         return self._accumulate(images, progress, symmetric=True)

@@ -13,6 +13,7 @@ distance everywhere. PNGs are written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -128,8 +129,9 @@ class RasterFigure:
         return f"RasterFigure({self.size[0]}x{self.size[1]} px)"
 
 
+@functools.lru_cache(maxsize=4)
 def _font(pixels: int):
-    """DejaVu Sans (shipped with matplotlib, the font of its figures) at ``pixels`` px."""
+    """DejaVu Sans (shipped with matplotlib, the font of its figures) at ``pixels`` px, read once per size."""
     import matplotlib
     from PIL import ImageFont
 

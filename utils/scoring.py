@@ -39,7 +39,7 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
     positions = h * w
     samples = embeddings.flatten(2).permute(2, 0, 1)  # (P, N, d); contiguous for PatchEmbedder output
     centre = mean.to(whitening.dtype).unsqueeze(2)  # (P, d, 1)
-    squared = torch.empty(positions, n, dtype=whitening.dtype, device=whitening.device)
+    squared = torch.zeros(positions, n, dtype=whitening.dtype, device=whitening.device)
     step = POSITION_CHUNK if whitening.device.type == "cpu" else positions
     blocks = TRIANGLE_BLOCKS if d >= TRIANGLE_MIN_DIM else 1
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
@@ -49,10 +49,6 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
         # operand (~25 % faster on CPU than the transposed order), then column sums of squares.
         deviations = torch.empty(stop - start, d, n, dtype=whitening.dtype, device=whitening.device)
         torch.sub(samples[start:stop].transpose(1, 2).to(whitening.dtype), centre[start:stop], out=deviations)
-        if blocks == 1:
-            torch.sum(torch.bmm(whitening[start:stop], deviations).square_(), dim=1, out=squared[start:stop])
-            continue
-        squared[start:stop] = 0
         for top, bottom in zip(edges, edges[1:]):
             # Rows top:bottom of a lower-triangular W are zero right of column bottom.
             rows = whitening[start:stop, top:bottom, :bottom]
