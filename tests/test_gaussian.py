@@ -80,6 +80,10 @@ def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(
 
     if lapack == "torch":  # the path without SciPy's LAPACK, which CUDA takes too
         monkeypatch.setitem(gaussian._ROUTINES, "value", None)
+    else:  # SciPy's LAPACK, which a fit uses from d = SCIPY_LAPACK_MIN_DIM
+        if gaussian._routines() is None:
+            pytest.skip("SciPy's LAPACK is not available")
+        monkeypatch.setattr(gaussian, "SCIPY_LAPACK_MIN_DIM", 1)
     x = _embeddings(samples, seed=6)  # 4 samples < 6 dimensions: factorised in float64
     stats = GaussianStatistics.empty(6, 6, dtype=dtype)
     stats.update(x)
@@ -93,6 +97,25 @@ def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(
     precision = gaussian.regularised_precision(stats, epsilon=0.01, chunk=4).double().numpy()
     np.testing.assert_allclose(whitening.double().mT.numpy() @ whitening.double().numpy(), precision, rtol=0,
                                atol=tolerance * np.abs(precision).max())
+
+
+@pytest.mark.parametrize("lapack", ["scipy", "torch"])
+@pytest.mark.parametrize("samples", [30, 4])  # 4 < 6 dimensions: the float64 path
+def test_a_covariance_that_is_not_positive_definite_is_named_by_its_position(monkeypatch, lapack, samples):
+    import utils.gaussian as gaussian
+    from utils.errors import PadimError
+
+    if lapack == "torch":
+        monkeypatch.setitem(gaussian._ROUTINES, "value", None)
+    else:
+        if gaussian._routines() is None:
+            pytest.skip("SciPy's LAPACK is not available")
+        monkeypatch.setattr(gaussian, "SCIPY_LAPACK_MIN_DIM", 1)
+    stats = GaussianStatistics.empty(6, 6)
+    stats.update(_embeddings(samples, seed=7))
+    stats.scatter[4].diagonal().sub_(1e6)  # a negative variance at position 4
+    with pytest.raises(PadimError, match="position 4 is not positive definite"):
+        gaussian.regularised_whitening(stats, epsilon=0.01, chunk=3)
 
 
 def test_precision_is_finite_with_fewer_samples_than_dimensions():

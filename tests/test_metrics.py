@@ -92,6 +92,24 @@ def test_one_sort_ranking_metrics_equal_scikit_learn(seed):
     assert M.pixel_metrics(maps, masks, region) == (M.pixel_auroc(maps, masks, region), M.pixel_ap(maps, masks, region))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_and_region_metrics_from_one_sort_equal_scikit_learn(seed):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    maps, masks, region = random_case(seed)  # many ties
+    whole, inside = M.pixel_metrics_whole_and_region(maps, masks, region)
+    for (area, ap), selected in ((whole, np.ones_like(region)), (inside, region)):
+        labels, scores = masks[selected], maps[selected]
+        assert area == pytest.approx(roc_auc_score(labels, scores), abs=1e-10)
+        assert ap == pytest.approx(average_precision_score(labels, scores), abs=1e-10)
+    # a region without anomalous pixels: nan there, the whole unaffected
+    outside = ~masks
+    whole_again, none = M.pixel_metrics_whole_and_region(maps, masks, outside)
+    assert whole_again == whole and np.isnan(none).all()
+    with pytest.raises(ValueError, match="region"):
+        M.pixel_metrics_whole_and_region(maps, masks, region[:, :-1])
+
+
 def test_ap_hand_computed():
     maps = np.array([[0.9, 0.8, 0.7, 0.6]])
     masks = np.array([[True, False, True, False]])

@@ -305,8 +305,7 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if normal is None or normal.n_images == 0:
         notes.append("C: no normal test images")
     dice_best, best_threshold = M.best_dice(group.maps, group.masks, group.heads)
-    whole = M.pixel_metrics(row_maps, group.row_masks)
-    head = M.pixel_metrics(row_maps, group.row_masks, group.row_heads)
+    whole, head = M.pixel_metrics_whole_and_region(row_maps, group.row_masks, group.row_heads)
     row = {
         "group": group.name,
         "n_images": group.n_images,

@@ -8,7 +8,8 @@ normalises them (no min-max with test statistics), so scores from different grou
 Degenerate inputs (no positive or no negative pixel/image, an empty region) give ``nan``, never an
 exception; :func:`degenerate_reason` says why, for the notes of a results table.
 
-- :func:`ranking_metrics`, :func:`pixel_metrics` (and :func:`pixel_auroc`, :func:`pixel_ap`):
+- :func:`ranking_metrics`, :func:`pixel_metrics` (and :func:`pixel_auroc`, :func:`pixel_ap`,
+  :func:`pixel_metrics_whole_and_region`):
   ROC AUC and average precision from one sort, equal to scikit-learn's ``roc_auc_score`` and
   ``average_precision_score`` (the step-wise area under the precision-recall curve, no
   interpolation and no threshold grid).
@@ -64,12 +65,16 @@ def _checked_scores(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort once by decreasing score; for every distinct score ``t`` (from the highest): the
-    true and false positives of predicting ``score >= t``, and ``t`` itself (ties move together)."""
+def _ranked(
+    scores: np.ndarray, labels: np.ndarray, order: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort once by decreasing score (or take ``order``, indices in that order); for every
+    distinct score ``t`` (from the highest): the true and false positives of predicting
+    ``score >= t``, and ``t`` itself (ties move together)."""
     # Any order within a run of equal scores gives the same counts at the run's end, so the
     # unstable sort is exact here, and 2.6x faster than a stable one on 2 M float64 scores.
-    order = np.argsort(-scores)
+    if order is None:
+        order = np.argsort(-scores)
     sorted_scores = scores[order]
     ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])  # last index of each tie run
     true_positives = np.cumsum(labels[order], dtype=np.int64)[ends]
@@ -86,7 +91,10 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, floa
     labels = np.asarray(labels, dtype=bool)
     if degenerate_reason(labels) is not None:
         return NAN, NAN
-    true_positives, false_positives, _ = _ranked(_checked_scores(scores), labels)
+    return _auroc_and_ap(*_ranked(_checked_scores(scores), labels)[:2])
+
+
+def _auroc_and_ap(true_positives: np.ndarray, false_positives: np.ndarray) -> tuple[float, float]:
     tpr = np.r_[0.0, true_positives / true_positives[-1]]
     fpr = np.r_[0.0, false_positives / false_positives[-1]]
     area = float(np.trapezoid(tpr, fpr))
@@ -98,6 +106,33 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, floa
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
     """Pixel-level ``(ROC AUC, average precision)`` pooled over all (region) pixels of all maps."""
     return ranking_metrics(*pixels(maps, masks, region))
+
+
+def pixel_metrics_whole_and_region(
+    maps: np.ndarray, masks: np.ndarray, region: np.ndarray
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """:func:`pixel_metrics` over all pixels and over the ``region`` pixels, from one sort.
+
+    The region's pixels, taken in the order of the sorted whole, are sorted already: the same
+    values as two calls of :func:`pixel_metrics`, for about half the time.
+    """
+    scores, labels = pixels(maps, masks)
+    region = np.asarray(region, dtype=bool)
+    if region.shape != np.shape(maps):
+        raise ValueError(f"region {region.shape} must have the shape of the maps {np.shape(maps)}")
+    inside = region.ravel()
+    results = []
+    order = None
+    for selected in (None, inside):
+        subset = labels if selected is None else labels[selected]
+        if degenerate_reason(subset) is not None:
+            results.append((NAN, NAN))
+            continue
+        if order is None:
+            scores = _checked_scores(scores)
+            order = np.argsort(-scores)
+        results.append(_auroc_and_ap(*_ranked(scores, labels, order if selected is None else order[selected[order]])[:2]))
+    return results[0], results[1]
 
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
