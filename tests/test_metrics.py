@@ -322,8 +322,9 @@ def _png(path, array):
     return str(path)
 
 
-def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_path):
+def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_path, monkeypatch):
     from utils.data import ImageSet, Item
+    from utils.preprocess import read_grayscale
 
     rng = np.random.default_rng(0)
     a = _png(tmp_path / "a.png", rng.integers(0, 255, (16, 16)))
@@ -339,7 +340,13 @@ def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_
     items = [Item(a, (boxes[0],), (boxes[0], neg)), Item(b, (boxes[2],), (boxes[2], neg)), Item(a, (boxes[1],), (boxes[1], neg))]
     dataset = ImageSet("lesion", items, image_size=32, anomalous=True)
     s = settings_from_dict({"backbone": "efficientnet_lite0", "image_size": 32, "output_dimension": 8, "batch_size": 2})
+    import utils.data
+
+    decoded = []
+    monkeypatch.setattr(utils.data, "read_grayscale", lambda path: decoded.append(path) or read_grayscale(path))
     scored = score_group(_FakeModel(), dataset, s)
+    assert sorted(decoded) == [a, b]  # image a has two rows but is read once
+    monkeypatch.undo()
     assert scored.paths == [a, b] and list(scored.row_image) == [0, 1, 0]
     per_image = dataset.per_image()
     for i in range(len(per_image)):

@@ -119,14 +119,23 @@ class ImageSet(Dataset):
             raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
         item = self.items[index]
         gray = read_grayscale(item.image)
-        size, mode = self.image_size, self.resize
+        mask, head = self.masks(index, gray.shape)
         return {
-            "image": preprocess(gray, size, mode, self.intensity),
-            "mask": self._union(item.anomaly, gray.shape, item),
-            "head": self._union(item.head, gray.shape, item) if item.head is not None else torch.ones(size, size, dtype=torch.bool),
+            "image": preprocess(gray, self.image_size, self.resize, self.intensity),
+            "mask": mask,
+            "head": head,
+            "shape": torch.tensor(gray.shape),
             "path": item.image,
             "index": index,
         }
+
+    def masks(self, index: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``'s anomaly and head masks ``(S, S)`` bool for its image of ``shape``
+        ``(H, W)``, without decoding the image (all True for a head that is not annotated)."""
+        item = self.items[index]
+        size = self.image_size
+        head = self._union(item.head, shape, item) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
+        return self._union(item.anomaly, shape, item), head
 
     def _union(self, files: Iterable[str], shape: tuple[int, int], item: Item) -> torch.Tensor:
         """Union of the mask ``files`` at the network's size ``(S, S)`` (nearest-neighbour resizing

@@ -200,35 +200,32 @@ def _progress(total: int, desc: str, show: bool):
 
 
 def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -> GroupScores:
-    """Score every distinct image of ``dataset`` once and collect its rows' masks (streaming, by batch)."""
-    size = settings.image_size
+    """Score every distinct image of ``dataset`` once and collect its rows' masks (streaming, by batch).
+
+    The images are read once each (an image listed in several rows, e.g. one row per box, is not
+    decoded again); each row's masks come from the mask cache, checked against its image's size.
+    """
     index_of: dict[str, int] = {}
-    maps, gray, row_image, row_masks, row_heads = [], [], [], [], []
-    for batch in make_loader(dataset, settings):
-        new = []
-        for j, path in enumerate(batch["path"]):
-            if path not in index_of:
-                index_of[path] = len(index_of)
-                new.append(j)
-            row_image.append(index_of[path])
-        row_masks.append(batch["mask"].numpy().astype(bool))
-        row_heads.append(batch["head"].numpy().astype(bool))
-        if new:
-            images = batch["image"][new]
-            maps.append(model.score(images, progress=False).maps.astype(np.float32))
-            gray.append(np.stack([denormalise(image) for image in images]).astype(np.float16))
+    shape_of: dict[str, tuple[int, int]] = {}
+    maps, gray, masks, heads = [], [], [], []
+    for batch in make_loader(dataset.per_image(), settings):
+        for path, shape in zip(batch["path"], batch["shape"].tolist()):
+            index_of[path] = len(index_of)
+            shape_of[path] = tuple(shape)
+        masks.append(batch["mask"].numpy().astype(bool))
+        heads.append(batch["head"].numpy().astype(bool))
+        images = batch["image"]
+        maps.append(model.score(images, progress=False).maps.astype(np.float32))
+        gray.append(np.stack([denormalise(image) for image in images]).astype(np.float16))
         if bar is not None:
-            bar.update(len(batch["path"]))
+            bar.update(len(images))
     if not index_of:
         raise DataError(f"test group {dataset.name!r} holds no images")
-    rows = np.asarray(row_image, dtype=np.int64)
-    row_masks_a, row_heads_a = np.concatenate(row_masks), np.concatenate(row_heads)
-    n = len(index_of)
-    masks = np.zeros((n, size, size), dtype=bool)
-    heads = np.zeros((n, size, size), dtype=bool)
-    for row, image in enumerate(rows):
-        masks[image] |= row_masks_a[row]
-        heads[image] |= row_heads_a[row]
+    rows = np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64)
+    row_pairs = [dataset.masks(row, shape_of[item.image]) for row, item in enumerate(dataset.items)]
+    row_masks_a = np.stack([mask.numpy() for mask, _ in row_pairs])
+    row_heads_a = np.stack([head.numpy() for _, head in row_pairs])
+    masks, heads = np.concatenate(masks), np.concatenate(heads)
     heads[~heads.any(axis=(1, 2))] = True  # an empty head mask: fall back to the whole image
     all_maps = np.concatenate(maps)
     scores = image_scores(torch.from_numpy(all_maps), settings.image_score, torch.from_numpy(heads)).numpy()
@@ -454,7 +451,7 @@ class Evaluation:
             reference_set, limit = train, FALLBACK_REFERENCE_IMAGES
             source = f"first {min(limit, len(train))} training images (in-sample: no validation split; threshold biased low)"
             self.notes.append(f"no validation split: threshold and colour scale from the {source}")
-        total = sum(len(g) for g in bundle.test.values()) + min(len(reference_set), limit or len(reference_set))
+        total = sum(len(set(g.paths)) for g in bundle.test.values()) + min(len(reference_set), limit or len(reference_set))
         with _progress(total, "score", progress) as bar:
             ref_maps, ref_regions, region_kind = reference_maps(self.model, reference_set, settings, limit, bar)
             self.reference = NormalReference.from_maps(ref_maps, ref_regions, source, region_kind=region_kind)
