@@ -493,8 +493,8 @@ def run_benchmark(args) -> int:
                 "shipped_inverse_check": a.get("shipped_inverse_check"), "error": a.get("error"),
             }
             above = lambda r: r["peak_rss_gb"] - r["base_rss_gb"] if r.get("peak_rss_gb") and r.get("base_rss_gb") else None  # noqa: E731
-            entry["vs_anomalib"] = {"fit_speedup": _ratio(a.get("fit_s"), entry["fit"]["fit_s"], 2),
-                                    "memory_ratio": _ratio(a.get("fit_peak_rss_gb"), big, 2),
+            entry["vs_anomalib"] = {"fit_speedup": _ratio(a.get("fit_s"), entry["fit"]["fit_s"]),
+                                    "memory_ratio": _ratio(a.get("fit_peak_rss_gb"), big),
                                     "memory_above_base_ratio": _ratio(above(entry["anomalib"]), above(entry["fit"]), 2),
                                     "score_speedup": _ratio(a.get("score_ms_per_image"), entry["score"]["ms_per_image"], 2)}
         results["backbones"][backbone] = entry
@@ -594,7 +594,7 @@ def table(results: dict) -> str:
         extra = []
         if "vs_anomalib" in b:
             va = b["vs_anomalib"]
-            extra.append(f"vs anomalib: fit {f(va['fit_speedup'])}x faster, {f(va['memory_ratio'])}x less peak memory "
+            extra.append(f"vs anomalib: fit {f(va['fit_speedup'])}x faster, {f(va['memory_ratio'], '{:.3f}')}x less peak memory "
                          f"({f(va.get('memory_above_base_ratio'))}x less above each process's baseline of interpreter, "
                          f"libraries and model: ours {f(b['fit'].get('base_rss_gb'))} GB, anomalib {f(b['anomalib'].get('base_rss_gb'))} GB), "
                          f"scoring {f(va['score_speedup'])}x faster")
