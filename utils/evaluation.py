@@ -205,13 +205,10 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     The images are read once each (an image listed in several rows, e.g. one row per box, is not
     decoded again); each row's masks come from the mask cache, checked against its image's size.
     """
-    index_of: dict[str, int] = {}
-    shape_of: dict[str, tuple[int, int]] = {}
+    shape_of: dict[str, tuple[int, int]] = {}  # distinct images, in scoring order
     maps, gray, masks, heads = [], [], [], []
     for batch in make_loader(dataset.per_image(), settings):
-        for path, shape in zip(batch["path"], batch["shape"].tolist()):
-            index_of[path] = len(index_of)
-            shape_of[path] = tuple(shape)
+        shape_of.update((path, tuple(shape)) for path, shape in zip(batch["path"], batch["shape"].tolist()))
         masks.append(batch["mask"].numpy().astype(bool))
         heads.append(batch["head"].numpy().astype(bool))
         images = batch["image"]
@@ -219,8 +216,9 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
         gray.append(np.stack([denormalise(image) for image in images]).astype(np.float16))
         if bar is not None:
             bar.update(len(images))
-    if not index_of:
+    if not shape_of:
         raise DataError(f"test group {dataset.name!r} holds no images")
+    index_of = {path: index for index, path in enumerate(shape_of)}
     rows = np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64)
     row_pairs = [dataset.masks(row, shape_of[item.image]) for row, item in enumerate(dataset.items)]
     row_masks_a = np.stack([mask.numpy() for mask, _ in row_pairs])

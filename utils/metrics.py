@@ -121,18 +121,14 @@ def pixel_metrics_whole_and_region(
     if region.shape != np.shape(maps):
         raise ValueError(f"region {region.shape} must have the shape of the maps {np.shape(maps)}")
     inside = region.ravel()
-    results = []
-    order = None
-    for selected in (None, inside):
-        subset = labels if selected is None else labels[selected]
-        if degenerate_reason(subset) is not None:
-            results.append((NAN, NAN))
-            continue
-        if order is None:
-            scores = _checked_scores(scores)
-            order = np.argsort(-scores)
-        results.append(_auroc_and_ap(*_ranked(scores, labels, order if selected is None else order[selected[order]])[:2]))
-    return results[0], results[1]
+    if degenerate_reason(labels) is not None:  # a class missing overall is missing inside the region too
+        return (NAN, NAN), (NAN, NAN)
+    scores = _checked_scores(scores)
+    order = np.argsort(-scores)
+    whole = _auroc_and_ap(*_ranked(scores, labels, order)[:2])
+    if degenerate_reason(labels[inside]) is not None:
+        return whole, (NAN, NAN)
+    return whole, _auroc_and_ap(*_ranked(scores, labels, order[inside[order]])[:2])
 
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> float:
