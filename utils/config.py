@@ -19,7 +19,8 @@ import yaml
 from .backbones import BACKBONES, MAX_STRIDE
 from .errors import ConfigError
 
-DATA_FORMATS = ("demo", "study", "mvtec")
+DATA_FORMATS = ("demo", "study", "mvtec", "nifti")
+COLOR_MODES = ("auto", "gray", "rgb")
 INTENSITY_MODES = ("none", "zscore", "percentile")
 RESIZE_MODES = ("pad", "stretch")
 IMAGE_SCORES = ("max", "top1pct_mean")
@@ -30,9 +31,24 @@ COVARIANCE_SHRINKAGE = ("none", "ledoit_wolf")
 class DataSettings:
     """Where the images come from and how every image is preprocessed (train and test alike)."""
 
-    format: Literal["demo", "study", "mvtec"] = "demo"
+    format: Literal["demo", "study", "mvtec", "nifti"] = "demo"
     #: Folder holding the study's ``data/`` folder, an MVTec category folder, or the demo set.
     root: str = "data/demo"
+    #: NIfTI volumes (format nifti): CSV with columns split, image and optional label, brain_mask,
+    #: group, case (paths relative to the CSV); see data/README.md.
+    manifest: Optional[str] = None
+    #: NIfTI: index of the volume to take along the 4th axis of a 4-D image (null: 4-D is an error).
+    volume_index: Optional[int] = None
+    #: NIfTI: keep axial slices whose brain covers at least this fraction of the slice.
+    min_brain_fraction: float = 0.1
+    #: Without a validation split: this seeded fraction of the training images (or slices) is
+    #: held out of the fit and gives the threshold and colour scale instead (never in-sample).
+    val_fraction: float = 0.1
+    #: "auto": colour files stay RGB, grayscale files are replicated to 3 channels; "gray":
+    #: everything converted to luminance; "rgb": everything read as RGB.
+    color: Literal["auto", "gray", "rgb"] = "auto"
+    #: After resizing to image_size, crop the centre to this side (null: no crop); images and masks alike.
+    center_crop: Optional[int] = None
     #: Study layout: split CSVs (names without .csv) whose union is the training set.
     train_splits: list[str] = field(default_factory=lambda: ["ixi_normal_train", "normal_train"])
     #: Study layout: validation split CSV; null means no validation set.
@@ -103,9 +119,14 @@ class Settings:
         return self.output_dimension if self.output_dimension is not None else self.total_channels
 
     @property
+    def input_size(self) -> int:
+        """Side of the square network input: ``data.center_crop`` when set, else ``image_size``."""
+        return self.data.center_crop or self.image_size
+
+    @property
     def feature_size(self) -> int:
         """Side of the stride-4 feature grid."""
-        return self.image_size // 4
+        return self.input_size // 4
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,8 +248,8 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`image_size` is {s.image_size}; allowed: at most 1024")
     if not s.epsilon > 0 or s.epsilon != s.epsilon or s.epsilon == float("inf"):
         raise ConfigError(f"`epsilon` is {s.epsilon}; allowed: a finite number > 0")
-    if not 0 <= s.blur_sigma <= s.image_size / 4:
-        raise ConfigError(f"`blur_sigma` is {s.blur_sigma}; allowed: 0 to image_size / 4 = {s.image_size / 4}")
+    if not 0 <= s.blur_sigma <= s.input_size / 4:
+        raise ConfigError(f"`blur_sigma` is {s.blur_sigma}; allowed: 0 to the input size / 4 = {s.input_size / 4}")
     if not 0 <= s.spatial_pooling <= 3:
         raise ConfigError(f"`spatial_pooling` is {s.spatial_pooling}; allowed: 0 (off) to 3 grid cells")
     if s.spatial_pooling and s.covariance_shrinkage != "none":
@@ -245,5 +266,18 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("`data.train_splits` is []; allowed: a non-empty list of split CSV names")
     if s.data.test_groups is not None and not s.data.test_groups:
         raise ConfigError("`data.test_groups` is []; allowed: a non-empty list of group names, or null for all groups")
+    crop = s.data.center_crop
+    if crop is not None and not (2 * MAX_STRIDE <= crop <= s.image_size and crop % MAX_STRIDE == 0):
+        raise ConfigError(
+            f"`data.center_crop` is {crop}; allowed: null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({s.image_size})"
+        )
+    if not 0 <= s.data.val_fraction < 1:
+        raise ConfigError(f"`data.val_fraction` is {s.data.val_fraction}; allowed: 0 <= value < 1")
+    if not 0 <= s.data.min_brain_fraction < 1:
+        raise ConfigError(f"`data.min_brain_fraction` is {s.data.min_brain_fraction}; allowed: 0 <= value < 1")
+    if s.data.volume_index is not None and s.data.volume_index < 0:
+        raise ConfigError(f"`data.volume_index` is {s.data.volume_index}; allowed: null or an integer >= 0")
+    if s.data.format == "nifti" and not s.data.manifest:
+        raise ConfigError("`data.format` is nifti but `data.manifest` is not set; give the path of the volumes CSV")
     if s.data.demo_seed < 0:
         raise ConfigError(f"`data.demo_seed` is {s.data.demo_seed}; allowed: an integer >= 0")
