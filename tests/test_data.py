@@ -19,7 +19,7 @@ from utils.backbones import IMAGENET_MEAN, IMAGENET_STD
 from utils.config import settings_from_dict
 from utils.data import NORMAL, SkippedImageWarning, load_data, make_loader
 from utils.errors import ConfigError, DataError
-from utils.preprocess import foreground_mask, preprocess, standardise_intensity
+from utils.preprocess import foreground_mask, prepare, read_image, resize_mask, restore_geometry, standardise_intensity, to_square
 
 S = 32
 W, H = 64, 32  # study test images: non-square, so pad and stretch differ
@@ -180,8 +180,9 @@ def test_requested_splits_only_and_test_groups(tmp_path):
     assert only_test.train is None and only_test.val is None and only_test.test
     picked = load_data(study_settings(root, test_groups=["mass_all", "normal"]), ("test",))
     assert list(picked.test) == ["mass_all", NORMAL]
-    no_val = load_data(study_settings(root, val_split=None), ("train", "val"))
-    assert no_val.val is None and no_val.test == {}
+    no_split = load_data(study_settings(root, val_split=None, val_fraction=0), ("train", "val"))
+    assert no_split.val is None and len(no_split.train) == 5 and no_split.test == {}
+    assert "val_fraction is 0" in no_split.val_description
     with pytest.raises(DataError, match="unknown split 'training'"):
         load_data(study_settings(root), ("training",))
 
@@ -361,7 +362,8 @@ def mvtec_settings(root, **data):
 
 def test_mvtec_layout(tmp_path):
     bundle = load_data(mvtec_settings(make_mvtec(tmp_path)))
-    assert len(bundle.train) == 3 and bundle.val is None
+    assert len(bundle.train) == 2 and len(bundle.val) == 1  # 10 % of 3, at least one, held out
+    assert not set(bundle.train.paths) & set(bundle.val.paths)
     assert list(bundle.test) == ["crack", "scratch", NORMAL]
     crack = bundle.test["crack"][1]
     expected = np.zeros((S, S), dtype=bool)  # 48 -> 32: nearest source index = floor(dst * 1.5)
@@ -387,7 +389,7 @@ def test_mvtec_errors(tmp_path):
     open(os.path.join(root, "train/good/001.png"), "wb").close()
     assert "001.png" in _one_line_error(mvtec_settings(root), ("train",))
     with pytest.warns(SkippedImageWarning, match="001.png"):
-        assert len(load_data(mvtec_settings(root, skip_bad_images=True), ("train",)).train) == 2
+        assert len(load_data(mvtec_settings(root, skip_bad_images=True, val_fraction=0), ("train",)).train) == 2
 
 
 # ---------------------------------------------------------------------------- preprocessing path
@@ -421,11 +423,11 @@ def test_intensity_standardisation_removes_scanner_gain_and_offset(mode):
 
 
 def test_preprocess_rejects_unknown_modes():
-    gray = np.zeros((8, 8), np.float32)
+    gray = torch.zeros(8, 8)
     with pytest.raises(DataError, match="resize mode 'crop'"):
-        preprocess(gray, S, resize="crop")
+        to_square(gray, "crop")
     with pytest.raises(DataError, match="intensity mode 'minmax'"):
-        preprocess(gray, S, intensity="minmax")
+        standardise_intensity(gray, "minmax")
 
 
 def test_intensity_setting_reaches_the_items(tmp_path):
@@ -467,24 +469,118 @@ def test_real_study_set_loads_with_the_documented_counts():
     assert list(groups) == ["mass_all", NORMAL] and len(groups["mass_all"]) == 26
 
 
-def test_mask_cache_returns_fresh_masks_and_rereads_a_rewritten_file(tmp_path):
-    from utils.data import _ResizedMaskCache
-    from utils.preprocess import read_mask, resize_mask
+# ---------------------------------------------------------------------------- colour, crop, geometry
+def _settings(**top):
+    data = top.pop("data", {})
+    return settings_from_dict({"image_size": 64, "device": "cpu", **top, "data": data})
 
-    path = str(tmp_path / "mask.png")
-    first = np.zeros((40, 60), np.uint8)
-    first[5:15, 10:30] = 255
-    Image.fromarray(first).save(path)
-    cache = _ResizedMaskCache(budget=2 * 32 * 32)
-    shape, mask = cache.get(path, 32, "pad")
-    assert shape == (40, 60) and torch.equal(mask, resize_mask(read_mask(path), 32, "pad"))
-    assert cache.get(path, 32, "pad")[1] is mask  # a second read comes from the cache
-    second = np.zeros((40, 60), np.uint8)
-    second[20:35, 40:55] = 255
-    Image.fromarray(second).save(path)
-    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # a visibly newer file
-    assert torch.equal(cache.get(path, 32, "pad")[1], resize_mask(read_mask(path), 32, "pad"))
-    assert not torch.equal(cache.get(path, 32, "pad")[1], mask)
-    for size in (32, 16, 8):  # over the budget: the least recently used entries leave
-        cache.get(path, size, "pad")
-    assert cache.used <= cache.budget
+
+@pytest.mark.parametrize("color", ["auto", "gray"])
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+def test_gray_network_input_is_bit_identical_to_the_former_formula(tmp_path, color, resize):
+    """The MRI path before colour support, written out here: pad, bilinear antialiased resize,
+    clamp, replicate to 3 channels, ImageNet normalisation."""
+    import torch.nn.functional as F
+
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 51), dtype=np.uint8)
+    path = _png(str(tmp_path / "slice.png"), pixels)
+    gray = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None, None]
+    if resize == "pad":
+        gray = F.pad(gray, (0, 0, 7, 7))  # 37 rows -> 51: 7 above, 7 below
+    gray = F.interpolate(gray, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)[0, 0].clamp(0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (gray.expand(3, -1, -1) - mean) / std
+    image, display = prepare(read_image(path, color), _settings(data={"color": color, "resize": resize}))
+    assert torch.equal(image, expected) and torch.equal(display, gray)
+
+
+def test_colour_modes_read_rgb_luminance_or_keep_the_file_kind(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    colour_file = _png(str(tmp_path / "c.png"), rgb)
+    gray_file = _png(str(tmp_path / "g.png"), rgb[..., 0])
+    np.testing.assert_array_equal(read_image(colour_file, "auto"), rgb / np.float32(255))
+    np.testing.assert_array_equal(read_image(colour_file, "rgb"), rgb / np.float32(255))
+    luma = rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+    assert np.abs(read_image(colour_file, "gray") * 255 - luma).max() <= 1.0  # Pillow rounds in integers
+    assert read_image(gray_file, "auto").shape == (9, 7)
+    np.testing.assert_array_equal(read_image(gray_file, "rgb"), np.repeat(rgb[..., :1], 3, axis=2) / np.float32(255))
+
+
+def test_rgb_display_and_network_input_keep_the_channels(tmp_path):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = 200, 40
+    path = _png(str(tmp_path / "red.png"), rgb)
+    image, display = prepare(read_image(path, "auto"), _settings())
+    assert display.shape == (64, 64, 3)
+    np.testing.assert_allclose(display[10, 10].numpy(), [200 / 255, 0, 40 / 255], atol=1e-6)
+    expected = (np.array([200 / 255, 0, 40 / 255]) - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(image[:, 10, 10].numpy(), expected, atol=1e-5)
+
+
+def test_center_crop_applies_to_images_and_masks_alike(tmp_path):
+    """image_size 64, crop 32: the central 32 x 32 of the 64 x 64 resized square (rows/cols 16..47)."""
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[20:30, 40:44] = 255
+    path = _png(str(tmp_path / "x.png"), pixels)
+    settings = _settings(blur_sigma=1.0, data={"center_crop": 32})
+    image, display = prepare(read_image(path, "auto"), settings)
+    assert image.shape == (3, 32, 32) and display.shape == (32, 32)
+    expected = np.zeros((32, 32), bool)
+    expected[4:14, 24:28] = True
+    np.testing.assert_array_equal(display.numpy() > 0.5, expected)
+    np.testing.assert_array_equal(resize_mask(pixels > 0, settings).numpy(), expected)
+
+
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+@pytest.mark.parametrize("crop", [None, 48])
+@pytest.mark.parametrize("shape", [(45, 71), (71, 45), (33, 33)])
+def test_restore_geometry_puts_a_blob_back_where_it_was(resize, crop, shape):
+    """A blob drawn on the original grid, taken through the forward geometry and back, lands on
+    its original pixels (centroid within a pixel, most of its area recovered)."""
+    from scipy import ndimage
+
+    h, w = shape
+    blob = np.zeros(shape, bool)
+    blob[h // 2 - 6 : h // 2 + 4, w // 2 - 2 : w // 2 + 8] = True
+    settings = _settings(blur_sigma=1.0, data={"resize": resize, "center_crop": crop})
+    forward = resize_mask(blob, settings).numpy().astype(np.float32)
+    back = restore_geometry(forward, shape, settings)
+    assert back.shape == shape
+    restored = back > 0.5
+    assert np.abs(np.subtract(ndimage.center_of_mass(restored), ndimage.center_of_mass(blob))).max() <= 1.0
+    assert (restored & blob).sum() / (restored | blob).sum() > 0.7
+    stacked = restore_geometry(np.stack([forward, forward]), shape, settings)
+    assert stacked.shape == (2, *shape) and np.array_equal(stacked[1], back)
+
+
+def test_restore_geometry_fills_cropped_pixels_with_the_nearest_value():
+    settings = _settings(blur_sigma=1.0, data={"center_crop": 32, "resize": "stretch"})
+    ramp = np.tile(np.arange(32, dtype=np.float32), (32, 1))  # columns 0..31
+    back = restore_geometry(ramp, (64, 64), settings)
+    np.testing.assert_allclose(back[:, :10], 0.0, atol=1e-6)  # left of the crop: column 0's value
+    np.testing.assert_allclose(back[:, -10:], 31.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- held-out validation
+def test_val_fraction_holds_out_a_seeded_disjoint_part_of_train(tmp_path):
+    root = make_study(tmp_path)
+    full = load_data(study_settings(root), ("train",)).train.paths
+    bundles = [load_data(study_settings(root, val_split=None, val_fraction=0.4).replace(seed=seed), ("train", "val"))
+               for seed in (0, 0, 1, 2, 3)]
+    for bundle in bundles:
+        train, val = bundle.train.paths, bundle.val.paths
+        assert len(val) == 2 and len(train) == 3  # 40 % of 5
+        assert sorted(train + val) == sorted(full) and not set(train) & set(val)
+        assert "held out" in bundle.val_description and "2 images" in bundle.val_description
+    assert bundles[0].val.paths == bundles[1].val.paths  # same seed, same split
+    assert len({tuple(b.val.paths) for b in bundles}) > 1  # the seed chooses
+    one = load_data(study_settings(root, val_split=None, val_fraction=0.01), ("val",))
+    assert len(one.val) == 1 and one.train is None
+    named = load_data(study_settings(root), ("train", "val"))
+    assert named.val_description == "normal_val (1 image)" and len(named.train) == 5
+
+
+def test_items_carry_the_display_image(tmp_path):
+    item = load_data(study_settings(make_study(tmp_path)), ("val",)).val[0]
+    assert item["display"].shape == (S, S)
+    np.testing.assert_allclose(item["display"].numpy(), gray_of(item["image"]), atol=1e-5)

@@ -248,3 +248,58 @@ def test_padim_finds_the_demo_lesions(demo):
     control = roc_auc_score(np.concatenate(control_labels), np.concatenate(control_values))
     assert control < 0.75, control
     assert auroc - control > 0.2
+
+
+# ---------------------------------------------------------------------------- the NIfTI demo
+@pytest.fixture(scope="module")
+def nifti_demo(tmp_path_factory):
+    from utils.demo_nifti import generate_nifti_demo
+
+    return generate_nifti_demo(tmp_path_factory.mktemp("nifti") / "demo", seed=0)
+
+
+def test_nifti_demo_manifest_grids_orientations_and_lesions(nifti_demo):
+    import nibabel as nib
+
+    from utils.demo_nifti import NIFTI_KINDS
+    from utils.volumes import read_manifest
+
+    entries = read_manifest(os.path.join(nifti_demo, "volumes.csv"))  # checks files, shapes and affines
+    splits = [e.split for e in entries]
+    assert (splits.count("train"), splits.count("val")) == (8, 2) and splits.count("test") >= len(NIFTI_KINDS)
+    assert {e.group for e in entries if e.split == "test"} == set(NIFTI_KINDS)
+    codes = {nib.aff2axcodes(nib.load(e.image).affine) for e in entries}
+    assert ("R", "A", "S") in codes and len(codes) > 1  # some volumes need reorienting
+    for entry in entries:
+        image = np.asarray(nib.load(entry.image).dataobj, dtype=np.float64)
+        brain = np.asarray(nib.load(entry.brain_mask).dataobj) > 0
+        assert 0.05 < brain.mean() < 0.6 and image[brain].mean() > 2 * image[~brain].mean()
+        if entry.split == "test":
+            label = np.asarray(nib.load(entry.label).dataobj) > 0
+            assert label.sum() > 50 and (label <= brain).all()
+        else:
+            assert entry.label is None
+    size = sum(os.path.getsize(os.path.join(folder, f)) for folder, _, files in os.walk(nifti_demo) for f in files)
+    assert size < 10 * 2**20
+
+
+def test_nifti_demo_is_deterministic_and_refuses_a_full_folder(nifti_demo, tmp_path):
+    from utils.demo_nifti import ensure_nifti_demo, generate_nifti_demo
+
+    again = generate_nifti_demo(tmp_path / "again", seed=0)
+    assert _digest(again) == _digest(nifti_demo)
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        generate_nifti_demo(again, seed=0)
+    assert ensure_nifti_demo(again, seed=0) == os.path.join(again, "volumes.csv")  # present: left as it is
+    assert _digest(again) == _digest(nifti_demo)
+
+
+def test_nifti_command_line_errors(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    assert demo_data.main(["--nifti", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    with pytest.raises(SystemExit) as info:
+        demo_data.main([str(tmp_path / "a"), "--nifti", str(tmp_path / "b")])
+    assert info.value.code == 2 and not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.gaussian import GaussianStatistics, regularised_precision
+from utils.gaussian import GaussianStatistics, regularised_whitening
 
 
 def _embeddings(n, d=6, h=2, w=3, seed=0, offset=0.0):
@@ -63,73 +63,54 @@ def test_merge_into_empty_and_from_empty():
     torch.testing.assert_close(target.scatter, stats.scatter)
 
 
-def test_precision_is_inverse_of_regularised_covariance():
-    x = _embeddings(30, seed=5)
-    stats = GaussianStatistics.empty(6, 6, dtype=torch.float64)
-    stats.update(x)
-    _, cov = _numpy_reference(x)
-    precision = regularised_precision(stats, epsilon=0.01, chunk=4)
-    expected = np.linalg.inv(cov + 0.01 * np.eye(6))
-    np.testing.assert_allclose(precision.numpy(), expected, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("lapack", ["scipy", "torch"])
 @pytest.mark.parametrize("dtype, samples", [(torch.float64, 30), (torch.float32, 30), (torch.float32, 4)])
-def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(monkeypatch, lapack, dtype, samples):
-    import utils.gaussian as gaussian
-
-    if lapack == "torch":  # the path without SciPy's LAPACK, which CUDA takes too
-        monkeypatch.setitem(gaussian._ROUTINES, "value", None)
-    else:  # SciPy's LAPACK, which a fit uses from d = SCIPY_LAPACK_MIN_DIM
-        if gaussian._routines() is None:
-            pytest.skip("SciPy's LAPACK is not available")
-        monkeypatch.setattr(gaussian, "SCIPY_LAPACK_MIN_DIM", 1)
+def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(dtype, samples):
     x = _embeddings(samples, seed=6)  # 4 samples < 6 dimensions: factorised in float64
     stats = GaussianStatistics.empty(6, 6, dtype=dtype)
     stats.update(x)
     _, cov = _numpy_reference(x)
-    whitening = gaussian.regularised_whitening(stats, epsilon=0.01, chunk=4)
+    whitening = regularised_whitening(stats, epsilon=0.01, chunk=4)
     assert whitening.dtype == dtype and torch.equal(whitening, whitening.tril())
     expected = np.linalg.inv(np.linalg.cholesky(cov + 0.01 * np.eye(6)))
     tolerance = 1e-9 if dtype == torch.float64 else 2e-4  # float32: ~ condition number x 6e-8
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(whitening.double().numpy(), expected, rtol=0, atol=tolerance * scale)
-    precision = gaussian.regularised_precision(stats, epsilon=0.01, chunk=4).double().numpy()
-    np.testing.assert_allclose(whitening.double().mT.numpy() @ whitening.double().numpy(), precision, rtol=0,
-                               atol=tolerance * np.abs(precision).max())
+    np.testing.assert_allclose(whitening.double().numpy(), expected, rtol=0, atol=tolerance * np.abs(expected).max())
+    precision = np.linalg.inv(cov + 0.01 * np.eye(6))
+    product = whitening.double().mT.numpy() @ whitening.double().numpy()
+    np.testing.assert_allclose(product, precision, rtol=0, atol=tolerance * np.abs(precision).max())
 
 
-@pytest.mark.parametrize("lapack", ["scipy", "torch"])
 @pytest.mark.parametrize("samples", [30, 4])  # 4 < 6 dimensions: the float64 path
-def test_a_covariance_that_is_not_positive_definite_is_named_by_its_position(monkeypatch, lapack, samples):
-    import utils.gaussian as gaussian
+def test_a_covariance_that_is_not_positive_definite_is_named_by_its_position(samples):
     from utils.errors import PadimError
 
-    if lapack == "torch":
-        monkeypatch.setitem(gaussian._ROUTINES, "value", None)
-    else:
-        if gaussian._routines() is None:
-            pytest.skip("SciPy's LAPACK is not available")
-        monkeypatch.setattr(gaussian, "SCIPY_LAPACK_MIN_DIM", 1)
     stats = GaussianStatistics.empty(6, 6)
     stats.update(_embeddings(samples, seed=7))
     stats.scatter[4].diagonal().sub_(1e6)  # a negative variance at position 4
     with pytest.raises(PadimError, match="position 4 is not positive definite"):
-        gaussian.regularised_whitening(stats, epsilon=0.01, chunk=3)
+        regularised_whitening(stats, epsilon=0.01, chunk=3)
 
 
-def test_precision_is_finite_with_fewer_samples_than_dimensions():
+def test_in_place_whitening_consumes_the_statistics():
+    from utils.errors import PadimError
+
     stats = GaussianStatistics.empty(6, 6)
-    stats.update(_embeddings(2))
-    precision = regularised_precision(stats, epsilon=0.01)
-    assert torch.isfinite(precision).all()
-    # Along directions with no variance, the precision is exactly 1 / epsilon.
+    stats.update(_embeddings(20))
+    expected = regularised_whitening(stats, epsilon=0.01)
+    out = regularised_whitening(stats, epsilon=0.01, in_place=True)
+    assert out.data_ptr() == stats.scatter.data_ptr()
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(PadimError, match="consumed"):
+        regularised_whitening(stats, epsilon=0.01)
+
+
+def test_single_sample_gives_one_over_sqrt_epsilon():
+    # Along directions with no variance, W^T W is exactly 1 / epsilon.
     single = GaussianStatistics.empty(6, 6)
     single.update(_embeddings(1))
-    np.testing.assert_allclose(regularised_precision(single, 0.01).numpy(), np.broadcast_to(100 * np.eye(6), (6, 6, 6)), rtol=1e-5)
+    np.testing.assert_allclose(regularised_whitening(single, 0.01).numpy(), np.broadcast_to(10 * np.eye(6), (6, 6, 6)), rtol=1e-5)
 
 
-def test_large_matrices_are_inverted_correctly():
+def test_large_matrices_are_whitened_correctly():
     # Batched torch.linalg.inv was seen to fail or return wrong inverses for several matrices
     # larger than ~270 on CPU; the Cholesky path must be right there.
     d = 300
@@ -137,35 +118,10 @@ def test_large_matrices_are_inverted_correctly():
     a = torch.randn(3, d, d, generator=g, dtype=torch.float64) / d**0.5
     scatter = a @ a.transpose(1, 2) * 10
     stats = GaussianStatistics(11, torch.zeros(3, d, dtype=torch.float64), scatter.float())
-    precision = regularised_precision(stats, epsilon=0.01).double()
+    whitening = regularised_whitening(stats, epsilon=0.01).double()
     cov = scatter.float().double() / 10 + 0.01 * torch.eye(d, dtype=torch.float64)
-    residual = (cov @ precision - torch.eye(d, dtype=torch.float64)).abs().max()
+    residual = (whitening @ cov @ whitening.mT - torch.eye(d, dtype=torch.float64)).abs().max()
     assert residual < 1e-3
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lower_triangle_folds_then_symmetrise_match_full_updates(dtype):
-    # d = SYRK_MIN_DIM: the fit's fast path for large d (?syrk on the lower triangle).
-    from utils.gaussian import SYRK_MIN_DIM, _routines
-
-    d, positions = SYRK_MIN_DIM, 2
-    g = torch.Generator().manual_seed(7)
-    x = (torch.randn(50, positions, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5 + 3.0).to(dtype)
-    full, lower = GaussianStatistics.empty(positions, d, dtype=dtype), GaussianStatistics.empty(positions, d, dtype=dtype)
-    for chunk in x.split([20, 17, 13]):
-        full.update(chunk.permute(0, 2, 1).reshape(len(chunk), d, 1, positions))
-        work = torch.empty(positions, len(chunk) + 1, d, dtype=dtype)
-        work[:, : len(chunk)] = chunk.transpose(0, 1)
-        lower.fold_rows(work, len(chunk), lower_only=True)
-    assert lower.lower_only == (_routines() is not None)
-    before = regularised_precision(lower, epsilon=0.01)  # reads the lower triangle only
-    lower.symmetrise()
-    assert not lower.lower_only and torch.equal(lower.scatter, lower.scatter.mT)
-    assert torch.equal(before, regularised_precision(lower, epsilon=0.01))
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
-    scale = full.scatter.abs().max()
-    torch.testing.assert_close(lower.scatter / scale, full.scatter / scale, rtol=0, atol=tolerance)
-    torch.testing.assert_close(lower.mean, full.mean)
 
 
 @pytest.mark.parametrize("radius", [1, 2])

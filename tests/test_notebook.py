@@ -66,10 +66,10 @@ def test_notebook_runs_and_shows_the_table_and_figures(notebook_run):
     notebook, _, _ = notebook_run
     outputs = _outputs(notebook)
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    markdown = "\n".join(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert "(A) AUROC" in markdown and "**mean**" in markdown
+    tables = "\n".join(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
+    assert "A_auroc" in tables and "aupro" in tables and ">mean<" in tables and ">all<" in tables
     for group in ("cyst", "hyperintense_lesion", "mass_oedema"):
-        assert group in markdown
+        assert group in tables
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # three groups of examples and the AUROC plot
 
@@ -83,8 +83,8 @@ def test_notebook_writes_the_results_files(notebook_run):
         assert (run / name).is_file(), name
     table = pd.read_csv(run / "metrics.csv")
     assert list(table.columns[: 2]) == ["group", "n_images"] and set(REQUIRED_COLUMNS) <= set(table.columns)
-    assert table["group"].iloc[-1] == "mean" and len(table) == 4
-    body = table.iloc[:-1]
+    assert list(table["group"].iloc[-2:]) == ["mean", "all"] and len(table) == 5
+    body = table.iloc[:-2]
     assert ((body[["A_auroc", "B_auroc", "C_auroc"]] >= 0) & (body[["A_auroc", "B_auroc", "C_auroc"]] <= 1)).all().all()
     figures = sorted(os.listdir(sources))
     assert "demo_auroc.png" in figures and len(figures) == 4

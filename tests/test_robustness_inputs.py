@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from utils.config import Settings, settings_from_dict
 from utils.errors import ConfigError, DataError
-from utils.preprocess import MAX_PIXELS, read_grayscale, read_mask
+from utils.preprocess import MAX_PIXELS, read_image, read_mask
 
 
 def _gradient(h=20, w=30):
@@ -23,7 +23,7 @@ def _gradient(h=20, w=30):
 def test_16_bit_png_keeps_its_full_range(tmp_path):
     path = tmp_path / "sixteen.png"
     Image.fromarray((_gradient() * 65535).astype(np.uint16)).save(path)
-    gray = read_grayscale(str(path))
+    gray = read_image(str(path), "gray")
     np.testing.assert_allclose(gray, _gradient(), atol=1e-4)
 
 
@@ -33,8 +33,8 @@ def test_rgba_and_palette_pngs_give_the_same_gray(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(eight, "L").convert("P").save(tmp_path / "palette.png")
     expected = eight / 255.0
-    np.testing.assert_allclose(read_grayscale(str(tmp_path / "rgba.png")), expected, atol=1 / 255)
-    np.testing.assert_allclose(read_grayscale(str(tmp_path / "palette.png")), expected, atol=1 / 255)
+    np.testing.assert_allclose(read_image(str(tmp_path / "rgba.png"), "gray"), expected, atol=1 / 255)
+    np.testing.assert_allclose(read_image(str(tmp_path / "palette.png"), "gray"), expected, atol=1 / 255)
 
 
 def test_mask_values_other_than_0_and_255_are_foreground_when_nonzero(tmp_path):
@@ -55,8 +55,45 @@ def test_empty_non_image_and_truncated_files(tmp_path, content, fragment):
     path = tmp_path / "bad.png"
     path.write_bytes(content)
     with pytest.raises(DataError, match=fragment) as info:
-        read_grayscale(str(path))
+        read_image(str(path), "gray")
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def _truncated_jpeg(path) -> str:
+    """A JPEG cut in half: its header and markers pass Pillow's ``verify()``, decoding fails."""
+    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as image:
+        image.verify()  # the premise: the structural check alone does not notice
+    return str(path)
+
+
+def test_truncated_jpeg_that_passes_verify_is_one_line_error(tmp_path):
+    path = _truncated_jpeg(tmp_path / "cut.jpg")
+    for color in ("auto", "gray", "rgb"):
+        with pytest.raises(DataError, match="cannot read image") as info:
+            read_image(path, color)
+        assert path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_skip_bad_images_skips_a_decode_failure_with_a_warning(tmp_path):
+    from utils.data import SkippedImageWarning, load_data
+
+    good = tmp_path / "cat" / "train" / "good"
+    good.mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray((_gradient(32, 32) * 255).astype(np.uint8)).save(good / f"{index}.png")
+    bad = _truncated_jpeg(good / "9.jpg")
+    settings = settings_from_dict({"image_size": 32, "data": {"format": "mvtec", "root": str(tmp_path / "cat"),
+                                                              "skip_bad_images": True, "val_fraction": 0}})
+    with pytest.warns(SkippedImageWarning, match="9.jpg"):
+        train = load_data(settings, ("train",)).train
+    assert bad not in train.paths and len(train) == 3
+    with pytest.raises(DataError, match="9.jpg") as info:  # without skipping: a one-line error when read
+        load_data(settings.replace(data={"skip_bad_images": False}), ("train",)).train[3]
+    assert "\n" not in str(info.value)
 
 
 def test_huge_image_is_refused_before_decoding(tmp_path):
@@ -64,7 +101,7 @@ def test_huge_image_is_refused_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("1", (side, side)).save(path)  # 1-bit: a small file that would decode to a huge array
     with pytest.raises(DataError, match="pixel limit"):
-        read_grayscale(str(path))
+        read_image(str(path), "gray")
 
 
 def test_paths_with_spaces_and_non_ascii(tmp_path):
@@ -72,7 +109,7 @@ def test_paths_with_spaces_and_non_ascii(tmp_path):
     folder.mkdir()
     path = folder / "coupe n°1.png"
     Image.fromarray((_gradient() * 255).astype(np.uint8)).save(path)
-    assert read_grayscale(str(path)).shape == (20, 30)
+    assert read_image(str(path), "gray").shape == (20, 30)
 
 
 def _cli(*args, **kwargs):

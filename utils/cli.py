@@ -10,12 +10,14 @@ import argparse
 import csv
 import io
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
-from .errors import PadimError
-from .files import atomic_writer
+from .errors import ConfigError, PadimError
+from .files import atomic_writer, writable_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,11 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="use this fitted model file instead of fitting")
     evaluate.add_argument("--no-figures", action="store_true", help="skip the figures (faster; metrics files only)")
     evaluate.add_argument("--no-save-model", action="store_true", help="do not write model.pt into the results folder")
+    evaluate.add_argument("--no-maps", action="store_true", help="NIfTI volumes: do not write the anomaly map volumes")
 
-    predict = commands.add_parser("predict", help="heat-map PNGs and a CSV of image scores for a folder of images")
+    predict = commands.add_parser("predict", help="heat-maps and image scores for images, or NIfTI anomaly maps for volumes")
     common(predict)
     predict.add_argument("--model", required=True, help="fitted model file (from `fit`)")
-    predict.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    predict.add_argument("--input", required=True, help="an image or NIfTI file, or a folder of them (searched recursively)")
     predict.add_argument("--output", required=True, help="folder for heat-maps and scores.csv")
     return parser
 
@@ -55,6 +58,9 @@ def _fit(args: argparse.Namespace) -> int:
         from .evaluation import run_directory
 
         output = os.path.join(run_directory(settings), "model.pt")
+    if os.path.isdir(output) or output.endswith(os.sep):
+        raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
+    writable_folder(os.path.dirname(os.path.abspath(output)))
     started = time.perf_counter()
     path = run_fit(settings, output, progress=not args.quiet)
     if path is not None:  # rank 0 (or the only process)
@@ -64,71 +70,112 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .evaluation import run_evaluation
+    from .evaluation import run_directory, run_evaluation
 
     settings = load_config(args.config)
+    writable_folder(run_directory(settings))  # before the work, not after it
     result = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
-                            figures=not args.no_figures, save_model=not args.no_save_model)
+                            figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
     print(result.summary())
     return 0
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _input_files(source: str, output: str) -> list[str]:
+    """``source`` itself when it is a file, else every image or NIfTI file below it (not under ``output``)."""
+    from .errors import DataError
+    from .preprocess import IMAGE_SUFFIXES
+
+    if os.path.isfile(source):
+        return [source]
+    if not os.path.isdir(source):
+        raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
+    skip = os.path.abspath(output)
+    files = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(source)
+        if not (os.path.abspath(folder) + os.sep).startswith(skip + os.sep)
+        for name in names
+        if name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+    )
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
+    return files
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from .config import load_config
-    from .errors import DataError
     from .model import Padim
-    from .plotting import save_heatmap
-    from .preprocess import load_image
 
     settings = load_config(args.config)
     model = Padim.load(args.model, settings)
-    if not os.path.isdir(args.input):
-        raise DataError(f"input folder not found: {args.input}")
-    files = sorted(
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(args.input)
-        for name in names
-        if name.lower().endswith(IMAGE_SUFFIXES)
-    )
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {args.input}")
-    s = model.settings
-    os.makedirs(args.output, exist_ok=True)
-    rows = []
-    for start in range(0, len(files), s.batch_size):
-        chunk = files[start : start + s.batch_size]
-        batch = torch.stack([load_image(f, s.image_size, s.data.resize, s.data.intensity) for f in chunk])
-        result = model.score(batch, progress=False)
-        for file, image, heat, score in zip(chunk, batch, result.maps, result.scores):
-            relative = os.path.relpath(file, args.input)
-            target = os.path.join(args.output, os.path.splitext(relative)[0] + "_heatmap.png")
-            save_heatmap(image, heat, target)
-            rows.append((relative, float(score)))
-    table = os.path.join(args.output, "scores.csv")
-    with atomic_writer(table) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
+    files = _input_files(args.input, args.output)
+    writable_folder(args.output)
+    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES)]
+    images = [f for f in files if f not in volumes]
+    if volumes:
+        from .volumes import predict_volumes
+
+        rows = predict_volumes(model, volumes, args.output, progress=not args.quiet)
+        print(f"{len(rows)} volumes scored; NIfTI maps and previews in {args.output}")
+    if images:
+        _predict_images(model, images, args.input, args.output)
+    return 0
+
+
+def _predict_images(model, files: list[str], source: str, output: str) -> None:
+    """One heat-map PNG per image and ``scores.csv`` (image, score) in ``output``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .errors import DataError
+    from .plotting import save_heatmap
+    from .preprocess import load_image
+
+    base = source if os.path.isdir(source) else os.path.dirname(source)
+    relative = [os.path.relpath(f, base) for f in files]
+    targets = [os.path.join(output, os.path.splitext(r)[0] + "_heatmap.png") for r in relative]
+    clashes = sorted({t for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise DataError(f"two input images would write the same heat-map {clashes[0]} (same name, other suffix); rename one")
+    rows, size = [], model.settings.batch_size
+    for start in tqdm(range(0, len(files), size), desc="predict", unit="batch", leave=False):
+        loaded = [load_image(f, model.settings) for f in files[start : start + size]]
+        result = model.score(torch.stack([image for image, _ in loaded]), progress=False)
+        for k, ((_, display), heat, score) in enumerate(zip(loaded, result.maps, result.scores)):
+            save_heatmap(display.numpy(), heat, targets[start + k])
+            rows.append((relative[start + k], float(score)))
+    with atomic_writer(os.path.join(output, "scores.csv")) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
         writer = csv.writer(text)
         writer.writerow(["image", "score"])
         writer.writerows((name, f"{score:.6f}") for name, score in rows)
-    print(f"{len(rows)} images scored; heat-maps and scores.csv in {args.output} (max score {np.max([r[1] for r in rows]):.3f})")
-    return 0
+    print(f"{len(rows)} images scored; heat-maps and scores.csv in {output} (max score {max(r[1] for r in rows):.3f})")
 
 
 COMMANDS = {"fit": _fit, "evaluate": _evaluate, "predict": _predict}
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: temporary files are removed on the way out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         return COMMANDS[args.command](args)
     except PadimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # any file-system failure: the path and what is wrong, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: no partial files were written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

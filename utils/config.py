@@ -41,6 +41,9 @@ class DataSettings:
     volume_index: Optional[int] = None
     #: NIfTI: keep axial slices whose brain covers at least this fraction of the slice.
     min_brain_fraction: float = 0.1
+    #: NIfTI: per-volume intensity normalisation inside the brain: "percentile" (1st-99th percentile
+    #: to [0, 1]) or "zscore" (0.5 + 0.15 z), clipped to [0, 1] (utils.volumes.normalise_volume).
+    volume_intensity: Literal["percentile", "zscore"] = "percentile"
     #: Without a validation split: this seeded fraction of the training images (or slices) is
     #: held out of the fit and gives the threshold and colour scale instead (never in-sample).
     val_fraction: float = 0.1
@@ -149,15 +152,44 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            raw = yaml.load(handle, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     raw.update(overrides)
     return settings_from_dict(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` is written twice (lines {first_line[key]} and {line})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (a tab used for indentation is named as such)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:  # PyYAML names a tab as '\\t'
+        problem = "a tab character is used for indentation; YAML needs spaces"
+    return f"{problem}{where}"
 
 
 def settings_from_dict(raw: dict[str, Any]) -> Settings:
@@ -254,6 +286,8 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`spatial_pooling` is {s.spatial_pooling}; allowed: 0 (off) to 3 grid cells")
     if s.spatial_pooling and s.covariance_shrinkage != "none":
         raise ConfigError("`spatial_pooling` and `covariance_shrinkage: ledoit_wolf` cannot be combined; set one of them off")
+    if not 0 <= s.seed < 2**63:
+        raise ConfigError(f"`seed` is {s.seed}; allowed: an integer from 0 to 2**63 - 1")
     if s.batch_size < 1:
         raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
     if s.data.num_workers < 0:

@@ -1,9 +1,12 @@
-"""Data sets: the study's layout (and the demo set, which uses it), MVTec AD folders.
+"""Data sets: the study's layout (and the demo set, which uses it), MVTec AD folders; NIfTI
+volumes are in :mod:`utils.volumes`.
 
 Every loader returns the same thing, a :class:`DataBundle` of :class:`ImageSet` groups, whose
-items are dicts of preprocessed tensors (``image``, ``mask``, ``head``) made by the single path
-in :mod:`utils.preprocess`, so the notebook, the command line and the tests do not care where
-the images came from.
+items are dicts of tensors (``image`` network input, ``display`` image for figures, ``mask``,
+``head``) made by the single path in :mod:`utils.preprocess`, so the notebook, the command line
+and the tests do not care where the images came from. A format without a validation split
+(MVTec always; the study with ``val_split: null``) gets a seeded ``data.val_fraction`` of its
+training images held out of the fit as validation set (:func:`hold_out`).
 
 Study layout (``data.format: study`` or ``demo``; ``data.root`` is the folder holding ``data/``)::
 
@@ -18,8 +21,9 @@ MVTec AD layout (``data.format: mvtec``; ``data.root`` is one category folder)::
     <root>/train/good/*.png   <root>/test/<defect>/*.png   <root>/ground_truth/<defect>/<name>_mask.png
 
 Every file a split names is checked when the set is loaded (exists, non-empty, decodable
-header and chunks, image and mask sizes equal), so problems surface at once as one-line
-:class:`~utils.errors.DataError` messages naming the CSV line or file, not mid-run.
+header and chunks, image and mask sizes equal; MVTec: every mask matches an image and, with
+``data.color: auto``, a category is all colour or all gray), so problems surface at once as
+one-line :class:`~utils.errors.DataError` messages naming the CSV line or file, not mid-run.
 """
 
 from __future__ import annotations
@@ -27,18 +31,16 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Settings
 from .errors import DataError
-from .preprocess import MAX_PIXELS, preprocess, read_grayscale, read_mask, resize_mask
+from .preprocess import COLOR_MODES, IMAGE_SUFFIXES, open_image, prepare, read_image, read_mask, resize_mask
 
 #: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
 NORMAL = "normal"
@@ -46,7 +48,6 @@ NORMAL = "normal"
 EXCLUDED_GROUPS = ("mass_all", "local")
 #: Splits :func:`load_data` can build.
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 STUDY_DOWNLOAD_HINT = (
     "download the study's data.zip from its release page and unzip it so that {root}/data/IXI, "
     "{root}/data/fastMRI and {root}/data/splits exist, or set data.format: demo (see data/README.md)"
@@ -71,11 +72,13 @@ class Item:
 class ImageSet(Dataset):
     """One group of images. Item ``i`` -> dict:
 
-    - ``image``: float32 ``(3, S, S)``, preprocessed (``image_size``, ``data.resize``, ``data.intensity``)
+    - ``image``: float32 ``(3, S, S)`` network input (:func:`utils.preprocess.prepare`,
+      S = ``settings.input_size``)
+    - ``display``: float32 ``(S, S)`` or ``(S, S, 3)`` in [0, 1], the same pixels for figures
     - ``mask``: bool ``(S, S)`` anomaly ground truth (all False for normal images)
     - ``head``: bool ``(S, S)`` head mask (box ∪ neg for pathologies, brain mask for normal test
       images; all True when unknown, e.g. MVTec or training images)
-    - ``path``: the image file; ``index``: ``i``
+    - ``shape``: the original ``(H, W)``; ``path``: the image file; ``index``: ``i``
 
     ``paths`` may repeat an image: the study lists a slice once per annotation (its protocol).
     In that row view the head is this row's box ∪ its neg mask, and since the neg mask removes
@@ -84,20 +87,16 @@ class ImageSet(Dataset):
     its boxes, head = union of its heads (the whole head).
     """
 
-    def __init__(self, name: str, items: Sequence[Item], image_size: int, resize: str = "pad",
-                 intensity: str = "none", anomalous: bool = False):
+    def __init__(self, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False):
         self.name = name
         self.items = list(items)
-        self.image_size = image_size
-        self.resize = resize
-        self.intensity = intensity
+        self.settings = settings
         #: True for pathology / defect groups, False for normal images.
         self.anomalous = anomalous
 
     @classmethod
     def from_settings(cls, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False) -> "ImageSet":
-        d = settings.data
-        return cls(name, items, settings.image_size, d.resize, d.intensity, anomalous)
+        return cls(name, items, settings, anomalous)
 
     @property
     def paths(self) -> list[str]:
@@ -118,13 +117,15 @@ class ImageSet(Dataset):
         if not 0 <= index < len(self.items):
             raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
         item = self.items[index]
-        gray = read_grayscale(item.image)
-        mask, head = self.masks(index, gray.shape)
+        array = read_image(item.image, self.settings.data.color)
+        image, display = prepare(array, self.settings)
+        mask, head = self.masks(index, array.shape[:2])
         return {
-            "image": preprocess(gray, self.image_size, self.resize, self.intensity),
+            "image": image,
+            "display": display,
             "mask": mask,
             "head": head,
-            "shape": torch.tensor(gray.shape),
+            "shape": torch.tensor(array.shape[:2]),
             "path": item.image,
             "index": index,
         }
@@ -133,22 +134,22 @@ class ImageSet(Dataset):
         """Item ``index``'s anomaly and head masks ``(S, S)`` bool for its image of ``shape``
         ``(H, W)``, without decoding the image (all True for a head that is not annotated)."""
         item = self.items[index]
-        size = self.image_size
+        size = self.settings.input_size
         head = self._union(item.head, shape, item) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
         return self._union(item.anomaly, shape, item), head
 
     def _union(self, files: Iterable[str], shape: tuple[int, int], item: Item) -> torch.Tensor:
-        """Union of the mask ``files`` at the network's size ``(S, S)`` (nearest-neighbour resizing
-        commutes with the union); each file must have the image's ``shape``."""
-        union = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
+        """Union of the mask ``files`` at the network's size ``(S, S)``; each must have the image's ``shape``."""
+        size = self.settings.input_size
+        union = torch.zeros(size, size, dtype=torch.bool)
         for file in files:
-            mask_shape, resized = _MASKS.get(file, self.image_size, self.resize)
-            if mask_shape != shape:
+            mask = read_mask(file)
+            if mask.shape != tuple(shape):
                 raise DataError(
-                    f"{item.source or item.image}: mask {file} is {mask_shape[1]}x{mask_shape[0]} "
+                    f"{item.source or item.image}: mask {file} is {mask.shape[1]}x{mask.shape[0]} "
                     f"but image {item.image} is {shape[1]}x{shape[0]}"
                 )
-            union |= resized
+            union |= resize_mask(mask, self.settings)
         return union
 
     def per_image(self) -> "ImageSet":
@@ -166,55 +167,23 @@ class ImageSet(Dataset):
             Item(image, tuple(anomaly), tuple(head) if known else None, source)
             for image, (anomaly, head, source, known) in merged.items()
         ]
-        return ImageSet(self.name, items, self.image_size, self.resize, self.intensity, self.anomalous)
+        return ImageSet(self.name, items, self.settings, self.anomalous)
 
-
-class _ResizedMaskCache:
-    """Decoded masks at the network's size, by file identity (path, size, modification time),
-    least recently used first out, at most ``budget`` bytes.
-
-    An evaluation reads the same mask files many times (an image's head mask in each of its rows,
-    boxes listed in several groups): 606 reads of 314 files on the study's test splits, which made
-    mask decoding ~0.9 s of a 16 s evaluation. Entries are never modified by their users.
-    """
-
-    def __init__(self, budget: int):
-        self.budget, self.used = budget, 0
-        self.entries: "OrderedDict[tuple, tuple[tuple[int, int], torch.Tensor]]" = OrderedDict()
-
-    def get(self, path: str, size: int, mode: str) -> tuple[tuple[int, int], torch.Tensor]:
-        """``(original (H, W), (S, S) bool mask)`` of the mask file at ``path``."""
-        try:
-            stat = os.stat(path)
-            key = (path, stat.st_size, stat.st_mtime_ns, size, mode)
-        except OSError:
-            key = None  # read_mask names the missing file
-        if key is not None and key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        mask = read_mask(path)
-        entry = (mask.shape, resize_mask(mask, size, mode))
-        if key is not None and size * size <= self.budget:
-            self.entries[key] = entry
-            self.used += size * size
-            while self.used > self.budget:
-                _, (_, old) = self.entries.popitem(last=False)
-                self.used -= old.numel()
-        return entry
-
-
-#: 64 MB: 4096 masks at 128 px.
-_MASKS = _ResizedMaskCache(64 * 2**20)
+    def subset(self, name: str, indices: Sequence[int]) -> "ImageSet":
+        """The items at ``indices`` (in that order) as a new set called ``name``."""
+        return ImageSet(name, [self.items[i] for i in indices], self.settings, self.anomalous)
 
 
 @dataclass
 class DataBundle:
     """``train`` (normal images), ``val`` (or None), ``test``: group name -> set, in a stable
-    order: pathology / defect groups, then ``"normal"`` (normal test images, all-False masks)."""
+    order: pathology / defect groups, then ``"normal"`` (normal test images, all-False masks).
+    ``val_description`` says where ``val`` came from (a split, or held out of train)."""
 
     train: Optional[ImageSet]
     val: Optional[ImageSet]
     test: dict[str, ImageSet]
+    val_description: str = "no validation set requested"
 
     def summary(self) -> str:
         parts = []
@@ -229,21 +198,47 @@ class DataBundle:
 def load_data(settings: Settings, splits: tuple = SPLITS) -> DataBundle:
     """Build the requested ``splits`` (any of "train", "val", "test") for ``settings.data.format``:
     ``demo`` (study layout at ``data.root``, generated there by :mod:`utils.demo_data` if absent),
-    ``study`` or ``mvtec``. Splits not requested are ``None`` (``test``: empty dict)."""
+    ``study``, ``mvtec`` or ``nifti`` (:mod:`utils.volumes`). Splits not requested are ``None``
+    (``test``: empty dict). Without a validation split, ``val`` is held out of the training
+    images (``data.val_fraction``, see :func:`hold_out`)."""
     if isinstance(splits, str):
         splits = (splits,)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")
     fmt = settings.data.format
+    if fmt == "nifti":
+        from .volumes import load_volume_data
+
+        return load_volume_data(settings, splits)
     if fmt == "demo":
         ensure_demo(settings.data.root, settings.data.demo_seed)
-        return StudyLoader(settings).load(splits)
-    if fmt == "study":
+    if fmt in ("demo", "study"):
         return StudyLoader(settings).load(splits)
     if fmt == "mvtec":
         return MvtecLoader(settings).load(splits)
-    raise DataError(f"unknown data format {fmt!r}; allowed: demo, study, mvtec")
+    raise DataError(f"unknown data format {fmt!r}; allowed: demo, study, mvtec, nifti")
+
+
+def _images_count(count: int) -> str:
+    return f"{count} image{'s' if count != 1 else ''}"
+
+
+def hold_out(train: ImageSet, settings: Settings, origin: str) -> tuple[ImageSet, Optional[ImageSet], str]:
+    """Split ``data.val_fraction`` of ``train`` off as the validation set, seeded by ``settings.seed``.
+
+    Returns ``(train without val, val or None, description)``. At least one image is held out
+    when the fraction is > 0 and train has two images or more; the rest stays in the fit.
+    """
+    fraction = settings.data.val_fraction
+    if fraction == 0 or len(train) < 2:
+        why = "data.val_fraction is 0" if fraction == 0 else f"{origin} has fewer than 2 images"
+        return train, None, f"none ({why} and there is no validation split)"
+    count = min(len(train) - 1, max(1, round(fraction * len(train))))
+    order = np.random.default_rng(settings.seed).permutation(len(train))
+    held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {_images_count(count)})"
+    return train.subset(train.name, kept), train.subset("val", held), description
 
 
 def ensure_demo(root: str, seed: int = 0) -> None:
@@ -287,25 +282,45 @@ def _single_thread_worker(_: int) -> None:
 
 # ---------------------------------------------------------------------------- file checks
 class _Checker:
-    """Checks each file once: exists, non-empty, decodable; remembers its size (width, height)."""
+    """Checks each file once: exists, non-empty, within the pixel limit, decodable; remembers its
+    size (width, height) and whether it holds colour.
+
+    With ``skip_bad`` the pixels are decoded too, so a file whose header and chunks are fine but
+    whose data are not (a truncated JPEG) is skipped here, not mid-run; otherwise Pillow's
+    ``verify()`` checks the structure and a decode failure later is one :class:`DataError`.
+    """
 
     def __init__(self, skip_bad: bool):
         self.skip_bad = skip_bad
-        self._sizes: dict[str, tuple[int, int] | str] = {}
+        self._found: dict[str, tuple[tuple[int, int], bool] | DataError] = {}
 
     def size(self, path: str, source: str) -> Optional[tuple[int, int]]:
         """``(width, height)``; ``None`` if the file is bad and may be skipped (a warning is issued)."""
-        if path not in self._sizes:
-            self._sizes[path] = _inspect(path)
-        result = self._sizes[path]
+        if path not in self._found:
+            self._found[path] = self._inspect(path)
+        result = self._found[path]
         if isinstance(result, tuple):
-            return result
-        if result == "missing":
+            return result[0]
+        if not os.path.isfile(path):
             raise DataError(f"{source}: file not found: {path}")
         if self.skip_bad:
             warnings.warn(f"skipping {source}: {result} (data.skip_bad_images is true)", SkippedImageWarning, stacklevel=2)
             return None
         raise DataError(f"{source}: {result}; fix or remove it, or set data.skip_bad_images: true to skip it")
+
+    def _inspect(self, path: str) -> tuple[tuple[int, int], bool] | DataError:
+        try:
+            with open_image(path) as image:
+                found = image.size, image.mode in COLOR_MODES
+                image.load() if self.skip_bad else image.verify()
+            return found
+        except DataError as exc:
+            return exc
+
+    def colour_files(self, paths: Iterable[str]) -> tuple[list[str], list[str]]:
+        """``(colour files, gray files)`` among the checked ``paths``."""
+        checked = [(p, self._found[p]) for p in paths if isinstance(self._found.get(p), tuple)]
+        return [p for p, (_, colour) in checked if colour], [p for p, (_, colour) in checked if not colour]
 
     def row(self, source: str, image: str, masks: Sequence[str]) -> bool:
         """Check an image and its masks; False if the row is skipped (bad file, skip mode)."""
@@ -321,22 +336,6 @@ class _Checker:
                     f"{source}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {image} is {size[0]}x{size[1]}"
                 )
         return True
-
-
-def _inspect(path: str) -> tuple[int, int] | str:
-    if not os.path.isfile(path):
-        return "missing"
-    if os.path.getsize(path) == 0:
-        return f"image file is empty (0 bytes): {path}"
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            if size[0] * size[1] > MAX_PIXELS:
-                return f"image {path} is {size[0]}x{size[1]}, larger than the {MAX_PIXELS:,} pixel limit"
-            image.verify()  # chunk structure and checksums, without decoding the pixels
-        return size
-    except Exception as exc:
-        return f"corrupt image {path} ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 def _usable(groups_name: str, items: list[Item]) -> list[Item]:
@@ -407,10 +406,16 @@ class StudyLoader:
 
     def load(self, splits: Sequence[str]) -> DataBundle:
         d = self.settings.data
-        train = self.train() if "train" in splits else None
-        val = self.plain(d.val_split, d.val_split) if "val" in splits and d.val_split else None
         test = self.test() if "test" in splits else {}
-        return DataBundle(train, val, test)
+        if d.val_split:
+            val = self.plain(d.val_split, d.val_split) if "val" in splits else None
+            train = self.train() if "train" in splits else None
+            description = f"{d.val_split} ({_images_count(len(val))})" if val is not None else "no validation set requested"
+            return DataBundle(train, val, test, description)
+        if not {"train", "val"} & set(splits):
+            return DataBundle(None, None, test)
+        train, val, description = hold_out(self.train(), self.settings, "the training splits")
+        return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def train(self) -> ImageSet:
         seen, items = set(), []
@@ -421,11 +426,11 @@ class StudyLoader:
                 seen.add(path)
                 if self.check.row(source, path, ()):
                     items.append(Item(path, (), None, source))
-        return ImageSet.from_settings("train", _usable("training splits " + "+".join(self.settings.data.train_splits), items), self.settings)
+        return ImageSet("train", _usable("training splits " + "+".join(self.settings.data.train_splits), items), self.settings)
 
     def plain(self, name: str, split: str) -> ImageSet:
         items = [Item(p, (), None, s) for p, s in self.read_csv(split) if self.check.row(s, p, ())]
-        return ImageSet.from_settings(name, _usable(split, items), self.settings)
+        return ImageSet(name, _usable(split, items), self.settings)
 
     def test(self) -> dict[str, ImageSet]:
         requested = self.settings.data.test_groups
@@ -461,7 +466,7 @@ class StudyLoader:
             # one check covers the image row and its mask rows, so a skipped image drops its masks too
             if self.check.row(f"{source} (with {group}_ann/_neg)", image, (box, neg)):
                 items.append(Item(image, (box,), (box, neg), source))
-        return ImageSet.from_settings(group, _usable(group, items), self.settings, anomalous=True)
+        return ImageSet(group, _usable(group, items), self.settings, anomalous=True)
 
     def normal_test(self) -> ImageSet:
         images, heads = self._aligned(["normal_test", "normal_test_ann"])
@@ -470,7 +475,7 @@ class StudyLoader:
             for (image, source), (head, _) in zip(images, heads)
             if self.check.row(f"{source} (with normal_test_ann)", image, (head,))
         ]
-        return ImageSet.from_settings(NORMAL, _usable("normal_test", items), self.settings)
+        return ImageSet(NORMAL, _usable("normal_test", items), self.settings)
 
 
 # ---------------------------------------------------------------------------- MVTec AD layout
@@ -499,12 +504,28 @@ class MvtecLoader:
         return files
 
     def load(self, splits: Sequence[str]) -> DataBundle:
-        train = None
-        if "train" in splits:
-            folder = os.path.join(self.root, "train", "good")
-            items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
-            train = ImageSet.from_settings("train", _usable(folder, items), self.settings)
-        return DataBundle(train, None, self.test() if "test" in splits else {})
+        test = self.test() if "test" in splits else {}
+        if not {"train", "val"} & set(splits):
+            self._check_colour(list(test.values()))
+            return DataBundle(None, None, test)
+        folder = os.path.join(self.root, "train", "good")
+        items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
+        train = ImageSet("train", _usable(folder, items), self.settings)
+        self._check_colour([train, *test.values()])
+        train, val, description = hold_out(train, self.settings, "train/good")
+        return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+
+    def _check_colour(self, groups: Sequence[ImageSet]) -> None:
+        """With ``data.color: auto`` every image of a category must be colour, or every one gray."""
+        if self.settings.data.color != "auto":
+            return
+        colour, gray = self.check.colour_files(p for group in groups for p in group.paths)
+        if colour and gray:
+            fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
+            raise DataError(
+                f"{self.root} mixes colour and gray images ({len(colour)} colour, {len(gray)} gray; {kind}: "
+                f"{', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}); set data.color: gray or rgb to read them alike"
+            )
 
     def test(self) -> dict[str, ImageSet]:
         test_dir = os.path.join(self.root, "test")
@@ -522,19 +543,32 @@ class MvtecLoader:
                         f"data.test_groups names {defect!r} but {test_dir}/{defect} does not exist; "
                         f"available defects: {', '.join(available) or 'none'}"
                     )
-        test = {}
-        for defect in defects:
-            folder = os.path.join(test_dir, defect)
-            items = []
-            for image in self._images(folder):
-                stem = os.path.splitext(os.path.basename(image))[0]
-                mask = os.path.join(self.root, "ground_truth", defect, stem + "_mask.png")
-                if not os.path.isfile(mask):
-                    raise DataError(f"no ground-truth mask for {image}: expected {mask}")
-                if self.check.row(image, image, (mask,)):
-                    items.append(Item(image, (mask,), None, folder))
-            test[defect] = ImageSet.from_settings(defect, _usable(folder, items), self.settings, anomalous=True)
+        test = {defect: self.defect(defect) for defect in defects}
         folder = os.path.join(test_dir, "good")
         items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
-        test[NORMAL] = ImageSet.from_settings(NORMAL, _usable(folder, items), self.settings)
+        test[NORMAL] = ImageSet(NORMAL, _usable(folder, items), self.settings)
         return test
+
+    def defect(self, defect: str) -> ImageSet:
+        """``test/<defect>``, each image with its ``ground_truth/<defect>/<name>_mask.png``."""
+        folder = os.path.join(self.root, "test", defect)
+        masks_dir = os.path.join(self.root, "ground_truth", defect)
+        images = self._images(folder)
+        if not os.path.isdir(masks_dir):
+            raise DataError(f"defect folder {folder} has no masks: {masks_dir} not found (MVTec keeps them in ground_truth/<defect>)")
+        stems = {os.path.splitext(os.path.basename(p))[0] for p in images}
+        for name in sorted(os.listdir(masks_dir)):
+            stem = os.path.splitext(name)[0]
+            if not name.startswith(".") and (not stem.endswith("_mask") or stem[: -len("_mask")] not in stems):
+                raise DataError(
+                    f"mask {os.path.join(masks_dir, name)} matches no image in {folder} "
+                    f"(expected <image name>_mask.png for an image <image name>.png there)"
+                )
+        items = []
+        for image in images:
+            mask = os.path.join(masks_dir, os.path.splitext(os.path.basename(image))[0] + "_mask.png")
+            if not os.path.isfile(mask):
+                raise DataError(f"no ground-truth mask for {image}: expected {mask}")
+            if self.check.row(image, image, (mask,)):
+                items.append(Item(image, (mask,), None, folder))
+        return ImageSet(defect, _usable(folder, items), self.settings, anomalous=True)

@@ -1,6 +1,7 @@
 """A small brain-MRI data set in the study's layout, generated offline from the MNI152 template.
 
-``python -m utils.demo_data DIR [--seed N]`` or :func:`generate_demo` writes::
+``python -m utils.demo_data DIR [--seed N]`` or :func:`generate_demo` writes (``--nifti DIR``: the NIfTI
+volume demo of :mod:`utils.demo_nifti` instead)::
 
     DIR/data/IXI/*.png                          IXI-like healthy slices (197x233, zero background)
     DIR/data/fastMRI/brain_mid_png/*.png        fastMRI-like slices (320x320 or 270x320, noisy
@@ -390,12 +391,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m utils.demo_data",
         description="Write the small synthetic brain-MRI demo set (study layout) to DIR.",
     )
-    parser.add_argument("directory", metavar="DIR", help="folder to create (absent or empty)")
+    parser.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
+    parser.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.demo_nifti) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if (args.directory is None) == (args.nifti is None):
+        parser.error("give either DIR (the PNG demo set) or --nifti DIR (the NIfTI volume demo)")
+    if args.nifti is not None:
+        return _nifti_main(args.nifti, args.seed)
     try:
         generate_demo(args.directory, seed=args.seed, overwrite=args.force)
     except (FileExistsError, ValueError, OSError) as exc:
@@ -407,6 +413,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(args.directory, "data", "demo.json"), encoding="utf-8") as handle:
         counts = json.load(handle)["counts"]
     print(f"demo set written to {args.directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith(("_ann", "_neg"))))
+    return 0
+
+
+def _nifti_main(directory: str, seed: int) -> int:
+    from .demo_nifti import generate_nifti_demo
+
+    try:
+        generate_nifti_demo(directory, seed=seed)
+    except (FileExistsError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partial demo set was written", file=sys.stderr)
+        return 130
+    print(f"NIfTI demo written to {directory}: manifest {os.path.join(directory, 'volumes.csv')}")
     return 0
 
 

@@ -458,11 +458,3 @@ def run_fit(settings: Settings, output_path: str | os.PathLike, progress: bool =
         if model is None:
             return None
         return model.save(output_path)
-
-
-def run_score(
-    model: Padim, dataset: Dataset, progress: bool = True, region_key: Optional[str] = None
-) -> Optional[ScoreResult]:
-    """Score ``dataset``, sharded when started by ``torchrun``: rank 0 gets the result, others ``None``."""
-    with DistributedContext.from_settings(model.settings) as ctx:
-        return distributed_score(model, dataset, model.settings, ctx, progress, region_key)

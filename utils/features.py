@@ -70,7 +70,8 @@ class PatchEmbedder(nn.Module):
 
     The maps of the requested stages are reduced to the selected channels first, then the deeper
     ones are upsampled (nearest, as in the PaDiM paper's embedding concatenation) to the stride-4
-    grid and concatenated in stage order. Selecting before upsampling saves work and memory.
+    grid and concatenated in stage order; with ``projection`` ``(selected, k)`` the result is
+    projected on it. Selecting before upsampling saves work and memory.
     """
 
     def __init__(
@@ -88,73 +89,22 @@ class PatchEmbedder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.extractor = build_backbone(backbone, weights, layers)
-        # Channels-last (NHWC) convolutions are 15-25 % faster on CPU (oneDNN) and give maps
-        # whose channels are contiguous, so selecting channels and storing the embeddings
-        # position-major below are cheap row copies instead of large transposes.
-        self.extractor.to(memory_format=torch.channels_last)
         offsets = [0]
         for layer in layers:
             offsets.append(offsets[-1] + stage_channels[layer - 1])
-        self.per_stage = [
-            (channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo) for lo, hi in zip(offsets, offsets[1:])
-        ]
-        for i, indices in enumerate(self.per_stage):
-            self.register_buffer(f"_select{i}", indices, persistent=False)
-        #: Optional ``(selected channels, k)`` projection applied after the selection.
+        for i, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+            selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
+            self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
-        #: On CUDA, smaller batches are padded with zero images to this many (``Padim`` sets its
-        #: batch size): cuDNN then sees one input shape per process instead of one per batch size.
-        self.cuda_batch: int | None = None
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``(N, d, H, W)`` of ``images`` over position-major memory (see :meth:`selected`),
-        projected on ``projection`` when there is one."""
-        selected = self.selected(images)  # (N, D, H, W) over (H, W, N, D) memory
-        if self.projection is None:
-            return selected
-        projected = torch.matmul(selected.permute(2, 3, 0, 1), self.projection.to(selected.dtype))  # (H, W, N, k)
-        return projected.permute(2, 3, 0, 1)
-
-    @torch.inference_mode()
-    def selected(self, images: torch.Tensor) -> torch.Tensor:
-        """Selected-channel embeddings ``(N, d, H, W)`` of ``images``.
-
-        The result is stored position-major, as ``(H, W, N, d)`` in memory, and returned as a
-        permuted ``(N, d, H, W)`` view: values are the same as a contiguous tensor's, but the
-        per-position matrices ``(N, d)`` that the statistics and the Mahalanobis distance multiply
-        are contiguous, so neither has to transpose ~70 MB per batch (wide_resnet50_2, d = 550).
-        Selection, nearest upsampling, concatenation and this transposition happen in one copy per
-        stage.
-        """
-        n = images.shape[0]
-        if images.is_cuda and self.cuda_batch is not None and n < self.cuda_batch:
-            images = torch.cat([images, images.new_zeros((self.cuda_batch - n, *images.shape[1:]))])
         with exact_float32(images.device):
-            maps = self.extractor(images.contiguous(memory_format=torch.channels_last))
-        maps = [feature_map[:n] for feature_map in maps]
-        gh, gw = maps[0].shape[-2:] if self.extractor.layers[0] == 1 else (images.shape[-2] // 4, images.shape[-1] // 4)
-        dim = sum(int(indices.numel()) for indices in self.per_stage)
-        out = torch.empty(gh, gw, n, dim, dtype=maps[0].dtype, device=maps[0].device).permute(2, 3, 0, 1)
-        offset = 0
-        for i, feature_map in enumerate(maps):
-            indices = getattr(self, f"_select{i}")
-            k = int(indices.numel())
-            if k == 0:
-                continue
-            # Channels last: (N, h, w, C) is contiguous, the selection gathers within rows.
-            selected = feature_map.permute(0, 2, 3, 1).index_select(3, indices)  # (N, h, w, k)
-            target = out[:, offset : offset + k].permute(0, 2, 3, 1)  # (N, H, W, k)
-            h, w = selected.shape[1:3]
-            if (h, w) == (gh, gw):
-                target.copy_(selected)
-            elif gh % h == 0 and gw % w == 0:
-                # Nearest upsampling by an integer factor repeats every pixel fy x fx times
-                # (exactly what F.interpolate(mode="nearest") does): a broadcasting copy.
-                fy, fx = gh // h, gw // w
-                target.unflatten(2, (w, fx)).unflatten(1, (h, fy)).copy_(selected[:, :, None, :, None, :])
-            else:
-                upsampled = F.interpolate(selected.permute(0, 3, 1, 2), size=(gh, gw), mode="nearest")
-                target.copy_(upsampled.permute(0, 2, 3, 1))
-            offset += k
-        return out
+            maps = self.extractor(images)
+        grid = (images.shape[-2] // 4, images.shape[-1] // 4)
+        selected = [feature_map.index_select(1, getattr(self, f"select{i}")) for i, feature_map in enumerate(maps)]
+        parts = [F.interpolate(part, size=grid, mode="nearest") for part in selected if part.shape[1]]
+        embeddings = torch.cat(parts, dim=1)  # (N, d, H, W)
+        if self.projection is not None:
+            embeddings = torch.einsum("nchw,ck->nkhw", embeddings, self.projection.to(embeddings.dtype))
+        return embeddings

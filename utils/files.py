@@ -48,3 +48,16 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
     with atomic_writer(path) as stream:
         stream.write(data)
     return os.fspath(path)
+
+
+def writable_folder(folder: str | os.PathLike) -> str:
+    """Create ``folder`` if needed and check that files can be written there, before any work is done.
+
+    Raises the ``OSError`` that writing would raise later (not a directory, permission denied, ...),
+    naming the folder; the command line prints it as one ``error:`` line.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(prefix=".tmp-", dir=folder)  # raises PermissionError there
+    probe.close()
+    return folder

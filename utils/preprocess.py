@@ -1,14 +1,23 @@
 """One preprocessing path for every image and mask, training and test alike.
 
-image file -> grayscale float in [0, 1] -> square (pad or stretch) -> resize to S x S ->
-optional per-image intensity standardisation -> 3 channels -> ImageNet normalisation.
-Masks follow the same geometry with nearest-neighbour resizing, so pixels stay aligned.
+image file -> float in [0, 1], gray ``(H, W)`` or RGB ``(H, W, 3)`` (``data.color``) ->
+square (pad or stretch) -> resize to ``image_size`` -> centre crop to ``input_size``
+(``data.center_crop``) -> optional per-image intensity standardisation = the *display* image ->
+3 channels (gray replicated) -> ImageNet normalisation = the network input.
+Masks follow the same geometry with nearest-neighbour resizing, so pixels stay aligned, and
+:func:`restore_geometry` maps an anomaly map back onto the original image grid.
+
+Intensity standardisation of RGB images measures the luminance (Rec. 601, as Pillow's
+``convert("L")``) and applies that one gain and offset to all three channels, so the hue, which
+a colour defect may differ in alone, is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -18,21 +27,25 @@ from PIL import Image
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError
 
+if TYPE_CHECKING:
+    from .config import Settings
+
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
+#: File name endings read as images (folders, MVTec layout, ``predict``).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: Pillow modes that hold colour (everything else is read as one gray channel).
+COLOR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "RGBX", "HSV", "LAB")
+#: Rec. 601 luma weights, the ones Pillow's ``convert("L")`` uses.
+LUMA = (0.299, 0.587, 0.114)
 
 
-def read_grayscale(path: str) -> np.ndarray:
-    """Decode an image file to a float32 ``(H, W)`` array in [0, 1].
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """The opened (not yet decoded) image at ``path``: the one existence, empty-file and size check.
 
-    8- and 16-bit grayscale, RGB, RGBA (alpha dropped) and palette images are accepted; colour
-    is converted to luminance. Unreadable files raise :class:`DataError` naming the file.
+    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
     """
-    return _decode(path, _to_unit_gray)
-
-
-def _decode(path: str, convert) -> np.ndarray:
-    """``convert(image)`` of the decoded image file at ``path``; unreadable files raise :class:`DataError`."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -45,12 +58,29 @@ def _decode(path: str, convert) -> np.ndarray:
                     raise DataError(
                         f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit"
                     )
-                image.load()
-                return convert(image)
+                yield image
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+
+
+def read_image(path: str, color: str = "auto") -> np.ndarray:
+    """Decode an image file to float32 in [0, 1]: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
+
+    ``color``: ``auto`` keeps colour files RGB and gray files gray, ``gray`` converts to
+    luminance, ``rgb`` always gives RGB (gray replicated). 8/16-bit gray, RGB, RGBA (alpha
+    dropped) and palette images are accepted. Unreadable files raise :class:`DataError`.
+    """
+    if color not in ("auto", "gray", "rgb"):
+        raise DataError(f"unknown color mode {color!r}; allowed: auto, gray, rgb")
+    with open_image(path) as image:
+        image.load()
+        if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
+            return _to_unit_gray(image)
+        if image.mode not in COLOR_MODES:
+            return np.repeat(_to_unit_gray(image)[..., None], 3, axis=2)
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def _to_unit_gray(image: Image.Image) -> np.ndarray:
@@ -61,8 +91,8 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
         return np.clip(array, 0, 1) if array.max() <= 1 else array / max(float(array.max()), 1e-12)
-    if image.mode in ("P", "PA", "RGBA", "LA", "RGB", "CMYK", "YCbCr", "1"):
-        image = image.convert("RGB").convert("L") if image.mode != "1" else image.convert("L")
+    if image.mode in COLOR_MODES:
+        image = image.convert("RGB").convert("L")
     elif image.mode != "L":
         image = image.convert("L")
     return np.asarray(image, dtype=np.float32) / 255.0
@@ -70,13 +100,11 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
 
 def read_mask(path: str) -> np.ndarray:
     """Decode a mask file to a bool ``(H, W)`` array (any nonzero pixel is foreground)."""
-    return _decode(path, _to_mask)
-
-
-def _to_mask(image: Image.Image) -> np.ndarray:
-    if image.mode in ("L", "1"):  # 8-bit / 1-bit masks (the usual): no float conversion (~30 % faster)
-        return np.asarray(image) > 0
-    return _to_unit_gray(image) > 0
+    with open_image(path) as image:
+        image.load()
+        if image.mode in ("L", "1"):  # 8-bit / 1-bit masks (the usual): no float conversion
+            return np.asarray(image) > 0
+        return _to_unit_gray(image) > 0
 
 
 def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
@@ -91,17 +119,66 @@ def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
     return F.pad(array, (left, side - w - left, top, side - h - top))
 
 
-def resize_image(gray: np.ndarray, size: int, mode: str) -> torch.Tensor:
-    """``(H, W)`` float -> ``(S, S)`` float, bilinear with antialiasing."""
-    x = to_square(torch.from_numpy(np.ascontiguousarray(gray))[None, None], mode)
+def _crop_offset(settings: "Settings") -> int:
+    return (settings.image_size - settings.input_size) // 2
+
+
+def _centre_crop(x: torch.Tensor, settings: "Settings") -> torch.Tensor:
+    start, side = _crop_offset(settings), settings.input_size
+    return x[..., start : start + side, start : start + side]
+
+
+def resize_image(array: np.ndarray, settings: "Settings") -> torch.Tensor:
+    """``(H, W)`` or ``(H, W, 3)`` float -> ``(C, S, S)`` float (C = 1 or 3): square, bilinear
+    resize with antialiasing to ``image_size``, centre crop to ``input_size``."""
+    x = torch.from_numpy(np.ascontiguousarray(array))
+    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+    x = to_square(x, settings.data.resize)
+    size = settings.image_size
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x[0, 0].clamp_(0, 1)
+    return _centre_crop(x[0], settings).clamp_(0, 1)
 
 
-def resize_mask(mask: np.ndarray, size: int, mode: str) -> torch.Tensor:
-    """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, same geometry as :func:`resize_image`."""
-    x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], mode)
-    return F.interpolate(x, size=(size, size), mode="nearest")[0, 0] > 0.5
+def resize_mask(mask: np.ndarray, settings: "Settings") -> torch.Tensor:
+    """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, the geometry of :func:`resize_image`."""
+    x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings.data.resize)
+    size = settings.image_size
+    return _centre_crop(F.interpolate(x, size=(size, size), mode="nearest")[0, 0], settings) > 0.5
+
+
+def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: "Settings") -> np.ndarray:
+    """Map(s) on the network grid back onto the original image grid (inverse of the geometry).
+
+    Args:
+        maps: ``(N, S, S)`` or ``(S, S)`` float, S = ``settings.input_size``.
+        shape: the original image's ``(H, W)``.
+
+    Returns:
+        ``(N, H, W)`` or ``(H, W)`` float32: the crop undone (pixels cropped away take the
+        nearest map value), resized bilinearly, the padding removed.
+    """
+    x = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    single = x.ndim == 2
+    x = x.reshape(-1, 1, *x.shape[-2:])
+    start = _crop_offset(settings)
+    end = settings.image_size - settings.input_size - start
+    if start or end:
+        x = F.pad(x, (start, end, start, end), mode="replicate")
+    h, w = int(shape[0]), int(shape[1])
+    side = max(h, w) if settings.data.resize == "pad" else None
+    x = F.interpolate(x, size=(side, side) if side else (h, w), mode="bilinear", align_corners=False, antialias=True)
+    if side:
+        top, left = (side - h) // 2, (side - w) // 2
+        x = x[..., top : top + h, left : left + w]
+    x = x[:, 0].numpy()
+    return x[0] if single else x
+
+
+def luminance(image: torch.Tensor) -> torch.Tensor:
+    """``(C, S, S)`` (C = 1 or 3) -> ``(S, S)`` gray: the channel itself, or Rec. 601 luma."""
+    if image.shape[0] == 1:
+        return image[0]
+    return torch.tensordot(torch.tensor(LUMA, dtype=image.dtype), image, dims=1)
 
 
 def foreground_mask(image: torch.Tensor) -> torch.Tensor:
@@ -137,10 +214,10 @@ def foreground_mask(image: torch.Tensor) -> torch.Tensor:
 
 
 def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image intensity standardisation of an ``(S, S)`` image in [0, 1].
+    """Per-image intensity standardisation of an ``(S, S)`` or ``(C, S, S)`` image in [0, 1].
 
-    Statistics come from ``region``, by default :func:`foreground_mask` (the head estimated
-    from the image itself, identical for training and test images).
+    Statistics come from the luminance inside ``region``, by default :func:`foreground_mask`
+    (the head estimated from the image itself, identical for training and test images).
     ``zscore``: (x - mean) / std inside the region, mapped back to [0, 1] as 0.5 + 0.15 z
     (clipped). ``percentile``: the region's 1st-99th percentile range mapped to [0, 1]
     (clipped). Both remove per-scanner gain and offset: an image and ``a * image + b`` (a > 0)
@@ -150,9 +227,10 @@ def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor |
         return image
     if mode not in ("zscore", "percentile"):
         raise DataError(f"unknown intensity mode {mode!r}; allowed: none, zscore, percentile")
+    gray = image if image.ndim == 2 else luminance(image)
     if region is None or int(region.sum()) < 16:
-        region = foreground_mask(image)
-    values = image[region].double()
+        region = foreground_mask(gray)
+    values = gray[region].double()
     if mode == "zscore":
         std = values.std().clamp_min(1e-6)
         return (0.5 + 0.15 * (image - values.mean()) / std).float().clamp_(0, 1)
@@ -160,36 +238,42 @@ def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor |
     return ((image - low) / (high - low).clamp_min(1e-6)).float().clamp_(0, 1)
 
 
-def normalise(image: torch.Tensor) -> torch.Tensor:
-    """``(S, S)`` gray in [0, 1] -> ``(3, S, S)`` with ImageNet mean/std normalisation."""
+def normalise(display: torch.Tensor) -> torch.Tensor:
+    """Display image ``(S, S)`` gray or ``(S, S, 3)`` RGB in [0, 1] -> ``(3, S, S)`` ImageNet-normalised."""
+    channels = display.unsqueeze(0).expand(3, -1, -1) if display.ndim == 2 else display.permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.unsqueeze(0).expand(3, -1, -1) - mean) / std
+    return (channels - mean) / std
 
 
-def preprocess(gray: np.ndarray, size: int, resize: str = "pad", intensity: str = "none",
-               region: np.ndarray | None = None) -> torch.Tensor:
-    """Full path for one decoded image: ``(H, W)`` in [0, 1] -> ``(3, S, S)`` network input.
+def prepare(array: np.ndarray, settings: "Settings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Full path for one decoded image.
 
-    ``region`` (optional ``(H, W)`` bool) overrides the region that intensity standardisation
-    measures; by default it is estimated from the image (:func:`foreground_mask`), which is
-    what :mod:`utils.data` and ``predict`` use for every image, so train and test match.
+    Args:
+        array: ``(H, W)`` or ``(H, W, 3)`` float in [0, 1] (:func:`read_image`).
+
+    Returns:
+        ``image``: float32 ``(3, S, S)`` network input; ``display``: float32 ``(S, S)`` or
+        ``(S, S, 3)`` in [0, 1], the same pixels before ImageNet normalisation (for figures).
     """
-    image = resize_image(gray, size, resize)
-    region_s = resize_mask(region, size, resize) if region is not None else None
-    return normalise(standardise_intensity(image, intensity, region_s))
+    resized = resize_image(array, settings)
+    standardised = standardise_intensity(resized, settings.data.intensity)
+    display = standardised[0] if standardised.shape[0] == 1 else standardised.permute(1, 2, 0).contiguous()
+    return normalise(display), display
 
 
-def load_image(path: str, size: int, resize: str = "pad", intensity: str = "none") -> torch.Tensor:
-    """Read and preprocess one image file -> ``(3, S, S)``."""
-    return preprocess(read_grayscale(path), size, resize, intensity)
+def load_image(path: str, settings: "Settings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and preprocess one image file -> ``(image (3, S, S), display)`` (see :func:`prepare`)."""
+    return prepare(read_image(path, settings.data.color), settings)
 
 
-def denormalise(image: torch.Tensor) -> np.ndarray:
-    """Network input ``(3, S, S)`` -> displayable gray ``(S, S)`` in [0, 1] (for figures)."""
+def _input_luminance(image: torch.Tensor) -> np.ndarray:
+    """Network input ``(3, S, S)`` -> its gray luminance ``(S, S)`` in [0, 1] (for callers that
+    hold only the network input, e.g. :func:`head_masks` inside the model)."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.cpu() * std + mean).mean(0).clamp(0, 1).numpy()
+    rgb = (image.cpu() * std + mean).clamp(0, 1)
+    return luminance(rgb).clamp(0, 1).numpy()
 
 
 def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
@@ -201,7 +285,7 @@ def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
 
     masks = []
     for image in images:
-        mask = foreground_mask(torch.from_numpy(denormalise(image))).numpy()
+        mask = foreground_mask(torch.from_numpy(_input_luminance(image))).numpy()
         if margin > 0 and not mask.all():
             mask = ndimage.binary_dilation(mask, iterations=margin)
         masks.append(torch.from_numpy(mask))

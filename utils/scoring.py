@@ -2,58 +2,33 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 
-#: Positions per step of :func:`mahalanobis` on CPU: the chunk's deviations and products (~5 MB
-#: each for d = 550 and 32 images) stay in cache between the matrix product and the row-wise dot
-#: product. On CUDA all positions go in one step (fewer, larger kernels).
-POSITION_CHUNK = 64
-#: From this dimension up, :func:`mahalanobis` multiplies the triangular whitening matrices in
-#: ``TRIANGLE_BLOCKS`` row blocks, skipping the blocks above the diagonal (2/3 of the arithmetic
-#: and of the matrix reads): d = 550, 32 images, 2 cores: 162 ms instead of 293 ms per batch;
-#: d = 100: 9 ms instead of 7 ms, so small matrices are multiplied whole.
-TRIANGLE_MIN_DIM = 256
-TRIANGLE_BLOCKS = 3
-
-
-def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distance of every embedding to its position's Gaussian, all positions at once.
+def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Mahalanobis distance of every embedding to its position's Gaussian.
 
     Args:
         embeddings: ``(N, d, H, W)``.
         mean: ``(P, d)`` with ``P = H * W``.
-        whitening: ``(P, d, d)`` lower-triangular matrices ``W`` with ``W^T W`` the inverse
-            covariance (the inverse Cholesky factors a fit stores, see
-            :func:`utils.gaussian.regularised_whitening`), zero above the diagonal; the
+        whitening: ``(P, d, d)`` matrices ``W`` with ``W^T W`` the inverse covariance (the inverse
+            Cholesky factors a fit stores, :func:`utils.gaussian.regularised_whitening`); the
             distance is ``||W (x - mean)||``.
+        chunk: positions per batched product, which bounds the temporaries.
 
     Returns:
         ``(N, H, W)`` distances, in the dtype of ``whitening``.
     """
     n, d, h, w = embeddings.shape
-    positions = h * w
-    samples = embeddings.flatten(2).permute(2, 0, 1)  # (P, N, d); contiguous for PatchEmbedder output
-    centre = mean.to(whitening.dtype).unsqueeze(2)  # (P, d, 1)
-    squared = torch.zeros(positions, n, dtype=whitening.dtype, device=whitening.device)
-    step = POSITION_CHUNK if whitening.device.type == "cpu" else positions
-    blocks = TRIANGLE_BLOCKS if d >= TRIANGLE_MIN_DIM else 1
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    for start in range(0, positions, step):
-        stop = min(start + step, positions)
-        # Deviations as columns (c, d, N): W @ deviations is a batched product with a wide left
-        # operand (~25 % faster on CPU than the transposed order), then column sums of squares.
-        deviations = torch.empty(stop - start, d, n, dtype=whitening.dtype, device=whitening.device)
-        torch.sub(samples[start:stop].transpose(1, 2).to(whitening.dtype), centre[start:stop], out=deviations)
-        for top, bottom in zip(edges, edges[1:]):
-            # Rows top:bottom of a lower-triangular W are zero right of column bottom.
-            rows = whitening[start:stop, top:bottom, :bottom]
-            squared[start:stop] += torch.bmm(rows, deviations[:, :bottom]).square_().sum(dim=1)
-    return squared.sqrt_().T.reshape(n, h, w)
+    deviations = embeddings.flatten(2).permute(2, 1, 0).to(whitening.dtype) - mean.to(whitening.dtype).unsqueeze(2)  # (P, d, N)
+    squared = torch.cat([
+        torch.bmm(whitening[start : start + chunk], deviations[start : start + chunk]).square().sum(dim=1)
+        for start in range(0, h * w, chunk)
+    ])  # (P, N)
+    return squared.sqrt().T.reshape(n, h, w)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -102,7 +77,6 @@ def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torc
     return torch.matmul(torch.matmul(rows, distances), cols.T)
 
 
-@functools.lru_cache(maxsize=16)
 def _map_operator(cells: int, height: int, width: int, sigma: float, dtype: torch.dtype, device: torch.device,
                   axis: int) -> torch.Tensor:
     """``(size, cells)`` matrix of upsampling + blur along ``axis`` (0: rows, 1: columns) of an

@@ -69,7 +69,6 @@ def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments) -> 
             f"Ledoit-Wolf shrinkage needs the moments of all {stats.count} training samples, but they hold "
             f"{moments.count}: covariance_shrinkage ledoit_wolf is supported in single-process fits only"
         )
-    stats.symmetrise()
     n, dim = stats.count, stats.mean.shape[1]
     trace = torch.empty(len(stats.mean), dtype=torch.float64, device=stats.mean.device)
     frobenius = torch.empty_like(trace)
@@ -85,7 +84,6 @@ def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments) -> 
 
 def shrink_scatter(stats: GaussianStatistics, shrinkage: torch.Tensor) -> None:
     """In place: ``scatter <- (1 - a) scatter + a (tr scatter / d) I`` per position (``a``: ``(P,)``)."""
-    stats.symmetrise()
     dim = stats.scatter.shape[-1]
     diagonal = stats.scatter.diagonal(dim1=1, dim2=2)
     target = diagonal.double().sum(dim=1) / dim

@@ -1,0 +1,190 @@
+"""The evaluation: run names, the per-group table against scikit-learn, scoring each image once."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from utils.config import settings_from_dict
+from utils.evaluation import GroupScores, metrics_table, run_directory, run_name, score_group
+from utils.report import markdown_table
+
+BASE = {"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24}
+
+
+def settings(**changes):
+    raw = {**BASE, **{k: v for k, v in changes.items() if k != "data"}}
+    if "data" in changes:
+        raw["data"] = changes["data"]
+    return settings_from_dict(raw)
+
+
+# ---------------------------------------------------------------------------- run names
+def test_run_name_is_stable_and_readable():
+    a = settings()
+    assert run_name(a) == run_name(settings()) == run_name(a.replace())
+    assert run_name(a).startswith("demo-efficientnet_lite0-imagenet-64px-d24-seed0-")
+    assert run_directory(a) == os.path.join("results", run_name(a))
+    # settings that change no result do not change the name
+    assert run_name(settings(device="cpu", batch_size=3, results_dir="elsewhere")) == run_name(a)
+    assert run_name(settings(data={"num_workers": 2, "root": "./data/demo/"})) == run_name(a)
+
+
+@pytest.mark.parametrize("change", [
+    {"seed": 1}, {"output_dimension": 23}, {"epsilon": 0.02}, {"covariance_dtype": "float64"},
+    {"layers": [1, 2]}, {"weights": "random"}, {"image_size": 96}, {"blur_sigma": 2.0},
+    {"image_score": "top1pct_mean"}, {"backbone": "efficientnet_lite1"},
+    {"data": {"resize": "stretch"}}, {"data": {"intensity": "zscore"}}, {"data": {"root": "data/other"}},
+    {"data": {"train_splits": ["ixi_normal_train"]}}, {"data": {"format": "study"}},
+    {"data": {"demo_seed": 3}}, {"data": {"test_groups": ["cyst"]}}, {"data": {"val_split": None}},
+    {"data": {"color": "rgb"}}, {"data": {"center_crop": 48}}, {"data": {"val_fraction": 0.2}},
+])
+def test_run_name_differs_for_any_result_changing_setting(change):
+    assert run_name(settings(**change)) != run_name(settings())
+
+
+def test_run_name_follows_the_weights_file_content(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"one")
+    first = run_name(settings(weights=str(path)))
+    path.write_bytes(b"two")
+    assert run_name(settings(weights=str(path))) != first
+    assert "-w-" in first
+
+
+# ---------------------------------------------------------------------------- the table
+def group(name, maps, row_image, row_masks, row_heads=None):
+    maps = np.asarray(maps, np.float32)
+    row_image = np.asarray(row_image)
+    row_masks = np.asarray(row_masks, bool)
+    row_heads = np.ones_like(row_masks) if row_heads is None else np.asarray(row_heads, bool)
+    masks = np.zeros(maps.shape, bool)
+    heads = np.zeros(maps.shape, bool)
+    for r, i in enumerate(row_image):
+        masks[i] |= row_masks[r]
+        heads[i] |= row_heads[r]
+    scores = np.array([m[h].max() for m, h in zip(maps, heads)])
+    return GroupScores(name, name != "normal", [f"{name}{i}" for i in range(len(maps))], maps, masks, heads,
+                       scores, maps.astype(np.float16), row_image, row_masks, row_heads)
+
+
+def test_table_uses_one_row_per_annotation_for_a_and_distinct_images_for_c():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 4, 4))
+    box1, box2, box3, box4 = (np.zeros((4, 4), bool) for _ in range(4))
+    box1[0, 0] = box2[3, 3] = box3[1, 1] = box4[2, 1] = True
+    # image 0 is listed twice (two annotations), images 1 and 2 once
+    lesion = group("lesion", maps, [0, 0, 1, 2], [box1, box2, box3, box4])
+    single = group("single", maps[:1], [0], [box1])
+    normal_maps = rng.random((3, 4, 4)) * 0.5
+    normal = group("normal", normal_maps, [0, 1, 2], np.zeros((3, 4, 4), bool))
+    table = metrics_table({"lesion": lesion, "single": single, "normal": normal}, threshold=0.9)
+    assert list(table["group"]) == ["lesion", "single", "mean", "all"]
+    row = table.iloc[0]
+    rows, row_masks = maps[[0, 0, 1, 2]], np.stack([box1, box2, box3, box4])
+    assert row["A_auroc"] == pytest.approx(roc_auc_score(row_masks.ravel(), rows.ravel()))
+    assert row["A_ap"] == pytest.approx(average_precision_score(row_masks.ravel(), rows.ravel()))
+    per_image_masks = np.stack([box1 | box2, box3, box4])
+    assert row["A_auroc"] != pytest.approx(roc_auc_score(per_image_masks.ravel(), maps.ravel()))  # not per image
+    assert row["n_images"] == 3 and row["n_rows"] == 4
+    scores = np.r_[maps.reshape(3, -1).max(1), normal_maps.reshape(3, -1).max(1)]
+    assert row["C_auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0, 0], scores))
+    predicted = maps >= 0.9
+    assert row["dice_val_threshold"] == pytest.approx(2 * (predicted & per_image_masks).sum() / (predicted.sum() + per_image_masks.sum()))
+    assert bool(table.iloc[1]["small_group"]) and not bool(row["small_group"])
+    mean = table.iloc[2]
+    assert mean["A_auroc"] == pytest.approx((row["A_auroc"] + table.iloc[1]["A_auroc"]) / 2)
+    assert mean["n_images"] == 4
+    # "all": every distinct test image once (image 0 of "single" is another file here), normal ones included
+    everything = table.iloc[3]
+    all_maps = np.concatenate([maps, maps[:1], normal_maps])
+    all_masks = np.concatenate([per_image_masks, box1[None], np.zeros((3, 4, 4), bool)])
+    assert everything["n_images"] == 7
+    assert everything["A_auroc"] == pytest.approx(roc_auc_score(all_masks.ravel(), all_maps.ravel()))
+    text = markdown_table(table)
+    assert "| single † |" in text and "| **mean** |" in text and "| **all** |" in text and "| lesion |" in text
+
+
+def test_table_notes_a_group_without_positive_pixels_in_the_head():
+    maps = np.random.default_rng(1).random((1, 4, 4))
+    box = np.zeros((1, 4, 4), bool)
+    box[0, 0, 0] = True
+    outside = group("outside", maps, [0], box, row_heads=~box)
+    table = metrics_table({"outside": outside}, threshold=0.5)
+    row = table.iloc[0]
+    assert math.isnan(row["B_auroc"]) and not math.isnan(row["A_auroc"])
+    assert "B: no anomalous pixels inside the head" in row["note"]
+    assert "C: no normal test images" in row["note"]
+    assert math.isnan(row["C_auroc"])
+
+
+# ---------------------------------------------------------------------------- scoring: rows vs distinct images
+class _FakeModel:
+    """Stands in for Padim.score: the map is the image's first channel (no CNN needed)."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, images, progress=False, region=None):
+        from utils.model import ScoreResult
+
+        self.scored += len(images)
+        maps = images[:, 0].numpy().copy()
+        inside = np.where(region.numpy(), maps, -np.inf)
+        return ScoreResult(maps, inside.reshape(len(maps), -1).max(1))
+
+
+def _png(path, array):
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_path):
+    from utils.data import ImageSet, Item
+
+    rng = np.random.default_rng(0)
+    a = _png(tmp_path / "a.png", rng.integers(0, 255, (16, 16)))
+    b = _png(tmp_path / "b.png", rng.integers(0, 255, (16, 16)))
+    boxes = []
+    for k, (r, c) in enumerate([(1, 1), (9, 9), (4, 10)]):
+        box = np.zeros((16, 16), np.uint8)
+        box[r:r + 4, c:c + 4] = 255
+        boxes.append(_png(tmp_path / f"box{k}.png", box))
+    head = np.zeros((16, 16), np.uint8)
+    head[2:14, 2:14] = 255
+    neg = _png(tmp_path / "neg.png", head)
+    items = [Item(a, (boxes[0],), (boxes[0], neg)), Item(b, (boxes[2],), (boxes[2], neg)), Item(a, (boxes[1],), (boxes[1], neg))]
+    s = settings_from_dict({"backbone": "efficientnet_lite0", "image_size": 32, "output_dimension": 8, "batch_size": 2})
+    dataset = ImageSet.from_settings("lesion", items, s, anomalous=True)
+    model = _FakeModel()
+    scored = score_group(model, dataset, s)
+    assert model.scored == 2  # image a has two rows but is scored once
+    assert scored.paths == [a, b] and list(scored.row_image) == [0, 1, 0]
+    per_image = dataset.per_image()
+    for i in range(len(per_image)):
+        item = per_image[i]
+        assert np.array_equal(scored.masks[i], item["mask"].numpy())
+        assert np.array_equal(scored.heads[i], item["head"].numpy())
+        assert np.allclose(scored.maps[i], item["image"][0].numpy())
+    for r in range(len(dataset)):
+        assert np.array_equal(scored.row_masks[r], dataset[r]["mask"].numpy())
+    expected = [scored.maps[i][scored.heads[i]].max() for i in range(2)]
+    assert np.allclose(scored.scores, expected)
+
+
+def test_a_given_model_must_match_the_settings(tmp_path):
+    from utils.errors import ModelFileError
+    from utils.evaluation import check_model_matches
+    from utils.model import Padim
+
+    model = Padim(settings())
+    with pytest.raises(ModelFileError, match="seed"):
+        check_model_matches(model, settings(seed=1))
+    with pytest.raises(ModelFileError, match="training data"):
+        check_model_matches(model, settings(data={"train_splits": ["ixi_normal_train"]}))
+    check_model_matches(model, settings(batch_size=3))  # run-time settings may differ

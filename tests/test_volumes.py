@@ -1,0 +1,243 @@
+"""NIfTI volumes: the manifest and its errors, maps written back onto the scan's own grid (checked
+through world coordinates), per-volume metrics against scikit-learn, and PaDiM on the NIfTI demo."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.affines import apply_affine
+from nibabel.orientations import axcodes2ornt, ornt_transform
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from utils.config import settings_from_dict
+from utils.demo_nifti import generate_nifti_demo
+from utils.errors import DataError
+from utils.model import ScoreResult
+from utils.volume_evaluation import VolumeEvaluation
+from utils.volumes import SliceSet, load_volume_data, predict_volumes, read_manifest, read_volume, volume_metrics
+
+SHAPE = (24, 30, 20)
+
+
+def _settings(manifest, **data):
+    return settings_from_dict({"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24, "device": "cpu",
+                               "batch_size": 8, "blur_sigma": 1.0,
+                               "data": {"format": "nifti", "manifest": str(manifest), "min_brain_fraction": 0.0} | data})
+
+
+def _head(shape=SHAPE, value=0.3, noise=0.05):
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    inside = sum(((g - c) / (0.45 * s)) ** 2 for g, c, s in zip(grid, centre, shape)) <= 1
+    rng = np.random.default_rng(0)
+    return np.where(inside, value + noise * rng.random(shape), 0.0).astype(np.float32), inside
+
+
+def _save(folder, name, array, affine=np.eye(4)):
+    path = os.path.join(folder, name)
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), path)
+    return name
+
+
+def _manifest(folder, rows, columns=("split", "image", "label", "brain_mask", "group", "case")):
+    path = os.path.join(folder, "volumes.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows([{c: row.get(c, "") for c in columns} for row in rows])
+    return path
+
+
+@pytest.fixture
+def small_set(tmp_path):
+    """Two train volumes, one with a label; one test volume with a label and a brain mask."""
+    image, inside = _head()
+    label = np.zeros(SHAPE, np.uint8)
+    label[10:13, 12:15, 8:10] = 1
+    folder = str(tmp_path)
+    rows = [
+        {"split": "train", "image": _save(folder, "a.nii.gz", image)},
+        {"split": "train", "image": _save(folder, "b.nii", image * 2), "label": _save(folder, "b_label.nii.gz", label)},
+        {"split": "test", "image": _save(folder, "c.nii.gz", image), "label": _save(folder, "c_label.nii.gz", label),
+         "brain_mask": _save(folder, "c_brain.nii.gz", inside.astype(np.uint8)), "group": "lesion"},
+    ]
+    return folder, rows, label
+
+
+def test_manifest_defaults_and_paths(small_set):
+    folder, rows, _ = small_set
+    entries = read_manifest(_manifest(folder, rows))
+    assert [e.case for e in entries] == ["a", "b", "c"]
+    assert [e.group for e in entries] == ["test", "test", "lesion"]
+    assert entries[1].label == os.path.join(folder, "b_label.nii.gz") and entries[0].label is None
+    assert entries[2].source == "volumes.csv line 4"
+
+
+def test_training_slices_skip_the_labelled_ones_and_val_is_held_out_by_volume(small_set):
+    folder, rows, label = small_set
+    bundle = load_volume_data(_settings(_manifest(folder, rows), val_fraction=0.5))
+    assert len(bundle.val.entries) == 1 and len(bundle.train.entries) == 1
+    assert {e.case for e in bundle.val.entries}.isdisjoint(e.case for e in bundle.train.entries)
+    assert "held out" in bundle.val_description
+    both = SliceSet("train", bundle.val.entries + bundle.train.entries, bundle.train.settings)
+    lesion_slices = set(np.flatnonzero(label.any(axis=(0, 1))))  # identity affine: already RAS+
+    by_case = {}
+    for number, z in both.index:
+        by_case.setdefault(both.entries[number].case, set()).add(z)
+    assert by_case["b"].isdisjoint(lesion_slices) and lesion_slices <= by_case["a"]
+
+
+def _error(folder, rows, columns=None, **data):
+    manifest = _manifest(folder, rows, columns) if columns else _manifest(folder, rows)
+    with pytest.raises(DataError) as info:
+        load_volume_data(_settings(manifest, **data))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_manifest_errors_name_the_file_and_row(small_set):
+    folder, rows, label = small_set
+    image, _ = _head()
+    test_row = rows[2]
+    assert "line 2" in _error(folder, [{"split": "train", "image": "missing.nii.gz"}, test_row])
+    with open(os.path.join(folder, "x.png"), "wb") as handle:
+        handle.write(b"\x89PNG")
+    assert "not a NIfTI" in _error(folder, [{"split": "train", "image": "x.png"}, test_row])
+    small = _save(folder, "small.nii.gz", label[:-1])
+    assert "shape" in _error(folder, [{"split": "train", "image": "a.nii.gz", "label": small}, test_row])
+    moved = _save(folder, "moved.nii.gz", label, np.diag([2.0, 1, 1, 1]))
+    assert "affine" in _error(folder, [{"split": "train", "image": "a.nii.gz", "brain_mask": moved}, test_row])
+    four = _save(folder, "four.nii.gz", np.stack([image, image], axis=-1))
+    assert "volume_index" in _error(folder, [{"split": "train", "image": four}, test_row])
+    assert "out of range" in _error(folder, [{"split": "train", "image": four}, test_row], volume_index=2)
+    nan = _save(folder, "nan.nii.gz", np.full(SHAPE, np.nan, np.float32))
+    assert "all NaN" in _error(folder, [{"split": "train", "image": nan}, test_row])
+    flat = _save(folder, "flat.nii.gz", np.ones(SHAPE, np.float32))
+    assert "constant" in _error(folder, [{"split": "train", "image": flat}, test_row])
+    assert "no test volumes" in _error(folder, rows[:2])
+    assert "unknown column 'weight'" in _error(folder, rows, columns=("split", "image", "weight"))
+    duplicate = dict(rows[0], case="c")
+    assert "already used" in _error(folder, [duplicate] + rows[1:])
+    message = _error(folder, [{"split": "train", "image": "missing.nii.gz"}, test_row])
+    assert "volumes.csv" in message and "missing.nii.gz" in message
+
+
+def test_a_4d_image_with_volume_index_uses_that_volume(small_set):
+    folder, rows, _ = small_set
+    image, _ = _head()
+    four = _save(folder, "four.nii.gz", np.stack([np.zeros(SHAPE, np.float32), image], axis=-1))
+    entries = read_manifest(_manifest(folder, [{"split": "train", "image": four}]), volume_index=1)
+    volume = read_volume(entries[0], _settings("unused.csv", volume_index=1))
+    assert volume.image.max() == 1.0 and volume.shape == SHAPE
+
+
+class IntensityModel:
+    """A stand-in for Padim: the map is the network input's first channel (monotone in intensity),
+    smoothed so that the plateau of the intensity clipping peaks at its centre."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def score(self, images, progress=True, region=None):
+        maps = ndimage.gaussian_filter(images[:, 0].numpy().astype(np.float32), sigma=(0, 4, 4))
+        return ScoreResult(maps, maps.reshape(len(maps), -1).max(axis=1))
+
+
+def _oblique_affine():
+    """LIP voxel order with a 12 degree rotation, 2 x 1.5 x 3 mm voxels, an offset."""
+    base = nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 1.5, 3.0, 1.0]))
+    reoriented = base.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LIP")))
+    angle = np.deg2rad(12)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    rotation[:3, 3] = [10.0, -20.0, 5.0]
+    return rotation @ reoriented.affine
+
+
+def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path):
+    head, _ = _head(noise=0.0)
+    affine = _oblique_affine()
+    assert nib.aff2axcodes(affine) != ("R", "A", "S")
+    blob_voxel = (7, 19, 12)  # in the stored (non-canonical) voxel order
+    grid = np.indices(SHAPE)
+    blob = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, blob_voxel)) / (2 * 1.5**2))
+    stored = (head + 0.7 * blob).astype(np.float32)
+    path = os.path.join(tmp_path, "scan.nii.gz")
+    nib.save(nib.Nifti1Image(stored, affine), path)
+    model = IntensityModel(_settings("unused.csv"))
+    rows = predict_volumes(model, [path], str(tmp_path / "out"), progress=False)
+    saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
+    assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
+    assert np.allclose(saved.affine, affine)
+    peak = np.unravel_index(np.argmax(np.asarray(saved.dataobj)), SHAPE)
+    assert np.allclose(apply_affine(saved.affine, peak), apply_affine(affine, blob_voxel))
+    assert os.path.isfile(tmp_path / "out" / "scan_anomaly.png")
+    # the reported slice is the RAS+ axial index of the peak, through the canonical image's affine
+    canonical = nib.as_closest_canonical(nib.load(path))
+    ras_peak = np.rint(apply_affine(np.linalg.inv(canonical.affine), apply_affine(affine, blob_voxel))).astype(int)
+    assert rows[0]["slice"] == ras_peak[2]
+
+
+def test_volume_metrics_against_scikit_learn():
+    rng = np.random.default_rng(3)
+    shape = (6, 5, 4)
+    label = np.zeros(shape, bool)
+    label[2:4, 1:3, 1:3] = True
+    anomaly = rng.random(shape) + 0.8 * label
+    brain = np.ones(shape, bool)
+    brain[0] = False
+    kept = np.array([True, True, True, False])
+    got = volume_metrics(anomaly.astype(np.float32), label, brain, kept, threshold=0.9)
+    assert got["A_auroc"] == pytest.approx(roc_auc_score(label.ravel(), anomaly.ravel()))
+    assert got["A_ap"] == pytest.approx(average_precision_score(label.ravel(), anomaly.ravel()))
+    assert got["B_auroc"] == pytest.approx(roc_auc_score(label[brain], anomaly[brain]))
+    assert got["B_ap"] == pytest.approx(average_precision_score(label[brain], anomaly[brain]))
+    slice_scores = [anomaly[:, :, z][brain[:, :, z]].max() for z in range(3)]
+    assert got["C_auroc"] == pytest.approx(roc_auc_score([label[:, :, z].any() for z in range(3)], slice_scores))
+    predicted = (anomaly >= 0.9) & brain
+    dice = 2 * (predicted & label).sum() / (predicted.sum() + (label & brain).sum())
+    assert got["dice_val_threshold"] == pytest.approx(dice)
+    best = max(2 * ((anomaly >= t) & brain & label).sum() / (((anomaly >= t) & brain).sum() + (label & brain).sum())
+               for t in anomaly[brain])
+    assert got["dice_best_optimistic"] == pytest.approx(best)
+    assert got["lesion_voxels"] == label.sum()
+
+
+@pytest.fixture(scope="module")
+def nifti_demo(tmp_path_factory):
+    return generate_nifti_demo(tmp_path_factory.mktemp("demo") / "nifti", seed=0)
+
+
+def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_demo, tmp_path):
+    settings = settings_from_dict({
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 64, "output_dimension": 100,
+        "blur_sigma": 2.0, "device": "cpu", "results_dir": str(tmp_path),
+        "data": {"format": "nifti", "manifest": os.path.join(nifti_demo, "volumes.csv"), "intensity": "none"}})
+    evaluation = VolumeEvaluation(settings)
+    evaluation.load_data()
+    evaluation.fit(progress=False)
+    started = time.perf_counter()
+    evaluation.score(progress=False)
+    per_volume = (time.perf_counter() - started) / len(evaluation.rows)
+    table = evaluation.compute_metrics()
+    folder = evaluation.save(save_model=False)
+    print("\n" + evaluation.volumes.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"seconds per test volume: {per_volume:.2f}")
+    mean = table.set_index("group").loc["mean"]
+    assert mean["B_auroc"] > 0.9
+    for entry in (e for group in evaluation.bundle.test.values() for e in group.entries):
+        image = nib.load(entry.image)
+        saved = nib.load(os.path.join(folder, "maps", f"{entry.case}_anomaly.nii.gz"))
+        assert saved.shape == image.shape and np.allclose(saved.affine, image.affine)
+    assert set(evaluation.volumes["case"]) == {e.case for g in evaluation.bundle.test.values() for e in g.entries}
+    assert os.path.isfile(os.path.join(folder, "volumes.csv")) and os.path.isfile(os.path.join(folder, "metrics.csv"))
+    assert not [f for f in os.listdir(folder) if f.startswith(".maps-")]
+    assert evaluation.figures and torch.get_num_threads() >= 1

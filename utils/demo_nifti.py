@@ -1,0 +1,161 @@
+"""A small NIfTI brain-MRI demo set, generated offline from the MNI152 template (3 mm).
+
+``python -m utils.demo_data --nifti DIR [--seed N]`` or :func:`generate_nifti_demo` writes::
+
+    DIR/volumes.csv                     the manifest (split, image, label, brain_mask, group, case)
+    DIR/images/<case>.nii.gz            int16 T1-like volumes
+    DIR/masks/<case>_brain.nii.gz       uint8 brain masks
+    DIR/labels/<case>_label.nii.gz      uint8 lesion labels (test volumes)
+
+Subjects are the MNI152 T1 template of the nilearn wheel (``load_mni152_template(resolution=2)``,
+no network) resampled to 3 mm, with a random smooth deformation, a multiplicative bias field, a
+gamma contrast change, a scanner gain and Rician-like noise. Test volumes carry one 3-D lesion of
+a named kind, in T1-bright tissue on axial slices that are at least 30 % brain:
+``hypointense_lesion`` (soft dark ellipsoid, like a T1 black hole), ``cyst`` (CSF-dark sharp
+cavity) or ``mass`` (textured, a dark core in a brighter rim). Every second volume is stored in a non-canonical
+voxel order (LIP) with an oblique (12 degree) affine, so readers must reorient. Deterministic
+from the seed (bit-identical files); written into a temporary folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import shutil
+import tempfile
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import axcodes2ornt, ornt_transform
+from scipy import ndimage
+
+from .files import write_atomic
+
+NIFTI_KINDS = ("hypointense_lesion", "cyst", "mass")
+COUNTS = {"train": 8, "val": 2, "test_per_kind": 2}
+ZOOM = 2 / 3  # 2 mm template -> 3 mm
+OBLIQUE_DEGREES = 12.0
+CENTRAL_SLICE_FRACTION = 0.3
+
+
+def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+    template, mask = load_mni152_template(resolution=2), load_mni152_brain_mask(resolution=2)
+    image = ndimage.zoom(np.asarray(template.dataobj, dtype=np.float32), ZOOM, order=1)
+    brain = ndimage.zoom(np.asarray(mask.dataobj, dtype=np.float32), ZOOM, order=1) > 0.5
+    affine = template.affine @ np.diag([1 / ZOOM, 1 / ZOOM, 1 / ZOOM, 1])
+    return image, brain, affine
+
+
+def _smooth(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / max(float(np.abs(field).max()), 1e-9)
+
+
+def _subject(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A healthy subject: smooth deformation (about 2 voxels), bias field, gamma contrast."""
+    grid = np.indices(image.shape, dtype=np.float32)
+    coords = [g + 2.0 * _smooth(rng, image.shape, 6.0) for g in grid]
+    warped = ndimage.map_coordinates(image, coords, order=1)
+    warped_brain = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1) > 0.5
+    bias = np.exp(0.2 * _smooth(rng, image.shape, 12.0))
+    gamma = rng.uniform(0.8, 1.25)
+    return np.clip(warped, 0, None) ** gamma * bias, warped_brain
+
+
+def _lesion(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Add one lesion of ``kind`` well inside the brain; returns (image, label)."""
+    radius = rng.uniform(4.0, 5.5)
+    # well inside the brain, on axial slices that are mostly brain (so they are kept and scored)
+    central = brain.mean(axis=(0, 1)) >= CENTRAL_SLICE_FRACTION
+    white = image > np.percentile(image[brain], 60)  # T1-bright tissue, where dark lesions stand out
+    inside = np.argwhere((ndimage.distance_transform_edt(brain) > radius + 2) & central[None, None, :] & white)
+    centre = inside[rng.integers(len(inside))]
+    axes = radius * rng.uniform(0.8, 1.25, size=3)
+    distance = np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(np.indices(image.shape), centre, axes)))
+    label = (distance <= 1.0) & brain
+    tissue = float(np.median(image[brain]))
+    if kind == "hypointense_lesion":
+        image = image * (1 - 0.6 * np.clip(1.3 - distance, 0, 1))
+    elif kind == "cyst":
+        image = np.where(label, 0.08 * tissue, image)
+    else:  # mass: textured, a darker core in a brighter rim
+        texture = 1.0 + 0.5 * _smooth(rng, image.shape, 1.0)
+        image = np.where(label, tissue * np.where(distance < 0.6, 0.5, 1.1) * texture, image)
+    return image, label
+
+
+def _store(array: np.ndarray, affine: np.ndarray, dtype, oblique: bool) -> bytes:
+    """NIfTI bytes (gzip, no time stamp); ``oblique``: LIP voxel order and a rotated affine."""
+    image = nib.Nifti1Image(array.astype(dtype), affine)
+    if oblique:
+        image = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LIP")))
+        angle = np.deg2rad(OBLIQUE_DEGREES)
+        rotation = np.eye(4)
+        rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        image = nib.Nifti1Image(np.asanyarray(image.dataobj), rotation @ image.affine)
+    return gzip.compress(image.to_bytes(), mtime=0)
+
+
+def _write_set(folder: str, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    template, template_brain, affine = _template()
+    plan = [("train", "healthy")] * COUNTS["train"] + [("val", "healthy")] * COUNTS["val"]
+    plan += [("test", kind) for kind in NIFTI_KINDS for _ in range(COUNTS["test_per_kind"])]
+    rows = []
+    for number, (split, kind) in enumerate(plan):
+        case = f"{split}_{number:02d}" + ("" if kind == "healthy" else f"_{kind}")
+        image, brain = _subject(rng, template, template_brain)
+        label = None
+        if kind != "healthy":
+            image, label = _lesion(rng, image, brain, kind)
+        gain = rng.uniform(500, 1500)
+        noisy = np.abs(image + 0.03 * rng.standard_normal(image.shape) + 0.03j * rng.standard_normal(image.shape))
+        oblique = number % 2 == 1
+        row = {"split": split, "image": f"images/{case}.nii.gz", "label": "", "brain_mask": f"masks/{case}_brain.nii.gz",
+               "group": kind if kind != "healthy" else "", "case": case}
+        write_atomic(os.path.join(folder, row["image"]), _store(gain * noisy, affine, np.int16, oblique))
+        write_atomic(os.path.join(folder, row["brain_mask"]), _store(brain, affine, np.uint8, oblique))
+        if label is not None:
+            row["label"] = f"labels/{case}_label.nii.gz"
+            write_atomic(os.path.join(folder, row["label"]), _store(label, affine, np.uint8, oblique))
+        rows.append(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(os.path.join(folder, "volumes.csv"), text.getvalue().encode())
+    return rows
+
+
+def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
+    """Write the NIfTI demo set to ``root`` (absent or empty); returns ``root``.
+    Raises ``FileExistsError`` if ``root`` holds files, ``ValueError`` for a bad seed."""
+    root = os.path.abspath(os.fspath(root))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise FileExistsError(f"{root} exists and is not an empty folder; choose another folder")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".tmp-", dir=parent)
+    try:
+        _write_set(temporary, int(seed))
+        if os.path.isdir(root):
+            os.rmdir(root)  # empty (checked above)
+        os.rename(temporary, root)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return root
+
+
+def ensure_nifti_demo(root: str, seed: int = 0) -> str:
+    """The manifest ``root/volumes.csv``, generating the set there first if ``root`` is absent or empty."""
+    manifest = os.path.join(root, "volumes.csv")
+    if not os.path.isfile(manifest):
+        generate_nifti_demo(root, seed)
+    return manifest

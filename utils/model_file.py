@@ -1,0 +1,124 @@
+"""The fitted model's file: save, load, validation and the one compatibility check.
+
+A file holds only tensors, numbers and a JSON string of the settings, is written atomically
+(temporary file, then rename) and read with ``torch.load(weights_only=True)``: loading never
+runs code. Everything read is checked (types, dtypes, shapes, finite values) before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import Settings, settings_from_dict
+from .errors import ConfigError, ModelFileError
+from .files import atomic_writer
+
+if TYPE_CHECKING:
+    from .model import Padim
+
+FILE_FORMAT = "padim-model"
+#: 2: the file stores ``whitening`` (inverse Cholesky factors of the covariances).
+FILE_VERSION = 2
+#: Settings that define a fitted model: a file fitted with other values cannot serve a request.
+MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
+              "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
+#: Data settings that change what the model sees, so they must match too.
+MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop")
+
+
+def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
+    """Raise :class:`ModelFileError` naming every model-defining setting in which ``what`` (a model
+    file, a given model) differs from the requested settings."""
+    differences = [
+        f"{key}: {getattr(stored, key)!r} vs config {getattr(requested, key)!r}"
+        for key in MODEL_KEYS if getattr(stored, key) != getattr(requested, key)
+    ] + [
+        f"data.{key}: {getattr(stored.data, key)!r} vs config {getattr(requested.data, key)!r}"
+        for key in MODEL_DATA_KEYS if getattr(stored.data, key) != getattr(requested.data, key)
+    ]
+    if differences:
+        raise ModelFileError(f"{what} was fitted with other settings ({'; '.join(differences)}); refit or fix the config")
+
+
+def save(model: "Padim", path: str | os.PathLike) -> str:
+    """Write ``model`` to ``path`` atomically (and durably: fsync before the rename); returns the path."""
+    path = os.fspath(path)
+    payload = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "settings": json.dumps(model.settings.to_dict()),
+        "channel_indices": model.channel_indices.clone(),
+        "mean": model.mean.detach().cpu().clone(),
+        "whitening": model.whitening.detach().cpu().clone(),
+        "train_count": int(model.train_count),
+    }
+    with atomic_writer(path, durable=True) as stream:
+        torch.save(payload, stream)
+    return path
+
+
+def _read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path} is not a readable PaDiM model file ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise ModelFileError(f"{path} is not a PaDiM model file (no '{FILE_FORMAT}' header)")
+    if payload.get("version") != FILE_VERSION:
+        raise ModelFileError(f"{path} has model file version {payload.get('version')!r}; this code reads version "
+                             f"{FILE_VERSION}: refit the model with `python -m utils fit`")
+    return payload
+
+
+def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> torch.Tensor:
+    value = payload.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ModelFileError(f"{path} is damaged: `{key}` is {type(value).__name__}, not a tensor")
+    if value.dtype not in dtypes or tuple(value.shape) != shape:
+        raise ModelFileError(f"{path} is damaged: `{key}` is {value.dtype} {tuple(value.shape)}, expected "
+                             f"{' or '.join(map(str, dtypes))} {shape}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ModelFileError(f"{path} is damaged: `{key}` holds NaN or Inf values")
+    return value
+
+
+def load(path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
+    """Read a model file written by :func:`save`.
+
+    With ``settings``, the file must have been fitted with the same model-defining settings
+    (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
+    paths, ...) are then taken from ``settings``.
+    """
+    from .model import Padim
+
+    path = os.fspath(path)
+    payload = _read(path)
+    try:
+        stored = settings_from_dict(json.loads(payload["settings"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ModelFileError(f"{path} is damaged: its settings cannot be read ({str(exc).splitlines()[0][:200]})") from None
+    if settings is not None:
+        check_compatible(stored, settings, path)
+        run_time = {k: v for k, v in settings.to_dict().items() if k not in MODEL_KEYS}
+        run_time["data"] = {**run_time["data"], **{k: getattr(stored.data, k) for k in MODEL_DATA_KEYS}}
+        stored = stored.replace(**run_time)
+    model = Padim(stored)
+    positions, dim = stored.feature_size**2, stored.kept_channels
+    floats = (getattr(torch, stored.covariance_dtype),)
+    indices = _tensor(payload, "channel_indices", tuple(model.channel_indices.shape), (torch.int64,), path)
+    if not torch.equal(indices, model.channel_indices):
+        raise ModelFileError(f"{path} is inconsistent: its channel indices do not follow from its own settings")
+    model.mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path).to(model.device)
+    model.whitening = _tensor(payload, "whitening", (positions, dim, dim), floats, path).to(model.device)
+    count = payload.get("train_count")
+    if not isinstance(count, int) or count < 1:
+        raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
+    model.train_count = count
+    return model

@@ -1,0 +1,207 @@
+"""Evaluation of NIfTI volumes: the steps of :class:`utils.evaluation.Evaluation`, per volume.
+
+::
+
+    ev = VolumeEvaluation(settings)    # results/<run-name>/
+    ev.load_data()                     # utils.volumes.load_volume_data (slices of train / val volumes)
+    ev.fit()                           # PaDiM on the training slices
+    ev.score()                         # val slices -> threshold and colour scale; each test volume once
+    ev.compute_metrics()               # ev.volumes (one row per test volume), ev.table (per group + mean)
+    ev.make_figures()                  # three orthogonal views through the lesion of a few volumes
+    ev.save(maps=True)                 # volumes.csv, metrics.csv, config.yaml, timings.json, model.pt,
+                                       # figures/, maps/<case>_anomaly.nii.gz
+
+Columns (see :func:`utils.volumes.volume_metrics`): ``A`` = voxels of the whole volume, ``B`` =
+voxels inside the brain, ``C`` = slice level (slices with lesion voxels against slices without);
+``dice_val_threshold`` at the validation threshold, ``dice_best`` (in volumes.csv
+``dice_best_optimistic``) at the best threshold chosen on the volume itself. ``metrics.csv``:
+the mean over each group's volumes, then ``mean`` (unweighted over groups); ``aupro`` is not
+computed for volumes (NaN). Scoring holds one volume at a time; its map is written to a
+temporary folder in the run folder and moved to ``maps/`` by :meth:`save` (or removed with ``maps=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .config import Settings
+from .data import DataBundle, make_loader
+from .errors import DataError
+from .evaluation import NormalReference, run_name
+from .files import write_atomic
+from .model import Padim
+from .volumes import data_summary, load_volume_data, read_volume, score_volume, volume_metrics, write_map
+
+METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold")
+TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS + ("best_threshold", "note")
+#: Test volumes shown in the figures.
+FIGURE_VOLUMES = 3
+
+
+@dataclass
+class VolumeEvaluation:
+    """One evaluation run on NIfTI volumes (see the module docstring)."""
+
+    settings: Settings
+    name: str = ""
+    directory: str = ""
+    bundle: Optional[DataBundle] = None
+    model: Optional[Padim] = None
+    model_source: str = ""
+    reference: Optional[NormalReference] = None
+    rows: list[dict] = field(default_factory=list)
+    volumes: Optional[pd.DataFrame] = None
+    table: Optional[pd.DataFrame] = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: RAS+ (volume, map, label) of the first few test volumes, for :meth:`make_figures`.
+    shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    _staging: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or run_name(self.settings)
+        self.directory = self.directory or os.path.join(self.settings.results_dir, self.name)
+
+    def load_data(self) -> DataBundle:
+        started = time.perf_counter()
+        self.bundle = load_volume_data(self.settings)
+        if self.bundle.val is None:
+            raise DataError("no validation volumes for the threshold and colour scale: add val rows to the manifest, "
+                            "or set data.val_fraction > 0 to hold out train volumes")
+        self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
+        self.notes.append(f"data: {data_summary(self.bundle)}; threshold from {self.bundle.val_description}")
+        return self.bundle
+
+    def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Padim:
+        if self.bundle is None:
+            self.load_data()
+        started = time.perf_counter()
+        if model_path is not None:
+            self.model, self.model_source = Padim.load(model_path, self.settings), f"loaded from {model_path}"
+        else:
+            train = self.bundle.train
+            self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
+            self.model_source = f"fitted on {len(train)} slices of {len(train.entries)} volumes"
+        self.timings["fit_s"] = round(time.perf_counter() - started, 3)
+        return self.model
+
+    def _reference(self) -> NormalReference:
+        maps, regions = [], []
+        for batch in make_loader(self.bundle.val, self.settings):
+            maps.append(self.model.score(batch["image"], progress=False).maps)
+            regions.append(batch["head"].numpy())
+        return NormalReference.from_maps(np.concatenate(maps), np.concatenate(regions), self.bundle.val_description,
+                                         region_kind="brain")
+
+    def score(self, progress: bool = True) -> list[dict]:
+        """Threshold and colour scale from the validation slices, then each test volume once."""
+        if self.model is None:
+            raise RuntimeError("call fit() before score()")
+        started = time.perf_counter()
+        self.reference = self._reference()
+        os.makedirs(self.directory, exist_ok=True)
+        self._staging = tempfile.mkdtemp(prefix=".maps-", dir=self.directory)
+        entries = [(name, e) for name, group in self.bundle.test.items() for e in group.entries]
+        self.rows, self.shown = [], []
+        volume_seconds = []
+        for name, entry in tqdm(entries, desc="score volumes", unit="volume", disable=not progress):
+            began = time.perf_counter()
+            volume = read_volume(entry, self.settings)
+            anomaly = score_volume(self.model, volume, self.settings)
+            row = {"case": entry.case, "group": name}
+            row |= volume_metrics(anomaly, volume.label, volume.brain, volume.kept, self.reference.threshold)
+            self.rows.append(row)
+            write_map(anomaly, volume, os.path.join(self._staging, f"{entry.case}_anomaly.nii.gz"))
+            if len(self.shown) < FIGURE_VOLUMES and volume.label.any():
+                self.shown.append((entry.case, volume.image, anomaly, volume.label))
+            volume_seconds.append(time.perf_counter() - began)
+        self.timings.update(score_s=round(time.perf_counter() - started, 3), test_volumes=len(entries),
+                            seconds_per_volume=round(float(np.mean(volume_seconds)), 3))
+        return self.rows
+
+    def compute_metrics(self) -> pd.DataFrame:
+        """``self.volumes`` (one row per test volume) and ``self.table`` (per group, then ``mean``)."""
+        if not self.rows:
+            raise RuntimeError("call score() before compute_metrics()")
+        self.volumes = pd.DataFrame(self.rows)
+        groups = []
+        for name, part in self.volumes.groupby("group", sort=False):
+            row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
+                   "small_group": len(part) <= 2, "aupro": M.NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
+                   "best_threshold": M.NAN, "note": f"mean over {len(part)} volumes"}
+            row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
+            groups.append(row)
+        table = pd.DataFrame(groups, columns=list(TABLE_COLUMNS))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = {c: float(np.nanmean(table[c].to_numpy(dtype=np.float64))) for c in METRIC_COLUMNS}
+        mean |= {"group": "mean", "n_images": int(table["n_images"].sum()), "n_rows": int(table["n_rows"].sum()),
+                 "small_group": False, "best_threshold": M.NAN, "note": f"unweighted mean over {len(table)} groups"}
+        self.table = pd.concat([table, pd.DataFrame([mean], columns=list(TABLE_COLUMNS))], ignore_index=True)
+        return self.table
+
+    def make_figures(self) -> dict[str, Any]:
+        """Three orthogonal views through the lesion (its centre of mass) of the first few test
+        volumes with a lesion, with the validation colour scale and threshold."""
+        from scipy import ndimage
+
+        from .plotting import volume_figure
+
+        ref = self.reference
+        self.figures = {}
+        for case, image, anomaly, label in self.shown:
+            centre = tuple(int(round(c)) for c in ndimage.center_of_mass(label))
+            self.figures[f"volume_{case}"] = volume_figure(
+                image, anomaly, label, vmin=ref.vmin, vmax=ref.vmax, threshold=ref.threshold, centre=centre,
+                title=f"{case}: colour scale and threshold from {ref.source}")
+        return self.figures
+
+    def save(self, save_model: bool = True, figures: bool = True, maps: bool = True) -> str:
+        """Write the results folder (each file atomically); ``maps``: move the NIfTI maps to ``maps/``."""
+        from .plotting import save_figure
+
+        if self.table is None:
+            raise RuntimeError("call compute_metrics() before save()")
+        folder = self.directory
+        csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
+        write_atomic(os.path.join(folder, "volumes.csv"), self.volumes.to_csv(**csv).encode())
+        write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(**csv).encode())
+        header = f"# settings of run {self.name} (written by utils.volume_evaluation)\n"
+        write_atomic(os.path.join(folder, "config.yaml"), (header + yaml.safe_dump(self.settings.to_dict(), sort_keys=False)).encode())
+        if save_model and self.model is not None:
+            self.model.save(os.path.join(folder, "model.pt"))
+        if figures:
+            for name, figure in (self.figures or self.make_figures()).items():
+                save_figure(figure, os.path.join(folder, "figures", f"{name}.png"))
+        if self._staging is not None:
+            if maps:
+                os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
+                for file in sorted(os.listdir(self._staging)):
+                    os.replace(os.path.join(self._staging, file), os.path.join(folder, "maps", file))
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        timings = self.timings | {"run_name": self.name, "model": self.model_source, "torch": torch.__version__}
+        write_atomic(os.path.join(folder, "timings.json"), json.dumps(timings, indent=2).encode())
+        return folder
+
+    def summary(self) -> str:
+        """The per-volume table, the per-group table, notes and timings as plain text."""
+        parts = [self.volumes.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+                 self.table.drop(columns=["note"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+        parts += self.notes + [f"seconds per test volume: {self.timings.get('seconds_per_volume')}"]
+        return "\n\n".join(parts)

@@ -1,0 +1,439 @@
+"""NIfTI volumes (``data.format: nifti``): the manifest, reading and slicing, maps back in scan space.
+
+The manifest is a CSV (``data.manifest``) with the columns ``split`` (train | val | test),
+``image`` (path relative to the CSV) and optional ``label`` (> 0 = anomalous), ``brain_mask``
+(> 0 = brain), ``group`` (default ``test``) and ``case`` (default: the file name without
+``.nii`` / ``.nii.gz``). See data/README.md for examples.
+
+Every volume goes the same way (training, validation, test and ``predict``):
+
+1. read with nibabel; a 4-D image needs ``data.volume_index`` (the volume along the 4th axis);
+2. reoriented to the closest canonical orientation (RAS+, :func:`nibabel.as_closest_canonical`),
+   label and mask alike (they must have the image's shape and affine);
+3. NaN voxels become 0 and count as outside the brain;
+4. brain: ``brain_mask`` when given, else estimated per axial slice
+   (:func:`utils.preprocess.foreground_mask` of the slice scaled by the volume's 99th percentile);
+5. per-volume intensity normalisation inside the brain (``data.volume_intensity``: the brain's
+   1st-99th percentile to [0, 1], or a z-score mapped as 0.5 + 0.15 z), clipped to [0, 1];
+6. axial slices (the last axis) whose brain covers at least ``data.min_brain_fraction`` of the
+   slice are kept; each is a 2-D gray array in [0, 1] through :func:`utils.preprocess.prepare`.
+
+Training slices are every kept slice of the ``train`` volumes, and for a train volume with a
+label only its slices whose label slice is empty. Without ``val`` volumes, a seeded
+(``seed``) ``data.val_fraction`` of the *train volumes* (whole volumes, so neighbouring, nearly
+identical slices never sit on both sides) is held out of the fit for the threshold and colour scale.
+
+Scoring (:func:`score_volume`) holds one volume and its map: its kept slices go through the
+model in batches, each map is put back on the slice grid (:func:`utils.preprocess.restore_geometry`);
+slices not kept get 0; the canonical reorientation is undone, so the map has the original
+image's shape and affine (:func:`write_map`).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.orientations import apply_orientation, io_orientation
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .config import Settings
+from .data import DataBundle
+from .errors import DataError
+from .files import write_atomic
+from .preprocess import foreground_mask, prepare, resize_mask, restore_geometry
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("split", "image")
+OPTIONAL_COLUMNS = ("label", "brain_mask", "group", "case")
+DEFAULT_GROUP = "test"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+# ---------------------------------------------------------------------------- the manifest
+@dataclass(frozen=True)
+class VolumeEntry:
+    """One manifest row: absolute file paths, its split, group, case name and where it was listed."""
+
+    split: str
+    image: str
+    label: Optional[str]
+    brain_mask: Optional[str]
+    group: str
+    case: str
+    source: str  # "volumes.csv line 3", for messages
+
+
+def case_name(path: str) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _header(path: str, source: str) -> nib.Nifti1Image:
+    """The NIfTI image at ``path`` (header read, data not loaded), or a one-line error."""
+    if not os.path.isfile(path):
+        raise DataError(f"{source}: file {path} not found")
+    if not path.endswith(NIFTI_SUFFIXES):
+        raise DataError(f"{source}: {path} is not a NIfTI file (.nii or .nii.gz)")
+    try:
+        return nib.load(path)
+    except Exception as exc:  # nibabel raises several types for damaged or foreign files
+        raise DataError(f"{source}: {path} is not a readable NIfTI file ({str(exc).splitlines()[0]})") from None
+
+
+def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
+    """Headers only: the image's dimensionality and 4-D index, label and mask on the image's grid."""
+    image = _header(entry.image, entry.source)
+    shape = image.shape
+    if len(shape) == 4:
+        if volume_index is None:
+            raise DataError(f"{entry.source}: {entry.image} is 4-D {shape}; set data.volume_index to the volume to use")
+        if volume_index >= shape[3]:
+            raise DataError(f"{entry.source}: data.volume_index {volume_index} is out of range for {entry.image} ({shape[3]} volumes)")
+    elif len(shape) != 3:
+        raise DataError(f"{entry.source}: {entry.image} has shape {shape}; a 3-D (or 4-D) volume is needed")
+    for kind in ("label", "brain_mask"):
+        path = getattr(entry, kind)
+        if path is None:
+            continue
+        other = _header(path, entry.source)
+        if other.shape[:3] != shape[:3] or len(other.shape) > 3 and other.shape[3] > 1:
+            raise DataError(f"{entry.source}: {kind} {path} has shape {other.shape} but image {entry.image} has {shape[:3]}")
+        if not np.allclose(other.affine, image.affine, atol=1e-4):
+            raise DataError(f"{entry.source}: {kind} {path} has another affine than image {entry.image} (another grid)")
+
+
+def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeEntry]:
+    """Read and check a manifest CSV (columns, splits, files, headers, unique case names)."""
+    if not os.path.isfile(path):
+        raise DataError(f"manifest {path} not found (data.manifest)")
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+        if unknown:
+            raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
+        entries = [_entry(row, folder, f"{name} line {line}") for line, row in enumerate(reader, start=2)]
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if entry.case in seen:
+            raise DataError(f"{entry.source}: case name {entry.case!r} already used at {seen[entry.case]}; set distinct `case` values")
+        seen[entry.case] = entry.source
+        _check_entry(entry, volume_index)
+    return entries
+
+
+def _entry(row: dict, folder: str, source: str) -> VolumeEntry:
+    def file(column: str) -> Optional[str]:
+        value = (row.get(column) or "").strip()
+        return os.path.normpath(os.path.join(folder, value)) if value else None
+
+    split = (row.get("split") or "").strip()
+    if split not in SPLITS:
+        raise DataError(f"{source}: split is {split!r}; allowed: {', '.join(SPLITS)}")
+    image = file("image")
+    if image is None:
+        raise DataError(f"{source}: the image column is empty")
+    group = (row.get("group") or "").strip() or DEFAULT_GROUP
+    case = (row.get("case") or "").strip() or case_name(image)
+    return VolumeEntry(split, image, file("label"), file("brain_mask"), group, case, source)
+
+
+# ---------------------------------------------------------------------------- reading
+@dataclass
+class Volume:
+    """One volume in RAS+ voxel order: ``image`` (X, Y, Z) float32 in [0, 1] (normalised),
+    ``brain`` and ``label`` (X, Y, Z) bool (label all False when unknown), ``kept`` (Z,) bool
+    slices, and the original grid: ``affine``, ``shape`` and ``orientation`` (its io_orientation)."""
+
+    entry: VolumeEntry
+    image: np.ndarray
+    brain: np.ndarray
+    label: np.ndarray
+    kept: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    orientation: np.ndarray
+
+    @property
+    def has_label(self) -> bool:
+        return self.entry.label is not None
+
+
+def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tuple[np.ndarray, nib.Nifti1Image]:
+    image = _header(path, source)
+    if len(image.shape) == 4:
+        image = image.slicer[..., volume_index if volume_index is not None else 0]
+    return np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32), image
+
+
+def estimate_brain(image: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) bool brain estimate: :func:`utils.preprocess.foreground_mask` of each axial slice
+    (scaled by the volume's 99th percentile); flat slices, and slices where no foreground is found
+    (the estimate is then all True), are empty."""
+    scale = max(float(np.percentile(image, 99)), 1e-6)
+    brain = np.zeros(image.shape, dtype=bool)
+    for z in range(image.shape[2]):
+        plane = np.clip(image[:, :, z] / scale, 0, 1)
+        if np.ptp(plane) < 1e-3:
+            continue
+        mask = foreground_mask(torch.from_numpy(plane)).numpy()
+        brain[:, :, z] = mask if not mask.all() else False
+    return brain
+
+
+def normalise_volume(image: np.ndarray, brain: np.ndarray, mode: str) -> np.ndarray:
+    """Per-volume intensity to [0, 1] from the brain's voxels: ``percentile`` (1st-99th percentile
+    range) or ``zscore`` (0.5 + 0.15 z), clipped."""
+    values = image[brain].astype(np.float64)
+    if mode == "zscore":
+        scaled = 0.5 + 0.15 * (image - values.mean()) / max(values.std(), 1e-6)
+    else:
+        low, high = np.percentile(values, [1.0, 99.0])
+        scaled = (image - low) / max(high - low, 1e-6)
+    return np.clip(scaled, 0, 1).astype(np.float32)
+
+
+def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
+    """Read, reorient, mask and normalise one manifest entry (see the module docstring)."""
+    index = settings.data.volume_index
+    data, original = _canonical_data(entry.image, entry.source, index)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise DataError(f"{entry.source}: {entry.image} is all NaN")
+    data = np.where(finite, data, 0).astype(np.float32)
+    if np.ptp(data) == 0:
+        raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}); no image to learn from")
+    if entry.brain_mask is not None:
+        brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0
+    else:
+        brain = estimate_brain(data)
+    brain &= finite
+    if brain.sum() < 16:
+        raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels; check brain_mask")
+    label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
+    image = normalise_volume(data, brain, settings.data.volume_intensity)
+    kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
+    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), io_orientation(original.affine))
+
+
+def training_slices(volume: Volume) -> list[int]:
+    """Kept slices of a training (or validation) volume; with a label, only those without lesion voxels."""
+    lesion_free = ~volume.label.any(axis=(0, 1))
+    return [int(z) for z in np.flatnonzero(volume.kept & lesion_free)]
+
+
+# ---------------------------------------------------------------------------- slice datasets
+class SliceSet(Dataset):
+    """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
+    ``case`` and ``slice``). Read in order, it holds one volume at a time."""
+
+    def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
+        self.name = name
+        self.entries = list(entries)
+        self.settings = settings
+        self.anomalous = False
+        self._cached: Optional[Volume] = None
+        #: (entry index, slice index) per item; reads every volume once to find its slices.
+        self.index = []
+        for number, entry in enumerate(self.entries):
+            self.index += [(number, z) for z in training_slices(self._volume(number))]
+        if self.entries and not self.index:
+            raise DataError(f"{name}: none of its {len(self.entries)} volumes has a slice with data.min_brain_fraction "
+                            f"{settings.data.min_brain_fraction} of brain (and no lesion)")
+
+    def _volume(self, number: int) -> Volume:
+        if self._cached is None or self._cached.entry is not self.entries[number]:
+            self._cached = read_volume(self.entries[number], self.settings)
+        return self._cached
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.entries[number].image for number, _ in self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict:
+        number, z = self.index[item]
+        volume = self._volume(number)
+        return slice_item(volume, z, self.settings) | {"index": item}
+
+
+def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
+    """Axial slice ``z`` of ``volume`` as a dataset item."""
+    image, display = prepare(volume.image[:, :, z], settings)
+    return {
+        "image": image,
+        "display": display,
+        "mask": resize_mask(volume.label[:, :, z], settings),
+        "head": resize_mask(volume.brain[:, :, z], settings),
+        "shape": torch.tensor(volume.image.shape[:2]),
+        "path": volume.entry.image,
+        "case": volume.entry.case,
+        "slice": z,
+    }
+
+
+@dataclass
+class VolumeSet:
+    """A test group: its manifest entries (volumes are read one at a time when scored)."""
+
+    name: str
+    entries: list[VolumeEntry]
+    anomalous: bool = True
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def paths(self) -> list[str]:
+        return [entry.image for entry in self.entries]
+
+
+def hold_out_volumes(train: list[VolumeEntry], settings: Settings) -> tuple[list[VolumeEntry], list[VolumeEntry], str]:
+    """Seeded ``data.val_fraction`` of the train volumes (at least one, never all) as validation."""
+    fraction = settings.data.val_fraction
+    if fraction == 0 or len(train) < 2:
+        why = "data.val_fraction is 0" if fraction == 0 else "fewer than 2 train volumes"
+        return train, [], f"none ({why} and no val volumes)"
+    count = min(len(train) - 1, max(1, round(fraction * len(train))))
+    order = np.random.default_rng(settings.seed).permutation(len(train))
+    held = sorted(order[:count].tolist())
+    kept = [e for i, e in enumerate(train) if i not in held]
+    return kept, [train[i] for i in held], f"{fraction:.0%} of the train volumes held out (seed {settings.seed}, {count} volumes)"
+
+
+def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
+    """The manifest's volumes as a :class:`utils.data.DataBundle`: ``train`` and ``val`` are
+    :class:`SliceSet` s, ``test`` maps each group to a :class:`VolumeSet`."""
+    manifest = settings.data.manifest
+    entries = read_manifest(manifest, settings.data.volume_index)
+    by_split = {split: [e for e in entries if e.split == split] for split in SPLITS}
+    for split in ("train", "test"):
+        if split in splits and not by_split[split]:
+            raise DataError(f"manifest {manifest} has no {split} volumes (split column)")
+    train_entries, val_entries = by_split["train"], by_split["val"]
+    description = f"val volumes ({len(val_entries)})"
+    if not val_entries:
+        train_entries, val_entries, description = hold_out_volumes(train_entries, settings)
+    train = SliceSet("train", train_entries, settings) if "train" in splits else None
+    val = SliceSet("val", val_entries, settings) if "val" in splits and val_entries else None
+    test: dict[str, VolumeSet] = {}
+    if "test" in splits:
+        for entry in by_split["test"]:
+            test.setdefault(entry.group, VolumeSet(entry.group, [])).entries.append(entry)
+    return DataBundle(train, val, test, description)
+
+
+def data_summary(bundle: DataBundle) -> str:
+    """Slices and volumes per split, e.g. ``train 312 slices (7 volumes), val ..., test cyst 2 volumes``."""
+    parts = [f"{name} {len(s)} slices ({len(s.entries)} volumes)" for name, s in (("train", bundle.train), ("val", bundle.val)) if s]
+    parts += [f"test {name} {len(group)} volumes" for name, group in bundle.test.items()]
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------- scoring
+def score_volume(model, volume: Volume, settings: Settings) -> np.ndarray:
+    """The (X, Y, Z) float32 anomaly map of ``volume`` in RAS+ order: kept slices scored in
+    batches of ``batch_size`` and put back on the slice grid; slices not kept are 0."""
+    anomaly = np.zeros(volume.image.shape, dtype=np.float32)
+    slices = np.flatnonzero(volume.kept)
+    for start in range(0, len(slices), settings.batch_size):
+        chosen = slices[start : start + settings.batch_size]
+        items = [slice_item(volume, int(z), settings) for z in chosen]
+        images = torch.stack([item["image"] for item in items])
+        heads = torch.stack([item["head"] for item in items])
+        maps = model.score(images, progress=False, region=heads).maps
+        anomaly[:, :, chosen] = np.moveaxis(restore_geometry(maps, volume.image.shape[:2], settings), 0, -1)
+    return anomaly
+
+
+def to_original(anomaly: np.ndarray, volume: Volume) -> np.ndarray:
+    """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`)."""
+    return apply_orientation(anomaly, volume.orientation)
+
+
+def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
+    """Write a RAS+ map as float32 NIfTI with the original image's shape and affine, atomically."""
+    data = to_original(anomaly, volume).astype(np.float32)
+    if data.shape != volume.shape:  # a bug here, not user input
+        raise AssertionError(f"restored map {data.shape} differs from the image {volume.shape}")
+    image = nib.Nifti1Image(data, volume.affine)
+    payload = image.to_bytes()
+    return write_atomic(path, gzip.compress(payload, mtime=0) if path.endswith(".gz") else payload)
+
+
+# ---------------------------------------------------------------------------- metrics
+def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, kept: np.ndarray, threshold: float) -> dict:
+    """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)):
+
+    - ``A_auroc`` / ``A_ap``: voxel AUROC / AP over the whole volume;
+    - ``B_auroc`` / ``B_ap``: the same inside the brain;
+    - ``C_auroc``: slice level over the kept slices, slices with lesion voxels against slices
+      without, slice score = max of the map inside the brain;
+    - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
+    - ``dice_best_optimistic``: the best Dice over all thresholds, chosen on this volume itself.
+    """
+    a_auroc, a_ap = M.pixel_metrics(anomaly, label)
+    b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
+    slices = np.flatnonzero(kept)
+    in_brain = np.where(brain, anomaly, -np.inf)[:, :, slices]
+    slice_scores = in_brain.max(axis=(0, 1))
+    slice_scores = np.where(np.isfinite(slice_scores), slice_scores, 0.0)
+    c_auroc = M.auroc_ap(slice_scores, label[:, :, slices].any(axis=(0, 1)))[0]
+    dice_best, best_threshold = M.best_dice(anomaly, label, brain)
+    return {
+        "lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum()),
+        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
+        "dice_val_threshold": M.dice_at(anomaly, label, threshold, brain),
+        "dice_best_optimistic": dice_best, "best_threshold": best_threshold,
+    }
+
+
+# ---------------------------------------------------------------------------- predict
+def nifti_inputs(path: str) -> list[str]:
+    """A ``.nii`` / ``.nii.gz`` file, or the sorted NIfTI files of a folder."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise DataError(f"{path} holds no .nii or .nii.gz file")
+        return files
+    return [path]
+
+
+def predict_volumes(model, paths: list[str], output_dir: str, progress: bool = True) -> list[dict]:
+    """Score each NIfTI file (brain estimated from the image): ``<case>_anomaly.nii.gz`` (the input's
+    shape and affine) and ``<case>_anomaly.png`` (the highest-scoring axial slice, RAS+ index)
+    in ``output_dir``. Returns one dict per file: ``file``, ``max_score``, ``slice``."""
+    from .plotting import heatmap_figure, save_figure
+
+    settings, rows = model.settings, []
+    for path in tqdm(paths, desc="predict", unit="volume", disable=not progress):
+        entry = VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path)
+        _check_entry(entry, settings.data.volume_index)
+        volume = read_volume(entry, settings)
+        anomaly = score_volume(model, volume, settings)
+        z = int(np.argmax(anomaly.max(axis=(0, 1))))
+        stem = os.path.join(output_dir, f"{entry.case}_anomaly")
+        write_map(anomaly, volume, stem + ".nii.gz")
+        save_figure(heatmap_figure(volume.image[:, :, z], anomaly[:, :, z]), stem + ".png")
+        rows.append({"file": path, "max_score": float(anomaly.max()), "slice": z})
+    return rows
