@@ -49,9 +49,11 @@ def load_batch(paths):
     """The single image path of every measurement: decode + preprocess (utils.preprocess) + stack."""
     import torch
 
+    from utils.config import settings_from_dict
     from utils.preprocess import load_image
 
-    return torch.stack([load_image(p, IMAGE_SIZE, "pad", "none") for p in paths])
+    settings = settings_from_dict({"image_size": IMAGE_SIZE})
+    return torch.stack([load_image(p, settings)[0] for p in paths])
 
 
 def batches(paths, timings: dict | None = None):
@@ -87,8 +89,6 @@ def set_threads(threads: int) -> None:
 
 def emit(result: dict) -> None:
     result.setdefault("peak_rss_gb", round(peak_rss_gb(), 3))
-    runtime = sys.modules.get("utils.runtime")  # set when the worker imported utils (all of them do)
-    result.setdefault("malloc_tuned", bool(runtime and runtime.ALLOCATOR_TUNED))
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 

@@ -55,18 +55,12 @@ def _warm_up(extractor) -> None:
     import torch
 
     with torch.inference_mode():
-        extractor(common.load_batch(common.test_paths(4)).contiguous(memory_format=torch.channels_last))
+        extractor(common.load_batch(common.test_paths(4)))
 
 
 def _forward_as_fit(extractor, batch) -> None:
-    """The backbone alone, exactly as ``Padim.fit`` runs it on CPU: channels-last, on chunks of
-    ``CPU_FORWARD_CHUNK`` images of each batch."""
-    import torch
-
-    from utils.model import CPU_FORWARD_CHUNK
-
-    for start in range(0, len(batch), CPU_FORWARD_CHUNK):
-        extractor(batch[start : start + CPU_FORWARD_CHUNK].contiguous(memory_format=torch.channels_last))
+    """The backbone alone, exactly as ``Padim.fit`` runs it: one forward pass per batch."""
+    extractor(batch)
 
 
 def worker_floor(spec: dict) -> dict:

@@ -34,7 +34,7 @@ from utils.config import load_config  # noqa: E402
 from utils.data import load_data  # noqa: E402
 from utils.evaluation import run_evaluation  # noqa: E402
 from utils.model import Padim  # noqa: E402
-from utils.preprocess import foreground_mask, preprocess, read_grayscale  # noqa: E402
+from utils.preprocess import foreground_mask, prepare, read_image  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml")
 SEED = 0
@@ -76,16 +76,16 @@ def main(fastmri_only: bool) -> None:
     settings = load_config(CONFIG).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
     d = settings.data
     fast = load_data(settings, ("train",)).train.paths
-    fast_gray = [read_grayscale(p) for p in fast]
-    images = [preprocess(g, settings.image_size, d.resize, d.intensity) for g in fast_gray]
+    fast_gray = [read_image(p, "gray") for p in fast]
+    images = [prepare(g, settings)[0] for g in fast_gray]
     if not fastmri_only:
         ixi = load_data(settings.replace(data={"train_splits": ["ixi_normal_train"]}), ("train",)).train.paths
         fraction = float(np.median([head_fraction(g) for g in fast_gray]))
         reference = np.sort(np.concatenate([g.ravel() for g in fast_gray]))[:: max(1, len(fast_gray))]
         rng = np.random.default_rng(SEED)
         for path in ixi:
-            gray = match_quantiles(reframe(read_grayscale(path), fraction), reference, rng)
-            images.append(preprocess(gray, settings.image_size, d.resize, d.intensity))
+            gray = match_quantiles(reframe(read_image(path, "gray"), fraction), reference, rng)
+            images.append(prepare(gray, settings)[0])
     train = torch.stack(images)
     model = Padim(settings).fit(train, progress=False)
     v = SV.validation_metrics(model, settings, 10)

@@ -32,7 +32,7 @@ from utils.data import load_data, make_loader  # noqa: E402
 from utils.demo_data import _blob  # noqa: E402
 from utils.evaluation import BRAIN_MAP_SUFFIX  # noqa: E402
 from utils.model import Padim  # noqa: E402
-from utils.preprocess import preprocess, read_grayscale, read_mask, resize_mask  # noqa: E402
+from utils.preprocess import prepare, read_image, read_mask, resize_mask  # noqa: E402
 from utils.scoring import image_scores  # noqa: E402
 
 DRAWS = 3
@@ -61,18 +61,17 @@ def synthetic_set(settings, draws: int = DRAWS) -> tuple[torch.Tensor, torch.Ten
     """Clean and lesioned validation images, lesion masks and brain masks (all at image size)."""
     val = load_data(settings, ("val",)).val
     rng = np.random.default_rng(SEED)
-    size, d = settings.image_size, settings.data
     clean, sick, masks, brains_clean, brains_sick = [], [], [], [], []
     for path in val.paths:
-        gray = read_grayscale(path)
+        gray = read_image(path, "gray")
         brain = read_mask(os.path.splitext(path)[0] + BRAIN_MAP_SUFFIX)
-        clean.append(preprocess(gray, size, d.resize, d.intensity))
-        brains_clean.append(resize_mask(brain, size, d.resize))
+        clean.append(prepare(gray, settings)[0])
+        brains_clean.append(resize_mask(brain, settings))
         for _ in range(draws):
             image, mask = lesioned(gray, brain, rng)
-            sick.append(preprocess(image, size, d.resize, d.intensity))
-            masks.append(resize_mask(mask, size, d.resize))
-            brains_sick.append(resize_mask(brain, size, d.resize))
+            sick.append(prepare(image, settings)[0])
+            masks.append(resize_mask(mask, settings))
+            brains_sick.append(resize_mask(brain, settings))
     return torch.stack(clean), torch.stack(sick), torch.stack(masks), torch.stack(brains_clean), torch.stack(brains_sick)
 
 
@@ -85,7 +84,7 @@ def validation_metrics(model: Padim, settings, draws: int = DRAWS) -> dict[str, 
     a_auroc, a_ap = M.pixel_metrics(sick_maps, m)
     s_sick = image_scores(torch.from_numpy(sick_maps), settings.image_score, brain_sick | masks).numpy()
     s_clean = image_scores(torch.from_numpy(clean_maps), settings.image_score, brain_clean).numpy()
-    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": M.pixel_auroc(sick_maps, m, b | m),
+    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": M.pixel_metrics(sick_maps, m, b | m)[0],
             "C_auroc": M.image_auroc(s_sick, s_clean), "lesioned": len(sick), "clean": len(clean)}
 
 

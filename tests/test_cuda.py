@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import smooth_textures, to_batch
-from utils.gaussian import GaussianStatistics, regularised_precision, regularised_whitening
+from utils.gaussian import GaussianStatistics, regularised_whitening
 from utils.model import Padim
 from utils.scoring import anomaly_maps, mahalanobis
 
@@ -34,11 +34,11 @@ def test_streaming_statistics_and_precision_on_cuda_match_numpy():
     stats = GaussianStatistics.empty(positions, dim, dtype=torch.float64, device=CUDA)
     for chunk in np.array_split(samples, 5, axis=1):  # (P, n, d) -> embeddings (n, d, 1, P)
         stats.update(torch.from_numpy(chunk).permute(1, 2, 0).unsqueeze(2).to(CUDA))
-    stats.symmetrise()
     for p in range(positions):
         np.testing.assert_allclose(stats.mean[p].cpu().numpy(), samples[p].mean(0), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(stats.covariance()[p].cpu().numpy(), np.cov(samples[p], rowvar=False), rtol=1e-9, atol=1e-12)
-    precision = regularised_precision(stats, 0.01).cpu().numpy()
+    w = regularised_whitening(stats, 0.01).double().cpu()
+    precision = (w.mT @ w).numpy()
     for p in range(positions):
         expected = np.linalg.inv(np.cov(samples[p], rowvar=False) + 0.01 * np.eye(dim))
         np.testing.assert_allclose(precision[p], expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
@@ -99,7 +99,7 @@ def test_cuda_fit_and_scores_match_the_cpu_path_and_files_move_between_devices(s
     np.testing.assert_array_equal(back.score(test, progress=False).maps, got.maps)
 
 
-def test_padding_small_cuda_batches_does_not_change_their_embeddings(small_settings):
+def test_cuda_embeddings_do_not_depend_on_the_batch_size(small_settings):
     model = Padim(small_settings.replace(device="cuda"))
     images = to_batch(smooth_textures(8, 64, seed=5)).cuda()
     whole = model.embed(images)

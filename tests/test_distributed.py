@@ -44,6 +44,12 @@ LOOPBACK_ENV = {
 }
 
 
+def _precision(model):
+    """``W^T W`` of the stored whitening matrices (the fitted precisions)."""
+    w = model.whitening.double()
+    return w.mT @ w
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -139,7 +145,7 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
         result = distributed_score(model, DictSet(_tiny_images(5, 2)), settings, progress=False, region_key="head")
         if rank == 0:
             np.savez(f"{out}/score.npz", maps=result.maps, scores=result.scores,
-                     mean=model.mean.numpy(), precision=model.precision.numpy())
+                     mean=model.mean.numpy(), precision=_precision(model).numpy())
         else:
             assert result is None
     finally:
@@ -254,7 +260,7 @@ def test_sharded_scoring_gathers_maps_and_scores_in_dataset_order(collectives):
     expected = model.score(test.images, progress=False, region=test.heads)
     got = np.load(f"{collectives}/score.npz")
     np.testing.assert_allclose(got["mean"], model.mean.numpy(), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(got["precision"], model.precision.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["precision"], _precision(model).numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["maps"], expected.maps, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["scores"], expected.scores, rtol=1e-4, atol=1e-4)
     assert np.argsort(got["scores"]).tolist() == np.argsort(expected.scores).tolist()
@@ -284,7 +290,7 @@ def test_torchrun_two_process_fit_equals_single_process_fit(demo_config, tmp_pat
     # batch_size in a single-process fit; float64 agrees to 1e-13)
     mean_one, mean_two = one.mean.numpy(), two.mean.numpy()
     np.testing.assert_allclose(mean_two, mean_one, rtol=1e-4, atol=1e-5 * np.abs(mean_one).max())
-    p_one, p_two = one.precision.double().numpy(), two.precision.double().numpy()
+    p_one, p_two = _precision(one).double().numpy(), _precision(two).double().numpy()
     per_position = np.linalg.norm(p_two - p_one, axis=(1, 2)) / np.linalg.norm(p_one, axis=(1, 2))
     assert per_position.max() < 2e-4, per_position.max()
     np.testing.assert_allclose(p_two, p_one, rtol=1e-3, atol=1e-4 * np.abs(p_one).max())

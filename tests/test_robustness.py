@@ -50,7 +50,9 @@ def test_float32_and_float64_statistics_agree(small_settings):
     test = to_batch(smooth_textures(2, 64, seed=4))
     maps32 = Padim(small_settings).fit(train, progress=False).score(test, progress=False).maps
     maps64 = Padim(small_settings.replace(covariance_dtype="float64")).fit(train, progress=False).score(test, progress=False).maps
-    np.testing.assert_allclose(maps32, maps64, rtol=1e-4, atol=1e-4)
+    # 16 images < 24 dimensions: epsilon sets the smallest eigenvalues (condition ~1e4), so the float32
+    # scatter moves distances by ~1e-4 relative; the factorisation itself is in float64 here.
+    np.testing.assert_allclose(maps32, maps64, rtol=3e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- model files
@@ -129,7 +131,7 @@ def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
     payload["whitening"] = payload["whitening"][:, :5, :5]
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
-    with pytest.raises(ModelFileError, match="inconsistent"):
+    with pytest.raises(ModelFileError, match="damaged"):
         Padim.load(bad)
 
 

@@ -52,6 +52,10 @@ TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS 
 FIGURE_VOLUMES = 3
 
 
+#: The embedded NIfTI demo's manifest (configs/nifti_demo.yaml): generated there when absent.
+DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
+
+
 @dataclass
 class VolumeEvaluation:
     """One evaluation run on NIfTI volumes (see the module docstring)."""
@@ -79,6 +83,10 @@ class VolumeEvaluation:
 
     def load_data(self) -> DataBundle:
         started = time.perf_counter()
+        if os.path.normpath(self.settings.data.manifest) == os.path.normpath(DEMO_MANIFEST):
+            from .demo_nifti import ensure_nifti_demo
+
+            ensure_nifti_demo(os.path.dirname(DEMO_MANIFEST), self.settings.data.demo_seed)  # generated on first use
         self.bundle = load_volume_data(self.settings)
         if self.bundle.val is None:
             raise DataError("no validation volumes for the threshold and colour scale: add val rows to the manifest, "
