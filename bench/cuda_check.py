@@ -124,7 +124,7 @@ def speed(args, device) -> dict:
                 began = time.perf_counter()
                 with torch.inference_mode():
                     for batch in common.batches(paths, timings):
-                        extractor(batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+                        extractor(batch.to(device, non_blocking=True))
                 _sync(device)
                 floors.append(time.perf_counter() - began)
                 if device.type == "cuda":
@@ -139,7 +139,7 @@ def speed(args, device) -> dict:
                             "load_s": timings["load_s"], "fit_peak_device_gb": peak}
         seconds = {"floor": 0.0, "distances": 0.0, "score": 0.0}
         steps = {  # the backbone alone; + Mahalanobis; + maps (upsampling, blur), copied to the CPU
-            "floor": lambda b: extractor(b.to(device).contiguous(memory_format=torch.channels_last)),
+            "floor": lambda b: extractor(b.to(device)),
             "distances": model.distances,
             "score": lambda b: model.score(b, progress=False),
         }

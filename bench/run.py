@@ -58,48 +58,23 @@ def _warm_up(extractor) -> None:
         extractor(common.load_batch(common.test_paths(4)))
 
 
-def _forward_as_fit(extractor, batch) -> None:
-    """The backbone alone, exactly as ``Padim.fit`` runs it: one forward pass per batch."""
-    extractor(batch)
-
-
 def worker_floor(spec: dict) -> dict:
-    """Image loading + the backbone alone (as Padim's fit runs it: channels-last, 8-image chunks
-    of each batch), over the same images and batches as a fit. With ``plain`` (information), the
-    backbone also on whole batches of 32 (channels-last) and in NCHW on the same batches."""
+    """Image loading + the backbone alone (one forward pass per batch, as ``Padim.fit`` runs it),
+    over the same images and batches as a fit."""
     import torch
 
-    from utils.backbones import build_backbone
     from utils.model import Padim
 
-    model = Padim(_settings(spec["backbone"]))
-    extractor = model.embedder.extractor
-    plain = None
-    if spec.get("plain"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model.settings.seed)
-            plain = build_backbone(spec["backbone"], model.settings.weights, [1, 2, 3])
+    extractor = Padim(_settings(spec["backbone"])).embedder.extractor
     _warm_up(extractor)
     timings = {"load_s": 0.0}
-    forward = plain_forward = whole_forward = 0.0
+    forward = 0.0
     with torch.inference_mode():
-        if plain is not None:
-            plain(common.load_batch(common.test_paths(4)))
         for batch in common.batches(common.train_paths(spec["n"]), timings):
             began = time.perf_counter()
-            _forward_as_fit(extractor, batch)
+            extractor(batch)
             forward += time.perf_counter() - began
-            if plain is not None:
-                began = time.perf_counter()
-                extractor(batch.contiguous(memory_format=torch.channels_last))
-                whole_forward += time.perf_counter() - began
-                began = time.perf_counter()
-                plain(batch)
-                plain_forward += time.perf_counter() - began
     result = {"floor_s": timings["load_s"] + forward, "load_s": timings["load_s"], "forward_s": forward}
-    if plain is not None:
-        result["batch32_floor_s"] = timings["load_s"] + whole_forward
-        result["plain_nchw_floor_s"] = timings["load_s"] + plain_forward
     return {k: round(v, 3) for k, v in result.items()}
 
 
@@ -133,7 +108,7 @@ def worker_fit(spec: dict) -> dict:
                     for what in order:
                         began = time.perf_counter()
                         if what == "floor":
-                            extractor(batch.contiguous(memory_format=torch.channels_last))
+                            extractor(batch)
                             floor += time.perf_counter() - began
                         else:
                             model.score(batch, progress=False)
@@ -262,10 +237,7 @@ def worker_e2e_floor(spec: dict) -> dict:
         for number, paths in enumerate(lists):
             for batch in common.batches(paths, timings):
                 began = time.perf_counter()
-                if number == 0:  # the training set, as Padim.fit runs it
-                    _forward_as_fit(extractor, batch)
-                else:
-                    extractor(batch.contiguous(memory_format=torch.channels_last))
+                extractor(batch)
                 forward += time.perf_counter() - began
                 images += len(batch)
     return {"floor_s": round(timings["load_s"] + forward, 3), "load_s": round(timings["load_s"], 3),
@@ -399,7 +371,7 @@ def run_benchmark(args) -> int:
         fast_d = os.path.join(out_dir, f"{backbone}_fast_distances.npy")
         naive_d = os.path.join(out_dir, f"{backbone}_naive_distances.npy")
         base = {"backbone": backbone, "n": args.n}
-        m["floors"].append(runner.ours("floor", {**base, "plain": not args.quick}, f"floor N={args.n}"))
+        m["floors"].append(runner.ours("floor", base, f"floor N={args.n}"))
         for rep in range(args.reps):
             spec = {**base, "score_n": args.score_n, "distances_out": fast_d} if rep == 0 else base
             m["fits"].append(runner.ours("fit", spec, f"fit N={args.n}"))
@@ -458,8 +430,7 @@ def run_benchmark(args) -> int:
         entry = {
             "d": setup["d"], "weights": setup["weights"], "n": args.n,
             "floor": {"runs_s": floors, "floor_s": _median(floors), "load_s": m["floors"][0].get("load_s"),
-                      "forward_s": m["floors"][0].get("forward_s"), "batch32_floor_s": m["floors"][0].get("batch32_floor_s"),
-                      "plain_nchw_floor_s": m["floors"][0].get("plain_nchw_floor_s")},
+                      "forward_s": m["floors"][0].get("forward_s")},
             "fit": {"runs_s": [f.get("fit_s") for f in m["fits"]], "fit_s": _median([f.get("fit_s") for f in m["fits"]]),
                     "peak_rss_gb": _median([f.get("fit_peak_rss_gb") for f in m["fits"]]), "load_s": first.get("load_s"),
                     "base_rss_gb": first.get("base_rss_gb")},
@@ -595,10 +566,6 @@ def table(results: dict) -> str:
         if "vs_naive" in b:
             vn = b["vs_naive"]
             extra.append(f"vs naive: fit {f(vn['fit_speedup'])}x, memory {f(vn['memory_ratio'])}x, scoring {f(vn['score_speedup'])}x")
-        if b["floor"].get("batch32_floor_s"):
-            extra.append(f"floor with whole batches of 32 instead of the fit's 8-image chunks {b['floor']['batch32_floor_s']:.1f} s")
-        if b["floor"].get("plain_nchw_floor_s"):
-            extra.append(f"floor with the plain NCHW backbone {b['floor']['plain_nchw_floor_s']:.1f} s")
         g = results["guard"].get(name, {})
         extra.append(f"guard: max rel. error {g.get('max_rel_err', float('nan')):.1e} over {g.get('distances')} distances")
         lines.append(f"- {name}: " + "; ".join(extra))

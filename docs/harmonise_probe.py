@@ -74,7 +74,6 @@ def match_quantiles(gray: np.ndarray, reference: np.ndarray, rng: np.random.Gene
 
 def main(fastmri_only: bool) -> None:
     settings = load_config(CONFIG).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
-    d = settings.data
     fast = load_data(settings, ("train",)).train.paths
     fast_gray = [read_image(p, "gray") for p in fast]
     images = [prepare(g, settings)[0] for g in fast_gray]

@@ -1,6 +1,5 @@
 """The fitted estimator end to end on synthetic images: detection, determinism, persistence."""
 
-import os
 
 import numpy as np
 import pytest

@@ -80,13 +80,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 def _input_files(source: str, output: str) -> list[str]:
     """``source`` itself when it is a file, else every image or NIfTI file below it (not under ``output``)."""
     from .errors import DataError
-    from .preprocess import IMAGE_SUFFIXES
+    from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 
     if os.path.isfile(source):
         return [source]
@@ -108,6 +105,7 @@ def _input_files(source: str, output: str) -> list[str]:
 def _predict(args: argparse.Namespace) -> int:
     from .config import load_config
     from .model import Padim
+    from .preprocess import NIFTI_SUFFIXES
 
     settings = load_config(args.config)
     model = Padim.load(args.model, settings)

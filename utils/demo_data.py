@@ -264,6 +264,26 @@ def _write_csv(path: str, files: Sequence[str]) -> None:
         writer.writerows([f] for f in files)
 
 
+def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesion: float,
+                    folders: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:
+    """One slice with one or two lesions of ``kind``: its image, brain map, box masks and neg mask.
+    Returns the rows of the study's ``P.csv``, ``P_ann.csv`` and ``P_neg.csv`` (one per box)."""
+    mid_dir, pos_dir, neg_dir = folders
+    lesions = [kind] * (2 if rng.random() < second_lesion else 1)
+    pixels, head, boxes = _render(rng, "fastmri", lesions)
+    image_path, neg_path = os.path.join(mid_dir, stem + ".png"), os.path.join(neg_dir, stem + ".png")
+    _save(pixels, image_path)
+    _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
+    union = np.zeros_like(head)
+    box_paths = []
+    for k, box in enumerate(boxes):
+        box_paths.append(os.path.join(pos_dir, f"{stem}_{kind}_{k}.png"))
+        _save(box, box_paths[-1])
+        union |= box
+    _save(head & ~union, neg_path)
+    return [image_path] * len(boxes), box_paths, [neg_path] * len(boxes)
+
+
 def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str]) -> dict:
     ixi_dir = os.path.join(folder, "data", "IXI")
     mid_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_png")
@@ -304,26 +324,10 @@ def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str])
     splits["normal_val"], _ = fastmri("normal_val", counts.val)
     splits["normal_test"], splits["normal_test_ann"] = fastmri("normal_test", counts.normal_test)
     for kind in kinds:
-        rows, anns, negs = [], [], []
-        for _ in range(counts.per_kind):
-            rng = np.random.default_rng(next(streams))
-            lesions = [kind] * (2 if rng.random() < counts.second_lesion else 1)
-            pixels, head, boxes = _render(rng, "fastmri", lesions)
-            stem = f"demo_brain_AXT1_{next(number):04d}"
-            image_path = os.path.join(mid_dir, stem + ".png")
-            neg_path = os.path.join(neg_dir, stem + ".png")
-            _save(pixels, image_path)
-            _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
-            union = np.zeros_like(head)
-            for k, box in enumerate(boxes):
-                box_path = os.path.join(pos_dir, f"{stem}_{kind}_{k}.png")
-                _save(box, box_path)
-                union |= box
-                rows.append(rel(image_path))
-                anns.append(rel(box_path))
-                negs.append(rel(neg_path))
-            _save(head & ~union, neg_path)
-        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = rows, anns, negs
+        rows = [_write_lesioned(np.random.default_rng(next(streams)), kind, f"demo_brain_AXT1_{next(number):04d}",
+                                counts.second_lesion, (mid_dir, pos_dir, neg_dir)) for _ in range(counts.per_kind)]
+        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = (
+            [rel(path) for per_slice in column for path in per_slice] for column in zip(*rows))
     for name, files in splits.items():
         _write_csv(os.path.join(split_dir, name + ".csv"), files)
     manifest = {
@@ -401,33 +405,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (args.directory is None) == (args.nifti is None):
         parser.error("give either DIR (the PNG demo set) or --nifti DIR (the NIfTI volume demo)")
     if args.nifti is not None:
-        return _nifti_main(args.nifti, args.seed)
-    try:
-        generate_demo(args.directory, seed=args.seed, overwrite=args.force)
-    except (FileExistsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial demo set was written", file=sys.stderr)
-        return 130
-    with open(os.path.join(args.directory, "data", "demo.json"), encoding="utf-8") as handle:
+        from .demo_nifti import generate_nifti_demo
+
+        return _generate(lambda: generate_nifti_demo(args.nifti, seed=args.seed),
+                         lambda: f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
+    return _generate(lambda: generate_demo(args.directory, seed=args.seed, overwrite=args.force),
+                     lambda: _written_counts(args.directory))
+
+
+def _written_counts(directory: str) -> str:
+    with open(os.path.join(directory, "data", "demo.json"), encoding="utf-8") as handle:
         counts = json.load(handle)["counts"]
-    print(f"demo set written to {args.directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith(("_ann", "_neg"))))
-    return 0
+    return f"demo set written to {directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith(("_ann", "_neg")))
 
 
-def _nifti_main(directory: str, seed: int) -> int:
-    from .demo_nifti import generate_nifti_demo
-
+def _generate(write, message) -> int:
+    """Run ``write()``; print ``message()`` (0), one ``error:`` line (2) or the interruption (130)."""
     try:
-        generate_nifti_demo(directory, seed=seed)
+        write()
     except (FileExistsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no partial demo set was written", file=sys.stderr)
         return 130
-    print(f"NIfTI demo written to {directory}: manifest {os.path.join(directory, 'volumes.csv')}")
+    print(message())
     return 0
 
 

@@ -368,8 +368,11 @@ def check_model_matches(model: Padim, settings: Settings) -> None:
 
 
 @dataclass
-class Evaluation:
-    """One evaluation run: its settings, name and folder, and what each step produced."""
+class Run:
+    """What every evaluation run shares: its settings, name and folder, the model step, and the
+    run's own files (settings and timings). :class:`Evaluation` (images) and
+    :class:`utils.volume_evaluation.VolumeEvaluation` (NIfTI volumes) add the data, scoring and
+    metrics steps."""
 
     settings: Settings
     name: str = ""
@@ -377,30 +380,18 @@ class Evaluation:
     bundle: Optional[DataBundle] = None
     model: Optional[Padim] = None
     model_source: str = ""
-    groups: dict[str, GroupScores] = field(default_factory=dict)
     reference: Optional[NormalReference] = None
     table: Optional[pd.DataFrame] = None
     figures: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    written: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or run_name(self.settings)
         self.directory = self.directory or os.path.join(self.settings.results_dir, self.name)
 
-    # -- steps
     def load_data(self) -> DataBundle:
-        """Training, validation and test sets (the validation set is held out of training when needed)."""
-        started = time.perf_counter()
-        self.bundle = load_data(self.settings, ("train", "val", "test"))
-        if self.bundle.val is None:
-            raise DataError(
-                "no validation images for the threshold and colour scale: set data.val_split, or "
-                "data.val_fraction > 0 to hold out part of the training images"
-            )
-        self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
-        return self.bundle
+        raise NotImplementedError
 
     def fit(self, progress: bool = True, model_path: Optional[str] = None, model: Optional[Padim] = None) -> Padim:
         """Fit PaDiM on the training set; or use ``model``, or load ``model_path`` (checked against the settings)."""
@@ -415,10 +406,44 @@ class Evaluation:
         else:
             train = self.bundle.train
             self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
-            self.model_source = f"fitted on {len(train)} training images"
+            self.model_source = f"fitted on {len(train)} training images" + (
+                f" (slices of {len(train.entries)} volumes)" if hasattr(train, "entries") else "")
             self.timings["train_images"] = len(train)
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model
+
+    def _config_yaml(self) -> str:
+        header = f"# settings of run {self.name} (written by {type(self).__module__})\n"
+        return header + yaml.safe_dump(self.settings.to_dict(), sort_keys=False)
+
+    def _timings(self) -> dict[str, Any]:
+        timings = dict(self.timings)
+        timings["total_s"] = round(sum(v for k, v in self.timings.items() if k.endswith("_s")), 3)
+        device = self.model.device if self.model is not None else None
+        timings.update(run_name=self.name, model=self.model_source, device=str(device), torch=torch.__version__,
+                       threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return timings
+
+
+@dataclass
+class Evaluation(Run):
+    """One evaluation run on images: per-group scores and the metrics table (module docstring)."""
+
+    groups: dict[str, GroupScores] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+
+    # -- steps
+    def load_data(self) -> DataBundle:
+        """Training, validation and test sets (the validation set is held out of training when needed)."""
+        started = time.perf_counter()
+        self.bundle = load_data(self.settings, ("train", "val", "test"))
+        if self.bundle.val is None:
+            raise DataError(
+                "no validation images for the threshold and colour scale: set data.val_split, or "
+                "data.val_fraction > 0 to hold out part of the training images"
+            )
+        self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
+        return self.bundle
 
     def score(self, progress: bool = True) -> dict[str, GroupScores]:
         """Maps of the normal validation images (threshold, colour scale), then of every test group."""
@@ -511,18 +536,6 @@ class Evaluation:
         if not self.figures:
             self.make_figures()
         return [save_figure(fig, os.path.join(folder, f"{prefix}{name}.png")) for name, fig in self.figures.items()]
-
-    def _config_yaml(self) -> str:
-        header = f"# settings of run {self.name} (written by utils.evaluation)\n"
-        return header + yaml.safe_dump(self.settings.to_dict(), sort_keys=False)
-
-    def _timings(self) -> dict[str, Any]:
-        timings = dict(self.timings)
-        timings["total_s"] = round(sum(v for k, v in self.timings.items() if k.endswith("_s")), 3)
-        device = self.model.device if self.model is not None else None
-        timings.update(run_name=self.name, model=self.model_source, device=str(device), torch=torch.__version__,
-                       threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        return timings
 
     def summary(self) -> str:
         """Plain-text table, notes and timings (what ``python -m utils evaluate`` prints)."""

@@ -6,6 +6,7 @@ complete."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from typing import BinaryIO, Iterator
@@ -51,13 +52,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
 
 
 def writable_folder(folder: str | os.PathLike) -> str:
-    """Create ``folder`` if needed and check that files can be written there, before any work is done.
+    """Check, before any work is done, that ``folder`` can be created (or exists) and written to.
 
-    Raises the ``OSError`` that writing would raise later (not a directory, permission denied, ...),
-    naming the folder; the command line prints it as one ``error:`` line.
+    Nothing is created here, so a run that fails later (bad data) leaves no empty folder behind.
+    Raises the ``OSError`` that writing would raise later (not a directory, permission denied),
+    naming the path; the command line prints it as one ``error:`` line.
     """
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    probe = tempfile.NamedTemporaryFile(prefix=".tmp-", dir=folder)  # raises PermissionError there
-    probe.close()
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "no permission to write there", existing)
     return folder

@@ -36,6 +36,18 @@ class ScoreResult:
     scores: np.ndarray
 
 
+def checked_batch(batch: Any, size: int) -> torch.Tensor:
+    """``batch`` if it is a finite float tensor ``(N, 3, size, size)``, else one :class:`DataError`."""
+    if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise DataError(f"expected preprocessed images of shape (N, 3, {size}, {size}), got {shape}")
+    if not batch.is_floating_point():
+        raise DataError(f"expected float images (preprocessed), got dtype {batch.dtype}")
+    if not bool(torch.isfinite(batch).all()):
+        raise DataError("input images contain NaN or Inf values")
+    return batch
+
+
 class Padim:
     """PaDiM: a Gaussian per patch position over pretrained CNN features (Defard et al., 2021).
 
@@ -87,18 +99,7 @@ class Padim:
         for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
             if isinstance(batch, Mapping):
                 batch = batch["image"]
-            yield self._checked(batch)
-
-    def _checked(self, batch: torch.Tensor) -> torch.Tensor:
-        size = self.settings.input_size
-        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise DataError(f"expected preprocessed images of shape (N, 3, {size}, {size}), got {shape}")
-        if not batch.is_floating_point():
-            raise DataError(f"expected float images (preprocessed), got dtype {batch.dtype}")
-        if not bool(torch.isfinite(batch).all()):
-            raise DataError("input images contain NaN or Inf values")
-        return batch
+            yield checked_batch(batch, self.settings.input_size)
 
     # ------------------------------------------------------------------ fitting
     def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:

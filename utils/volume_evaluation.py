@@ -33,17 +33,13 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .config import Settings
 from .data import DataBundle, make_loader
 from .errors import DataError
-from .evaluation import NormalReference, run_name
+from .evaluation import NormalReference, Run
 from .files import write_atomic
-from .model import Padim
 from .volumes import data_summary, load_volume_data, read_volume, score_volume, volume_metrics, write_map
 
 METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold")
@@ -57,29 +53,14 @@ DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
 
 
 @dataclass
-class VolumeEvaluation:
+class VolumeEvaluation(Run):
     """One evaluation run on NIfTI volumes (see the module docstring)."""
 
-    settings: Settings
-    name: str = ""
-    directory: str = ""
-    bundle: Optional[DataBundle] = None
-    model: Optional[Padim] = None
-    model_source: str = ""
-    reference: Optional[NormalReference] = None
     rows: list[dict] = field(default_factory=list)
     volumes: Optional[pd.DataFrame] = None
-    table: Optional[pd.DataFrame] = None
-    figures: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     #: RAS+ (volume, map, label) of the first few test volumes, for :meth:`make_figures`.
     shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     _staging: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        self.name = self.name or run_name(self.settings)
-        self.directory = self.directory or os.path.join(self.settings.results_dir, self.name)
 
     def load_data(self) -> DataBundle:
         started = time.perf_counter()
@@ -94,19 +75,6 @@ class VolumeEvaluation:
         self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
         self.notes.append(f"data: {data_summary(self.bundle)}; threshold from {self.bundle.val_description}")
         return self.bundle
-
-    def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Padim:
-        if self.bundle is None:
-            self.load_data()
-        started = time.perf_counter()
-        if model_path is not None:
-            self.model, self.model_source = Padim.load(model_path, self.settings), f"loaded from {model_path}"
-        else:
-            train = self.bundle.train
-            self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
-            self.model_source = f"fitted on {len(train)} slices of {len(train.entries)} volumes"
-        self.timings["fit_s"] = round(time.perf_counter() - started, 3)
-        return self.model
 
     def _reference(self) -> NormalReference:
         maps, regions = [], []
@@ -189,8 +157,7 @@ class VolumeEvaluation:
         csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
         write_atomic(os.path.join(folder, "volumes.csv"), self.volumes.to_csv(**csv).encode())
         write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(**csv).encode())
-        header = f"# settings of run {self.name} (written by utils.volume_evaluation)\n"
-        write_atomic(os.path.join(folder, "config.yaml"), (header + yaml.safe_dump(self.settings.to_dict(), sort_keys=False)).encode())
+        write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode())
         if save_model and self.model is not None:
             self.model.save(os.path.join(folder, "model.pt"))
         if figures:
@@ -203,8 +170,7 @@ class VolumeEvaluation:
                     os.replace(os.path.join(self._staging, file), os.path.join(folder, "maps", file))
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
-        timings = self.timings | {"run_name": self.name, "model": self.model_source, "torch": torch.__version__}
-        write_atomic(os.path.join(folder, "timings.json"), json.dumps(timings, indent=2).encode())
+        write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode())
         return folder
 
     def summary(self) -> str:

@@ -49,13 +49,12 @@ from .config import Settings
 from .data import DataBundle
 from .errors import DataError
 from .files import write_atomic
-from .preprocess import foreground_mask, prepare, resize_mask, restore_geometry
+from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("split", "image")
 OPTIONAL_COLUMNS = ("label", "brain_mask", "group", "case")
 DEFAULT_GROUP = "test"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -409,16 +408,6 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
 
 
 # ---------------------------------------------------------------------------- predict
-def nifti_inputs(path: str) -> list[str]:
-    """A ``.nii`` / ``.nii.gz`` file, or the sorted NIfTI files of a folder."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(NIFTI_SUFFIXES))
-        if not files:
-            raise DataError(f"{path} holds no .nii or .nii.gz file")
-        return files
-    return [path]
-
-
 def predict_volumes(model, paths: list[str], output_dir: str, progress: bool = True) -> list[dict]:
     """Score each NIfTI file (brain estimated from the image): ``<case>_anomaly.nii.gz`` (the input's
     shape and affine) and ``<case>_anomaly.png`` (the highest-scoring axial slice, RAS+ index)
