@@ -160,7 +160,7 @@ def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_
     neg = _png(tmp_path / "neg.png", head)
     items = [Item(a, (boxes[0],), (boxes[0], neg)), Item(b, (boxes[2],), (boxes[2], neg)), Item(a, (boxes[1],), (boxes[1], neg))]
     s = settings_from_dict({"backbone": "efficientnet_lite0", "image_size": 32, "output_dimension": 8, "batch_size": 2})
-    dataset = ImageSet.from_settings("lesion", items, s, anomalous=True)
+    dataset = ImageSet("lesion", items, s, anomalous=True)
     model = _FakeModel()
     scored = score_group(model, dataset, s)
     assert model.scored == 2  # image a has two rows but is scored once

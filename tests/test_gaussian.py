@@ -142,3 +142,15 @@ def test_neighbourhood_pooling_equals_pooling_the_samples_with_numpy(radius):
                                       for u in range(max(0, z - radius), min(width, z + radius + 1))])
             np.testing.assert_allclose(pooled.mean[y * width + z].numpy(), samples.mean(0), rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(covariance[y * width + z], np.cov(samples, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_all_finite_agrees_with_numpy_wherever_the_bad_value_sits(bad):
+    from utils.gaussian import all_finite
+
+    rng = np.random.default_rng(0)
+    for shape in [(5, 4, 4), (7, 3), (6,)]:
+        array = rng.normal(size=shape).astype(np.float32)
+        if bad is not None:
+            array[tuple(rng.integers(0, n) for n in shape)] = bad
+        assert all_finite(torch.from_numpy(array)) == bool(np.isfinite(array).all())

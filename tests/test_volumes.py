@@ -16,12 +16,15 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+import yaml
+
+from utils.cli import main
 from utils.config import settings_from_dict
 from utils.demo_nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.model import ScoreResult
 from utils.volume_evaluation import VolumeEvaluation
-from utils.volumes import SliceSet, load_volume_data, predict_volumes, read_manifest, read_volume, volume_metrics
+from utils.volumes import SliceSet, load_volume_data, predict_entries, predict_volumes, read_manifest, read_volume, volume_metrics
 
 SHAPE = (24, 30, 20)
 
@@ -151,10 +154,10 @@ class IntensityModel:
         return ScoreResult(maps, maps.reshape(len(maps), -1).max(axis=1))
 
 
-def _oblique_affine():
-    """LIP voxel order with a 12 degree rotation, 2 x 1.5 x 3 mm voxels, an offset."""
+def _oblique_affine(axcodes):
+    """``axcodes`` voxel order with a 12 degree rotation, 2 x 1.5 x 3 mm voxels, an offset."""
     base = nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 1.5, 3.0, 1.0]))
-    reoriented = base.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LIP")))
+    reoriented = base.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(axcodes)))
     angle = np.deg2rad(12)
     rotation = np.eye(4)
     rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
@@ -162,9 +165,10 @@ def _oblique_affine():
     return rotation @ reoriented.affine
 
 
-def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path):
+@pytest.mark.parametrize("axcodes", ["LIP", "PIR", "ASL"])  # PIR, ASL: cyclic axis orders (sagittal storage)
+def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, axcodes):
     head, _ = _head(noise=0.0)
-    affine = _oblique_affine()
+    affine = _oblique_affine(axcodes)
     assert nib.aff2axcodes(affine) != ("R", "A", "S")
     blob_voxel = (7, 19, 12)  # in the stored (non-canonical) voxel order
     grid = np.indices(SHAPE)
@@ -173,7 +177,7 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     path = os.path.join(tmp_path, "scan.nii.gz")
     nib.save(nib.Nifti1Image(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
-    rows = predict_volumes(model, [path], str(tmp_path / "out"), progress=False)
+    rows = predict_volumes(model, predict_entries(path, None), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)
@@ -231,8 +235,8 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
     folder = evaluation.save(save_model=False)
     print("\n" + evaluation.volumes.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"seconds per test volume: {per_volume:.2f}")
-    mean = table.set_index("group").loc["mean"]
-    assert mean["B_auroc"] > 0.9
+    assert table.set_index("group").loc["mean", "B_auroc"] > 0.9
+    assert evaluation.volumes["B_auroc"].min() > 0.85, "every demo volume's lesion is found"
     for entry in (e for group in evaluation.bundle.test.values() for e in group.entries):
         image = nib.load(entry.image)
         saved = nib.load(os.path.join(folder, "maps", f"{entry.case}_anomaly.nii.gz"))
@@ -241,3 +245,39 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
     assert os.path.isfile(os.path.join(folder, "volumes.csv")) and os.path.isfile(os.path.join(folder, "metrics.csv"))
     assert not [f for f in os.listdir(folder) if f.startswith(".maps-")]
     assert evaluation.figures and torch.get_num_threads() >= 1
+    # predict on the manifest (its brain masks) gives the evaluation's map of a test volume
+    model_path = evaluation.model.save(os.path.join(tmp_path, "model.pt"))
+    config = os.path.join(tmp_path, "config.yaml")
+    with open(config, "w") as handle:
+        yaml.safe_dump(settings.to_dict(), handle)
+    case = evaluation.volumes["case"].iloc[0]
+    entry = next(e for e in read_manifest(settings.data.manifest) if e.case == case)
+    manifest = _manifest(tmp_path, [{"split": "test", "image": entry.image, "brain_mask": entry.brain_mask}])  # absolute paths
+    out = os.path.join(tmp_path, "predicted")
+    assert main(["predict", "--config", config, "--model", model_path, "--input", manifest, "--output", out, "--quiet"]) == 0
+    np.testing.assert_allclose(nib.load(os.path.join(out, f"{case}_anomaly.nii.gz")).get_fdata(),
+                               nib.load(os.path.join(folder, "maps", f"{case}_anomaly.nii.gz")).get_fdata(), rtol=1e-5, atol=1e-5)
+    with open(os.path.join(out, "volume_scores.csv")) as handle:
+        assert [row["image"] for row in csv.DictReader(handle)] == [entry.image]
+
+
+def test_a_bad_test_volume_after_the_fit_leaves_no_maps_and_no_run_folder(small_set, tmp_path):
+    folder, rows, _ = small_set
+    flat = _save(folder, "flat.nii.gz", np.ones(SHAPE, np.float32))
+    manifest = _manifest(folder, rows + [{"split": "test", "image": flat, "group": "lesion"}])
+    settings = _settings(manifest, val_fraction=0.5).replace(results_dir=str(tmp_path / "results"))
+    evaluation = VolumeEvaluation(settings)
+    evaluation.load_data()
+    evaluation.model = IntensityModel(settings)
+    with pytest.raises(DataError, match="flat.nii.gz.*constant"):
+        evaluation.score(progress=False)  # c.nii.gz is scored and its map staged first
+    assert not os.path.exists(evaluation.directory)
+
+
+def test_a_4d_image_holding_one_volume_needs_no_volume_index(small_set):
+    folder, rows, _ = small_set
+    image, _ = _head()
+    single = _save(folder, "single.nii.gz", image[..., None])
+    entries = read_manifest(_manifest(folder, [{"split": "train", "image": single}, rows[2]]))
+    np.testing.assert_array_equal(read_volume(entries[0], _settings("unused.csv")).image,
+                                  read_volume(read_manifest(_manifest(folder, rows))[0], _settings("unused.csv")).image)

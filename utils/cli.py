@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="heat-maps and image scores for images, or NIfTI anomaly maps for volumes")
     common(predict)
     predict.add_argument("--model", required=True, help="fitted model file (from `fit`)")
-    predict.add_argument("--input", required=True, help="an image or NIfTI file, or a folder of them (searched recursively)")
-    predict.add_argument("--output", required=True, help="folder for heat-maps and scores.csv")
+    predict.add_argument("--input", required=True,
+                         help="an image or NIfTI file, a folder of them (searched recursively), or a NIfTI manifest .csv")
+    predict.add_argument("--output", required=True, help="folder for heat-maps and scores.csv (volumes: maps and volume_scores.csv)")
     return parser
 
 
@@ -109,18 +110,42 @@ def _predict(args: argparse.Namespace) -> int:
 
     settings = load_config(args.config)
     model = Padim.load(args.model, settings)
-    files = _input_files(args.input, args.output)
+    if args.input.endswith(".csv"):  # a NIfTI manifest: its brain masks are used
+        volumes, images = [args.input], []
+    else:
+        files = _input_files(args.input, args.output)
+        volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES)]
+        images = [f for f in files if f not in volumes]
     writable_folder(args.output)
-    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES)]
-    images = [f for f in files if f not in volumes]
     if volumes:
-        from .volumes import predict_volumes
-
-        rows = predict_volumes(model, volumes, args.output, progress=not args.quiet)
-        print(f"{len(rows)} volumes scored; NIfTI maps and previews in {args.output}")
+        _predict_volumes(model, volumes, args.output, progress=not args.quiet)
     if images:
         _predict_images(model, images, args.input, args.output)
     return 0
+
+
+def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> None:
+    """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``."""
+    from .errors import DataError
+    from .volumes import predict_entries, predict_volumes
+
+    entries = [e for source in sources for e in predict_entries(source, model.settings.data.volume_index)]
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if entry.case in seen:
+            raise DataError(f"{entry.image} and {seen[entry.case]} would both write {entry.case}_anomaly.nii.gz; rename one")
+        seen[entry.case] = entry.image
+    rows = predict_volumes(model, entries, output, progress=progress)
+    _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
+                  [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
+    print(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv in {output}")
+
+
+def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
+    with atomic_writer(path) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
+        writer = csv.writer(text)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _predict_images(model, files: list[str], source: str, output: str) -> None:
@@ -145,10 +170,7 @@ def _predict_images(model, files: list[str], source: str, output: str) -> None:
         for k, ((_, display), heat, score) in enumerate(zip(loaded, result.maps, result.scores)):
             save_heatmap(display.numpy(), heat, targets[start + k])
             rows.append((relative[start + k], float(score)))
-    with atomic_writer(os.path.join(output, "scores.csv")) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
-        writer = csv.writer(text)
-        writer.writerow(["image", "score"])
-        writer.writerows((name, f"{score:.6f}") for name, score in rows)
+    _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
     print(f"{len(rows)} images scored; heat-maps and scores.csv in {output} (max score {max(r[1] for r in rows):.3f})")
 
 

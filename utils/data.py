@@ -32,7 +32,7 @@ import csv
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Settings
 from .errors import DataError
 from .preprocess import COLOR_MODES, IMAGE_SUFFIXES, open_image, prepare, read_image, read_mask, resize_mask
+
+T = TypeVar("T")
 
 #: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
 NORMAL = "normal"
@@ -94,10 +96,6 @@ class ImageSet(Dataset):
         #: True for pathology / defect groups, False for normal images.
         self.anomalous = anomalous
 
-    @classmethod
-    def from_settings(cls, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False) -> "ImageSet":
-        return cls(name, items, settings, anomalous)
-
     @property
     def paths(self) -> list[str]:
         return [item.image for item in self.items]
@@ -111,7 +109,11 @@ class ImageSet(Dataset):
         return len(self.items)
 
     def __repr__(self) -> str:
-        return f"ImageSet({self.name!r}, {len(self)} items, {len(set(self.paths))} images)"
+        return f"ImageSet({self.name!r}, {self.summary()})"
+
+    def summary(self) -> str:
+        images = len(set(self.paths))
+        return _images_count(images) + (f" ({len(self)} rows)" if len(self) != images else "")
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.items):
@@ -169,10 +171,6 @@ class ImageSet(Dataset):
         ]
         return ImageSet(self.name, items, self.settings, self.anomalous)
 
-    def subset(self, name: str, indices: Sequence[int]) -> "ImageSet":
-        """The items at ``indices`` (in that order) as a new set called ``name``."""
-        return ImageSet(name, [self.items[i] for i in indices], self.settings, self.anomalous)
-
 
 @dataclass
 class DataBundle:
@@ -186,13 +184,9 @@ class DataBundle:
     val_description: str = "no validation set requested"
 
     def summary(self) -> str:
-        parts = []
-        if self.train is not None:
-            parts.append(f"train {len(self.train)}")
-        if self.val is not None:
-            parts.append(f"val {len(self.val)}")
-        parts += [f"{name} {len(group)}" for name, group in self.test.items()]
-        return ", ".join(parts)
+        """``train 581 images, val 30 images, mass 14 images (16 rows), ...`` (volumes: slices, volumes)."""
+        named = [("train", self.train), ("val", self.val), *self.test.items()]
+        return ", ".join(f"{name} {group.summary()}" for name, group in named if group is not None)
 
 
 def load_data(settings: Settings, splits: tuple = SPLITS) -> DataBundle:
@@ -224,21 +218,27 @@ def _images_count(count: int) -> str:
     return f"{count} image{'s' if count != 1 else ''}"
 
 
-def hold_out(train: ImageSet, settings: Settings, origin: str) -> tuple[ImageSet, Optional[ImageSet], str]:
-    """Split ``data.val_fraction`` of ``train`` off as the validation set, seeded by ``settings.seed``.
+def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "image") -> tuple[list[T], list[T], str]:
+    """Split a seeded (``settings.seed``) ``data.val_fraction`` of ``items`` off as validation.
 
-    Returns ``(train without val, val or None, description)``. At least one image is held out
-    when the fraction is > 0 and train has two images or more; the rest stays in the fit.
+    Returns ``(kept, held out, description)``, both in their original order. At least one item is
+    held out when the fraction is > 0 and there are two items or more, and at least one is kept;
+    ``held out`` is empty otherwise. Used for images and for whole volumes alike.
     """
     fraction = settings.data.val_fraction
-    if fraction == 0 or len(train) < 2:
-        why = "data.val_fraction is 0" if fraction == 0 else f"{origin} has fewer than 2 images"
-        return train, None, f"none ({why} and there is no validation split)"
-    count = min(len(train) - 1, max(1, round(fraction * len(train))))
-    order = np.random.default_rng(settings.seed).permutation(len(train))
+    if fraction == 0 or len(items) < 2:
+        why = "data.val_fraction is 0" if fraction == 0 else f"{origin} has fewer than 2 {unit}s"
+        return list(items), [], f"none ({why} and there is no validation split)"
+    count = min(len(items) - 1, max(1, round(fraction * len(items))))
+    order = np.random.default_rng(settings.seed).permutation(len(items))
     held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
-    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {_images_count(count)})"
-    return train.subset(train.name, kept), train.subset("val", held), description
+    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {count} {unit}{'s' if count != 1 else ''})"
+    return [items[i] for i in kept], [items[i] for i in held], description
+
+
+def _hold_out_images(train: ImageSet, origin: str) -> tuple[ImageSet, Optional[ImageSet], str]:
+    kept, held, description = hold_out(train.items, train.settings, origin)
+    return ImageSet(train.name, kept, train.settings), ImageSet("val", held, train.settings) if held else None, description
 
 
 def ensure_demo(root: str, seed: int = 0) -> None:
@@ -414,7 +414,7 @@ class StudyLoader:
             return DataBundle(train, val, test, description)
         if not {"train", "val"} & set(splits):
             return DataBundle(None, None, test)
-        train, val, description = hold_out(self.train(), self.settings, "the training splits")
+        train, val, description = _hold_out_images(self.train(), "the training splits")
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def train(self) -> ImageSet:
@@ -512,7 +512,7 @@ class MvtecLoader:
         items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
         train = ImageSet("train", _usable(folder, items), self.settings)
         self._check_colour([train, *test.values()])
-        train, val, description = hold_out(train, self.settings, "train/good")
+        train, val, description = _hold_out_images(train, "train/good")
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def _check_colour(self, groups: Sequence[ImageSet]) -> None:

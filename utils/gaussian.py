@@ -52,7 +52,8 @@ class GaussianStatistics:
         n_b = embeddings.shape[0]
         if n_b == 0:
             return
-        samples = embeddings.flatten(2).permute(2, 0, 1).to(self.scatter.dtype)  # (P, N, d)
+        # (P, N, d), contiguous: the batched product on the permuted view took 2.2x as long (d = 550)
+        samples = embeddings.flatten(2).permute(2, 0, 1).to(self.scatter.dtype).contiguous()
         batch_mean = samples.mean(dim=1)
         centred = samples - batch_mean.unsqueeze(1)
         n_a, n = self.count, self.count + n_b
@@ -174,3 +175,12 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     if in_place:
         stats.count = -1  # the scatter is gone: guard against reuse
     return out
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, checked on the sums over the last two axes: NaN and Inf
+    propagate through a sum, and ``torch.isfinite`` of a whole (P, d, d) stack would allocate
+    temporaries of ~1.5 times its size (1.9 GB for 1024 x 550^2 float32). Values that overflow
+    only when summed (beyond ~1e38 / d^2) would be reported too."""
+    sums = tensor.sum(dim=(-2, -1)) if tensor.ndim >= 2 else tensor.sum()
+    return bool(torch.isfinite(sums).all())

@@ -20,7 +20,7 @@ from . import model_file
 from .config import Settings
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
-from .gaussian import GaussianStatistics, pool_neighbourhoods, regularised_whitening
+from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
 from .preprocess import head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
@@ -138,7 +138,7 @@ class Padim:
                 self.shrinkage = float(shrinkage.mean())
                 self._moments = None
             self.whitening = regularised_whitening(stats, self.settings.epsilon, in_place=True)
-        if not (bool(torch.isfinite(self.mean).all()) and bool(torch.isfinite(self.whitening).all())):
+        if not (all_finite(self.mean) and all_finite(self.whitening)):
             raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
         return self
 

@@ -16,6 +16,7 @@ import torch
 from .config import Settings, settings_from_dict
 from .errors import ConfigError, ModelFileError
 from .files import atomic_writer
+from .gaussian import all_finite
 
 if TYPE_CHECKING:
     from .model import Padim
@@ -84,7 +85,7 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     if value.dtype not in dtypes or tuple(value.shape) != shape:
         raise ModelFileError(f"{path} is damaged: `{key}` is {value.dtype} {tuple(value.shape)}, expected "
                              f"{' or '.join(map(str, dtypes))} {shape}")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not all_finite(value):
         raise ModelFileError(f"{path} is damaged: `{key}` holds NaN or Inf values")
     return value
 

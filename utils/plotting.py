@@ -216,10 +216,11 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
 VIEWS = (("axial", 2, "z"), ("coronal", 1, "y"), ("sagittal", 0, "x"))
 
 
-def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """The slice through ``index`` along ``axis`` of an ``(X, Y, Z)`` RAS+ array, transposed so
-    that with ``origin="lower"`` anterior (axial) or superior (coronal, sagittal) is up."""
-    return np.take(volume, index, axis=axis).T
+def orthogonal_planes(array: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
+    """The planes of an ``(X, Y, Z)`` RAS+ array through the voxel ``centre``, in the order of
+    :data:`VIEWS`, each transposed so that with ``origin="lower"`` anterior (axial) or superior
+    (coronal, sagittal) is up. What :func:`planes_figure` shows; a few planes instead of a volume."""
+    return [np.take(array, int(centre[axis]), axis=axis).T for _, axis, _ in VIEWS]
 
 
 def volume_figure(
@@ -249,21 +250,28 @@ def volume_figure(
     if label is not None and np.shape(label) != volume.shape:
         raise ValueError(f"label {np.shape(label)} must have the shape of the volume {volume.shape}")
     centre = tuple(int(c) for c in (np.unravel_index(np.argmax(anomaly), anomaly.shape) if centre is None else centre))
-    low, high = _scale(anomaly, vmin, vmax)
-    gray_low, gray_high = np.percentile(volume, [0.5, 99.5])  # one gray scale for the three views
+    planes = {"image": orthogonal_planes(volume, centre), "map": orthogonal_planes(anomaly, centre),
+              "label": orthogonal_planes(np.asarray(label, dtype=bool), centre) if label is not None else None}
+    gray = tuple(np.percentile(volume, [0.5, 99.5]))  # one gray scale for the three views
+    return planes_figure(planes, centre, gray, _scale(anomaly, vmin, vmax), threshold, title)
+
+
+def planes_figure(planes: dict, centre: Sequence[int], gray: tuple[float, float], heat: tuple[float, float],
+                  threshold: Optional[float] = None, title: str = "") -> Figure:
+    """Three views side by side: ``planes["image"]`` in gray (scale ``gray``), ``planes["map"]``
+    overlaid (scale ``heat``, one colour bar), ``planes["label"]`` (or None) outlined in green and
+    the map at or above ``threshold`` in yellow; each list as :func:`orthogonal_planes` gives it."""
     figure = Figure(figsize=(3 * 2.2 + 0.8, 2.6), layout="constrained")
     axes = figure.subplots(1, 3)
-    for ax, (name, axis, letter) in zip(axes, VIEWS):
+    for number, (ax, (name, axis, letter)) in enumerate(zip(axes, VIEWS)):
         _bare(ax)
-        ax.imshow(_plane(volume, axis, centre[axis]), cmap="gray", vmin=gray_low, vmax=gray_high, origin="lower")
-        shown = ax.imshow(_plane(anomaly, axis, centre[axis]), cmap=HEAT_CMAP, vmin=low, vmax=high, alpha=0.45,
-                          origin="lower")
-        if label is not None:
-            _outline(ax, _plane(np.asarray(label, dtype=bool), axis, centre[axis]), origin="lower")
-        if threshold is not None:
-            detected = _plane(anomaly, axis, centre[axis]) >= threshold
-            if detected.any():
-                ax.contour(detected.astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8, origin="lower")
+        ax.imshow(planes["image"][number], cmap="gray", vmin=gray[0], vmax=gray[1], origin="lower")
+        anomaly = planes["map"][number]
+        shown = ax.imshow(anomaly, cmap=HEAT_CMAP, vmin=heat[0], vmax=heat[1], alpha=0.45, origin="lower")
+        if planes.get("label") is not None:
+            _outline(ax, planes["label"][number], origin="lower")
+        if threshold is not None and (anomaly >= threshold).any():
+            ax.contour((anomaly >= threshold).astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8, origin="lower")
         ax.set_title(f"{name} ({letter} = {centre[axis]})", fontsize=8)
     figure.colorbar(shown, ax=axes, label=HEAT_LABEL, shrink=0.8)
     if title:

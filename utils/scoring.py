@@ -23,7 +23,8 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
         ``(N, H, W)`` distances, in the dtype of ``whitening``.
     """
     n, d, h, w = embeddings.shape
-    deviations = embeddings.flatten(2).permute(2, 1, 0).to(whitening.dtype) - mean.to(whitening.dtype).unsqueeze(2)  # (P, d, N)
+    # (P, d, N), contiguous: the batched products on the permuted layout took 1.4x as long (d = 550)
+    deviations = (embeddings.flatten(2).permute(2, 1, 0).to(whitening.dtype) - mean.to(whitening.dtype).unsqueeze(2)).contiguous()
     squared = torch.cat([
         torch.bmm(whitening[start : start + chunk], deviations[start : start + chunk]).square().sum(dim=1)
         for start in range(0, h * w, chunk)

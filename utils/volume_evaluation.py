@@ -22,6 +22,7 @@ temporary folder in the run folder and moved to ``maps/`` by :meth:`save` (or re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import metrics as M
@@ -40,7 +42,7 @@ from .data import DataBundle, make_loader
 from .errors import DataError
 from .evaluation import NormalReference, Run
 from .files import write_atomic
-from .volumes import data_summary, load_volume_data, read_volume, score_volume, volume_metrics, write_map
+from .volumes import load_volume_data, read_volume, score_volume, volume_metrics, write_map
 
 METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold")
 TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS + ("best_threshold", "note")
@@ -58,8 +60,9 @@ class VolumeEvaluation(Run):
 
     rows: list[dict] = field(default_factory=list)
     volumes: Optional[pd.DataFrame] = None
-    #: RAS+ (volume, map, label) of the first few test volumes, for :meth:`make_figures`.
-    shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: (case, planes of image / map / label through the lesion, centre, gray scale) of the first
+    #: few test volumes with a lesion, for :meth:`make_figures`: planes, not volumes, are kept.
+    shown: list[tuple] = field(default_factory=list)
     _staging: Optional[str] = None
 
     def load_data(self) -> DataBundle:
@@ -73,7 +76,7 @@ class VolumeEvaluation(Run):
             raise DataError("no validation volumes for the threshold and colour scale: add val rows to the manifest, "
                             "or set data.val_fraction > 0 to hold out train volumes")
         self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
-        self.notes.append(f"data: {data_summary(self.bundle)}; threshold from {self.bundle.val_description}")
+        self.notes.append(f"data: {self.bundle.summary()}; threshold from {self.bundle.val_description}")
         return self.bundle
 
     def _reference(self) -> NormalReference:
@@ -85,7 +88,8 @@ class VolumeEvaluation(Run):
                                          region_kind="brain")
 
     def score(self, progress: bool = True) -> list[dict]:
-        """Threshold and colour scale from the validation slices, then each test volume once."""
+        """Threshold and colour scale from the validation slices, then each test volume once; on
+        any failure the maps written so far are removed."""
         if self.model is None:
             raise RuntimeError("call fit() before score()")
         started = time.perf_counter()
@@ -94,21 +98,38 @@ class VolumeEvaluation(Run):
         self._staging = tempfile.mkdtemp(prefix=".maps-", dir=self.directory)
         entries = [(name, e) for name, group in self.bundle.test.items() for e in group.entries]
         self.rows, self.shown = [], []
-        volume_seconds = []
-        for name, entry in tqdm(entries, desc="score volumes", unit="volume", disable=not progress):
-            began = time.perf_counter()
-            volume = read_volume(entry, self.settings)
-            anomaly = score_volume(self.model, volume, self.settings)
-            row = {"case": entry.case, "group": name}
-            row |= volume_metrics(anomaly, volume.label, volume.brain, volume.kept, self.reference.threshold)
-            self.rows.append(row)
-            write_map(anomaly, volume, os.path.join(self._staging, f"{entry.case}_anomaly.nii.gz"))
-            if len(self.shown) < FIGURE_VOLUMES and volume.label.any():
-                self.shown.append((entry.case, volume.image, anomaly, volume.label))
-            volume_seconds.append(time.perf_counter() - began)
-        self.timings.update(score_s=round(time.perf_counter() - started, 3), test_volumes=len(entries),
-                            seconds_per_volume=round(float(np.mean(volume_seconds)), 3))
+        try:
+            for name, entry in tqdm(entries, desc="score volumes", unit="volume", disable=not progress):
+                self.rows.append({"case": entry.case, "group": name} | self._score_volume(entry))
+        except BaseException:
+            self.discard_maps()
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)  # only if nothing else is in it: a failed run leaves no empty folder
+            raise
+        seconds = time.perf_counter() - started
+        self.timings.update(score_s=round(seconds, 3), test_volumes=len(entries),
+                            seconds_per_volume=round(seconds / max(len(entries), 1), 3))
         return self.rows
+
+    def _score_volume(self, entry) -> dict:
+        """Score one test volume, stage its map, keep three planes of the first few with a lesion."""
+        volume = read_volume(entry, self.settings)
+        anomaly = score_volume(self.model, volume, self.settings)
+        write_map(anomaly, volume, os.path.join(self._staging, f"{entry.case}_anomaly.nii.gz"))
+        if len(self.shown) < FIGURE_VOLUMES and volume.label.any():
+            from .plotting import orthogonal_planes
+
+            centre = tuple(int(round(c)) for c in ndimage.center_of_mass(volume.label))
+            planes = {"image": orthogonal_planes(volume.image, centre), "map": orthogonal_planes(anomaly, centre),
+                      "label": orthogonal_planes(volume.label, centre)}
+            self.shown.append((entry.case, planes, centre, tuple(np.percentile(volume.image, [0.5, 99.5]))))
+        return volume_metrics(anomaly, volume.label, volume.brain, volume.kept, self.reference.threshold)
+
+    def discard_maps(self) -> None:
+        """Remove the staged maps (after a failure, or when they are not wanted)."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def compute_metrics(self) -> pd.DataFrame:
         """``self.volumes`` (one row per test volume) and ``self.table`` (per group, then ``mean``)."""
@@ -134,17 +155,14 @@ class VolumeEvaluation(Run):
     def make_figures(self) -> dict[str, Any]:
         """Three orthogonal views through the lesion (its centre of mass) of the first few test
         volumes with a lesion, with the validation colour scale and threshold."""
-        from scipy import ndimage
-
-        from .plotting import volume_figure
+        from .plotting import planes_figure
 
         ref = self.reference
-        self.figures = {}
-        for case, image, anomaly, label in self.shown:
-            centre = tuple(int(round(c)) for c in ndimage.center_of_mass(label))
-            self.figures[f"volume_{case}"] = volume_figure(
-                image, anomaly, label, vmin=ref.vmin, vmax=ref.vmax, threshold=ref.threshold, centre=centre,
-                title=f"{case}: colour scale and threshold from {ref.source}")
+        self.figures = {
+            f"volume_{case}": planes_figure(planes, centre, gray, (ref.vmin, ref.vmax), threshold=ref.threshold,
+                                            title=f"{case}: colour scale and threshold from {ref.source}")
+            for case, planes, centre, gray in self.shown
+        }
         return self.figures
 
     def save(self, save_model: bool = True, figures: bool = True, maps: bool = True) -> str:
@@ -163,13 +181,11 @@ class VolumeEvaluation(Run):
         if figures:
             for name, figure in (self.figures or self.make_figures()).items():
                 save_figure(figure, os.path.join(folder, "figures", f"{name}.png"))
-        if self._staging is not None:
-            if maps:
-                os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
-                for file in sorted(os.listdir(self._staging)):
-                    os.replace(os.path.join(self._staging, file), os.path.join(folder, "maps", file))
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+        if self._staging is not None and maps:
+            os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
+            for file in sorted(os.listdir(self._staging)):
+                os.replace(os.path.join(self._staging, file), os.path.join(folder, "maps", file))
+        self.discard_maps()
         write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode())
         return folder
 

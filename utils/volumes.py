@@ -40,13 +40,13 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from nibabel.orientations import apply_orientation, io_orientation
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import Settings
-from .data import DataBundle
+from .data import DataBundle, hold_out
 from .errors import DataError
 from .files import write_atomic
 from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
@@ -97,9 +97,9 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
     image = _header(entry.image, entry.source)
     shape = image.shape
     if len(shape) == 4:
-        if volume_index is None:
+        if volume_index is None and shape[3] > 1:
             raise DataError(f"{entry.source}: {entry.image} is 4-D {shape}; set data.volume_index to the volume to use")
-        if volume_index >= shape[3]:
+        if (volume_index or 0) >= shape[3]:
             raise DataError(f"{entry.source}: data.volume_index {volume_index} is out of range for {entry.image} ({shape[3]} volumes)")
     elif len(shape) != 3:
         raise DataError(f"{entry.source}: {entry.image} has shape {shape}; a 3-D (or 4-D) volume is needed")
@@ -170,6 +170,7 @@ class Volume:
     affine: np.ndarray
     shape: tuple[int, ...]
     orientation: np.ndarray
+    header: nib.Nifti1Header
 
     @property
     def has_label(self) -> bool:
@@ -219,7 +220,7 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
         raise DataError(f"{entry.source}: {entry.image} is all NaN")
     data = np.where(finite, data, 0).astype(np.float32)
     if np.ptp(data) == 0:
-        raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}); no image to learn from")
+        raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}): no contrast to fit or score")
     if entry.brain_mask is not None:
         brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0
     else:
@@ -230,7 +231,8 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
-    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), io_orientation(original.affine))
+    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), io_orientation(original.affine),
+                  original.header)
 
 
 def training_slices(volume: Volume) -> list[int]:
@@ -266,6 +268,9 @@ class SliceSet(Dataset):
     @property
     def paths(self) -> list[str]:
         return [self.entries[number].image for number, _ in self.index]
+
+    def summary(self) -> str:
+        return f"{len(self)} slices of {len(self.entries)} volumes"
 
     def __len__(self) -> int:
         return len(self.index)
@@ -306,18 +311,8 @@ class VolumeSet:
     def paths(self) -> list[str]:
         return [entry.image for entry in self.entries]
 
-
-def hold_out_volumes(train: list[VolumeEntry], settings: Settings) -> tuple[list[VolumeEntry], list[VolumeEntry], str]:
-    """Seeded ``data.val_fraction`` of the train volumes (at least one, never all) as validation."""
-    fraction = settings.data.val_fraction
-    if fraction == 0 or len(train) < 2:
-        why = "data.val_fraction is 0" if fraction == 0 else "fewer than 2 train volumes"
-        return train, [], f"none ({why} and no val volumes)"
-    count = min(len(train) - 1, max(1, round(fraction * len(train))))
-    order = np.random.default_rng(settings.seed).permutation(len(train))
-    held = sorted(order[:count].tolist())
-    kept = [e for i, e in enumerate(train) if i not in held]
-    return kept, [train[i] for i in held], f"{fraction:.0%} of the train volumes held out (seed {settings.seed}, {count} volumes)"
+    def summary(self) -> str:
+        return f"{len(self)} volume{'s' if len(self) != 1 else ''}"
 
 
 def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -332,7 +327,7 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
     train_entries, val_entries = by_split["train"], by_split["val"]
     description = f"val volumes ({len(val_entries)})"
     if not val_entries:
-        train_entries, val_entries, description = hold_out_volumes(train_entries, settings)
+        train_entries, val_entries, description = hold_out(train_entries, settings, "the train volumes", unit="volume")
     train = SliceSet("train", train_entries, settings) if "train" in splits else None
     val = SliceSet("val", val_entries, settings) if "val" in splits and val_entries else None
     test: dict[str, VolumeSet] = {}
@@ -340,13 +335,6 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
         for entry in by_split["test"]:
             test.setdefault(entry.group, VolumeSet(entry.group, [])).entries.append(entry)
     return DataBundle(train, val, test, description)
-
-
-def data_summary(bundle: DataBundle) -> str:
-    """Slices and volumes per split, e.g. ``train 312 slices (7 volumes), val ..., test cyst 2 volumes``."""
-    parts = [f"{name} {len(s)} slices ({len(s.entries)} volumes)" for name, s in (("train", bundle.train), ("val", bundle.val)) if s]
-    parts += [f"test {name} {len(group)} volumes" for name, group in bundle.test.items()]
-    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -366,8 +354,11 @@ def score_volume(model, volume: Volume, settings: Settings) -> np.ndarray:
 
 
 def to_original(anomaly: np.ndarray, volume: Volume) -> np.ndarray:
-    """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`)."""
-    return apply_orientation(anomaly, volume.orientation)
+    """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`).
+
+    ``volume.orientation`` takes the stored axes to RAS+; its inverse is the transform from RAS+
+    to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
+    return apply_orientation(anomaly, ornt_transform(axcodes2ornt("RAS"), volume.orientation))
 
 
 def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
@@ -375,7 +366,9 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     data = to_original(anomaly, volume).astype(np.float32)
     if data.shape != volume.shape:  # a bug here, not user input
         raise AssertionError(f"restored map {data.shape} differs from the image {volume.shape}")
-    image = nib.Nifti1Image(data, volume.affine)
+    image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(1.0, 0.0)
     payload = image.to_bytes()
     return write_atomic(path, gzip.compress(payload, mtime=0) if path.endswith(".gz") else payload)
 
@@ -408,21 +401,35 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
 
 
 # ---------------------------------------------------------------------------- predict
-def predict_volumes(model, paths: list[str], output_dir: str, progress: bool = True) -> list[dict]:
-    """Score each NIfTI file (brain estimated from the image): ``<case>_anomaly.nii.gz`` (the input's
-    shape and affine) and ``<case>_anomaly.png`` (the highest-scoring axial slice, RAS+ index)
-    in ``output_dir``. Returns one dict per file: ``file``, ``max_score``, ``slice``."""
+def predict_entries(path: str, volume_index: Optional[int]) -> list[VolumeEntry]:
+    """What ``predict --input`` names: a manifest CSV (every row; its ``brain_mask`` column is used),
+    or NIfTI files (brain estimated from each image)."""
+    if path.endswith(".csv"):
+        return read_manifest(path, volume_index)
+    entry = VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path)
+    _check_entry(entry, volume_index)
+    return [entry]
+
+
+def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
+    """Score each volume: ``<case>_anomaly.nii.gz`` (the input's shape and affine) and
+    ``<case>_anomaly.png`` (the axial slice with the highest score inside the brain, RAS+ index)
+    in ``output_dir``. Returns one dict per volume: ``image``, ``score`` (the map's maximum
+    inside the brain), ``slice``.
+
+    The brain comes from the entry's ``brain_mask``, else it is estimated from the image: a model
+    fitted on given brain masks should be given them here too (a manifest CSV), since the brain
+    sets the intensity normalisation and the slices that are scored."""
     from .plotting import heatmap_figure, save_figure
 
     settings, rows = model.settings, []
-    for path in tqdm(paths, desc="predict", unit="volume", disable=not progress):
-        entry = VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path)
-        _check_entry(entry, settings.data.volume_index)
+    for entry in tqdm(entries, desc="predict", unit="volume", disable=not progress):
         volume = read_volume(entry, settings)
         anomaly = score_volume(model, volume, settings)
-        z = int(np.argmax(anomaly.max(axis=(0, 1))))
+        in_brain = np.where(volume.brain, anomaly, -np.inf).max(axis=(0, 1))
+        z = int(np.argmax(in_brain))
         stem = os.path.join(output_dir, f"{entry.case}_anomaly")
         write_map(anomaly, volume, stem + ".nii.gz")
         save_figure(heatmap_figure(volume.image[:, :, z], anomaly[:, :, z]), stem + ".png")
-        rows.append({"file": path, "max_score": float(anomaly.max()), "slice": z})
+        rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
     return rows
