@@ -138,6 +138,8 @@ def test_study_layout_groups_counts_and_order(tmp_path):
     assert [os.path.basename(p) for p in mass.paths] == ["m0.png", "m0.png", "m1.png"]  # one row per annotation
     assert mass.anomalous and not bundle.test[NORMAL].anomalous
     assert mass.sources[1] == "mass.csv line 3"
+    edema = len(bundle.test["edema"])
+    assert bundle.summary() == f"train 5 images, val 1 image, edema {edema} image{'s' if edema > 1 else ''}, mass 2 images (3 rows), normal {len(bundle.test[NORMAL])} image{'s' if len(bundle.test[NORMAL]) > 1 else ''}"
 
 
 def test_study_items_pad_geometry_masks_and_heads(tmp_path):

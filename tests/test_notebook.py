@@ -16,8 +16,6 @@ REQUIRED_COLUMNS = ["group", "n_images", "A_auroc", "A_ap", "B_auroc", "B_ap", "
 @pytest.fixture(scope="module")
 def notebook_run(tmp_path_factory):
     """Execute a copy of padim.ipynb with PADIM_CONFIG/PADIM_SOURCES pointing at a temporary folder."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     from utils.demo_data import DemoCounts, generate_demo
 
     folder = tmp_path_factory.mktemp("notebook")
@@ -30,7 +28,13 @@ def notebook_run(tmp_path_factory):
     raw["data"].update(format="demo", root=str(root))
     config.write_text(yaml.safe_dump(raw))
     sources = folder / "sources"
+    return _execute(config, sources), folder, sources
 
+
+def _execute(config, sources):
+    """Run a copy of padim.ipynb with PADIM_CONFIG / PADIM_SOURCES set; returns the executed notebook."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
     previous = {k: os.environ.get(k) for k in ("PADIM_CONFIG", "PADIM_SOURCES")}
     os.environ.update(PADIM_CONFIG=str(config), PADIM_SOURCES=str(sources))
@@ -44,7 +48,7 @@ def notebook_run(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return notebook, folder, sources
+    return notebook
 
 
 def _outputs(notebook):
@@ -123,3 +127,25 @@ def test_command_line_evaluate_can_skip_figures_and_model(notebook_run, tmp_path
     assert sorted(os.listdir(tmp_path / "results" / run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json"]
     full = pd.read_csv(folder / "results" / run / "metrics.csv")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / run / "metrics.csv"), full, atol=1e-4, check_exact=False)
+
+
+def test_notebook_runs_on_nifti_volumes(tmp_path):
+    from utils.demo_nifti import generate_nifti_demo
+
+    demo = generate_nifti_demo(tmp_path / "nifti", seed=0)
+    with open(os.path.join(ROOT, "configs", "nifti_demo.yaml"), encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    raw["results_dir"] = str(tmp_path / "results")
+    raw["data"]["manifest"] = os.path.join(demo, "volumes.csv")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    outputs = _outputs(_execute(config, tmp_path / "sources"))
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "\n".join(o.get("text", "") for o in outputs)
+    assert "slices of" in text and "volumes" in text  # the data summary in slices and volumes
+    tables = "\n".join(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
+    assert ">case<" in tables and "lesion_voxels" in tables and ">mean<" in tables  # per volume and per group
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3  # orthogonal views of three volumes
+    (run,) = os.listdir(tmp_path / "results")
+    assert {"volumes.csv", "metrics.csv", "metrics.md", "maps"} <= set(os.listdir(tmp_path / "results" / run))
+    assert not os.path.exists(tmp_path / "sources"), "figures of non-demo data are never published"

@@ -242,7 +242,7 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
         saved = nib.load(os.path.join(folder, "maps", f"{entry.case}_anomaly.nii.gz"))
         assert saved.shape == image.shape and np.allclose(saved.affine, image.affine)
     assert set(evaluation.volumes["case"]) == {e.case for g in evaluation.bundle.test.values() for e in g.entries}
-    assert os.path.isfile(os.path.join(folder, "volumes.csv")) and os.path.isfile(os.path.join(folder, "metrics.csv"))
+    assert all(os.path.isfile(os.path.join(folder, f)) for f in ("volumes.csv", "metrics.csv", "metrics.md"))
     assert not [f for f in os.listdir(folder) if f.startswith(".maps-")]
     assert evaluation.figures and torch.get_num_threads() >= 1
     # predict on the manifest (its brain masks) gives the evaluation's map of a test volume

@@ -389,7 +389,7 @@ def distributed_score(
     indices = shard_indices(n, ctx.rank, ctx.world_size) if ctx.is_distributed else list(range(n))
     shard = Subset(dataset, indices) if ctx.is_distributed else dataset
     show = progress and ctx.is_main
-    size = settings.image_size
+    size = settings.input_size
 
     def score_shard() -> tuple[np.ndarray, np.ndarray]:
         maps, scores = [np.zeros((0, size, size), np.float32)], [np.zeros(0, np.float32)]

@@ -412,6 +412,21 @@ class Run:
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model
 
+    def publish_figures(self, folder: str = "sources", prefix: str = "demo_") -> list[str]:
+        """Save the figures as PNGs in ``folder`` (the repository's ``sources/``), demo data only.
+
+        Real data (the study's fastMRI images) may not be redistributed, so for any other data
+        format nothing is written and ``[]`` is returned.
+        """
+        from .plotting import save_figure
+
+        if self.settings.data.format != "demo":
+            self.notes.append(f"figures not copied to {folder}/: only demo-data figures may be committed")
+            return []
+        if not self.figures:
+            self.make_figures()
+        return [save_figure(fig, os.path.join(folder, f"{prefix}{name}.png")) for name, fig in self.figures.items()]
+
     def _config_yaml(self) -> str:
         header = f"# settings of run {self.name} (written by {type(self).__module__})\n"
         return header + yaml.safe_dump(self.settings.to_dict(), sort_keys=False)
@@ -521,21 +536,6 @@ class Evaluation(Run):
         written.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode()))
         self.written = written
         return folder
-
-    def publish_figures(self, folder: str = "sources", prefix: str = "demo_") -> list[str]:
-        """Save the figures as PNGs in ``folder`` (the repository's ``sources/``), demo data only.
-
-        Real data (the study's fastMRI images) may not be redistributed, so for any other data
-        format nothing is written and ``[]`` is returned.
-        """
-        from .plotting import save_figure
-
-        if self.settings.data.format != "demo":
-            self.notes.append(f"figures not copied to {folder}/: only demo-data figures may be committed")
-            return []
-        if not self.figures:
-            self.make_figures()
-        return [save_figure(fig, os.path.join(folder, f"{prefix}{name}.png")) for name, fig in self.figures.items()]
 
     def summary(self) -> str:
         """Plain-text table, notes and timings (what ``python -m utils evaluate`` prints)."""

@@ -74,6 +74,31 @@ def markdown(evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def volume_markdown(evaluation) -> str:
+    """``metrics.md`` of a NIfTI evaluation: settings line, the per-volume and per-group tables, columns."""
+    s, ref = evaluation.settings, evaluation.reference
+    volumes = evaluation.volumes.drop(columns=["best_threshold"])
+    lines = [
+        f"# PaDiM evaluation `{evaluation.name}` (NIfTI volumes)",
+        "",
+        f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
+        f"{s.input_size} px input, seed {s.seed}; manifest `{s.data.manifest}`; model {evaluation.model_source}.",
+        f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the brain).",
+        "",
+        "| " + " | ".join(volumes.columns) + " |",
+        "|" + "|".join("---" for _ in volumes.columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in volumes.itertuples(index=False)]
+    lines += [
+        "", markdown_table(evaluation.table), "",
+        "- A: voxel AUROC / AP over the whole volume; B: inside the brain; C: slice level (slices with lesion voxels "
+        "against slices without, slice score = the map's maximum inside the brain).",
+        "- Dice @ val thr.: at the validation threshold, inside the brain. *Dice best is optimistic*: its threshold "
+        "is chosen on the volume itself. Group rows are means over the group's volumes; **mean** over the groups.",
+    ]
+    return "\n".join(lines + [f"- {n}" for n in evaluation.notes]) + "\n"
+
+
 def summary(evaluation) -> str:
     """Plain-text table, notes and timings (what ``python -m utils evaluate`` prints)."""
     table = evaluation.table

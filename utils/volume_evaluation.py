@@ -38,6 +38,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from . import report
 from .data import DataBundle, make_loader
 from .errors import DataError
 from .evaluation import NormalReference, Run
@@ -175,6 +176,7 @@ class VolumeEvaluation(Run):
         csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
         write_atomic(os.path.join(folder, "volumes.csv"), self.volumes.to_csv(**csv).encode())
         write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(**csv).encode())
+        write_atomic(os.path.join(folder, "metrics.md"), report.volume_markdown(self).encode())
         write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode())
         if save_model and self.model is not None:
             self.model.save(os.path.join(folder, "model.pt"))

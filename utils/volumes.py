@@ -172,11 +172,6 @@ class Volume:
     orientation: np.ndarray
     header: nib.Nifti1Header
 
-    @property
-    def has_label(self) -> bool:
-        return self.entry.label is not None
-
-
 def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tuple[np.ndarray, nib.Nifti1Image]:
     image = _header(path, source)
     if len(image.shape) == 4:
