@@ -179,7 +179,7 @@ def evaluation(args, device) -> dict:
             result = run_evaluation(settings, progress=False, figures=False, save_model=False)
             total = time.perf_counter() - began
             means = result.table.set_index("group").loc["mean"]
-            timings = {k: v for k, v in result.timings.items() if k.endswith("_s") and k != "images_per_s"}
+            timings = {k: v for k, v in result.timings.items() if k.endswith("_s")}
             out.setdefault(name, {})[where] = _rounded(
                 {"total_s": total, **timings, **{f"mean_{k}": float(means[k]) for k in METRIC_COLUMNS}})
             print(f"evaluation {name} on {where}: {json.dumps(out[name][where])}", flush=True)

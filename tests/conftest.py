@@ -43,3 +43,15 @@ def smooth_textures(count: int, size: int, seed: int) -> np.ndarray:
 def to_batch(gray: np.ndarray) -> torch.Tensor:
     """Gray ``(N, S, S)`` in [0, 1] -> network input ``(N, 3, S, S)``."""
     return torch.stack([normalise(torch.from_numpy(g)) for g in gray])
+
+
+def one_line_data_error(settings, splits=("train", "val", "test")) -> str:
+    """The message of the :class:`DataError` that loading ``splits`` raises; it must be one line."""
+    from utils.data import load_data
+    from utils.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        load_data(settings, splits)
+    message = str(info.value)
+    assert "\n" not in message
+    return message

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_DATA, requires_real_data
+from conftest import REAL_DATA, one_line_data_error, requires_real_data
 from utils.backbones import IMAGENET_MEAN, IMAGENET_STD
 from utils.config import settings_from_dict
 from utils.data import NORMAL, SkippedImageWarning, load_data, make_loader
@@ -210,36 +210,28 @@ def test_loader_with_worker_processes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- errors
-def _one_line_error(settings, splits=("train", "val", "test")) -> str:
-    with pytest.raises(DataError) as info:
-        load_data(settings, splits)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 def test_missing_root_says_how_to_get_the_data(tmp_path):
-    message = _one_line_error(study_settings(tmp_path / "nowhere"))
+    message = one_line_data_error(study_settings(tmp_path / "nowhere"))
     assert "nowhere" in message and "data.zip" in message and "data/splits" in message
 
 
 def test_root_pointing_at_the_data_folder(tmp_path):
     root = make_study(tmp_path / "set")
-    message = _one_line_error(study_settings(os.path.join(root, "data")))
+    message = one_line_data_error(study_settings(os.path.join(root, "data")))
     assert "parent" in message and os.path.normpath(root) in message
 
 
 def test_csv_naming_a_missing_file(tmp_path):
     root = make_study(tmp_path)
     _csv(root, "normal_val", ["./data/fastMRI/brain_mid_png/v0.png", "./data/fastMRI/brain_mid_png/gone.png"])
-    message = _one_line_error(study_settings(root))
+    message = one_line_data_error(study_settings(root))
     assert "normal_val.csv line 3" in message and "gone.png" in message and "not found" in message
 
 
 def test_missing_mask_file_names_the_row(tmp_path):
     root = make_study(tmp_path)
     os.remove(os.path.join(root, "data/fastMRI/brain_mid_anno_pos_png/m1_a.png"))
-    message = _one_line_error(study_settings(root), ("test",))
+    message = one_line_data_error(study_settings(root), ("test",))
     assert "mass.csv line 4" in message and "m1_a.png" in message
 
 
@@ -251,7 +243,7 @@ def test_bad_png_fails_naming_it(tmp_path, damage):
     damaged = {"empty": b"", "garbage": b"\x89PNG\r\n\x1a\n" + bytes(64), "truncated": data[: len(data) // 2],
                "bad_checksum": data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]}[damage]
     open(target, "wb").write(damaged)
-    message = _one_line_error(study_settings(root), ("train",))
+    message = one_line_data_error(study_settings(root), ("train",))
     assert "t1.png" in message and "normal_train.csv line 3" in message and "skip_bad_images" in message
 
 
@@ -287,21 +279,21 @@ def test_every_image_skipped_is_an_error(tmp_path):
     root = make_study(tmp_path)
     open(os.path.join(root, "data/fastMRI/brain_mid_png/v0.png"), "wb").close()
     with pytest.warns(SkippedImageWarning):
-        message = _one_line_error(study_settings(root, skip_bad_images=True), ("val",))
+        message = one_line_data_error(study_settings(root, skip_bad_images=True), ("val",))
     assert "normal_val" in message and "skipped" in message
 
 
 def test_image_mask_size_mismatch(tmp_path):
     root = make_study(tmp_path)
     _png(os.path.join(root, "data/fastMRI/brain_mid_anno_pos_png/m1_a.png"), np.zeros((30, 64), np.uint8))
-    message = _one_line_error(study_settings(root), ("test",))
+    message = one_line_data_error(study_settings(root), ("test",))
     assert "mass.csv line 4" in message and "m1_a.png" in message and "64x30" in message and "64x32" in message
 
 
 def test_pathology_csv_length_mismatch(tmp_path):
     root = make_study(tmp_path)
     _csv(root, "mass_ann", ["./data/fastMRI/brain_mid_anno_pos_png/m0_a.png", "./data/fastMRI/brain_mid_anno_pos_png/m0_b.png"])
-    message = _one_line_error(study_settings(root), ("test",))
+    message = one_line_data_error(study_settings(root), ("test",))
     assert "mass.csv has 3" in message and "mass_ann.csv has 2" in message
 
 
@@ -312,24 +304,24 @@ def test_empty_split(tmp_path, split, data):
     if split == "edema":
         _csv(root, "edema_ann", [])
         _csv(root, "edema_neg", [])
-    message = _one_line_error(study_settings(root, **data))
+    message = one_line_data_error(study_settings(root, **data))
     assert f"{split}.csv lists no images" in message
 
 
 def test_missing_split_csv_and_bad_header(tmp_path):
     root = make_study(tmp_path)
-    message = _one_line_error(study_settings(root, val_split="normal_valid"), ("val",))
+    message = one_line_data_error(study_settings(root, val_split="normal_valid"), ("val",))
     assert "normal_valid.csv" in message and "normal_val" in message  # lists what is available
     with open(os.path.join(root, "data/splits/normal_val.csv"), "w") as handle:
         handle.write("path\n./data/fastMRI/brain_mid_png/v0.png\n")
-    assert "`filename`" in _one_line_error(study_settings(root), ("val",))
+    assert "`filename`" in one_line_data_error(study_settings(root), ("val",))
 
 
 def test_unknown_test_group(tmp_path):
     root = make_study(tmp_path)
-    message = _one_line_error(study_settings(root, test_groups=["tumour"]), ("test",))
+    message = one_line_data_error(study_settings(root, test_groups=["tumour"]), ("test",))
     assert "'tumour'" in message and "available groups: edema, mass, mass_all" in message
-    assert "local_ann.csv is missing" in _one_line_error(study_settings(root, test_groups=["local"]), ("test",))
+    assert "local_ann.csv is missing" in one_line_data_error(study_settings(root, test_groups=["local"]), ("test",))
 
 
 def test_data_config_errors_name_key_value_and_allowed():
@@ -380,16 +372,16 @@ def test_mvtec_layout(tmp_path):
 
 
 def test_mvtec_errors(tmp_path):
-    assert "MVTec AD category" in _one_line_error(mvtec_settings(tmp_path / "absent"))
+    assert "MVTec AD category" in one_line_data_error(mvtec_settings(tmp_path / "absent"))
     root = make_mvtec(tmp_path / "cat")
     os.remove(os.path.join(root, "ground_truth/crack/001_mask.png"))
-    message = _one_line_error(mvtec_settings(root), ("test",))
+    message = one_line_data_error(mvtec_settings(root), ("test",))
     assert "001_mask.png" in message and os.path.join("test", "crack", "001.png") in message
     _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8))
-    assert "48x40" in _one_line_error(mvtec_settings(root), ("test",))
-    assert "'dent'" in _one_line_error(mvtec_settings(root, test_groups=["dent"]), ("test",))
+    assert "48x40" in one_line_data_error(mvtec_settings(root), ("test",))
+    assert "'dent'" in one_line_data_error(mvtec_settings(root, test_groups=["dent"]), ("test",))
     open(os.path.join(root, "train/good/001.png"), "wb").close()
-    assert "001.png" in _one_line_error(mvtec_settings(root), ("train",))
+    assert "001.png" in one_line_data_error(mvtec_settings(root), ("train",))
     with pytest.warns(SkippedImageWarning, match="001.png"):
         assert len(load_data(mvtec_settings(root, skip_bad_images=True, val_fraction=0), ("train",)).train) == 2
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from conftest import one_line_data_error
 from utils.config import settings_from_dict
 from utils.data import NORMAL, load_data, make_loader
 from utils.demo_mvtec import equal_luma_colour, generate_mvtec
-from utils.errors import DataError
 
 
 def mvtec_settings(root, **data):
@@ -89,37 +89,29 @@ def test_the_synthetic_category_loads_with_its_masks(category):
 
 
 # ---------------------------------------------------------------------------- bad inputs
-def _one_line_error(settings, splits=("train", "val", "test")) -> str:
-    with pytest.raises(DataError) as info:
-        load_data(settings, splits)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 def test_defect_folder_without_masks(small):
     shutil.rmtree(os.path.join(small, "ground_truth", "scratch"))
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert os.path.join(small, "test", "scratch") in message and os.path.join("ground_truth", "scratch") in message
 
 
 def test_mask_of_another_size(small):
     path = os.path.join(small, "ground_truth", "color", "001_mask.png")
     Image.fromarray(np.zeros((30, 32), np.uint8)).save(path)
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert path in message and "32x30" in message and "32x32" in message
 
 
 def test_mask_name_that_matches_no_image(small):
     stray = os.path.join(small, "ground_truth", "color", "007_mask.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(stray)
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert stray in message and "matches no image" in message
 
 
 def test_image_without_its_mask(small):
     os.remove(os.path.join(small, "ground_truth", "color", "001_mask.png"))
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert os.path.join(small, "test", "color", "001.png") in message and "001_mask.png" in message
 
 
@@ -127,18 +119,18 @@ def test_empty_defect_folder(small):
     folder = os.path.join(small, "test", "dent")
     os.makedirs(folder)
     os.makedirs(os.path.join(small, "ground_truth", "dent"))
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert folder in message and "no images" in message
 
 
 def test_mixed_colour_and_gray_files(small):
     gray = os.path.join(small, "train", "good", "002.png")
     Image.open(gray).convert("L").save(gray)
-    message = _one_line_error(mvtec_settings(small))
+    message = one_line_data_error(mvtec_settings(small))
     assert gray in message and "data.color: gray or rgb" in message
     test_gray = os.path.join(small, "test", "good", "000.png")
     Image.open(test_gray).convert("L").save(test_gray)
-    assert test_gray in _one_line_error(mvtec_settings(small), ("test",))  # the test images alone, too
+    assert test_gray in one_line_data_error(mvtec_settings(small), ("test",))  # the test images alone, too
     for color in ("gray", "rgb"):  # either setting reads them alike
         bundle = load_data(mvtec_settings(small, color=color), ("train",))
         shapes = {bundle.train[i]["display"].shape for i in range(len(bundle.train))}

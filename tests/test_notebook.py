@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -94,6 +95,10 @@ def test_notebook_writes_the_results_files(notebook_run):
     assert "demo_auroc.png" in figures and len(figures) == 4
     assert all(os.path.getsize(sources / f) < 200_000 for f in figures)
     assert not [f for f in os.listdir(run) if f.startswith(".")], "no temporary files left behind"
+    with open(run / "timings.json") as handle:
+        timings = json.load(handle)
+    phases = ("load_data_s", "fit_s", "score_s", "metrics_s", "figures_s", "save_s")
+    assert timings["total_s"] == pytest.approx(sum(timings[k] for k in phases), abs=2e-3)
 
 
 def test_command_line_evaluate_writes_the_same_files(notebook_run, capsys):

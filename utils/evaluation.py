@@ -475,7 +475,7 @@ class Evaluation(Run):
                 bar.set_description(f"score {name}")
                 self.groups[name] = score_group(self.model, dataset, settings, bar)
         seconds = time.perf_counter() - started
-        self.timings.update(score_s=round(seconds, 3), images_scored=total, images_per_s=round(total / max(seconds, 1e-9), 2))
+        self.timings.update(score_s=round(seconds, 3), images_scored=total, images_per_second=round(total / max(seconds, 1e-9), 2))
         if NORMAL not in self.groups:
             self.notes.append("no normal test images: (C) image AUROC is undefined")
         return self.groups

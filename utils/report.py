@@ -111,7 +111,7 @@ def summary(evaluation) -> str:
     lines = [f"run {evaluation.name}", text, "† 1-2 images: noise.  dice_best is optimistic (threshold chosen on the test group)."]
     lines += [f"note: {n}" for n in evaluation.notes]
     lines.append(
-        f"fit {t.get('fit_s', 0):.1f} s, scoring {t.get('score_s', 0):.1f} s ({t.get('images_per_s') or 0:.1f} images/s), "
+        f"fit {t.get('fit_s', 0):.1f} s, scoring {t.get('score_s', 0):.1f} s ({t.get('images_per_second') or 0:.1f} images/s), "
         f"metrics {t.get('metrics_s', 0):.1f} s"
     )
     if evaluation.written:
