@@ -81,7 +81,7 @@ def _close(got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
 def test_cuda_fit_and_scores_match_the_cpu_path_and_files_move_between_devices(small_settings, tmp_path):
     settings = small_settings.replace(covariance_dtype="float64")
     train = to_batch(smooth_textures(64, 64, seed=3))
-    test = to_batch(smooth_textures(5, 64, seed=4))  # 5 < batch size 8: a padded batch on CUDA
+    test = to_batch(smooth_textures(5, 64, seed=4))  # 5 < batch size 8: a batch of another shape than the fit's
     cpu = Padim(settings).fit(train, progress=False)
     gpu = Padim(settings.replace(device="cuda")).fit(train, progress=False)
     assert gpu.mean.device.type == "cuda" and gpu.whitening.device.type == "cuda"

@@ -62,8 +62,7 @@ def test_embedding_matches_manual_selection_of_stage_maps(small_settings):
     maps = build_backbone("efficientnet_lite0", "imagenet", [1, 2, 3])(images)
     full = torch.cat([torch.nn.functional.interpolate(m, size=(16, 16), mode="nearest") for m in maps], dim=1)
     assert embedding.shape == (2, 24, 16, 16)
-    # The embedder runs the backbone channels-last (faster on CPU); float32 convolutions then sum
-    # in another order than this NCHW reference, which moves values by ~1e-5.
+    # float32 sums in another order (repeat_interleave vs interpolate, selection before upsampling) move values by ~1e-5
     torch.testing.assert_close(embedding, full[:, model.channel_indices], rtol=1e-4, atol=1e-4)
 
 

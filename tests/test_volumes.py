@@ -148,6 +148,7 @@ class IntensityModel:
 
     def __init__(self, settings):
         self.settings = settings
+        self.device = torch.device("cpu")
 
     def score(self, images, progress=True, region=None):
         maps = ndimage.gaussian_filter(images[:, 0].numpy().astype(np.float32), sigma=(0, 4, 4))
@@ -281,3 +282,15 @@ def test_a_4d_image_holding_one_volume_needs_no_volume_index(small_set):
     entries = read_manifest(_manifest(folder, [{"split": "train", "image": single}, rows[2]]))
     np.testing.assert_array_equal(read_volume(entries[0], _settings("unused.csv")).image,
                                   read_volume(read_manifest(_manifest(folder, rows))[0], _settings("unused.csv")).image)
+
+
+def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
+    folder, rows, _ = small_set
+    settings = _settings(_manifest(folder, rows), val_fraction=0.5).replace(results_dir=str(tmp_path / "results"))
+    evaluation = VolumeEvaluation(settings)
+    evaluation.load_data()
+    evaluation.model = IntensityModel(settings)
+    evaluation.score(progress=False)
+    evaluation.compute_metrics()
+    run = evaluation.save(save_model=False, figures=False, maps=False)
+    assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json", "volumes.csv"]

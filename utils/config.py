@@ -19,14 +19,6 @@ import yaml
 from .backbones import BACKBONES, MAX_STRIDE
 from .errors import ConfigError
 
-DATA_FORMATS = ("demo", "study", "mvtec", "nifti")
-COLOR_MODES = ("auto", "gray", "rgb")
-INTENSITY_MODES = ("none", "zscore", "percentile")
-RESIZE_MODES = ("pad", "stretch")
-IMAGE_SCORES = ("max", "top1pct_mean")
-COVARIANCE_SHRINKAGE = ("none", "ledoit_wolf")
-
-
 @dataclass(frozen=True)
 class DataSettings:
     """Where the images come from and how every image is preprocessed (train and test alike)."""
@@ -100,7 +92,7 @@ class Settings:
     #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it.
     blur_sigma: float = 4.0
     batch_size: int = 32
-    #: dtype of the covariance accumulator and of the stored inverse covariance.
+    #: dtype of the covariance accumulator and of the stored whitening matrices.
     covariance_dtype: Literal["float32", "float64"] = "float32"
     #: Image score from the anomaly map: its maximum, or the mean of its top 1 % pixels.
     image_score: Literal["max", "top1pct_mean"] = "max"

@@ -50,7 +50,7 @@ def exact_float32(device: torch.device) -> Iterator[None]:
 
     cuDNN convolves float32 in TF32 (10-bit mantissa) by default on Ampere and later GPUs:
     measured on an H200, that moved PaDiM distances by 1.5 % (efficientnet_lite0) from the CPU's,
-    and the precision matrices by 8 %; without TF32 the difference is 4e-6 (bench/results-cuda.json).
+    and the fitted covariances' inverses by 8 %; without TF32 the difference was 4e-6 (bench/results-cuda.json).
     The user's global flags are restored on exit.
     """
     if device.type != "cuda":

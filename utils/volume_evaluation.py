@@ -41,12 +41,10 @@ from . import metrics as M
 from . import report
 from .data import DataBundle, make_loader
 from .errors import DataError
-from .evaluation import NormalReference, Run
+from .evaluation import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run
 from .files import write_atomic
 from .volumes import load_volume_data, read_volume, score_volume, volume_metrics, write_map
 
-METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold")
-TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS + ("best_threshold", "note")
 #: Test volumes shown in the figures.
 FIGURE_VOLUMES = 3
 
@@ -140,7 +138,7 @@ class VolumeEvaluation(Run):
         groups = []
         for name, part in self.volumes.groupby("group", sort=False):
             row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
-                   "small_group": len(part) <= 2, "aupro": M.NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
+                   "small_group": len(part) <= SMALL_GROUP, "aupro": M.NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
                    "best_threshold": M.NAN, "note": f"mean over {len(part)} volumes"}
             row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
             groups.append(row)

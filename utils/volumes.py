@@ -425,6 +425,6 @@ def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, prog
         z = int(np.argmax(in_brain))
         stem = os.path.join(output_dir, f"{entry.case}_anomaly")
         write_map(anomaly, volume, stem + ".nii.gz")
-        save_figure(heatmap_figure(volume.image[:, :, z], anomaly[:, :, z]), stem + ".png")
+        save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up
         rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
     return rows
