@@ -121,7 +121,7 @@ class ImageSet(Dataset):
         item = self.items[index]
         array = read_image(item.image, self.settings.data.color)
         image, display = prepare(array, self.settings)
-        mask, head = self.masks(index, array.shape[:2])
+        mask, head = self.masks(index)
         return {
             "image": image,
             "display": display,
@@ -132,26 +132,21 @@ class ImageSet(Dataset):
             "index": index,
         }
 
-    def masks(self, index: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item ``index``'s anomaly and head masks ``(S, S)`` bool for its image of ``shape``
-        ``(H, W)``, without decoding the image (all True for a head that is not annotated)."""
+    def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``'s anomaly and head masks ``(S, S)`` bool, without decoding the image (all
+        True for a head that is not annotated). That each mask has its image's size is checked once,
+        when the loaders list the files (:class:`_Checker`)."""
         item = self.items[index]
         size = self.settings.input_size
-        head = self._union(item.head, shape, item) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
-        return self._union(item.anomaly, shape, item), head
+        head = self._union(item.head) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
+        return self._union(item.anomaly), head
 
-    def _union(self, files: Iterable[str], shape: tuple[int, int], item: Item) -> torch.Tensor:
-        """Union of the mask ``files`` at the network's size ``(S, S)``; each must have the image's ``shape``."""
+    def _union(self, files: Iterable[str]) -> torch.Tensor:
+        """Union of the mask ``files`` at the network's size ``(S, S)``."""
         size = self.settings.input_size
         union = torch.zeros(size, size, dtype=torch.bool)
         for file in files:
-            mask = read_mask(file)
-            if mask.shape != tuple(shape):
-                raise DataError(
-                    f"{item.source or item.image}: mask {file} is {mask.shape[1]}x{mask.shape[0]} "
-                    f"but image {item.image} is {shape[1]}x{shape[0]}"
-                )
-            union |= resize_mask(mask, self.settings)
+            union |= resize_mask(read_mask(file), self.settings)
         return union
 
     def per_image(self) -> "ImageSet":

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from . import report
 from .config import Settings
-from .data import NORMAL, DataBundle, ImageSet, load_data, make_loader
+from .data import NORMAL, DataBundle, ImageSet, Item, load_data, make_loader
 from .errors import DataError, ModelFileError
 from .files import write_atomic
 from .model import Padim
@@ -194,41 +194,38 @@ class NormalReference:
 
 
 def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -> GroupScores:
-    """Score every distinct image of ``dataset`` once and collect its rows' masks (by batch).
+    """Score every distinct image of ``dataset`` once, with every row's masks decoded once.
 
-    An image listed in several rows (one row per box) is read and scored once; its image score
-    is taken inside its head (the whole image where the head mask is empty).
+    An image listed in several rows (one row per box) is read and scored once; its mask and head
+    are the unions of its rows' (as :meth:`utils.data.ImageSet.per_image` defines them), and its
+    image score is taken inside its head (the whole image where the head mask is empty).
     """
-    shape_of: dict[str, tuple[int, int]] = {}  # distinct images, in scoring order
-    maps, scores, display, masks, heads = [], [], [], [], []
-    for batch in make_loader(dataset.per_image(), settings):
-        shape_of.update((path, tuple(shape)) for path, shape in zip(batch["path"], batch["shape"].tolist()))
-        head = batch["head"].clone()
-        head[~head.flatten(1).any(dim=1)] = True
-        result = model.score(batch["image"], progress=False, region=head)
+    paths = list(dict.fromkeys(dataset.paths))  # distinct images, in first-appearance order
+    if not paths:
+        raise DataError(f"test group {dataset.name!r} holds no images")
+    index_of = {path: index for index, path in enumerate(paths)}
+    row_image = np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64)
+    row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
+    row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
+    row_heads = np.stack([head.numpy() for _, head in row_pairs])
+    masks = np.zeros((len(paths),) + row_masks.shape[1:], dtype=bool)
+    heads = np.zeros_like(masks)
+    np.logical_or.at(masks, row_image, row_masks)
+    np.logical_or.at(heads, row_image, row_heads)
+    heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
+    images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
+    maps, scores, display = [], [], []
+    for batch in make_loader(images, settings):
+        result = model.score(batch["image"], progress=False, region=torch.from_numpy(heads[batch["index"].numpy()]))
         maps.append(result.maps)
         scores.append(result.scores)
         display.append(batch["display"].numpy().astype(np.float16))
-        masks.append(batch["mask"].numpy())
-        heads.append(head.numpy())
         if bar is not None:
-            bar.update(len(head))
-    if not shape_of:
-        raise DataError(f"test group {dataset.name!r} holds no images")
-    index_of = {path: index for index, path in enumerate(shape_of)}
-    row_pairs = [dataset.masks(row, shape_of[item.image]) for row, item in enumerate(dataset.items)]
+            bar.update(len(batch["image"]))
     return GroupScores(
-        name=dataset.name,
-        anomalous=dataset.anomalous,
-        paths=list(index_of),
-        maps=np.concatenate(maps),
-        masks=np.concatenate(masks).astype(bool),
-        heads=np.concatenate(heads).astype(bool),
-        scores=np.concatenate(scores).astype(np.float64),
-        display=np.concatenate(display),
-        row_image=np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64),
-        row_masks=np.stack([mask.numpy() for mask, _ in row_pairs]),
-        row_heads=np.stack([head.numpy() for _, head in row_pairs]),
+        name=dataset.name, anomalous=dataset.anomalous, paths=paths, maps=np.concatenate(maps), masks=masks, heads=heads,
+        scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
+        row_image=row_image, row_masks=row_masks, row_heads=row_heads,
     )
 
 

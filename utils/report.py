@@ -117,3 +117,12 @@ def summary(evaluation) -> str:
     if evaluation.written:
         lines.append(f"results written to {evaluation.directory}/")
     return "\n".join(lines)
+
+
+def volume_summary(evaluation) -> str:
+    """What ``python -m utils evaluate`` prints for NIfTI volumes: per-volume and per-group tables, notes, time."""
+    number = lambda v: f"{v:.3f}"  # noqa: E731
+    parts = [evaluation.volumes.to_string(index=False, float_format=number),
+             evaluation.table.drop(columns=["note"]).to_string(index=False, float_format=number)]
+    parts += evaluation.notes + [f"seconds per test volume: {evaluation.timings.get('seconds_per_volume')}"]
+    return "\n\n".join(parts)

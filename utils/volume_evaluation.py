@@ -191,7 +191,4 @@ class VolumeEvaluation(Run):
 
     def summary(self) -> str:
         """The per-volume table, the per-group table, notes and timings as plain text."""
-        parts = [self.volumes.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
-                 self.table.drop(columns=["note"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
-        parts += self.notes + [f"seconds per test volume: {self.timings.get('seconds_per_volume')}"]
-        return "\n\n".join(parts)
+        return report.volume_summary(self)
