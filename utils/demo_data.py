@@ -404,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if (args.directory is None) == (args.nifti is None):
         parser.error("give either DIR (the PNG demo set) or --nifti DIR (the NIfTI volume demo)")
+    if args.nifti is not None and args.force:
+        parser.error("--force replaces the PNG demo set only; remove the NIfTI demo folder by hand")
     if args.nifti is not None:
         from .demo_nifti import generate_nifti_demo
 
