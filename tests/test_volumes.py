@@ -178,7 +178,7 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     path = os.path.join(tmp_path, "scan.nii.gz")
     nib.save(nib.Nifti1Image(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
-    rows = predict_volumes(model, predict_entries(path, None), str(tmp_path / "out"), progress=False)
+    rows = predict_volumes(model, predict_entries([path], None), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)

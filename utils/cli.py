@@ -110,12 +110,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     settings = load_config(args.config)
     model = Padim.load(args.model, settings)
-    if args.input.endswith(".csv"):  # a NIfTI manifest: its brain masks are used
-        volumes, images = [args.input], []
-    else:
-        files = _input_files(args.input, args.output)
-        volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES)]
-        images = [f for f in files if f not in volumes]
+    files = _input_files(args.input, args.output)
+    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
+    images = [f for f in files if f not in volumes]
     writable_folder(args.output)
     if volumes:
         _predict_volumes(model, volumes, args.output, progress=not args.quiet)
@@ -126,16 +123,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> None:
     """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``."""
-    from .errors import DataError
     from .volumes import predict_entries, predict_volumes
 
-    entries = [e for source in sources for e in predict_entries(source, model.settings.data.volume_index)]
-    seen: dict[str, str] = {}
-    for entry in entries:
-        if entry.case in seen:
-            raise DataError(f"{entry.image} and {seen[entry.case]} would both write {entry.case}_anomaly.nii.gz; rename one")
-        seen[entry.case] = entry.image
-    rows = predict_volumes(model, entries, output, progress=progress)
+    rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
     _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
                   [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
     print(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv in {output}")

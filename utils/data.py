@@ -113,7 +113,7 @@ class ImageSet(Dataset):
 
     def summary(self) -> str:
         images = len(set(self.paths))
-        return _images_count(images) + (f" ({len(self)} rows)" if len(self) != images else "")
+        return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.items):
@@ -209,8 +209,9 @@ def load_data(settings: Settings, splits: tuple = SPLITS) -> DataBundle:
     raise DataError(f"unknown data format {fmt!r}; allowed: demo, study, mvtec, nifti")
 
 
-def _images_count(count: int) -> str:
-    return f"{count} image{'s' if count != 1 else ''}"
+def counted(count: int, unit: str = "image") -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {unit}{'s' if count != 1 else ''}"
 
 
 def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "image") -> tuple[list[T], list[T], str]:
@@ -227,7 +228,7 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     count = min(len(items) - 1, max(1, round(fraction * len(items))))
     order = np.random.default_rng(settings.seed).permutation(len(items))
     held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
-    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {count} {unit}{'s' if count != 1 else ''})"
+    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {counted(count, unit)})"
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
@@ -405,7 +406,7 @@ class StudyLoader:
         if d.val_split:
             val = self.plain(d.val_split, d.val_split) if "val" in splits else None
             train = self.train() if "train" in splits else None
-            description = f"{d.val_split} ({_images_count(len(val))})" if val is not None else "no validation set requested"
+            description = f"{d.val_split} ({counted(len(val))})" if val is not None else "no validation set requested"
             return DataBundle(train, val, test, description)
         if not {"train", "val"} & set(splits):
             return DataBundle(None, None, test)

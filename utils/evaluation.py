@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from . import report
 from .config import Settings
-from .data import NORMAL, DataBundle, ImageSet, Item, load_data, make_loader
+from .data import NORMAL, DataBundle, ImageSet, Item, counted, load_data, make_loader
 from .errors import DataError, ModelFileError
 from .files import write_atomic
 from .model import Padim
@@ -307,7 +307,7 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
         "best_threshold": best_threshold,
     }
     if row["small_group"]:
-        notes.append(f"only {group.n_images} image{'s' if group.n_images > 1 else ''}: noise")
+        notes.append(f"only {counted(group.n_images)}: noise")
     row["note"] = "; ".join(notes)
     return row
 
@@ -341,16 +341,18 @@ def metrics_table(groups: dict[str, GroupScores], threshold: float) -> pd.DataFr
     over those groups, ignoring NaN; n_images/n_rows: totals) and ``all`` (:func:`whole_test_metrics`)."""
     normal = groups.get(NORMAL)
     rows = [group_metrics(g, normal, threshold) for name, g in groups.items() if name != NORMAL]
-    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    mean: dict[str, Any] = {"group": "mean", "n_images": int(table["n_images"].sum()),
-                            "n_rows": int(table["n_rows"].sum()), "small_group": False, "best_threshold": M.NAN}
+    return with_mean_row(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), whole_test_metrics(groups, threshold))
+
+
+def with_mean_row(table: pd.DataFrame, *extra_rows: dict[str, Any]) -> pd.DataFrame:
+    """``table`` (one row per group) followed by ``mean`` (the unweighted mean over the groups,
+    ignoring NaN; n_images/n_rows: totals) and ``extra_rows``."""
+    mean: dict[str, Any] = {"group": "mean", "n_images": int(table["n_images"].sum()), "n_rows": int(table["n_rows"].sum()),
+                            "small_group": False, "best_threshold": M.NAN, "note": f"unweighted mean over {len(table)} groups"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN column is NaN, as wanted
-        for column in METRIC_COLUMNS:
-            mean[column] = float(np.nanmean(table[column].to_numpy(dtype=np.float64)))
-    mean["note"] = f"unweighted mean over {len(rows)} groups"
-    extra = pd.DataFrame([mean, whole_test_metrics(groups, threshold)], columns=list(TABLE_COLUMNS))
-    table = pd.concat([table, extra], ignore_index=True)
+        mean |= {column: float(np.nanmean(table[column].to_numpy(dtype=np.float64))) for column in METRIC_COLUMNS}
+    table = pd.concat([table, pd.DataFrame([mean, *extra_rows], columns=list(TABLE_COLUMNS))], ignore_index=True)
     return table.astype({"n_images": int, "n_rows": int, "small_group": bool})
 
 
@@ -403,8 +405,7 @@ class Run:
         else:
             train = self.bundle.train
             self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
-            self.model_source = f"fitted on {len(train)} training images" + (
-                f" (slices of {len(train.entries)} volumes)" if hasattr(train, "entries") else "")
+            self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model

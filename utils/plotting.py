@@ -216,11 +216,18 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
 VIEWS = (("axial", 2, "z"), ("coronal", 1, "y"), ("sagittal", 0, "x"))
 
 
-def orthogonal_planes(array: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
-    """The planes of an ``(X, Y, Z)`` RAS+ array through the voxel ``centre``, in the order of
+def volume_planes(volume: np.ndarray, anomaly: np.ndarray, label: Optional[np.ndarray],
+                  centre: Sequence[int]) -> tuple[dict, tuple[float, float]]:
+    """What :func:`planes_figure` shows of ``(X, Y, Z)`` RAS+ arrays: for ``image``, ``map`` and
+    ``label`` (None without one) the planes through the voxel ``centre`` in the order of
     :data:`VIEWS`, each transposed so that with ``origin="lower"`` anterior (axial) or superior
-    (coronal, sagittal) is up. What :func:`planes_figure` shows; a few planes instead of a volume."""
-    return [np.take(array, int(centre[axis]), axis=axis).T for _, axis, _ in VIEWS]
+    (coronal, sagittal) is up; and the volume's gray scale (0.5th-99.5th percentile, one for the
+    three views). A few planes, so a caller need not keep the volumes."""
+    def cut(array: np.ndarray) -> list[np.ndarray]:
+        return [np.take(array, int(centre[axis]), axis=axis).T for _, axis, _ in VIEWS]
+
+    planes = {"image": cut(volume), "map": cut(anomaly), "label": cut(np.asarray(label, dtype=bool)) if label is not None else None}
+    return planes, tuple(float(v) for v in np.percentile(volume, [0.5, 99.5]))
 
 
 def volume_figure(
@@ -250,9 +257,7 @@ def volume_figure(
     if label is not None and np.shape(label) != volume.shape:
         raise ValueError(f"label {np.shape(label)} must have the shape of the volume {volume.shape}")
     centre = tuple(int(c) for c in (np.unravel_index(np.argmax(anomaly), anomaly.shape) if centre is None else centre))
-    planes = {"image": orthogonal_planes(volume, centre), "map": orthogonal_planes(anomaly, centre),
-              "label": orthogonal_planes(np.asarray(label, dtype=bool), centre) if label is not None else None}
-    gray = tuple(np.percentile(volume, [0.5, 99.5]))  # one gray scale for the three views
+    planes, gray = volume_planes(volume, anomaly, label, centre)
     return planes_figure(planes, centre, gray, _scale(anomaly, vmin, vmax), threshold, title)
 
 
@@ -260,7 +265,7 @@ def planes_figure(planes: dict, centre: Sequence[int], gray: tuple[float, float]
                   threshold: Optional[float] = None, title: str = "") -> Figure:
     """Three views side by side: ``planes["image"]`` in gray (scale ``gray``), ``planes["map"]``
     overlaid (scale ``heat``, one colour bar), ``planes["label"]`` (or None) outlined in green and
-    the map at or above ``threshold`` in yellow; each list as :func:`orthogonal_planes` gives it."""
+    the map at or above ``threshold`` in yellow; each list as :func:`volume_planes` gives it."""
     figure = Figure(figsize=(3 * 2.2 + 0.8, 2.6), layout="constrained")
     axes = figure.subplots(1, 3)
     for number, (ax, (name, axis, letter)) in enumerate(zip(axes, VIEWS)):

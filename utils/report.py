@@ -40,6 +40,12 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _settings_line(evaluation, data: str) -> str:
+    s = evaluation.settings
+    return (f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
+            f"{s.input_size} px input, seed {s.seed}; {data}; model {evaluation.model_source}.")
+
+
 def markdown(evaluation) -> str:
     """``metrics.md``: settings line, the table, and what every column means."""
     s, ref, table = evaluation.settings, evaluation.reference, evaluation.table
@@ -47,8 +53,7 @@ def markdown(evaluation) -> str:
     lines = [
         f"# PaDiM evaluation `{evaluation.name}`",
         "",
-        f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
-        f"{s.input_size} px input, seed {s.seed}; data `{s.data.format}` at `{s.data.root}`; model {evaluation.model_source}.",
+        _settings_line(evaluation, f"data `{s.data.format}` at `{s.data.root}`"),
         f"Normal test images: {normal.n_images if normal is not None else 0}. Validation threshold {ref.threshold:.4g} "
         f"({ref.percentile:g}th percentile of {ref.source}, inside the head: {ref.region_kind}).",
         "",
@@ -81,8 +86,7 @@ def volume_markdown(evaluation) -> str:
     lines = [
         f"# PaDiM evaluation `{evaluation.name}` (NIfTI volumes)",
         "",
-        f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
-        f"{s.input_size} px input, seed {s.seed}; manifest `{s.data.manifest}`; model {evaluation.model_source}.",
+        _settings_line(evaluation, f"manifest `{s.data.manifest}`"),
         f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the brain).",
         "",
         "| " + " | ".join(volumes.columns) + " |",

@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,7 +40,7 @@ from . import metrics as M
 from . import report
 from .data import DataBundle, make_loader
 from .errors import DataError
-from .evaluation import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run
+from .evaluation import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run, with_mean_row
 from .files import write_atomic
 from .volumes import load_volume_data, read_volume, score_volume, volume_metrics, write_map
 
@@ -59,7 +58,7 @@ class VolumeEvaluation(Run):
 
     rows: list[dict] = field(default_factory=list)
     volumes: Optional[pd.DataFrame] = None
-    #: (case, planes of image / map / label through the lesion, centre, gray scale) of the first
+    #: (case, planes of image / map / label through the lesion, gray scale, centre) of the first
     #: few test volumes with a lesion, for :meth:`make_figures`: planes, not volumes, are kept.
     shown: list[tuple] = field(default_factory=list)
     _staging: Optional[str] = None
@@ -116,12 +115,10 @@ class VolumeEvaluation(Run):
         anomaly = score_volume(self.model, volume, self.settings)
         write_map(anomaly, volume, os.path.join(self._staging, f"{entry.case}_anomaly.nii.gz"))
         if len(self.shown) < FIGURE_VOLUMES and volume.label.any():
-            from .plotting import orthogonal_planes
+            from .plotting import volume_planes
 
             centre = tuple(int(round(c)) for c in ndimage.center_of_mass(volume.label))
-            planes = {"image": orthogonal_planes(volume.image, centre), "map": orthogonal_planes(anomaly, centre),
-                      "label": orthogonal_planes(volume.label, centre)}
-            self.shown.append((entry.case, planes, centre, tuple(np.percentile(volume.image, [0.5, 99.5]))))
+            self.shown.append((entry.case, *volume_planes(volume.image, anomaly, volume.label, centre), centre))
         return volume_metrics(anomaly, volume.label, volume.brain, volume.kept, self.reference.threshold)
 
     def discard_maps(self) -> None:
@@ -142,13 +139,7 @@ class VolumeEvaluation(Run):
                    "best_threshold": M.NAN, "note": f"mean over {len(part)} volumes"}
             row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
             groups.append(row)
-        table = pd.DataFrame(groups, columns=list(TABLE_COLUMNS))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = {c: float(np.nanmean(table[c].to_numpy(dtype=np.float64))) for c in METRIC_COLUMNS}
-        mean |= {"group": "mean", "n_images": int(table["n_images"].sum()), "n_rows": int(table["n_rows"].sum()),
-                 "small_group": False, "best_threshold": M.NAN, "note": f"unweighted mean over {len(table)} groups"}
-        self.table = pd.concat([table, pd.DataFrame([mean], columns=list(TABLE_COLUMNS))], ignore_index=True)
+        self.table = with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS)))
         return self.table
 
     def make_figures(self) -> dict[str, Any]:
@@ -160,7 +151,7 @@ class VolumeEvaluation(Run):
         self.figures = {
             f"volume_{case}": planes_figure(planes, centre, gray, (ref.vmin, ref.vmax), threshold=ref.threshold,
                                             title=f"{case}: colour scale and threshold from {ref.source}")
-            for case, planes, centre, gray in self.shown
+            for case, planes, gray, centre in self.shown
         }
         return self.figures
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import Settings
-from .data import DataBundle, hold_out
+from .data import DataBundle, counted, hold_out
 from .errors import DataError
 from .files import write_atomic
 from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
@@ -116,6 +116,11 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
 
 def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeEntry]:
     """Read and check a manifest CSV (columns, splits, files, headers, unique case names)."""
+    return checked_entries(_manifest_entries(path), volume_index)
+
+
+def _manifest_entries(path: str) -> list[VolumeEntry]:
+    """The rows of a manifest CSV (columns and splits checked; files not yet)."""
     if not os.path.isfile(path):
         raise DataError(f"manifest {path} not found (data.manifest)")
     folder = os.path.dirname(os.path.abspath(path))
@@ -129,7 +134,12 @@ def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeE
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
-        entries = [_entry(row, folder, f"{name} line {line}") for line, row in enumerate(reader, start=2)]
+        return [_entry(row, folder, f"{name} line {line}") for line, row in enumerate(reader, start=2)]
+
+
+def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
+    """``entries`` once their case names are unique (each names its output files) and their headers
+    pass :func:`_check_entry`."""
     seen: dict[str, str] = {}
     for entry in entries:
         if entry.case in seen:
@@ -160,7 +170,7 @@ def _entry(row: dict, folder: str, source: str) -> VolumeEntry:
 class Volume:
     """One volume in RAS+ voxel order: ``image`` (X, Y, Z) float32 in [0, 1] (normalised),
     ``brain`` and ``label`` (X, Y, Z) bool (label all False when unknown), ``kept`` (Z,) bool
-    slices, and the original grid: ``affine``, ``shape`` and ``orientation`` (its io_orientation)."""
+    slices, and the original grid: ``affine``, ``shape`` and ``header``."""
 
     entry: VolumeEntry
     image: np.ndarray
@@ -169,8 +179,8 @@ class Volume:
     kept: np.ndarray
     affine: np.ndarray
     shape: tuple[int, ...]
-    orientation: np.ndarray
     header: nib.Nifti1Header
+
 
 def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tuple[np.ndarray, nib.Nifti1Image]:
     image = _header(path, source)
@@ -226,8 +236,7 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
-    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), io_orientation(original.affine),
-                  original.header)
+    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), original.header)
 
 
 def training_slices(volume: Volume) -> list[int]:
@@ -307,7 +316,7 @@ class VolumeSet:
         return [entry.image for entry in self.entries]
 
     def summary(self) -> str:
-        return f"{len(self)} volume{'s' if len(self) != 1 else ''}"
+        return counted(len(self), "volume")
 
 
 def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -351,9 +360,9 @@ def score_volume(model, volume: Volume, settings: Settings) -> np.ndarray:
 def to_original(anomaly: np.ndarray, volume: Volume) -> np.ndarray:
     """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`).
 
-    ``volume.orientation`` takes the stored axes to RAS+; its inverse is the transform from RAS+
+    ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
-    return apply_orientation(anomaly, ornt_transform(axcodes2ornt("RAS"), volume.orientation))
+    return apply_orientation(anomaly, ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine)))
 
 
 def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
@@ -369,6 +378,12 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- metrics
+def slice_scores(anomaly: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(Z,) the map's maximum inside the brain on each axial slice (0 where a slice has no brain)."""
+    scores = np.where(brain, anomaly, -np.inf).max(axis=(0, 1))
+    return np.where(np.isfinite(scores), scores, 0.0)
+
+
 def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, kept: np.ndarray, threshold: float) -> dict:
     """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)):
 
@@ -382,10 +397,7 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
     a_auroc, a_ap = M.pixel_metrics(anomaly, label)
     b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
     slices = np.flatnonzero(kept)
-    in_brain = np.where(brain, anomaly, -np.inf)[:, :, slices]
-    slice_scores = in_brain.max(axis=(0, 1))
-    slice_scores = np.where(np.isfinite(slice_scores), slice_scores, 0.0)
-    c_auroc = M.auroc_ap(slice_scores, label[:, :, slices].any(axis=(0, 1)))[0]
+    c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
     dice_best, best_threshold = M.best_dice(anomaly, label, brain)
     return {
         "lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum()),
@@ -396,14 +408,16 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
 
 
 # ---------------------------------------------------------------------------- predict
-def predict_entries(path: str, volume_index: Optional[int]) -> list[VolumeEntry]:
-    """What ``predict --input`` names: a manifest CSV (every row; its ``brain_mask`` column is used),
-    or NIfTI files (brain estimated from each image)."""
-    if path.endswith(".csv"):
-        return read_manifest(path, volume_index)
-    entry = VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path)
-    _check_entry(entry, volume_index)
-    return [entry]
+def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
+    """What ``predict --input`` names: manifest CSVs (every row; the ``brain_mask`` column is used)
+    and NIfTI files (brain estimated from each image), checked together (:func:`checked_entries`)."""
+    entries = []
+    for source in sources:
+        if source.endswith(".csv"):
+            entries += _manifest_entries(source)
+        else:
+            entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))
+    return checked_entries(entries, volume_index)
 
 
 def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
@@ -421,7 +435,7 @@ def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, prog
     for entry in tqdm(entries, desc="predict", unit="volume", disable=not progress):
         volume = read_volume(entry, settings)
         anomaly = score_volume(model, volume, settings)
-        in_brain = np.where(volume.brain, anomaly, -np.inf).max(axis=(0, 1))
+        in_brain = slice_scores(anomaly, volume.brain)
         z = int(np.argmax(in_brain))
         stem = os.path.join(output_dir, f"{entry.case}_anomaly")
         write_map(anomaly, volume, stem + ".nii.gz")
