@@ -25,14 +25,19 @@ def settings(**changes):
 
 
 # ---------------------------------------------------------------------------- run names
+FILES = "0123456789ab"  # a data fingerprint (utils.data.fingerprint)
+
+
 def test_run_name_is_stable_and_readable():
     a = settings()
-    assert run_name(a) == run_name(settings()) == run_name(a.replace())
-    assert run_name(a).startswith("demo-efficientnet_lite0-imagenet-64px-d24-seed0-")
-    assert run_directory(a) == os.path.join("results", run_name(a))
+    assert run_name(a, FILES) == run_name(settings(), FILES) == run_name(a.replace(), FILES)
+    assert run_name(a, FILES).startswith("demo-efficientnet_lite0-imagenet-64px-d24-seed0-")
+    assert run_directory(a, FILES) == os.path.join("results", run_name(a, FILES))
     # settings that change no result do not change the name
-    assert run_name(settings(device="cpu", batch_size=3, results_dir="elsewhere")) == run_name(a)
-    assert run_name(settings(data={"num_workers": 2, "root": "./data/demo/"})) == run_name(a)
+    assert run_name(settings(device="cpu", batch_size=3, results_dir="elsewhere"), FILES) == run_name(a, FILES)
+    assert run_name(settings(data={"num_workers": 2, "root": "./data/demo/"}), FILES) == run_name(a, FILES)
+    # the same settings on other files are another run
+    assert run_name(a, "ba9876543210") != run_name(a, FILES)
 
 
 @pytest.mark.parametrize("change", [
@@ -45,16 +50,44 @@ def test_run_name_is_stable_and_readable():
     {"data": {"color": "rgb"}}, {"data": {"center_crop": 48}}, {"data": {"val_fraction": 0.2}},
 ])
 def test_run_name_differs_for_any_result_changing_setting(change):
-    assert run_name(settings(**change)) != run_name(settings())
+    assert run_name(settings(**change), FILES) != run_name(settings(), FILES)
 
 
 def test_run_name_follows_the_weights_file_content(tmp_path):
     path = tmp_path / "w.pth"
     path.write_bytes(b"one")
-    first = run_name(settings(weights=str(path)))
+    first = run_name(settings(weights=str(path)), FILES)
     path.write_bytes(b"two")
-    assert run_name(settings(weights=str(path))) != first
+    assert run_name(settings(weights=str(path)), FILES) != first
     assert "-w-" in first
+
+
+class _Files:
+    def __init__(self, *files):
+        self.files = [str(f) for f in files]
+
+
+def test_data_fingerprint_follows_the_files_not_where_the_set_lies(tmp_path):
+    import shutil
+
+    from utils.data import fingerprint
+
+    root = tmp_path / "a"
+    (root / "x").mkdir(parents=True)
+    for name, size in (("x/1.png", 10), ("x/2.png", 20), ("3.png", 30)):
+        (root / name).write_bytes(b"\0" * size)
+    listed = lambda base, *names: _Files(*(base / n for n in names))  # noqa: E731
+    first = fingerprint([listed(root, "x/1.png", "x/2.png"), listed(root, "3.png")])
+    assert fingerprint([listed(root, "3.png", "x/2.png", "x/1.png")]) == first  # order and grouping do not count
+    shutil.copytree(root, tmp_path / "b")
+    assert fingerprint([listed(tmp_path / "b", "x/1.png", "x/2.png", "3.png")]) == first  # a copy elsewhere
+    (root / "x/4.png").write_bytes(b"\0" * 5)
+    assert fingerprint([listed(root, "x/1.png", "x/2.png", "3.png", "x/4.png")]) != first  # an image added
+    (root / "3.png").write_bytes(b"\0" * 31)
+    assert fingerprint([listed(root, "x/1.png", "x/2.png", "3.png")]) != first  # an image rewritten
+    os.rename(root / "x/2.png", root / "x/5.png")
+    (root / "3.png").write_bytes(b"\0" * 30)
+    assert fingerprint([listed(root, "x/1.png", "x/5.png", "3.png")]) != first  # an image renamed
 
 
 # ---------------------------------------------------------------------------- the table

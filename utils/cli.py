@@ -7,6 +7,7 @@ never a traceback. Ctrl-C exits with 130 and leaves no partial model or results 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import os
@@ -14,10 +15,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import ConfigError, PadimError
-from .files import atomic_writer, writable_folder
+from .files import atomic_writer, staged_folder, writable_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,15 +54,13 @@ def _fit(args: argparse.Namespace) -> int:
     from .distributed import run_fit
 
     settings = load_config(args.config)
-    if args.output:
-        output = args.output
+    output = args.output
+    if output is not None:
+        if os.path.isdir(output) or output.endswith(os.sep):
+            raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
+        writable_folder(os.path.dirname(os.path.abspath(output)))
     else:
-        from .evaluation import run_directory
-
-        output = os.path.join(run_directory(settings), "model.pt")
-    if os.path.isdir(output) or output.endswith(os.sep):
-        raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
-    writable_folder(os.path.dirname(os.path.abspath(output)))
+        writable_folder(settings.results_dir)  # the run's folder is named once the training files are known
     started = time.perf_counter()
     path = run_fit(settings, output, progress=not args.quiet)
     if path is not None:  # rank 0 (or the only process)
@@ -71,10 +70,10 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .evaluation import run_directory, run_evaluation
+    from .evaluation import run_evaluation
 
     settings = load_config(args.config)
-    writable_folder(run_directory(settings))  # before the work, not after it
+    writable_folder(settings.results_dir)  # before the work, not after it
     result = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
                             figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
     print(result.summary())
@@ -82,7 +81,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _input_files(source: str, output: str) -> list[str]:
-    """``source`` itself when it is a file, else every image or NIfTI file below it (not under ``output``)."""
+    """``source`` itself when it is a file, else every image or NIfTI file below it; ``output``
+    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run)."""
     from .errors import DataError
     from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 
@@ -90,11 +90,12 @@ def _input_files(source: str, output: str) -> list[str]:
         return [source]
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
-    skip = os.path.abspath(output)
+    if (os.path.abspath(output) + os.sep).startswith(os.path.abspath(source) + os.sep):
+        raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
+                        "images; choose an output folder outside the input folder")
     files = sorted(
         os.path.join(folder, name)
         for folder, _, names in os.walk(source)
-        if not (os.path.abspath(folder) + os.sep).startswith(skip + os.sep)
         for name in names
         if name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
     )
@@ -103,7 +104,22 @@ def _input_files(source: str, output: str) -> list[str]:
     return files
 
 
+#: Files that mark a folder as an earlier ``predict`` output (which a new run replaces as a whole).
+PREDICT_MARKERS = ("scores.csv", "volume_scores.csv")
+
+
+def _output_folder(output: str) -> str:
+    """``output`` once it is absent, empty or an earlier predict output; never a folder of other files."""
+    writable_folder(output)
+    if os.path.isdir(output) and os.listdir(output) and not any(os.path.isfile(os.path.join(output, m)) for m in PREDICT_MARKERS):
+        raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder")
+    return output
+
+
 def _predict(args: argparse.Namespace) -> int:
+    """Every output is written into a folder beside ``--output`` and swapped in at the end
+    (:func:`utils.files.staged_folder`): a failed or interrupted run leaves ``--output`` as it was,
+    and an earlier run's files are replaced as a whole, never mixed with new ones."""
     from .config import load_config
     from .model import Padim
     from .preprocess import NIFTI_SUFFIXES
@@ -113,22 +129,25 @@ def _predict(args: argparse.Namespace) -> int:
     files = _input_files(args.input, args.output)
     volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
     images = [f for f in files if f not in volumes]
-    writable_folder(args.output)
-    if volumes:
-        _predict_volumes(model, volumes, args.output, progress=not args.quiet)
-    if images:
-        _predict_images(model, images, args.input, args.output)
+    with staged_folder(_output_folder(args.output)) as staging:
+        done = []
+        if volumes:
+            done.append(_predict_volumes(model, volumes, staging, progress=not args.quiet))
+        if images:
+            done.append(_predict_images(model, images, args.input, staging, progress=not args.quiet))
+    for line in done:
+        print(f"{line} in {args.output}")
     return 0
 
 
-def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> None:
-    """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``."""
+def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
+    """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
     from .volumes import predict_entries, predict_volumes
 
     rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
     _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
                   [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
-    print(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv in {output}")
+    return f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv"
 
 
 def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
@@ -138,8 +157,8 @@ def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
-def _predict_images(model, files: list[str], source: str, output: str) -> None:
-    """One heat-map PNG per image and ``scores.csv`` (image, score) in ``output``."""
+def _predict_images(model, files: list[str], source: str, output: str, progress: bool) -> str:
+    """One heat-map PNG per image and ``scores.csv`` (image, score) in ``output``; returns what was done."""
     import torch
     from tqdm.auto import tqdm
 
@@ -149,19 +168,20 @@ def _predict_images(model, files: list[str], source: str, output: str) -> None:
 
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
-    targets = [os.path.join(output, os.path.splitext(r)[0] + "_heatmap.png") for r in relative]
-    clashes = sorted({t for t in targets if targets.count(t) > 1})
+    names = [os.path.splitext(r)[0] + "_heatmap.png" for r in relative]
+    clashes = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if clashes:
         raise DataError(f"two input images would write the same heat-map {clashes[0]} (same name, other suffix); rename one")
+    targets = [os.path.join(output, name) for name in names]
     rows, size = [], model.settings.batch_size
-    for start in tqdm(range(0, len(files), size), desc="predict", unit="batch", leave=False):
+    for start in tqdm(range(0, len(files), size), desc="predict", unit="batch", leave=False, disable=not progress):
         loaded = [load_image(f, model.settings) for f in files[start : start + size]]
         result = model.score(torch.stack([image for image, _ in loaded]), progress=False)
         for k, ((_, display), heat, score) in enumerate(zip(loaded, result.maps, result.scores)):
             save_heatmap(display.numpy(), heat, targets[start + k])
             rows.append((relative[start + k], float(score)))
     _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
-    print(f"{len(rows)} images scored; heat-maps and scores.csv in {output} (max score {max(r[1] for r in rows):.3f})")
+    return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps and scores.csv"
 
 
 COMMANDS = {"fit": _fit, "evaluate": _evaluate, "predict": _predict}
@@ -171,11 +191,16 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: temporary files are removed on the way out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_command(command: Callable[[], int]) -> int:
+    """Run ``command()`` as a command-line program (``python -m utils``, the demo generators).
+
+    A user's error (:class:`PadimError`) or any file-system failure ends as one ``error:`` line
+    naming the path, exit 2; Ctrl-C and SIGTERM end as one line, exit 130, with temporary files
+    removed on the way out (:mod:`utils.files`). The SIGTERM handler lives only while the command runs.
+    """
     previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
-        return COMMANDS[args.command](args)
+        return command()
     except PadimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -189,3 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_command(lambda: COMMANDS[args.command](args))

@@ -29,6 +29,7 @@ one-line :class:`~utils.errors.DataError` messages naming the CSV line or file, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ class ImageSet(Dataset):
     @property
     def paths(self) -> list[str]:
         return [item.image for item in self.items]
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the set reads: images and their mask files."""
+        return [f for item in self.items for f in (item.image, *item.anomaly, *(item.head or ()))]
 
     @property
     def sources(self) -> list[str]:
@@ -209,6 +215,18 @@ def load_data(settings: Settings, splits: tuple = SPLITS) -> DataBundle:
     raise DataError(f"unknown data format {fmt!r}; allowed: demo, study, mvtec, nifti")
 
 
+def fingerprint(sets: Iterable) -> str:
+    """A 12-hex-digit hash of the files ``sets`` read (each set's ``files``): their paths relative
+    to the folder they share, and their sizes. Images added, removed, renamed or rewritten change
+    it; moving or copying the whole data set does not."""
+    files = sorted({os.path.abspath(f) for s in sets if s is not None for f in s.files})
+    if not files:
+        return "no-files"
+    base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    listing = "".join(f"{os.path.relpath(f, base)}\t{os.path.getsize(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
+
+
 def counted(count: int, unit: str = "image") -> str:
     """``1 image``, ``2 images``."""
     return f"{count} {unit}{'s' if count != 1 else ''}"
@@ -241,6 +259,8 @@ def ensure_demo(root: str, seed: int = 0) -> None:
     """Generate the demo set at ``root`` unless a study-layout set is already there."""
     if os.path.isdir(os.path.join(root, "data", "splits")):
         return
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"data.root {root} is a file; point data.root at an absent or empty folder to generate the demo set there")
     if os.path.isdir(root) and os.listdir(root):
         raise DataError(
             f"data.root {root} exists but holds no demo set ({root}/data/splits is missing); "
@@ -252,7 +272,7 @@ def ensure_demo(root: str, seed: int = 0) -> None:
         generate_demo(root, seed=seed)
     except FileExistsError:  # another process generated it meanwhile
         if not os.path.isdir(os.path.join(root, "data", "splits")):
-            raise DataError(f"data.root {root} was filled by something other than the demo set while generating it") from None
+            raise DataError(f"data.root {root} was filled by another process while the demo set was generated there") from None
     except OSError as exc:
         raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
 

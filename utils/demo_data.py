@@ -33,15 +33,16 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from .errors import DataError
+from .files import staged_folder
 
 GENERATOR_VERSION = 1
 KINDS = ("hyperintense_lesion", "cyst", "mass_oedema")
@@ -346,8 +347,9 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = D
                   kinds: Sequence[str] = KINDS, overwrite: bool = False) -> str:
     """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
 
-    Written into a temporary folder beside ``root`` and renamed into place, so an interrupted
-    run leaves no partial set at ``root``. Raises ``FileExistsError`` if ``root`` is not empty.
+    Written into a temporary folder beside ``root`` and renamed into place
+    (:func:`utils.files.staged_folder`), so an interrupted run leaves no partial set at ``root``.
+    Raises ``FileExistsError`` if ``root`` is not empty (also when another process filled it meanwhile).
     """
     root = os.path.abspath(os.fspath(root))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -363,25 +365,8 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = D
         raise FileExistsError(f"{root} exists and is not a folder")
     if os.path.isdir(root) and os.listdir(root) and not overwrite:
         raise FileExistsError(f"{root} exists and is not empty; choose another folder or pass overwrite")
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".tmp-", dir=parent)
-    try:
+    with staged_folder(root, replace=overwrite) as temporary:
         _write_set(temporary, int(seed), counts, kinds)
-        try:
-            if os.path.isdir(root):
-                if overwrite:
-                    shutil.rmtree(root)
-                else:
-                    os.rmdir(root)  # empty (checked above); fails if another process filled it meanwhile
-            os.rename(temporary, root)
-        except OSError as exc:
-            if os.path.isdir(root) and os.listdir(root):  # lost a race: another process wrote root first
-                raise FileExistsError(f"{root} was filled by another process while generating") from exc
-            raise
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return root
 
 
@@ -422,17 +407,19 @@ def _written_counts(directory: str) -> str:
 
 
 def _generate(write, message) -> int:
-    """Run ``write()``; print ``message()`` (0), one ``error:`` line (2) or the interruption (130)."""
-    try:
-        write()
-    except (FileExistsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial demo set was written", file=sys.stderr)
-        return 130
-    print(message())
-    return 0
+    """Run ``write()`` and print ``message()`` as a command (:func:`utils.cli.run_command`: one
+    ``error:`` line, exit 2; Ctrl-C or SIGTERM, exit 130, nothing partial left)."""
+    from .cli import run_command
+
+    def command() -> int:
+        try:
+            write()
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        print(message())
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from .files import staged_folder
 
 DEFECTS = ("color", "scratch")
 _DISC = np.array([200.0, 60.0, 50.0])  # red
@@ -94,10 +94,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40, n_good: int = 10,
                    n_per_defect: int = 8) -> str:
     """Write the synthetic category to ``root`` (which must not exist yet); returns ``root``."""
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=".mvtec.tmp-", dir=parent)
-    try:
+    with staged_folder(root, replace=False) as temporary:
         rng = np.random.default_rng(seed)
         for split, count in (("train", n_train), ("test", n_good)):
             folder = os.path.join(temporary, split, "good")
@@ -113,10 +110,6 @@ def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40,
                 image, mask = defect_image(rng, size, defect)
                 Image.fromarray(image).save(os.path.join(images, f"{index:03d}.png"))
                 Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(masks, f"{index:03d}_mask.png"))
-        os.rename(temporary, root)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return root
 
 
@@ -125,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", help="folder to create (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.exit(2, f"error: --seed must be >= 0, got {args.seed}\n")
     if os.path.exists(args.root):
         parser.exit(2, f"error: {args.root} exists already; give a new folder\n")
-    try:
+    from .cli import run_command
+
+    def command() -> int:
         generate_mvtec(args.root, seed=args.seed)
-    except OSError as exc:
-        parser.exit(2, f"error: cannot write {args.root}: {exc.strerror or exc}\n")
-    print(f"wrote an MVTec-layout category to {args.root} (data.format: mvtec, data.root: {args.root})")
-    return 0
+        print(f"wrote an MVTec-layout category to {args.root} (data.format: mvtec, data.root: {args.root})")
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

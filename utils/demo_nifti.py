@@ -23,15 +23,13 @@ import csv
 import gzip
 import io
 import os
-import shutil
-import tempfile
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
-from .files import write_atomic
+from .files import staged_folder, write_atomic
 
 NIFTI_KINDS = ("hypointense_lesion", "cyst", "mass")
 COUNTS = {"train": 8, "val": 2, "test_per_kind": 2}
@@ -139,17 +137,8 @@ def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(f"{root} exists and is not an empty folder; choose another folder")
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".tmp-", dir=parent)
-    try:
+    with staged_folder(root, replace=False) as temporary:
         _write_set(temporary, int(seed))
-        if os.path.isdir(root):
-            os.rmdir(root)  # empty (checked above)
-        os.rename(temporary, root)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return root
 
 

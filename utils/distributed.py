@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from .config import Settings
-from .data import ensure_demo, load_data, make_loader
+from .data import ensure_demo, fingerprint, load_data, make_loader
 from .errors import DataError, DistributedError, PadimError
 from .features import resolve_device
 from .gaussian import GaussianStatistics
@@ -437,13 +437,17 @@ def prepare_demo(settings: Settings, ctx: DistributedContext) -> None:
         ctx.agree("generating the demo set", lambda: ctx.local_rank == 0 and ensure_demo(d.root, d.demo_seed))
 
 
-def run_fit(settings: Settings, output_path: str | os.PathLike, progress: bool = True) -> Optional[str]:
-    """Fit on the training set and write the model to ``output_path``; what ``fit`` on the command line does.
+def run_fit(settings: Settings, output_path: str | os.PathLike | None, progress: bool = True) -> Optional[str]:
+    """Fit on the training set and write the model to ``output_path`` (``None``: ``model.pt`` in the
+    run's folder, :func:`utils.evaluation.run_directory`, named after the settings and the training
+    files); what ``fit`` on the command line does.
 
     Alone: an ordinary fit. Under ``torchrun``: the training list is sharded across the ranks,
     the statistics are all-reduced, and rank 0 writes the model atomically. Returns the written
     path on rank 0 (or alone), ``None`` on the other ranks.
     """
+    from .evaluation import run_directory
+
     with DistributedContext.from_settings(settings) as ctx:
         prepare_demo(settings, ctx)
 
@@ -457,4 +461,7 @@ def run_fit(settings: Settings, output_path: str | os.PathLike, progress: bool =
         model = distributed_fit(Padim(settings), dataset, settings, ctx, progress=progress)
         if model is None:
             return None
+        model.train_fingerprint = fingerprint([dataset])
+        if output_path is None:
+            output_path = os.path.join(run_directory(settings, model.train_fingerprint), "model.pt")
         return model.save(output_path)

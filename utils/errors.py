@@ -8,6 +8,13 @@ so any message raised through these classes must be complete on its own line.
 class PadimError(Exception):
     """Base class of all errors that are the user's to fix (bad config, data or model file)."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's error comes back as type(text with the worker's traceback); the
+        # message it carries is the traceback's last line, after the type's name.
+        if isinstance(message, str) and "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
+
 
 class ConfigError(PadimError, ValueError):
     """A configuration key is unknown, of the wrong type or out of range."""

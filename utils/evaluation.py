@@ -55,9 +55,9 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from . import report
 from .config import Settings
-from .data import NORMAL, DataBundle, ImageSet, Item, counted, load_data, make_loader
+from .data import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, load_data, make_loader
 from .errors import DataError, ModelFileError
-from .files import write_atomic
+from .files import staged_folder, write_atomic
 from .model import Padim
 from .model_file import check_compatible
 from .preprocess import foreground_mask, read_mask, resize_mask
@@ -78,13 +78,15 @@ TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS 
 
 
 # ---------------------------------------------------------------------------- run names
-def run_identity(settings: Settings) -> dict[str, Any]:
-    """Every setting that can change a result, canonicalised (what :func:`run_name` hashes).
+def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
+    """Every setting that can change a result, canonicalised, and the fingerprint of the files the
+    run reads (:func:`utils.data.fingerprint`): what :func:`run_name` hashes.
 
     Excluded: device, batch size, results folder, worker count and the ``target_dimension``
     check, which change no number. ``data.root`` is normalised (``./data/x/`` = ``data/x``);
     ``data.demo_seed`` counts only for the demo format. A weights file is identified by its
-    path and content hash, so replacing the file changes the name.
+    path and content hash, so replacing the file changes the name; so do images added to, removed
+    from or rewritten in the data under the same config.
     """
     identity = settings.to_dict()
     for key in RUN_TIME_KEYS:
@@ -97,6 +99,7 @@ def run_identity(settings: Settings) -> dict[str, Any]:
         data.pop("demo_seed", None)
     if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
         identity["weights_sha256"] = _file_sha256(settings.weights)
+    identity["data_fingerprint"] = data_fingerprint
     identity["run_name_version"] = RUN_NAME_VERSION
     return identity
 
@@ -113,23 +116,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-.") or "x"
 
 
-def run_name(settings: Settings) -> str:
+def run_name(settings: Settings, data_fingerprint: str) -> str:
     """``<format>-<backbone>-<weights>-<size>px-d<channels>-seed<seed>-<hash>``.
 
     The readable prefix names the main choices; the 10-hex-digit hash covers the canonical JSON of
-    :func:`run_identity`. Identical settings give the same name; settings that differ in anything
-    that changes a result give different names.
+    :func:`run_identity`. Identical settings on identical files give the same name; anything that
+    changes a result gives another name, so a results folder never describes two runs.
     """
-    canonical = json.dumps(run_identity(settings), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(run_identity(settings, data_fingerprint), sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]
     weights = settings.weights if settings.weights in ("imagenet", "random") else os.path.splitext(os.path.basename(settings.weights))[0]
     prefix = f"{settings.data.format}-{settings.backbone}-{_slug(weights)[:24]}-{settings.input_size}px-d{settings.kept_channels}-seed{settings.seed}"
     return f"{prefix}-{digest}"
 
 
-def run_directory(settings: Settings) -> str:
+def run_directory(settings: Settings, data_fingerprint: str) -> str:
     """``<results_dir>/<run-name>`` (not created here)."""
-    return os.path.join(settings.results_dir, run_name(settings))
+    return os.path.join(settings.results_dir, run_name(settings, data_fingerprint))
 
 
 # ---------------------------------------------------------------------------- scored groups
@@ -385,30 +388,47 @@ class Run:
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.name = self.name or run_name(self.settings)
-        self.directory = self.directory or os.path.join(self.settings.results_dir, self.name)
-
     def load_data(self) -> DataBundle:
         raise NotImplementedError
+
+    def _use_data(self, bundle: DataBundle) -> DataBundle:
+        """Keep ``bundle`` and name the run after the settings and the files it reads (:func:`run_name`)."""
+        self.bundle = bundle
+        self.name = run_name(self.settings, fingerprint([bundle.train, bundle.val, *bundle.test.values()]))
+        self.directory = os.path.join(self.settings.results_dir, self.name)
+        return bundle
 
     def fit(self, progress: bool = True, model_path: Optional[str] = None, model: Optional[Padim] = None) -> Padim:
         """Fit PaDiM on the training set; or use ``model``, or load ``model_path`` (checked against the settings)."""
         if self.bundle is None:
             self.load_data()
         started = time.perf_counter()
+        train = self.bundle.train
         if model is not None:
             check_model_matches(model, self.settings)
-            self.model, self.model_source = model, "given (fitted before this run)"
+            self.model, self.model_source = self._checked(model, "the given model"), "given (fitted before this run)"
         elif model_path is not None:
-            self.model, self.model_source = Padim.load(model_path, self.settings), f"loaded from {model_path}"
+            self.model = self._checked(Padim.load(model_path, self.settings), model_path)
+            self.model_source = f"loaded from {model_path}"
         else:
-            train = self.bundle.train
             self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
+            self.model.train_fingerprint = fingerprint([train])
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model
+
+    def _checked(self, model: Padim, what: str) -> Padim:
+        """``model`` if it was fitted on this config's training files (the run is named after them)."""
+        expected, stored = fingerprint([self.bundle.train]), model.train_fingerprint
+        if not stored:
+            self.notes.append(f"{what} does not record its training images (written by older code): not checked "
+                              f"against this config's {self.bundle.train.summary()}")
+        elif stored != expected:
+            raise ModelFileError(f"{what} was fitted on other training images than this config's "
+                                 f"{self.bundle.train.summary()} (fingerprint {stored} vs {expected}): evaluate it "
+                                 "with the config and data it was fitted on, or refit without --model")
+        return model
 
     def publish_figures(self, folder: str = "sources", prefix: str = "demo_") -> list[str]:
         """Save the figures as PNGs in ``folder`` (the repository's ``sources/``), demo data only.
@@ -449,7 +469,7 @@ class Evaluation(Run):
     def load_data(self) -> DataBundle:
         """Training, validation and test sets (the validation set is held out of training when needed)."""
         started = time.perf_counter()
-        self.bundle = load_data(self.settings, ("train", "val", "test"))
+        self._use_data(load_data(self.settings, ("train", "val", "test")))
         if self.bundle.val is None:
             raise DataError(
                 "no validation images for the threshold and colour scale: set data.val_split, or "
@@ -512,28 +532,29 @@ class Evaluation(Run):
 
     # -- files
     def save(self, save_model: bool = True, figures: bool = True) -> str:
-        """Write the results folder, each file atomically; returns the folder."""
+        """Write the results folder as a whole (:func:`utils.files.staged_folder`: an earlier run's
+        folder of the same name is replaced, never mixed with these files); returns the folder."""
         from .plotting import save_figure
 
         if self.table is None:
             raise RuntimeError("call compute_metrics() before save()")
+        if figures and not self.figures:
+            self.make_figures()
         started = time.perf_counter()
-        folder = self.directory
-        written = [
-            write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(index=False, float_format="%.6f", na_rep="nan").encode()),
-            write_atomic(os.path.join(folder, "metrics.md"), report.markdown(self).encode()),
-            write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode()),
-        ]
-        if save_model and self.model is not None:
-            written.append(self.model.save(os.path.join(folder, "model.pt")))
-        if figures:
-            if not self.figures:
-                self.make_figures()
-            written += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in self.figures.items()]
-        self.timings["save_s"] = round(time.perf_counter() - started, 3)
-        written.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode()))
-        self.written = written
-        return folder
+        with staged_folder(self.directory) as folder:
+            names = [
+                write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(index=False, float_format="%.6f", na_rep="nan").encode()),
+                write_atomic(os.path.join(folder, "metrics.md"), report.markdown(self).encode()),
+                write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode()),
+            ]
+            if save_model and self.model is not None:
+                names.append(self.model.save(os.path.join(folder, "model.pt")))
+            if figures:
+                names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in self.figures.items()]
+            self.timings["save_s"] = round(time.perf_counter() - started, 3)
+            names.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode()))
+        self.written = [os.path.join(self.directory, os.path.relpath(name, folder)) for name in names]
+        return self.directory
 
     def summary(self) -> str:
         """Plain-text table, notes and timings (what ``python -m utils evaluate`` prints)."""

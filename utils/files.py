@@ -1,21 +1,56 @@
-"""Atomic file writing: every file this package writes (models, figures, tables) goes through
-:func:`atomic_writer`, so an interrupted write (an error, Ctrl-C, a full disk) never leaves a
-partial file at the target path, and an existing file there stays intact until the new one is
-complete."""
+"""Writing files and folders so that no run leaves a partial or mixed result behind.
+
+- :func:`atomic_writer` / :func:`write_atomic`: one file, written to a temporary file and renamed
+  over the target at the end; an existing file stays intact until the new one is complete.
+- :func:`staged_folder`: a whole folder (a results folder, predict's outputs, a generated data
+  set), written beside the target and swapped in at the end, so the target holds the files of
+  exactly one run, complete, or is left as it was.
+- :func:`signals_deferred`: Ctrl-C and SIGTERM wait until a write is complete (torch's model writer
+  turns an interruption inside it into a ``RuntimeError`` and a damaged archive), then interrupt.
+
+Temporary files and folders are removed on every exit path: errors, Ctrl-C and SIGTERM (which the
+command line turns into ``KeyboardInterrupt``, :func:`utils.cli.run_command`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
+import signal
 import tempfile
+import threading
 from typing import BinaryIO, Iterator
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs; raise ``KeyboardInterrupt`` after it if one came.
+
+    Only the main thread can set signal handlers; elsewhere the block runs unprotected. The
+    previous handlers are restored on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -31,7 +66,7 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with signals_deferred(), os.fdopen(handle, "wb") as stream:
             yield stream
             if durable:
                 stream.flush()
@@ -49,6 +84,45 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
     with atomic_writer(path) as stream:
         stream.write(data)
     return os.fspath(path)
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[str]:
+    """A temporary folder beside ``target`` that becomes ``target`` when the ``with`` block succeeds.
+
+    An existing ``target`` is replaced as a whole (``replace``) or must be empty, so old files
+    never sit beside new ones; on any failure or interruption the temporary folder is removed and
+    ``target`` is left as it was.
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+        with signals_deferred():
+            _swap(staging, target, replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap(staging: str, target: str, replace: bool) -> None:
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
+    if replace and os.path.isdir(target) and os.listdir(target):
+        retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.replace(target, os.path.join(retired, "previous"))
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    try:
+        os.rename(staging, target)  # POSIX: replaces an empty folder, refuses a non-empty one
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "exists and is not empty", target) from None
+        raise
 
 
 def writable_folder(folder: str | os.PathLike) -> str:

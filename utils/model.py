@@ -72,6 +72,9 @@ class Padim:
         #: a fit stores the inverse lower Cholesky factor (see :func:`utils.gaussian.regularised_whitening`).
         self.whitening: torch.Tensor | None = None
         self.train_count = 0
+        #: :func:`utils.data.fingerprint` of the training files, set by whoever fitted on a data set
+        #: ("" when unknown, e.g. a fit on a tensor): evaluating on other training files is refused.
+        self.train_fingerprint = ""
         #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
         self.shrinkage: float | None = None
         self._moments: FourthMoments | None = None

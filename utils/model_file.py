@@ -56,6 +56,7 @@ def save(model: "Padim", path: str | os.PathLike) -> str:
         "mean": model.mean.detach().cpu().clone(),
         "whitening": model.whitening.detach().cpu().clone(),
         "train_count": int(model.train_count),
+        "train_fingerprint": model.train_fingerprint,
     }
     with atomic_writer(path, durable=True) as stream:
         torch.save(payload, stream)
@@ -122,4 +123,8 @@ def load(path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
     if not isinstance(count, int) or count < 1:
         raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
     model.train_count = count
+    fingerprint = payload.get("train_fingerprint", "")  # absent in files written before it was stored
+    if not isinstance(fingerprint, str) or len(fingerprint) > 64:
+        raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
+    model.train_fingerprint = fingerprint
     return model

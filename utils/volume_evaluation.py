@@ -22,7 +22,6 @@ temporary folder in the run folder and moved to ``maps/`` by :meth:`save` (or re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ from . import report
 from .data import DataBundle, make_loader
 from .errors import DataError
 from .evaluation import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run, with_mean_row
-from .files import write_atomic
+from .files import staged_folder, write_atomic
 from .volumes import load_volume_data, read_volume, score_volume, volume_metrics, write_map
 
 #: Test volumes shown in the figures.
@@ -69,7 +68,7 @@ class VolumeEvaluation(Run):
             from .demo_nifti import ensure_nifti_demo
 
             ensure_nifti_demo(os.path.dirname(DEMO_MANIFEST), self.settings.data.demo_seed)  # generated on first use
-        self.bundle = load_volume_data(self.settings)
+        self._use_data(load_volume_data(self.settings))
         if self.bundle.val is None:
             raise DataError("no validation volumes for the threshold and colour scale: add val rows to the manifest, "
                             "or set data.val_fraction > 0 to hold out train volumes")
@@ -92,8 +91,8 @@ class VolumeEvaluation(Run):
             raise RuntimeError("call fit() before score()")
         started = time.perf_counter()
         self.reference = self._reference()
-        os.makedirs(self.directory, exist_ok=True)
-        self._staging = tempfile.mkdtemp(prefix=".maps-", dir=self.directory)
+        os.makedirs(self.settings.results_dir, exist_ok=True)
+        self._staging = tempfile.mkdtemp(prefix=f".{self.name}.maps-", dir=self.settings.results_dir)
         entries = [(name, e) for name, group in self.bundle.test.items() for e in group.entries]
         self.rows, self.shown = [], []
         try:
@@ -101,8 +100,6 @@ class VolumeEvaluation(Run):
                 self.rows.append({"case": entry.case, "group": name} | self._score_volume(entry))
         except BaseException:
             self.discard_maps()
-            with contextlib.suppress(OSError):
-                os.rmdir(self.directory)  # only if nothing else is in it: a failed run leaves no empty folder
             raise
         seconds = time.perf_counter() - started
         self.timings.update(score_s=round(seconds, 3), test_volumes=len(entries),
@@ -156,29 +153,31 @@ class VolumeEvaluation(Run):
         return self.figures
 
     def save(self, save_model: bool = True, figures: bool = True, maps: bool = True) -> str:
-        """Write the results folder (each file atomically); ``maps``: move the NIfTI maps to ``maps/``."""
+        """Write the results folder as a whole (:func:`utils.files.staged_folder`, as for images);
+        ``maps``: the staged NIfTI maps become its ``maps/``, else they are removed."""
         from .plotting import save_figure
 
         if self.table is None:
             raise RuntimeError("call compute_metrics() before save()")
-        folder = self.directory
         csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
-        write_atomic(os.path.join(folder, "volumes.csv"), self.volumes.to_csv(**csv).encode())
-        write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(**csv).encode())
-        write_atomic(os.path.join(folder, "metrics.md"), report.volume_markdown(self).encode())
-        write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode())
-        if save_model and self.model is not None:
-            self.model.save(os.path.join(folder, "model.pt"))
-        if figures:
-            for name, figure in (self.figures or self.make_figures()).items():
-                save_figure(figure, os.path.join(folder, "figures", f"{name}.png"))
-        if self._staging is not None and maps:
-            os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
-            for file in sorted(os.listdir(self._staging)):
-                os.replace(os.path.join(self._staging, file), os.path.join(folder, "maps", file))
-        self.discard_maps()
-        write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode())
-        return folder
+        try:
+            with staged_folder(self.directory) as folder:
+                write_atomic(os.path.join(folder, "volumes.csv"), self.volumes.to_csv(**csv).encode())
+                write_atomic(os.path.join(folder, "metrics.csv"), self.table.to_csv(**csv).encode())
+                write_atomic(os.path.join(folder, "metrics.md"), report.volume_markdown(self).encode())
+                write_atomic(os.path.join(folder, "config.yaml"), self._config_yaml().encode())
+                if save_model and self.model is not None:
+                    self.model.save(os.path.join(folder, "model.pt"))
+                if figures:
+                    for name, figure in (self.figures or self.make_figures()).items():
+                        save_figure(figure, os.path.join(folder, "figures", f"{name}.png"))
+                if self._staging is not None and maps:
+                    os.replace(self._staging, os.path.join(folder, "maps"))
+                    self._staging = None
+                write_atomic(os.path.join(folder, "timings.json"), json.dumps(self._timings(), indent=2).encode())
+        finally:
+            self.discard_maps()
+        return self.directory
 
     def summary(self) -> str:
         """The per-volume table, the per-group table, notes and timings as plain text."""

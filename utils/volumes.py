@@ -70,6 +70,10 @@ class VolumeEntry:
     case: str
     source: str  # "volumes.csv line 3", for messages
 
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.image, self.label, self.brain_mask) if f]
+
 
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
@@ -273,6 +277,10 @@ class SliceSet(Dataset):
     def paths(self) -> list[str]:
         return [self.entries[number].image for number, _ in self.index]
 
+    @property
+    def files(self) -> list[str]:
+        return [f for entry in self.entries for f in entry.files]
+
     def summary(self) -> str:
         return f"{len(self)} slices of {len(self.entries)} volumes"
 
@@ -314,6 +322,10 @@ class VolumeSet:
     @property
     def paths(self) -> list[str]:
         return [entry.image for entry in self.entries]
+
+    @property
+    def files(self) -> list[str]:
+        return [f for entry in self.entries for f in entry.files]
 
     def summary(self) -> str:
         return counted(len(self), "volume")
