@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Sequence
 
 from .errors import ConfigError, PadimError
@@ -191,6 +192,10 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: temporary files are removed on the way out
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)  # not the source line that raised it
+
+
 def run_command(command: Callable[[], int]) -> int:
     """Run ``command()`` as a command-line program (``python -m utils``, the demo generators).
 
@@ -200,7 +205,9 @@ def run_command(command: Callable[[], int]) -> int:
     """
     previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
-        return command()
+        with warnings.catch_warnings():  # restores the warning printer afterwards
+            warnings.showwarning = _one_line_warning
+            return command()
     except PadimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
