@@ -14,6 +14,7 @@ from utils.align import CANONICAL_AREA, from_canonical, invert, moment_transform
 from utils.config import settings_from_dict
 from utils.errors import ConfigError, ModelFileError
 from utils.model import Padim
+from utils.preprocess import head_masks
 from utils.scoring import anomaly_maps, mahalanobis
 
 SIZE = 64
@@ -43,6 +44,16 @@ def _moments(mask: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.array([rows.mean(), cols.mean()]), float(mask.mean()), math.degrees(math.atan2(vx, vy))
 
 
+def _pixel_affine(transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A normalised (x, y) transform (as F.affine_grid reads it) written for
+    scipy.ndimage.affine_transform: matrix and offset in pixel (row, column) coordinates."""
+    swap = np.array([[0, 1], [1, 0]])
+    matrix = swap @ transform[:, :2] @ swap
+    k = 1 / SIZE - 1  # pixel p -> normalised (2 / S) p + k, and back p = S / 2 (u + 1) - 1 / 2
+    offset = SIZE / 2 * (matrix @ np.full(2, k) + swap @ transform[:, 2] + 1) - 0.5
+    return matrix, offset
+
+
 def test_transform_holds_the_centroid_the_area_scale_and_the_tilt():
     mask = _ellipse(cy=36.5, cx=27.5, ry=24, rx=16, degrees=20)
     transform = moment_transform(mask).numpy()
@@ -52,6 +63,18 @@ def test_transform_holds_the_centroid_the_area_scale_and_the_tilt():
     assert scale == pytest.approx(math.sqrt(mask.mean() / CANONICAL_AREA), rel=1e-9)
     assert np.linalg.det(linear) > 0  # a rotation, never a mirror image
     assert math.degrees(math.atan2(linear[1, 0], linear[0, 0])) == pytest.approx(20, abs=1.0)
+
+
+def test_translation_moves_the_centroid_to_the_centre_and_nothing_else():
+    mask = _ellipse(cy=38, cx=25, ry=22, rx=15, degrees=-25)
+    np.testing.assert_allclose(moment_transform(mask, similarity=False).numpy()[:, :2], np.eye(2))
+    image = torch.from_numpy(mask).float()[None, None]
+    warped, _ = to_canonical(image, torch.from_numpy(mask)[None], similarity=False)
+    rows, cols = np.nonzero(mask)
+    shift = (31.5 - rows.mean(), 31.5 - cols.mean())  # sub-pixel: compare with scipy's own shift
+    expected = ndimage.shift(mask.astype(np.float64), shift, order=1, mode="constant")
+    np.testing.assert_allclose(warped[0, 0].numpy(), expected, atol=1e-5)
+    assert _moments(warped[0, 0].numpy() > 0.5)[1] == pytest.approx(mask.mean(), abs=0.005)  # area kept
 
 
 @pytest.mark.parametrize("degrees, expected", [(0, 0), (30, 30), (-40, -40), (100, 10), (170, -10), (-95, -5), (180, 0)])
@@ -87,11 +110,7 @@ def test_warp_matches_scipy_affine_transform():
     image = smooth_textures(1, SIZE, seed=3)[0]
     mask = _ellipse(cy=30, cx=35, ry=20, rx=14, degrees=15)
     warped, transforms = to_canonical(torch.from_numpy(image)[None, None], torch.from_numpy(mask)[None])
-    a, t = transforms[0, :, :2].numpy(), transforms[0, :, 2].numpy()
-    swap = np.array([[0, 1], [1, 0]])
-    matrix = swap @ a @ swap  # (row, col) order
-    k = 1 / SIZE - 1  # pixel p -> normalised (2 / S) p + k, and back p = S / 2 (u + 1) - 1 / 2
-    offset = SIZE / 2 * (matrix @ np.full(2, k) + swap @ t + 1) - 0.5
+    matrix, offset = _pixel_affine(transforms[0].numpy())
     expected = ndimage.affine_transform(image.astype(np.float64), matrix, offset=offset, order=1, mode="constant", cval=-1)
     inside = expected >= 0
     assert inside.mean() > 0.8
@@ -149,17 +168,23 @@ def test_align_none_leaves_the_maps_bit_identical(align_settings, monkeypatch):
     assert align_settings.data.align == "none"
 
 
-def test_aligned_model_maps_come_back_on_the_image_grid(align_settings):
-    settings = align_settings.replace(data={"align": "moments"})
-    model = Padim(settings).fit(to_batch(_heads(16, seed=7)), progress=False)
-    gray = _heads(1, seed=8)[0]
-    centre = (40, 26)
-    blob = ((np.mgrid[:SIZE, :SIZE] - np.array(centre)[:, None, None]) ** 2).sum(0) <= 5**2
-    gray[blob] = 1.0
-    maps = model.score(to_batch(gray[None]), progress=False).maps
-    assert maps.shape == (1, SIZE, SIZE) and np.isfinite(maps).all()
-    peak = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
-    assert math.dist(peak, centre) <= 4
+@pytest.mark.parametrize("mode", ["translation", "moments"])
+def test_aligned_model_is_the_plain_model_on_warped_images_with_maps_warped_back(align_settings, mode):
+    """Fit and score happen in the canonical frame, and the map returns to the image's own grid:
+    the same as fitting an unaligned model on the warped training images, scoring the warped test
+    images and warping the maps back with scipy.ndimage.affine_transform."""
+    train, test = to_batch(_heads(12, seed=7)), to_batch(_heads(2, seed=8))
+    maps = Padim(align_settings.replace(data={"align": mode})).fit(train, progress=False).score(test, progress=False).maps
+    similarity = mode == "moments"
+    plain = Padim(align_settings).fit(to_canonical(train, head_masks(train), similarity)[0], progress=False)
+    canonical, transforms = to_canonical(test, head_masks(test), similarity)
+    canonical_maps = plain.score(canonical, progress=False).maps
+    for image_map, canonical_map, transform in zip(maps, canonical_maps, invert(transforms).numpy()):
+        matrix, offset = _pixel_affine(transform)
+        expected = ndimage.affine_transform(canonical_map.astype(np.float64), matrix, offset=offset, order=1, mode="constant", cval=-1)
+        inside = expected >= 0  # image pixels whose source lies on the canonical grid (moments zooms in on small heads)
+        assert inside.mean() > 0.5
+        np.testing.assert_allclose(image_map[inside], expected[inside], rtol=1e-4, atol=1e-3)
 
 
 def test_align_key_is_validated_and_defines_the_model(small_settings, tmp_path):

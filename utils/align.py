@@ -1,9 +1,11 @@
-"""Spatial normalisation of head slices (``data.align: moments``).
+"""Spatial normalisation of head slices (``data.align: translation | moments``).
 
 PaDiM fits one Gaussian per grid position, which assumes the object sits at the same place in
 every image; unregistered brain slices do not. With ``moments`` each network input is warped to a
 canonical frame before the backbone, by the similarity transform that the moments of its head
-mask (:func:`utils.preprocess.head_masks`, estimated from the image alone) define:
+mask (:func:`utils.preprocess.head_masks`, estimated from the image alone) define (with
+``translation``, by the first part alone; on the study's validation slices with synthetic
+lesions, scale and rotation lowered the numbers, docs/quality.md):
 
 - translation: the mask's centroid goes to the image centre;
 - scale: the mask's area becomes :data:`CANONICAL_AREA` of the frame;
@@ -40,8 +42,9 @@ SCALE_RANGE = (0.5, 2.0)
 MIN_AREA = 0.01
 
 
-def moment_transform(mask: np.ndarray, canonical_area: float = CANONICAL_AREA) -> torch.Tensor:
-    """``(2, 3)`` float64 transform (canonical -> image) from the moments of one ``(S, S)`` bool mask.
+def moment_transform(mask: np.ndarray, similarity: bool = True, canonical_area: float = CANONICAL_AREA) -> torch.Tensor:
+    """``(2, 3)`` float64 transform (canonical -> image) from the moments of one ``(S, S)`` bool mask:
+    translation, scale and rotation, or (``similarity`` false) the translation alone.
 
     The identity when the mask is empty, tiny or covers the whole image (no head found).
     """
@@ -55,10 +58,10 @@ def moment_transform(mask: np.ndarray, canonical_area: float = CANONICAL_AREA) -
     x = (2 * cols + 1) / side_x - 1
     y = (2 * rows + 1) / side_y - 1
     centre = np.array([x.mean(), y.mean()])
-    covariance = np.cov(np.stack([x, y]), bias=True)
-    scale = float(np.clip(math.sqrt(area / canonical_area), *SCALE_RANGE))
-    rotation = _rotation(covariance)
-    linear = scale * rotation
+    linear = np.eye(2)
+    if similarity:
+        scale = float(np.clip(math.sqrt(area / canonical_area), *SCALE_RANGE))
+        linear = scale * _rotation(np.cov(np.stack([x, y]), bias=True))
     return torch.tensor(np.concatenate([linear, centre[:, None]], axis=1), dtype=torch.float64)
 
 
@@ -87,14 +90,15 @@ def _warp(x: torch.Tensor, transforms: torch.Tensor, padding: str) -> torch.Tens
     return F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode=padding, align_corners=False)
 
 
-def to_canonical(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp ``(N, C, S, S)`` images to the canonical frame of their head ``masks`` ``(N, S, S)``.
+def to_canonical(images: torch.Tensor, masks: torch.Tensor, similarity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp ``(N, C, S, S)`` images to the canonical frame of their head ``masks`` ``(N, S, S)``
+    (:func:`moment_transform`; ``similarity`` false: centred only).
 
     Returns the warped images and the ``(N, 2, 3)`` transforms (for :func:`from_canonical`).
     Canonical pixels that fall outside the image take each image's background value (per channel,
     the median outside its head), so the area brought in by the warp looks like background.
     """
-    transforms = torch.stack([moment_transform(mask.cpu().numpy()) for mask in masks])
+    transforms = torch.stack([moment_transform(mask.cpu().numpy(), similarity) for mask in masks])
     inside = _warp(torch.ones_like(images[:, :1]), transforms, "zeros")
     warped = _warp(images, transforms, "zeros")
     return warped + (1 - inside) * _background(images, masks), transforms

@@ -192,7 +192,7 @@ class Padim:
         transforms (:mod:`utils.align`); ``none``: the batch itself and None."""
         if self.settings.data.align == "none":
             return batch, None
-        return to_canonical(batch, head_masks(batch))
+        return to_canonical(batch, head_masks(batch), similarity=self.settings.data.align == "moments")
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
