@@ -28,7 +28,7 @@ from utils.config import load_config  # noqa: E402
 from utils.data import NORMAL  # noqa: E402
 from utils.evaluation import Evaluation, reference_maps  # noqa: E402
 
-PERCENTILES = (90.0, 95.0, 97.0, 98.0, 99.0, 99.5)
+PERCENTILES = (90.0, 95.0, 97.0, 98.0, 99.0, 99.5, 99.7, 99.9)
 
 
 def scale_report(val_maps, val_regions, normal) -> None:
