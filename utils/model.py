@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .align import from_canonical, to_canonical
 from .backbones import BACKBONES
 from . import model_file
 from .config import Settings
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
-from .align import from_canonical, to_canonical
 from .preprocess import head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
