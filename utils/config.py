@@ -55,6 +55,10 @@ class DataSettings:
     resize: Literal["pad", "stretch"] = "pad"
     #: Per-image intensity standardisation before ImageNet normalisation.
     intensity: Literal["none", "zscore", "percentile"] = "none"
+    #: Spatial normalisation before the network: "none"; "translation" (each slice shifted so that its
+    #: head mask's centroid is the image centre) or "moments" (the similarity transform from the
+    #: mask's moments: also its area and principal axes); anomaly maps are warped back (utils.align).
+    align: Literal["none", "translation", "moments"] = "none"
     #: On an unreadable image: false fails naming the file; true skips it with a warning.
     skip_bad_images: bool = False
     num_workers: int = 0

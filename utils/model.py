@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .align import from_canonical, to_canonical
 from .backbones import BACKBONES
 from . import model_file
 from .config import Settings
@@ -114,6 +115,7 @@ class Padim:
             stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype), device=self.device)
             moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
             for batch in self._batches(images, "fit", progress):
+                batch = self._to_canonical(batch)[0]
                 views = (batch, batch.flip(-1)) if s.flip_train else (batch,)  # flip_train: the mirror image too
                 for view in views:
                     embeddings = self.embed(view)
@@ -170,10 +172,13 @@ class Padim:
         maps = []
         with torch.inference_mode(), exact_float32(self.device):
             for batch in self._batches(images, "score", progress):
-                distances = self.distances(batch).float()
+                canonical, transforms = self._to_canonical(batch)
+                distances = self.distances(canonical).float()
                 if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
-                    distances = 0.5 * (distances + self.distances(batch.flip(-1)).float().flip(-1))
+                    distances = 0.5 * (distances + self.distances(canonical.flip(-1)).float().flip(-1))
                 batch_maps = anomaly_maps(distances, self.settings.input_size, self.settings.blur_sigma).cpu()
+                if transforms is not None:  # back to the image's own frame before anything else sees the map
+                    batch_maps = from_canonical(batch_maps, transforms)
                 if self.settings.mask_background:
                     batch_maps = batch_maps * head_masks(batch, margin=max(1, round(self.settings.blur_sigma)))
                 maps.append(batch_maps)
@@ -184,6 +189,13 @@ class Padim:
             raise DataError(f"region shape {tuple(region.shape)} does not match maps {tuple(all_maps.shape)}")
         scores = image_scores(all_maps, self.settings.image_score, region)
         return ScoreResult(all_maps.numpy(), scores.numpy())
+
+    def _to_canonical(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``data.align``: the batch in the canonical frame of its estimated heads and the
+        transforms (:mod:`utils.align`); ``none``: the batch itself and None."""
+        if self.settings.data.align == "none":
+            return batch, None
+        return to_canonical(batch, head_masks(batch), similarity=self.settings.data.align == "moments")
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:

@@ -28,7 +28,7 @@ FILE_VERSION = 2
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
 #: Data settings that change what the model sees, so they must match too.
-MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop")
+MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop", "align")
 
 
 def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
