@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import DataError, ModelFileError
 from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
-from .preprocess import head_masks
+from .preprocess import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
 
@@ -172,7 +172,8 @@ class Padim:
         maps = []
         with torch.inference_mode(), exact_float32(self.device):
             for batch in self._batches(images, "score", progress):
-                canonical, transforms = self._to_canonical(batch)
+                heads = head_masks(batch) if self.settings.data.align != "none" or self.settings.mask_background else None
+                canonical, transforms = self._to_canonical(batch, heads)
                 distances = self.distances(canonical).float()
                 if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
                     distances = 0.5 * (distances + self.distances(canonical.flip(-1)).float().flip(-1))
@@ -180,7 +181,7 @@ class Padim:
                 if transforms is not None:  # back to the image's own frame before anything else sees the map
                     batch_maps = from_canonical(batch_maps, transforms)
                 if self.settings.mask_background:
-                    batch_maps = batch_maps * head_masks(batch, margin=max(1, round(self.settings.blur_sigma)))
+                    batch_maps = batch_maps * dilated(heads, margin=max(1, round(self.settings.blur_sigma)))
                 maps.append(batch_maps)
         if not maps:
             raise DataError("nothing to score: no images were given")
@@ -190,12 +191,13 @@ class Padim:
         scores = image_scores(all_maps, self.settings.image_score, region)
         return ScoreResult(all_maps.numpy(), scores.numpy())
 
-    def _to_canonical(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``data.align``: the batch in the canonical frame of its estimated heads and the
-        transforms (:mod:`utils.align`); ``none``: the batch itself and None."""
+    def _to_canonical(self, batch: torch.Tensor, heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``data.align``: the batch in the canonical frame of its heads (estimated here unless
+        given) and the transforms (:mod:`utils.align`); ``none``: the batch itself and None."""
         if self.settings.data.align == "none":
             return batch, None
-        return to_canonical(batch, head_masks(batch), similarity=self.settings.data.align == "moments")
+        heads = head_masks(batch) if heads is None else heads
+        return to_canonical(batch, heads, similarity=self.settings.data.align == "moments")
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:

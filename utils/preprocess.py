@@ -280,15 +280,18 @@ def _input_luminance(image: torch.Tensor) -> np.ndarray:
 
 def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
     """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
-    (:func:`foreground_mask`; no annotation, so train, test and predict agree),
-    dilated by ``margin`` pixels (``mask_background`` uses the blur radius: the map spreads a
-    lesion at the head's edge by about that much, and Otsu can cut dark edge tissue)."""
+    (:func:`foreground_mask`; no annotation, so train, test and predict agree), dilated by
+    ``margin`` pixels (:func:`dilated`)."""
+    heads = torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
+    return dilated(heads, margin)
+
+
+def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:
+    """``(N, S, S)`` bool masks grown by ``margin`` pixels (``mask_background`` uses the blur
+    radius: the map spreads a lesion at the head's edge by about that much, and Otsu can cut dark
+    edge tissue); an all-True mask stays as it is."""
     from scipy import ndimage
 
-    masks = []
-    for image in images:
-        mask = foreground_mask(torch.from_numpy(_input_luminance(image))).numpy()
-        if margin > 0 and not mask.all():
-            mask = ndimage.binary_dilation(mask, iterations=margin)
-        masks.append(torch.from_numpy(mask))
-    return torch.stack(masks)
+    if margin <= 0:
+        return masks
+    return torch.stack([m if m.all() else torch.from_numpy(ndimage.binary_dilation(m.numpy(), iterations=margin)) for m in masks])
