@@ -31,6 +31,7 @@ from sklearn.covariance import LedoitWolf  # noqa: E402
 from synthetic_val import synthetic_set  # noqa: E402
 
 from utils import metrics as M  # noqa: E402
+from utils.align import align_batch  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import NORMAL, ImageSet, Item, make_loader  # noqa: E402
 from utils.evaluation import Evaluation  # noqa: E402
@@ -50,7 +51,7 @@ def top_mean(maps: np.ndarray, regions: np.ndarray, percent: float) -> np.ndarra
 def pooled(model, images: torch.Tensor) -> np.ndarray:
     """Globally average-pooled patch embeddings ``(N, d)`` (in the model's aligned frame, if any)."""
     with torch.inference_mode():
-        out = [model.embed(model._to_canonical(batch)[0]).mean(dim=(2, 3)).double().cpu() for batch in images.split(32)]
+        out = [model.embed(align_batch(batch, model.settings.data.align)[0]).mean(dim=(2, 3)).double().cpu() for batch in images.split(32)]
     return torch.cat(out).numpy()
 
 

@@ -158,7 +158,7 @@ def test_align_none_leaves_the_maps_bit_identical(align_settings, monkeypatch):
     """``none`` never warps: maps are exactly the unaligned pipeline's (mahalanobis -> flip mean -> maps)."""
     train, test = to_batch(_heads(8, seed=5)), to_batch(_heads(2, seed=6))
     model = Padim(align_settings).fit(train, progress=False)
-    monkeypatch.setattr("utils.model.to_canonical", lambda *a: pytest.fail("none must not align"))
+    monkeypatch.setattr("utils.align.to_canonical", lambda *a: pytest.fail("none must not align"))
     maps = model.score(test, progress=False).maps
     with torch.inference_mode():
         distances = mahalanobis(model.embed(test), model.mean, model.whitening).float()

@@ -81,6 +81,11 @@ def test_data_fingerprint_follows_the_files_not_where_the_set_lies(tmp_path):
     assert fingerprint([listed(root, "3.png", "x/2.png", "x/1.png")]) == first  # order and grouping do not count
     shutil.copytree(root, tmp_path / "b")
     assert fingerprint([listed(tmp_path / "b", "x/1.png", "x/2.png", "3.png")]) == first  # a copy elsewhere
+    rewritten = tmp_path / "b" / "x" / "1.png"
+    stamp = rewritten.stat().st_mtime
+    rewritten.write_bytes(b"\1" * 10)  # same size, other content, later time
+    os.utime(rewritten, (stamp + 10, stamp + 10))
+    assert fingerprint([listed(tmp_path / "b", "x/1.png", "x/2.png", "3.png")]) != first
     (root / "x/4.png").write_bytes(b"\0" * 5)
     assert fingerprint([listed(root, "x/1.png", "x/2.png", "3.png", "x/4.png")]) != first  # an image added
     (root / "3.png").write_bytes(b"\0" * 31)

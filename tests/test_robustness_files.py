@@ -116,7 +116,7 @@ def test_predict_accepts_a_single_image_file(fitted, tmp_path, capsys):
     image = _images(tmp_path / "in", 1)[0]
     code, _, out = _run(["predict", "--config", config, "--model", model, "--input", image, "--output", str(tmp_path / "o")], capsys)
     assert code == 0 and "1 images scored" in out
-    assert sorted(os.listdir(tmp_path / "o")) == ["i00_heatmap.png", "scores.csv"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["i00_heatmap.png", "predict_files.json", "scores.csv"]
 
 
 @pytest.mark.skipif(RUNNING_AS_ROOT, reason="root writes and reads whatever the modes")
@@ -215,7 +215,7 @@ def test_a_failed_predict_leaves_the_earlier_output_as_it_was(fitted, tmp_path, 
     output = tmp_path / "out"
     assert _run(["predict", "--config", config, "--model", model, "--input", str(inputs), "--output", str(output)], capsys)[0] == 0
     before = _listing(output)
-    assert len(before) == 13  # 12 heat-maps and scores.csv
+    assert len(before) == 14  # 12 heat-maps, scores.csv and the file list
     with open(names[10], "wb") as handle:
         handle.write(b"not an image")  # fails after the first batch (batch_size 8) was written
     code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(inputs), "--output", str(output)], capsys)
@@ -233,7 +233,7 @@ def test_a_new_predict_replaces_the_earlier_output_as_a_whole(fitted, tmp_path, 
     (tmp_path / "b").mkdir()
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(tmp_path / "b" / "z.png")
     assert _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "b"), "--output", str(output)], capsys)[0] == 0
-    assert sorted(os.listdir(output)) == ["scores.csv", "z_heatmap.png"]  # nothing of the first run is left
+    assert sorted(os.listdir(output)) == ["predict_files.json", "scores.csv", "z_heatmap.png"]  # nothing of the first run is left
     assert _hidden(tmp_path) == []
 
 
@@ -364,3 +364,73 @@ def test_skip_bad_images_skips_a_decode_failure_with_one_warning_line(tmp_path, 
     assert code == 0 and "model written" in out
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: skipping") and str(victim) in lines[0], err
+
+
+def test_predict_keeps_a_users_files_and_follows_a_linked_output(fitted, tmp_path, capsys):
+    config, model = fitted
+    _images(tmp_path / "in", 2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "scores.csv").write_text("my own table")  # looks like an output, was not written by predict
+    (mine / "thesis.tex").write_text("precious")
+    code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "in"), "--output", str(mine)], capsys)
+    assert code == 2 and "holds other files" in _one_error_line(err)
+    assert sorted(os.listdir(mine)) == ["scores.csv", "thesis.tex"]
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    for _ in range(2):  # the second run replaces the first run's outputs behind the link
+        assert _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "in"), "--output", str(link)], capsys)[0] == 0
+    assert link.is_symlink() and sorted(os.listdir(link)) == sorted(os.listdir(real))
+    assert "scores.csv" in os.listdir(real) and _hidden(tmp_path) == []
+
+
+def test_fit_output_over_a_file_that_is_not_a_model_is_refused(tmp_path, category, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    config = _mvtec_config(tmp_path, category)
+    code, err, _ = _run(["fit", "--config", config, "--output", str(notes)], capsys)
+    assert code == 2 and "is not a model file" in _one_error_line(err) and notes.read_text() == "my notes"
+
+
+def test_a_write_that_fails_names_the_target_not_the_temporary_file(tmp_path):
+    import errno
+
+    from utils.files import atomic_writer
+
+    target = tmp_path / "metrics.csv"
+    with pytest.raises(OSError) as info:
+        with atomic_writer(target) as stream:
+            stream.write(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_colour_image_among_gray_study_images_is_one_line(tmp_path, capsys):
+    from utils.demo_data import DemoCounts, generate_demo
+
+    root = generate_demo(str(tmp_path / "demo"), seed=0, counts=DemoCounts(ixi_train=4, fastmri_train=2, val=2, per_kind=2, normal_test=2))
+    victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[0]
+    Image.open(victim).convert("RGB").save(victim)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n")
+    code, err, _ = _run(["fit", "--config", str(config), "--output", str(tmp_path / "m.pt")], capsys)
+    assert code == 2 and "mixes colour and gray images" in _one_error_line(err) and str(victim) in err
+
+
+@pytest.mark.parametrize("argv", [[], ["predict", "--config", "x.yaml"], ["fit", "--bogus"]])
+def test_usage_errors_are_one_line(argv):
+    done = subprocess.run([sys.executable, "-m", "utils", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.mkdir(), "config file is a folder, not a file"),
+    (lambda p: p.write_text("seed: " + "[" * 3000 + "]" * 3000 + "\n"), "nested too deeply"),
+])
+def test_odd_config_files_are_one_line(tmp_path, capsys, make, fragment):
+    path = tmp_path / "config.yaml"
+    make(path)
+    code, err, _ = _run(["fit", "--config", str(path)], capsys)
+    assert code == 2 and fragment in _one_error_line(err)

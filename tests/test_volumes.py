@@ -122,7 +122,7 @@ def test_manifest_errors_name_the_file_and_row(small_set):
     assert "volume_index" in _error(folder, [{"split": "train", "image": four}, test_row])
     assert "out of range" in _error(folder, [{"split": "train", "image": four}, test_row], volume_index=2)
     nan = _save(folder, "nan.nii.gz", np.full(SHAPE, np.nan, np.float32))
-    assert "all NaN" in _error(folder, [{"split": "train", "image": nan}, test_row])
+    assert "no finite voxel (all NaN or Inf)" in _error(folder, [{"split": "train", "image": nan}, test_row])
     flat = _save(folder, "flat.nii.gz", np.ones(SHAPE, np.float32))
     assert "constant" in _error(folder, [{"split": "train", "image": flat}, test_row])
     assert "no test volumes" in _error(folder, rows[:2])
@@ -131,6 +131,24 @@ def test_manifest_errors_name_the_file_and_row(small_set):
     assert "already used" in _error(folder, [duplicate] + rows[1:])
     message = _error(folder, [{"split": "train", "image": "missing.nii.gz"}, test_row])
     assert "volumes.csv" in message and "missing.nii.gz" in message
+    # damaged or hostile files and rows
+    whole = open(os.path.join(folder, rows[0]["image"]), "rb").read()
+    with open(os.path.join(folder, "cut.nii.gz"), "wb") as handle:
+        handle.write(whole[: len(whole) // 3])  # the header reads, the voxels do not
+    assert "cannot read the voxels of" in _error(folder, [{"split": "train", "image": "cut.nii.gz"}, test_row])
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"], header["srow_z"] = 1, 0, [0, 0, 0, 0]  # the z axis collapsed
+    nib.save(nib.Nifti1Image(image.astype(np.float32), None, header), os.path.join(folder, "singular.nii.gz"))
+    flat_affine = "singular.nii.gz"
+    assert "no usable affine" in _error(folder, [{"split": "train", "image": flat_affine}, test_row])
+    for case in ("../../evil", "a/b", ".."):  # the case names output files: never a path
+        assert "not a plain file name" in _error(folder, [dict(rows[0], case=case)] + rows[1:])
+    binary = os.path.join(folder, "binary.csv")
+    with open(binary, "wb") as handle:
+        handle.write(b"split,image\n\xff\xfe train")
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_manifest(binary)
 
 
 def test_a_4d_image_with_volume_index_uses_that_volume(small_set):

@@ -121,3 +121,14 @@ def from_canonical(maps: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor
     :func:`utils.preprocess.restore_geometry` does for a crop.
     """
     return _warp(maps.unsqueeze(1), invert(transforms), "border").squeeze(1)
+
+
+def align_batch(images: torch.Tensor, mode: str, heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``data.align`` applied to one batch: the images in the canonical frame of their heads
+    (estimated here unless given) and the transforms; ``none``: the images themselves and None."""
+    if mode == "none":
+        return images, None
+    from .preprocess import head_masks
+
+    heads = head_masks(images) if heads is None else heads
+    return to_canonical(images, heads, similarity=mode == "moments")

@@ -7,7 +7,6 @@ stops after the deepest requested stage (layer4 / the last blocks are never comp
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import BackboneError
+from .files import file_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -144,8 +144,8 @@ def _efficientnet_weight_file(name: str) -> str:
 
 
 def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
-    if not os.path.isfile(path):
-        raise BackboneError(f"weights file for {name} not found: {path}")
+    if problem := file_problem(path):
+        raise BackboneError(f"weights file for {name} {problem}: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

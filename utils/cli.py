@@ -10,20 +10,29 @@ import argparse
 import collections
 import csv
 import io
+import json
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
+import zipfile
 from typing import Callable, Sequence
 
 from .errors import ConfigError, PadimError
-from .files import atomic_writer, staged_folder, writable_folder
+from .files import atomic_writer, staged_folder, writable_folder, write_atomic
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line (exit 2), as every other error is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils", description="PaDiM anomaly detection")
+    parser = OneLineParser(prog="python -m utils", description="PaDiM anomaly detection")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -59,6 +68,8 @@ def _fit(args: argparse.Namespace) -> int:
     if output is not None:
         if os.path.isdir(output) or output.endswith(os.sep):
             raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
+        if os.path.lexists(output) and not _is_model_archive(output):
+            raise ConfigError(f"--output {output} exists and is not a model file; give a new path (only a model file is replaced)")
         writable_folder(os.path.dirname(os.path.abspath(output)))
     else:
         writable_folder(settings.results_dir)  # the run's folder is named once the training files are known
@@ -67,6 +78,15 @@ def _fit(args: argparse.Namespace) -> int:
     if path is not None:  # rank 0 (or the only process)
         print(f"model written to {path} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _is_model_archive(path: str) -> bool:
+    """Whether ``path`` is a torch archive (what a model file is), read from its zip directory only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -105,15 +125,30 @@ def _input_files(source: str, output: str) -> list[str]:
     return files
 
 
-#: Files that mark a folder as an earlier ``predict`` output (which a new run replaces as a whole).
-PREDICT_MARKERS = ("scores.csv", "volume_scores.csv")
+#: Written last into every ``predict`` output: the list of its files. A folder is an earlier
+#: output (replaced as a whole by the next run) only if it holds this list and nothing else.
+PREDICT_LIST = "predict_files.json"
+
+
+def _files_below(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
 
 
 def _output_folder(output: str) -> str:
-    """``output`` once it is absent, empty or an earlier predict output; never a folder of other files."""
+    """The real path of ``output`` once it is absent, empty or an earlier predict output (its file
+    list, :data:`PREDICT_LIST`, covers every file in it); never a folder that holds other files."""
+    output = os.path.realpath(output)  # a link to the folder stays a link to the new outputs
     writable_folder(output)
-    if os.path.isdir(output) and os.listdir(output) and not any(os.path.isfile(os.path.join(output, m)) for m in PREDICT_MARKERS):
-        raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder")
+    if not os.path.isdir(output) or not os.listdir(output):
+        return output
+    try:
+        with open(os.path.join(output, PREDICT_LIST), encoding="utf-8") as handle:
+            listed = set(json.load(handle)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
+    others = [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]
+    if others:
+        raise ConfigError(f"--output {output} holds files an earlier predict did not write ({others[0]}); give a new or empty folder")
     return output
 
 
@@ -136,6 +171,7 @@ def _predict(args: argparse.Namespace) -> int:
             done.append(_predict_volumes(model, volumes, staging, progress=not args.quiet))
         if images:
             done.append(_predict_images(model, images, args.input, staging, progress=not args.quiet))
+        write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": _files_below(staging)}, indent=1).encode())
     for line in done:
         print(f"{line} in {args.output}")
     return 0

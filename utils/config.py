@@ -18,6 +18,7 @@ import yaml
 
 from .backbones import BACKBONES, MAX_STRIDE
 from .errors import ConfigError
+from .files import file_problem
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -144,8 +145,8 @@ class Settings:
 def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
     """Read a YAML config file into :class:`Settings`; ``overrides`` replace top-level keys."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    if problem := file_problem(path):
+        raise ConfigError(f"config file {problem}: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.load(handle, Loader=_UniqueKeyLoader)
@@ -153,6 +154,8 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if raw is None:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Settings
 from .errors import DataError
+from .files import file_problem
 from .preprocess import COLOR_MODES, IMAGE_SUFFIXES, open_image, prepare, read_image, read_mask, resize_mask
 
 T = TypeVar("T")
@@ -217,13 +218,15 @@ def load_data(settings: Settings, splits: tuple = SPLITS) -> DataBundle:
 
 def fingerprint(sets: Iterable) -> str:
     """A 12-hex-digit hash of the files ``sets`` read (each set's ``files``): their paths relative
-    to the folder they share, and their sizes. Images added, removed, renamed or rewritten change
-    it; moving or copying the whole data set does not."""
+    to the folder they share, their sizes and modification times (whole seconds). Images added,
+    removed, renamed or rewritten change it; moving the data set, or copying it with its times
+    (``cp -p``, ``rsync -a``), does not."""
     files = sorted({os.path.abspath(f) for s in sets if s is not None for f in s.files})
     if not files:
         return "no-files"
     base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
-    listing = "".join(f"{os.path.relpath(f, base)}\t{os.path.getsize(f)}\n" for f in files)
+    stats = [os.stat(f) for f in files]
+    listing = "".join(f"{os.path.relpath(f, base)}\t{st.st_size}\t{int(st.st_mtime)}\n" for f, st in zip(files, stats))
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
 
 
@@ -317,8 +320,8 @@ class _Checker:
         result = self._found[path]
         if isinstance(result, tuple):
             return result[0]
-        if not os.path.isfile(path):
-            raise DataError(f"{source}: file not found: {path}")
+        if problem := file_problem(path):
+            raise DataError(f"{source}: file {problem}: {path}")
         if self.skip_bad:
             warnings.warn(f"skipping {source}: {result} (data.skip_bad_images is true)", SkippedImageWarning, stacklevel=2)
             return None
@@ -333,10 +336,19 @@ class _Checker:
         except DataError as exc:
             return exc
 
-    def colour_files(self, paths: Iterable[str]) -> tuple[list[str], list[str]]:
-        """``(colour files, gray files)`` among the checked ``paths``."""
-        checked = [(p, self._found[p]) for p in paths if isinstance(self._found.get(p), tuple)]
-        return [p for p, (_, colour) in checked if colour], [p for p, (_, colour) in checked if not colour]
+    def same_colour(self, groups: Sequence[Optional["ImageSet"]], root: str, color: str) -> None:
+        """With ``data.color: auto`` every checked image of a data set must be colour, or every one
+        gray (a batch cannot hold both)."""
+        if color != "auto":
+            return
+        checked = [(p, self._found[p]) for g in groups if g is not None for p in g.paths if isinstance(self._found.get(p), tuple)]
+        colour, gray = [p for p, (_, c) in checked if c], [p for p, (_, c) in checked if not c]
+        if colour and gray:
+            fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
+            raise DataError(
+                f"{root} mixes colour and gray images ({len(colour)} colour, {len(gray)} gray; {kind}: "
+                f"{', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}); set data.color: gray or rgb to read them alike"
+            )
 
     def row(self, source: str, image: str, masks: Sequence[str]) -> bool:
         """Check an image and its masks; False if the row is skipped (bad file, skip mode)."""
@@ -396,9 +408,9 @@ class StudyLoader:
     def read_csv(self, name: str) -> list[tuple[str, str]]:
         """Rows of ``<name>.csv`` as (resolved path, "name.csv line N"); errors on missing/empty CSV."""
         path = self.csv_path(name)
-        if not os.path.isfile(path):
-            available = sorted(f[:-4] for f in os.listdir(self.split_dir) if f.endswith(".csv"))
-            raise DataError(f"split CSV not found: {path}; available: {', '.join(available) or 'none'}")
+        if problem := file_problem(path):
+            available = sorted(f[:-4] for f in os.listdir(self.split_dir) if f.endswith(".csv") and os.path.isfile(os.path.join(self.split_dir, f)))
+            raise DataError(f"split CSV {problem}: {path}; available: {', '.join(available) or 'none'}")
         label = name + ".csv"
         try:
             with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -421,6 +433,11 @@ class StudyLoader:
         return rows
 
     def load(self, splits: Sequence[str]) -> DataBundle:
+        bundle = self._sets(splits)
+        self.check.same_colour([bundle.train, bundle.val, *bundle.test.values()], self.root, self.settings.data.color)
+        return bundle
+
+    def _sets(self, splits: Sequence[str]) -> DataBundle:
         d = self.settings.data
         test = self.test() if "test" in splits else {}
         if d.val_split:
@@ -522,26 +539,14 @@ class MvtecLoader:
     def load(self, splits: Sequence[str]) -> DataBundle:
         test = self.test() if "test" in splits else {}
         if not {"train", "val"} & set(splits):
-            self._check_colour(list(test.values()))
+            self.check.same_colour(list(test.values()), self.root, self.settings.data.color)
             return DataBundle(None, None, test)
         folder = os.path.join(self.root, "train", "good")
         items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
         train = ImageSet("train", _usable(folder, items), self.settings)
-        self._check_colour([train, *test.values()])
+        self.check.same_colour([train, *test.values()], self.root, self.settings.data.color)
         train, val, description = _hold_out_images(train, "train/good")
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
-
-    def _check_colour(self, groups: Sequence[ImageSet]) -> None:
-        """With ``data.color: auto`` every image of a category must be colour, or every one gray."""
-        if self.settings.data.color != "auto":
-            return
-        colour, gray = self.check.colour_files(p for group in groups for p in group.paths)
-        if colour and gray:
-            fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
-            raise DataError(
-                f"{self.root} mixes colour and gray images ({len(colour)} colour, {len(gray)} gray; {kind}: "
-                f"{', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}); set data.color: gray or rgb to read them alike"
-            )
 
     def test(self) -> dict[str, ImageSet]:
         test_dir = os.path.join(self.root, "test")

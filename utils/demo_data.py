@@ -28,7 +28,6 @@ tissue aside, ringed by hypointense oedema). Everything is deterministic from th
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -364,19 +363,16 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = D
     if os.path.exists(root) and not os.path.isdir(root):
         raise FileExistsError(f"{root} exists and is not a folder")
     if os.path.isdir(root) and os.listdir(root) and not overwrite:
-        raise FileExistsError(f"{root} exists and is not empty; choose another folder or pass overwrite")
+        raise FileExistsError(f"{root} exists and is not empty; choose another folder, or replace it (--force; overwrite=True)")
     with staged_folder(root, replace=overwrite) as temporary:
         _write_set(temporary, int(seed), counts, kinds)
     return root
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse's default adds a usage block)
-        self.exit(2, f"error: {message} (see python -m utils.demo_data --help)\n")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _Parser(
+    from .cli import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m utils.demo_data",
         description="Write the small synthetic brain-MRI demo set (study layout) to DIR.",
     )

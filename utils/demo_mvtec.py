@@ -16,7 +16,6 @@ Command line: ``python -m utils.demo_mvtec DIR [--seed N]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -114,7 +113,9 @@ def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.demo_mvtec", description=__doc__.splitlines()[0])
+    from .cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m utils.demo_mvtec", description=__doc__.splitlines()[0])
     parser.add_argument("root", help="folder to create (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

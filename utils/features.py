@@ -33,6 +33,15 @@ def semi_orthogonal_projection(total: int, keep: int, seed: int) -> torch.Tensor
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
+def channel_selection(settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(indices, projection)``: the backbone channels kept and, for ``channel_reduction:
+    semi_orthogonal``, the projection of all of them to ``kept_channels`` (else None)."""
+    total, kept = settings.total_channels, settings.kept_channels
+    if settings.channel_reduction == "semi_orthogonal":
+        return torch.arange(total), semi_orthogonal_projection(total, kept, settings.seed)
+    return random_channel_indices(total, kept, settings.seed), None
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
     if name == "auto":

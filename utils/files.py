@@ -73,9 +73,11 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
                 os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(exc, OSError) and exc.filename in (None, temporary):  # e.g. a full disk: name the target
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from None
         raise
 
 
@@ -96,15 +98,20 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
         with signals_deferred():
             _swap(staging, target, replace)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and isinstance(exc.filename, str) and exc.filename.startswith(staging):
+            raise OSError(exc.errno, exc.strerror, target + exc.filename[len(staging):]) from None  # the path the user knows
         raise
 
 
@@ -113,7 +120,11 @@ def _swap(staging: str, target: str, replace: bool) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
     if replace and os.path.isdir(target) and os.listdir(target):
         retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-        os.replace(target, os.path.join(retired, "previous"))
+        try:
+            os.replace(target, os.path.join(retired, "previous"))
+        except OSError:
+            os.rmdir(retired)  # the earlier folder cannot be moved (not ours to replace): it stays as it was
+            raise
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
         return
@@ -123,6 +134,18 @@ def _swap(staging: str, target: str, replace: bool) -> None:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise FileExistsError(errno.EEXIST, "exists and is not empty", target) from None
         raise
+
+
+def file_problem(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be read as a file ("not found", "is a folder, not a file", ...), or ""
+    if it is a regular file: one wording for every place that expects a file."""
+    if os.path.isfile(path):
+        return ""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    if os.path.lexists(path):
+        return "is not a regular file (a broken link, device or pipe)"
+    return "not found"
 
 
 def writable_folder(folder: str | os.PathLike) -> str:

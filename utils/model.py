@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .align import from_canonical, to_canonical
+from .align import align_batch, from_canonical
 from .backbones import BACKBONES
 from . import model_file
 from .config import Settings
 from .errors import DataError, ModelFileError
-from .features import PatchEmbedder, exact_float32, random_channel_indices, resolve_device, semi_orthogonal_projection
+from .features import PatchEmbedder, channel_selection, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
 from .preprocess import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
@@ -60,14 +60,8 @@ class Padim:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
-        total, kept = settings.total_channels, settings.kept_channels
         #: Channels taken from the backbone; with ``semi_orthogonal`` all of them, then projected to ``kept``.
-        self.projection: torch.Tensor | None = None
-        if settings.channel_reduction == "semi_orthogonal":
-            self.channel_indices = torch.arange(total)
-            self.projection = semi_orthogonal_projection(total, kept, settings.seed)
-        else:
-            self.channel_indices = random_channel_indices(total, kept, settings.seed)
+        self.channel_indices, self.projection = channel_selection(settings)
         self.mean: torch.Tensor | None = None
         #: ``(P, d, d)`` with ``W^T W`` the precision (inverse covariance) at each position;
         #: a fit stores the inverse lower Cholesky factor (see :func:`utils.gaussian.regularised_whitening`).
@@ -115,7 +109,7 @@ class Padim:
             stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype), device=self.device)
             moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
             for batch in self._batches(images, "fit", progress):
-                batch = self._to_canonical(batch)[0]
+                batch = align_batch(batch, s.data.align)[0]
                 views = (batch, batch.flip(-1)) if s.flip_train else (batch,)  # flip_train: the mirror image too
                 for view in views:
                     embeddings = self.embed(view)
@@ -173,7 +167,7 @@ class Padim:
         with torch.inference_mode(), exact_float32(self.device):
             for batch in self._batches(images, "score", progress):
                 heads = head_masks(batch) if self.settings.data.align != "none" or self.settings.mask_background else None
-                canonical, transforms = self._to_canonical(batch, heads)
+                canonical, transforms = align_batch(batch, self.settings.data.align, heads)
                 distances = self.distances(canonical).float()
                 if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
                     distances = 0.5 * (distances + self.distances(canonical.flip(-1)).float().flip(-1))
@@ -190,14 +184,6 @@ class Padim:
             raise DataError(f"region shape {tuple(region.shape)} does not match maps {tuple(all_maps.shape)}")
         scores = image_scores(all_maps, self.settings.image_score, region)
         return ScoreResult(all_maps.numpy(), scores.numpy())
-
-    def _to_canonical(self, batch: torch.Tensor, heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``data.align``: the batch in the canonical frame of its heads (estimated here unless
-        given) and the transforms (:mod:`utils.align`); ``none``: the batch itself and None."""
-        if self.settings.data.align == "none":
-            return batch, None
-        heads = head_masks(batch) if heads is None else heads
-        return to_canonical(batch, heads, similarity=self.settings.data.align == "moments")
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:

@@ -15,7 +15,7 @@ import torch
 
 from .config import Settings, settings_from_dict
 from .errors import ConfigError, ModelFileError
-from .files import atomic_writer
+from .files import atomic_writer, file_problem
 from .gaussian import all_finite
 
 if TYPE_CHECKING:
@@ -64,8 +64,8 @@ def save(model: "Padim", path: str | os.PathLike) -> str:
 
 
 def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file not found: {path}")
+    if problem := file_problem(path):
+        raise ModelFileError(f"model file {problem}: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

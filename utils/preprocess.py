@@ -26,6 +26,7 @@ from PIL import Image
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError
+from .files import file_problem
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -48,8 +49,8 @@ def open_image(path: str) -> Iterator[Image.Image]:
 
     Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
+    if problem := file_problem(path):
+        raise DataError(f"image file {problem}: {path}")
     if os.path.getsize(path) == 0:
         raise DataError(f"image file is empty (0 bytes): {path}")
     try:

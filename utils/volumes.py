@@ -48,7 +48,7 @@ from . import metrics as M
 from .config import Settings
 from .data import DataBundle, counted, hold_out
 from .errors import DataError
-from .files import write_atomic
+from .files import file_problem, write_atomic
 from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
 
 SPLITS = ("train", "val", "test")
@@ -86,8 +86,8 @@ def case_name(path: str) -> str:
 
 def _header(path: str, source: str) -> nib.Nifti1Image:
     """The NIfTI image at ``path`` (header read, data not loaded), or a one-line error."""
-    if not os.path.isfile(path):
-        raise DataError(f"{source}: file {path} not found")
+    if problem := file_problem(path):
+        raise DataError(f"{source}: file {path} {problem}")
     if not path.endswith(NIFTI_SUFFIXES):
         raise DataError(f"{source}: {path} is not a NIfTI file (.nii or .nii.gz)")
     try:
@@ -107,6 +107,9 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
             raise DataError(f"{entry.source}: data.volume_index {volume_index} is out of range for {entry.image} ({shape[3]} volumes)")
     elif len(shape) != 3:
         raise DataError(f"{entry.source}: {entry.image} has shape {shape}; a 3-D (or 4-D) volume is needed")
+    linear = image.affine[:3, :3]
+    if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
+        raise DataError(f"{entry.source}: {entry.image} has no usable affine (singular or not finite): its orientation is unknown")
     for kind in ("label", "brain_mask"):
         path = getattr(entry, kind)
         if path is None:
@@ -125,10 +128,17 @@ def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeE
 
 def _manifest_entries(path: str) -> list[VolumeEntry]:
     """The rows of a manifest CSV (columns and splits checked; files not yet)."""
-    if not os.path.isfile(path):
-        raise DataError(f"manifest {path} not found (data.manifest)")
+    if problem := file_problem(path):
+        raise DataError(f"manifest {path} {problem} (data.manifest)")
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
+    try:
+        return _rows(path, folder, name)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"manifest {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): is it a CSV?") from None
+
+
+def _rows(path: str, folder: str, name: str) -> list[VolumeEntry]:
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
@@ -146,6 +156,8 @@ def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> 
     pass :func:`_check_entry`."""
     seen: dict[str, str] = {}
     for entry in entries:
+        if entry.case in (".", "..") or "/" in entry.case or "\\" in entry.case:
+            raise DataError(f"{entry.source}: case name {entry.case!r} is not a plain file name (it names the output files)")
         if entry.case in seen:
             raise DataError(f"{entry.source}: case name {entry.case!r} already used at {seen[entry.case]}; set distinct `case` values")
         seen[entry.case] = entry.source
@@ -190,7 +202,12 @@ def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tupl
     image = _header(path, source)
     if len(image.shape) == 4:
         image = image.slicer[..., volume_index if volume_index is not None else 0]
-    return np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32), image
+    try:
+        return np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32), image
+    except MemoryError:
+        raise DataError(f"{source}: {path} ({'x'.join(map(str, image.shape))} voxels) does not fit in memory") from None
+    except Exception as exc:  # a truncated or damaged file fails only now, when its voxels are read
+        raise DataError(f"{source}: cannot read the voxels of {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''})") from None
 
 
 def estimate_brain(image: np.ndarray) -> np.ndarray:
@@ -226,7 +243,7 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     data, original = _canonical_data(entry.image, entry.source, index)
     finite = np.isfinite(data)
     if not finite.any():
-        raise DataError(f"{entry.source}: {entry.image} is all NaN")
+        raise DataError(f"{entry.source}: {entry.image} has no finite voxel (all NaN or Inf)")
     data = np.where(finite, data, 0).astype(np.float32)
     if np.ptp(data) == 0:
         raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}): no contrast to fit or score")
