@@ -434,3 +434,38 @@ def test_odd_config_files_are_one_line(tmp_path, capsys, make, fragment):
     make(path)
     code, err, _ = _run(["fit", "--config", str(path)], capsys)
     assert code == 2 and fragment in _one_error_line(err)
+
+
+def test_a_changed_byte_inside_a_model_file_is_found(fitted, tmp_path, capsys):
+    import zipfile
+
+    config, model = fitted
+    with zipfile.ZipFile(model) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)  # the whitening tensor
+    data = bytearray(open(model, "rb").read())
+    data[entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + entry.file_size // 2] ^= 0x01
+    damaged = tmp_path / "flipped.pt"
+    damaged.write_bytes(bytes(data))
+    code, err, _ = _run(["predict", "--config", config, "--model", str(damaged), "--input", _images(tmp_path / "in", 1)[0],
+                         "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "fails its checksum" in _one_error_line(err)
+
+
+def test_a_pickled_object_as_model_file_is_one_line_without_warnings(fitted, tmp_path, capsys):
+    import pickle
+
+    config, _ = fitted
+    path = tmp_path / "pickled.pt"
+    path.write_bytes(pickle.dumps({"mean": [1, 2, 3]}))
+    code, err, _ = _run(["predict", "--config", config, "--model", str(path), "--input", _images(tmp_path / "in", 1)[0],
+                         "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is not a readable PaDiM model file" in _one_error_line(err)
+
+
+def test_a_float_image_with_inf_names_its_file(fitted, tmp_path, capsys):
+    config, model = fitted
+    (tmp_path / "in").mkdir()
+    image = tmp_path / "in" / "inf.tif"
+    Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(image)
+    code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(image), "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"image {image} holds NaN or Inf values" in _one_error_line(err)

@@ -72,12 +72,19 @@ def _fit(args: argparse.Namespace) -> int:
             raise ConfigError(f"--output {output} exists and is not a model file; give a new path (only a model file is replaced)")
         writable_folder(os.path.dirname(os.path.abspath(output)))
     else:
-        writable_folder(settings.results_dir)  # the run's folder is named once the training files are known
+        _writable_results(settings.results_dir)  # the run's folder is named once the training files are known
     started = time.perf_counter()
     path = run_fit(settings, output, progress=not args.quiet)
     if path is not None:  # rank 0 (or the only process)
         print(f"model written to {path} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _writable_results(folder: str) -> None:
+    try:
+        writable_folder(folder)
+    except OSError as exc:
+        raise ConfigError(f"results_dir {folder}: {exc.filename}: {exc.strerror}") from None
 
 
 def _is_model_archive(path: str) -> bool:
@@ -94,7 +101,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import run_evaluation
 
     settings = load_config(args.config)
-    writable_folder(settings.results_dir)  # before the work, not after it
+    _writable_results(settings.results_dir)  # before the work, not after it
     result = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
                             figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
     print(result.summary())

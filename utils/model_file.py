@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import zipfile
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,7 +69,16 @@ def _read(path: str) -> dict:
     if problem := file_problem(path):
         raise ModelFileError(f"model file {problem}: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as archive:  # torch's loader does not check the entries' CRC-32 sums
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        damaged = None  # not an archive: torch.load below says so
+    if damaged is not None:
+        raise ModelFileError(f"{path} is damaged: its entry {damaged} fails its checksum (a changed or corrupted byte)")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: the error says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path} is not a readable PaDiM model file ({reason[:200]})") from None

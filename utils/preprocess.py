@@ -93,6 +93,8 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
         return (array / top).astype(np.float32)
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise DataError(f"image {getattr(image, 'filename', '') or 'file'} holds NaN or Inf values")
         return np.clip(array, 0, 1) if array.max() <= 1 else array / max(float(array.max()), 1e-12)
     if image.mode in COLOR_MODES:
         image = image.convert("RGB").convert("L")
