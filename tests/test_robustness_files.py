@@ -469,3 +469,18 @@ def test_a_float_image_with_inf_names_its_file(fitted, tmp_path, capsys):
     Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(image)
     code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(image), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and f"image {image} holds NaN or Inf values" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_is_still_being_imported_is_a_clean_interruption(tmp_path, signum):
+    import time
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  root: {tmp_path / 'demo'}\n")
+    process = subprocess.Popen([sys.executable, "-m", "utils", "fit", "--config", str(config), "--quiet"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # the interpreter is up; importing torch takes seconds
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert os.listdir(tmp_path) == ["c.yaml"]

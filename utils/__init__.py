@@ -25,18 +25,18 @@ One module, one job:
 Importing the package changes nothing in the process (no thread, allocator or global settings).
 """
 
-from .config import Settings, load_config, settings_from_dict
-from .errors import ConfigError, DataError, ModelFileError, PadimError
-from .model import Padim, ScoreResult
+from importlib import import_module
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "ModelFileError",
-    "Padim",
-    "PadimError",
-    "ScoreResult",
-    "Settings",
-    "load_config",
-    "settings_from_dict",
-]
+#: Public names and their modules: imported on first use, so that ``python -m utils`` can install its
+#: Ctrl-C / SIGTERM handling before torch is imported (which takes seconds).
+_EXPORTS = {
+    "ConfigError": "errors", "DataError": "errors", "ModelFileError": "errors", "PadimError": "errors",
+    "Padim": "model", "ScoreResult": "model", "Settings": "config", "load_config": "config", "settings_from_dict": "config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'utils' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
