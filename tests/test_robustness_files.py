@@ -471,16 +471,29 @@ def test_a_float_image_with_inf_names_its_file(fitted, tmp_path, capsys):
     assert code == 2 and f"image {image} holds NaN or Inf values" in _one_error_line(err)
 
 
+_DURING_IMPORT = """
+import os, sys
+sys.path.insert(0, {root!r})
+
+class SignalOnTorch:  # the signal arrives exactly while torch is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), {signum})
+        return None
+
+sys.meta_path.insert(0, SignalOnTorch())
+sys.argv = ["python -m utils", "fit", "--config", {config!r}, "--quiet"]
+import runpy
+runpy.run_module("utils", run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_torch_is_still_being_imported_is_a_clean_interruption(tmp_path, signum):
-    import time
-
     config = tmp_path / "c.yaml"
     config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  root: {tmp_path / 'demo'}\n")
-    process = subprocess.Popen([sys.executable, "-m", "utils", "fit", "--config", str(config), "--quiet"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)  # the interpreter is up; importing torch takes seconds
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    script = _DURING_IMPORT.format(root=ROOT, signum=int(signum), config=str(config))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert os.listdir(tmp_path) == ["c.yaml"]
