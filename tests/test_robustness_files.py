@@ -497,3 +497,66 @@ def test_a_signal_while_torch_is_still_being_imported_is_a_clean_interruption(tm
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert os.listdir(tmp_path) == ["c.yaml"]
+
+
+def test_a_full_disk_during_the_model_write_is_an_os_error_not_torchs_runtime_error(fitted, tmp_path, monkeypatch):
+    import contextlib
+    import errno
+
+    import utils.model_file as model_file
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(model_file, "atomic_writer", lambda path, durable: contextlib.nullcontext(FullDisk()))
+    _, path = fitted
+    with pytest.raises(OSError) as info:
+        Padim.load(path).save(tmp_path / "again.pt")
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_fit_output_over_another_torch_checkpoint_is_refused(tmp_path, category, capsys):
+    checkpoint = tmp_path / "mine.pth"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, checkpoint)
+    before = checkpoint.read_bytes()
+    code, err, _ = _run(["fit", "--config", _mvtec_config(tmp_path, category), "--output", str(checkpoint)], capsys)
+    assert code == 2 and "is not a model file" in _one_error_line(err) and checkpoint.read_bytes() == before
+
+
+def test_an_output_inside_the_input_is_found_through_links(fitted, tmp_path, capsys):
+    config, model = fitted
+    inputs = tmp_path / "in"
+    _images(inputs, 2)
+    (tmp_path / "via").symlink_to(inputs, target_is_directory=True)
+    code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "via"),
+                         "--output", str(inputs / "out")], capsys)
+    assert code == 2 and "is inside --input" in _one_error_line(err) and not (inputs / "out").exists()
+
+
+def test_a_damaged_file_list_makes_the_folder_someone_elses(fitted, tmp_path, capsys):
+    config, model = fitted
+    _images(tmp_path / "in", 1)
+    output = tmp_path / "out"
+    assert _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "in"), "--output", str(output)], capsys)[0] == 0
+    (output / "predict_files.json").write_text("[" * 200_000 + "]" * 200_000)
+    code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "in"), "--output", str(output)], capsys)
+    assert code == 2 and "holds other files" in _one_error_line(err)
+
+
+def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):
+    from utils.data import fingerprint
+
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff1.png")
+    with open(odd, "wb") as handle:
+        handle.write(b"x")
+    other = tmp_path / "2.png"
+    other.write_bytes(b"y")
+    assert len(fingerprint([_Listed([os.fsdecode(odd), str(other)])])) == 12
+
+
+class _Listed:
+    def __init__(self, files):
+        self.files = files

@@ -65,6 +65,8 @@ def _fit(args: argparse.Namespace) -> int:
 
     settings = load_config(args.config)
     output = args.output
+    if output == "":
+        raise ConfigError("--output is empty; give the model file's path, e.g. model.pt")
     if output is not None:
         if os.path.isdir(output) or output.endswith(os.sep):
             raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
@@ -84,14 +86,20 @@ def _writable_results(folder: str) -> None:
     try:
         writable_folder(folder)
     except OSError as exc:
-        raise ConfigError(f"results_dir {folder}: {exc.filename}: {exc.strerror}") from None
+        where = "" if os.path.abspath(exc.filename) == os.path.abspath(folder) else f" ({exc.filename})"
+        raise ConfigError(f"results_dir {folder}{where}: {exc.strerror}") from None
 
 
 def _is_model_archive(path: str) -> bool:
-    """Whether ``path`` is a torch archive (what a model file is), read from its zip directory only."""
+    """Whether ``path`` is a PaDiM model file, from its archive's small header pickle only."""
+    from . import model_file
+
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/data.pkl") for name in archive.namelist())
+            header = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            return model_file.FILE_FORMAT.encode() in archive.read(header)  # the small pickle, not the tensors
+    except StopIteration:
+        return False
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -118,7 +126,7 @@ def _input_files(source: str, output: str) -> list[str]:
         return [source]
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
-    if (os.path.abspath(output) + os.sep).startswith(os.path.abspath(source) + os.sep):
+    if (os.path.realpath(output) + os.sep).startswith(os.path.realpath(source) + os.sep):  # links resolved
         raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
                         "images; choose an output folder outside the input folder")
     files = sorted(
@@ -151,7 +159,7 @@ def _output_folder(output: str) -> str:
     try:
         with open(os.path.join(output, PREDICT_LIST), encoding="utf-8") as handle:
             listed = set(json.load(handle)["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
     others = [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]
     if others:

@@ -227,7 +227,7 @@ def fingerprint(sets: Iterable) -> str:
     base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
     stats = [os.stat(f) for f in files]
     listing = "".join(f"{os.path.relpath(f, base)}\t{st.st_size}\t{int(st.st_mtime)}\n" for f, st in zip(files, stats))
-    return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:12]  # any file name
 
 
 def counted(count: int, unit: str = "image") -> str:

@@ -61,8 +61,8 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
     ``path`` at the end (``os.replace`` is atomic on POSIX and Windows). With ``durable`` the
     data is flushed to disk (``fsync``) before the rename: worth it for model files.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)  # through a link: the file it points to is replaced, the link stays
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
@@ -110,8 +110,9 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
             _swap(staging, target, replace)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and isinstance(exc.filename, str) and exc.filename.startswith(staging):
-            raise OSError(exc.errno, exc.strerror, target + exc.filename[len(staging):]) from None  # the path the user knows
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(staging)):  # the path the user knows
+            inside = str(exc.filename)[len(staging):] if exc.filename is not None else ""
+            raise OSError(exc.errno, exc.strerror or str(exc), target + inside) from None
         raise
 
 

@@ -8,6 +8,7 @@ runs code. Everything read is checked (types, dtypes, shapes, finite values) bef
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import warnings
 import zipfile
@@ -61,8 +62,31 @@ def save(model: "Padim", path: str | os.PathLike) -> str:
         "train_fingerprint": model.train_fingerprint,
     }
     with atomic_writer(path, durable=True) as stream:
-        torch.save(payload, stream)
+        recording = _Recording(stream)
+        try:
+            torch.save(payload, recording)
+        except RuntimeError:
+            if recording.error is not None:  # torch turns the stream's own error (a full disk) into a RuntimeError
+                raise recording.error from None
+            raise
     return path
+
+
+class _Recording:
+    """A write stream that keeps the ``OSError`` its ``write`` raised."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _read(path: str) -> dict:
@@ -81,6 +105,8 @@ def _read(path: str) -> dict:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in reason:
+            reason = "it holds objects other than tensors, numbers and strings; refused without running them"
         raise ModelFileError(f"{path} is not a readable PaDiM model file ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
         raise ModelFileError(f"{path} is not a PaDiM model file (no '{FILE_FORMAT}' header)")
