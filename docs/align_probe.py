@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from synthetic_val import validation_metrics  # noqa: E402
+from synthetic_val import validation_metrics, draws_and_arguments  # noqa: E402
 
 from utils import align  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -53,10 +53,7 @@ def run(config: str, variant: str, draws: int) -> str:
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    draws = 10
-    if arguments[:1] == ["--draws"]:
-        draws, arguments = int(arguments[1]), arguments[2:]
+    draws, arguments = draws_and_arguments(sys.argv[1:], default=10)
     config, variants = arguments[0], arguments[1:] or list(VARIANTS)
     for name in variants:
         print(run(config, name, draws), flush=True)

@@ -99,10 +99,14 @@ def evaluate(config: str, draws: int = DRAWS) -> str:
             f"{time.perf_counter() - started:.0f} s)")
 
 
-if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    draws = DRAWS
+def draws_and_arguments(arguments: list[str], default: int = DRAWS) -> tuple[int, list[str]]:
+    """``[--draws N] rest...`` -> ``(N or default, rest)``: the probes' shared command line."""
     if arguments[:1] == ["--draws"]:
-        draws, arguments = int(arguments[1]), arguments[2:]
+        return int(arguments[1]), arguments[2:]
+    return default, arguments
+
+
+if __name__ == "__main__":
+    draws, arguments = draws_and_arguments(sys.argv[1:])
     for path in arguments:
         print(evaluate(path, draws), flush=True)

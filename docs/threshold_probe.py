@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from synthetic_val import synthetic_set  # noqa: E402
+from synthetic_val import synthetic_set, draws_and_arguments  # noqa: E402
 
 from utils import metrics as M  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -69,8 +69,5 @@ def main(config: str, draws: int) -> None:
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    draws = 10
-    if arguments[:1] == ["--draws"]:
-        draws, arguments = int(arguments[1]), arguments[2:]
+    draws, arguments = draws_and_arguments(sys.argv[1:], default=10)
     main(arguments[0], draws)
