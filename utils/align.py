@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .preprocess import head_masks
+
 #: Fraction of the square frame the head covers after alignment: the median of the 130 fastMRI
 #: training slices at 128 px (0.467; 5th-95th percentile 0.34-0.55), so the typical slice is barely rescaled.
 CANONICAL_AREA = 0.47
@@ -128,7 +130,5 @@ def align_batch(images: torch.Tensor, mode: str, heads: torch.Tensor | None = No
     (estimated here unless given) and the transforms; ``none``: the images themselves and None."""
     if mode == "none":
         return images, None
-    from .preprocess import head_masks
-
     heads = head_masks(images) if heads is None else heads
     return to_canonical(images, heads, similarity=mode == "moments")

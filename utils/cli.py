@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import warnings
-import zipfile
 from typing import Callable, Sequence
 
 from .errors import ConfigError, PadimError
@@ -62,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fit(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distributed import run_fit
+    from .model_file import is_model_file
 
     settings = load_config(args.config)
     output = args.output
@@ -70,7 +70,7 @@ def _fit(args: argparse.Namespace) -> int:
     if output is not None:
         if os.path.isdir(output) or output.endswith(os.sep):
             raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
-        if os.path.lexists(output) and not _is_model_archive(output):
+        if os.path.lexists(output) and not is_model_file(output):
             raise ConfigError(f"--output {output} exists and is not a model file; give a new path (only a model file is replaced)")
         writable_folder(os.path.dirname(os.path.abspath(output)))
     else:
@@ -88,20 +88,6 @@ def _writable_results(folder: str) -> None:
     except OSError as exc:
         where = "" if os.path.abspath(exc.filename) == os.path.abspath(folder) else f" ({exc.filename})"
         raise ConfigError(f"results_dir {folder}{where}: {exc.strerror}") from None
-
-
-def _is_model_archive(path: str) -> bool:
-    """Whether ``path`` is a PaDiM model file, from its archive's small header pickle only."""
-    from . import model_file
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            header = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
-            return model_file.FILE_FORMAT.encode() in archive.read(header)  # the small pickle, not the tensors
-    except StopIteration:
-        return False
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def _evaluate(args: argparse.Namespace) -> int:

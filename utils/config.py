@@ -18,7 +18,7 @@ import yaml
 
 from .backbones import BACKBONES, MAX_STRIDE
 from .errors import ConfigError
-from .files import file_problem
+from .files import file_problem, not_utf8
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -151,7 +151,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.load(handle, Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+        raise ConfigError(f"config file {path} {not_utf8(exc)}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except RecursionError:

@@ -387,6 +387,8 @@ class Run:
     figures: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: :func:`utils.data.fingerprint` of the training files (set with the data).
+    train_fingerprint: str = ""
 
     def load_data(self) -> DataBundle:
         raise NotImplementedError
@@ -394,6 +396,7 @@ class Run:
     def _use_data(self, bundle: DataBundle) -> DataBundle:
         """Keep ``bundle`` and name the run after the settings and the files it reads (:func:`run_name`)."""
         self.bundle = bundle
+        self.train_fingerprint = fingerprint([bundle.train])
         self.name = run_name(self.settings, fingerprint([bundle.train, bundle.val, *bundle.test.values()]))
         self.directory = os.path.join(self.settings.results_dir, self.name)
         return bundle
@@ -412,7 +415,7 @@ class Run:
             self.model_source = f"loaded from {model_path}"
         else:
             self.model = Padim(self.settings).fit(make_loader(train, self.settings), progress=progress)
-            self.model.train_fingerprint = fingerprint([train])
+            self.model.train_fingerprint = self.train_fingerprint
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
@@ -420,7 +423,7 @@ class Run:
 
     def _checked(self, model: Padim, what: str) -> Padim:
         """``model`` if it was fitted on this config's training files (the run is named after them)."""
-        expected, stored = fingerprint([self.bundle.train]), model.train_fingerprint
+        expected, stored = self.train_fingerprint, model.train_fingerprint
         if not stored:
             self.notes.append(f"{what} does not record its training images (written by older code): not checked "
                               f"against this config's {self.bundle.train.summary()}")

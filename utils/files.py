@@ -76,8 +76,8 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
     except BaseException as exc:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        if isinstance(exc, OSError) and exc.filename in (None, temporary):  # e.g. a full disk: name the target
-            raise OSError(exc.errno, exc.strerror or str(exc), path) from None
+        if renamed := _naming_target(exc, temporary, path):  # e.g. a full disk
+            raise renamed from None
         raise
 
 
@@ -110,10 +110,18 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
             _swap(staging, target, replace)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(staging)):  # the path the user knows
-            inside = str(exc.filename)[len(staging):] if exc.filename is not None else ""
-            raise OSError(exc.errno, exc.strerror or str(exc), target + inside) from None
+        if renamed := _naming_target(exc, staging, target):
+            raise renamed from None
         raise
+
+
+def _naming_target(exc: BaseException, temporary: str, target: str) -> OSError | None:
+    """For an ``OSError`` that names a temporary path (or no path), the same error naming the
+    matching path under ``target``: the one the user knows. Else None."""
+    if not isinstance(exc, OSError) or not (exc.filename is None or str(exc.filename).startswith(temporary)):
+        return None
+    inside = str(exc.filename)[len(temporary):] if exc.filename is not None else ""
+    return OSError(exc.errno, exc.strerror or str(exc), target + inside)
 
 
 def _swap(staging: str, target: str, replace: bool) -> None:
@@ -147,6 +155,11 @@ def file_problem(path: str | os.PathLike) -> str:
     if os.path.lexists(path):
         return "is not a regular file (a broken link, device or pipe)"
     return "not found"
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """``is not UTF-8 text (byte 0xe9 at offset 14)``: the one wording for a text file that is not."""
+    return f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
 def writable_folder(folder: str | os.PathLike) -> str:

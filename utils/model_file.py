@@ -89,6 +89,17 @@ class _Recording:
         return getattr(self.stream, name)
 
 
+def is_model_file(path: str) -> bool:
+    """Whether ``path`` is a PaDiM model file, judged from its archive's small header pickle only
+    (not the tensors): what may be replaced by a new model."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            header = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
+            return header is not None and FILE_FORMAT.encode() in archive.read(header)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read(path: str) -> dict:
     if problem := file_problem(path):
         raise ModelFileError(f"model file {problem}: {path}")

@@ -281,12 +281,10 @@ def _input_luminance(image: torch.Tensor) -> np.ndarray:
     return luminance(rgb).clamp(0, 1).numpy()
 
 
-def head_masks(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
+def head_masks(images: torch.Tensor) -> torch.Tensor:
     """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
-    (:func:`foreground_mask`; no annotation, so train, test and predict agree), dilated by
-    ``margin`` pixels (:func:`dilated`)."""
-    heads = torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
-    return dilated(heads, margin)
+    (:func:`foreground_mask`; no annotation, so train, test and predict agree)."""
+    return torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
 
 
 def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ from . import metrics as M
 from .config import Settings
 from .data import DataBundle, counted, hold_out
 from .errors import DataError
-from .files import file_problem, write_atomic
+from .files import file_problem, not_utf8, write_atomic
 from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
 
 SPLITS = ("train", "val", "test")
@@ -135,7 +135,7 @@ def _manifest_entries(path: str) -> list[VolumeEntry]:
     try:
         return _rows(path, folder, name)
     except UnicodeDecodeError as exc:
-        raise DataError(f"manifest {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): is it a CSV?") from None
+        raise DataError(f"manifest {path} {not_utf8(exc)}: is it a CSV?") from None
 
 
 def _rows(path: str, folder: str, name: str) -> list[VolumeEntry]:
