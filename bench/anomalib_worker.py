@@ -81,9 +81,9 @@ def main(spec: dict) -> None:
     import anomalib
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from utils.backbones import build_backbone
-    from utils.features import random_channel_indices
-    from utils.backbones import BACKBONES
+    from utils.padim.backbones import build_backbone
+    from utils.padim.features import random_channel_indices
+    from utils.config import BACKBONES
 
     backbone, d, seed = spec["backbone"], spec["d"], spec.get("seed", 0)
     layers = [1, 2, 3]
@@ -91,7 +91,7 @@ def main(spec: dict) -> None:
     torch.linalg.inv = cholesky_inverse_threaded if spec.get("inverse", "threaded") == "threaded" else cholesky_inverse_batched
 
     model = PadimModel(backbone=backbone, layers=["layer1", "layer2", "layer3"], pre_trained=False, n_features=d)
-    # Our backbone's weights (torchvision initialisation under the seed, as utils.features does).
+    # Our backbone's weights (torchvision initialisation under the seed, as utils.padim.features does).
     import torchvision
 
     with torch.random.fork_rng(devices=[]):

@@ -46,11 +46,11 @@ def test_paths(n: int) -> list[str]:
 
 
 def load_batch(paths):
-    """The single image path of every measurement: decode + preprocess (utils.preprocess) + stack."""
+    """The single image path of every measurement: decode + preprocess (utils.data.preprocess) + stack."""
     import torch
 
     from utils.config import settings_from_dict
-    from utils.preprocess import load_image
+    from utils.data.preprocess import load_image
 
     settings = settings_from_dict({"image_size": IMAGE_SIZE})
     return torch.stack([load_image(p, settings)[0] for p in paths])

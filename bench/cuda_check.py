@@ -57,7 +57,7 @@ def _relative(a, b) -> float:
 
 
 def _fit(backbone: str, device: str, paths: list[str]):
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     model = Padim(_settings(backbone, device))
     model.fit(common.batches(paths), progress=False)
@@ -104,7 +104,7 @@ def speed(args, device) -> dict:
     backbone alone per batch; peak device memory of a fit at two training-set sizes."""
     import torch
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     results = {}
     test_batches = list(common.load_batch(common.test_paths(args.score_n)).split(common.BATCH))
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from utils.features import resolve_device
+    from utils.padim.features import resolve_device
 
     device = resolve_device(args.device)
     results = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "device": str(device),

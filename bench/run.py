@@ -64,7 +64,7 @@ def worker_floor(spec: dict) -> dict:
     over the same images and batches as a fit."""
     import torch
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     extractor = Padim(_settings(spec["backbone"])).embedder.extractor
     _warm_up(extractor)
@@ -85,7 +85,7 @@ def worker_fit(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     model = Padim(_settings(spec["backbone"]))
     _warm_up(model.embedder.extractor)
@@ -132,7 +132,7 @@ def worker_naive(spec: dict) -> dict:
     from scipy.ndimage import gaussian_filter
     from scipy.spatial.distance import mahalanobis
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     model = Padim(_settings(spec["backbone"]))
     _warm_up(model.embedder.extractor)
@@ -232,7 +232,7 @@ def worker_e2e_floor(spec: dict) -> dict:
     evaluation runs it: one forward pass per batch, training and test images alike."""
     import torch
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     settings = _e2e_settings(spec["results_dir"])
     lists = _e2e_image_lists(settings)

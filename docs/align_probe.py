@@ -1,7 +1,7 @@
 """Probe for docs/quality.md: which parts of ``data.align: moments`` matter.
 
 Runs a config with ``data.align: moments`` restricted to some of its three parts (translation is
-always on; scale and rotation can be switched off through the constants of :mod:`utils.align`),
+always on; scale and rotation can be switched off through the constants of :mod:`utils.padim.align`),
 and prints for each variant the synthetic-lesion validation numbers (docs/synthetic_val.py) and
 the test-split means ((A) AUROC / AP, (B), (C), Dice at the validation threshold). Writes nothing.
 

@@ -22,8 +22,8 @@ import synthetic_val as SV  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import load_data, make_loader  # noqa: E402
 from utils.evaluation import run_evaluation  # noqa: E402
-from utils.model import Padim, ScoreResult  # noqa: E402
-from utils.scoring import image_scores  # noqa: E402
+from utils.padim.model import Padim, ScoreResult  # noqa: E402
+from utils.padim.scoring import image_scores  # noqa: E402
 
 FOLDS = 5
 

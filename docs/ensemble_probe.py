@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from synthetic_val import synthetic_set, draws_and_arguments  # noqa: E402
 
-from utils import metrics as M  # noqa: E402
+from utils.evaluation import metrics as M  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluation import Evaluation, metrics_table, reference_maps  # noqa: E402
-from utils.scoring import image_scores  # noqa: E402
+from utils.padim.scoring import image_scores  # noqa: E402
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 

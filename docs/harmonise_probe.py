@@ -33,8 +33,8 @@ import synthetic_val as SV  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import load_data  # noqa: E402
 from utils.evaluation import run_evaluation  # noqa: E402
-from utils.model import Padim  # noqa: E402
-from utils.preprocess import foreground_mask, prepare, read_image  # noqa: E402
+from utils.padim.model import Padim  # noqa: E402
+from utils.data.preprocess import foreground_mask, prepare, read_image  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml")
 SEED = 0

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sklearn.covariance import LedoitWolf  # noqa: E402
 from synthetic_val import synthetic_set, draws_and_arguments  # noqa: E402
 
-from utils import metrics as M  # noqa: E402
-from utils.align import align_batch  # noqa: E402
+from utils.evaluation import metrics as M  # noqa: E402
+from utils.padim.align import align_batch  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import NORMAL, ImageSet, Item, make_loader  # noqa: E402
 from utils.evaluation import Evaluation  # noqa: E402

@@ -26,14 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scipy import ndimage  # noqa: E402
 
-from utils import metrics as M  # noqa: E402
+from utils.evaluation import metrics as M  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import load_data, make_loader  # noqa: E402
 from utils.demo_data import _blob  # noqa: E402
 from utils.evaluation import BRAIN_MAP_SUFFIX  # noqa: E402
-from utils.model import Padim  # noqa: E402
-from utils.preprocess import prepare, read_image, read_mask, resize_mask  # noqa: E402
-from utils.scoring import image_scores  # noqa: E402
+from utils.padim.model import Padim  # noqa: E402
+from utils.data.preprocess import prepare, read_image, read_mask, resize_mask  # noqa: E402
+from utils.padim.scoring import image_scores  # noqa: E402
 
 DRAWS = 3
 SEED = 1234

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from synthetic_val import synthetic_set, draws_and_arguments  # noqa: E402
 
-from utils import metrics as M  # noqa: E402
+from utils.evaluation import metrics as M  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import NORMAL  # noqa: E402
 from utils.evaluation import Evaluation, reference_maps  # noqa: E402

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.config import settings_from_dict  # noqa: E402
-from utils.preprocess import normalise  # noqa: E402
+from utils.data.preprocess import normalise  # noqa: E402
 
 #: The study's data set, beside the project (never copied into it).
 REAL_DATA = os.path.join(ROOT, "..", "shared", "fast_ixi")

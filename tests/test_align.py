@@ -9,13 +9,13 @@ import torch
 from scipy import ndimage
 
 from conftest import smooth_textures, to_batch
-from utils import align
-from utils.align import CANONICAL_AREA, from_canonical, invert, moment_transform, to_canonical
+from utils.padim import align
+from utils.padim.align import CANONICAL_AREA, from_canonical, invert, moment_transform, to_canonical
 from utils.config import settings_from_dict
 from utils.errors import ConfigError, ModelFileError
-from utils.model import Padim
-from utils.preprocess import head_masks
-from utils.scoring import anomaly_maps, mahalanobis
+from utils.padim.model import Padim
+from utils.padim.foreground import head_masks
+from utils.padim.scoring import anomaly_maps, mahalanobis
 
 SIZE = 64
 
@@ -158,7 +158,7 @@ def test_align_none_leaves_the_maps_bit_identical(align_settings, monkeypatch):
     """``none`` never warps: maps are exactly the unaligned pipeline's (mahalanobis -> flip mean -> maps)."""
     train, test = to_batch(_heads(8, seed=5)), to_batch(_heads(2, seed=6))
     model = Padim(align_settings).fit(train, progress=False)
-    monkeypatch.setattr("utils.align.to_canonical", lambda *a: pytest.fail("none must not align"))
+    monkeypatch.setattr("utils.padim.align.to_canonical", lambda *a: pytest.fail("none must not align"))
     maps = model.score(test, progress=False).maps
     with torch.inference_mode():
         distances = mahalanobis(model.embed(test), model.mean, model.whitening).float()

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import smooth_textures, to_batch
 from utils.cli import main
-from utils.model import Padim
-from utils.preprocess import load_image
+from utils.padim.model import Padim
+from utils.data.preprocess import load_image
 
 
 def test_predict_writes_one_heatmap_per_image_and_the_scores_of_the_model(small_settings, tmp_path, capsys):

@@ -73,7 +73,7 @@ def test_predict_output_that_is_a_file(tmp_path, capsys, small_settings):
     from PIL import Image
 
     from conftest import smooth_textures, to_batch
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     model = Padim(small_settings).fit(to_batch(smooth_textures(6, 64, seed=1)), progress=False).save(tmp_path / "m.pt")
     config = tmp_path / "c.yaml"

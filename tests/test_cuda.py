@@ -10,9 +10,9 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import smooth_textures, to_batch
-from utils.gaussian import GaussianStatistics, regularised_whitening
-from utils.model import Padim
-from utils.scoring import anomaly_maps, mahalanobis
+from utils.padim.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.model import Padim
+from utils.padim.scoring import anomaly_maps, mahalanobis
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 CUDA = torch.device("cuda")
@@ -108,7 +108,7 @@ def test_cuda_embeddings_do_not_depend_on_the_batch_size(small_settings):
 
 
 def test_tf32_is_off_inside_and_the_users_flags_are_restored(small_settings, monkeypatch):
-    from utils.features import exact_float32
+    from utils.padim.features import exact_float32
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)

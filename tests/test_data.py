@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DATA, one_line_data_error, requires_real_data
-from utils.backbones import IMAGENET_MEAN, IMAGENET_STD
+from utils.padim.backbones import IMAGENET_MEAN, IMAGENET_STD
 from utils.config import settings_from_dict
-from utils.data import NORMAL, SkippedImageWarning, load_data, make_loader
+from utils.data import NORMAL, load_data, make_loader
+from utils.data.checks import SkippedImageWarning
 from utils.errors import ConfigError, DataError
-from utils.preprocess import foreground_mask, prepare, read_image, resize_mask, restore_geometry, standardise_intensity, to_square
+from utils.padim.foreground import foreground_mask
+from utils.data.preprocess import prepare, read_image, resize_mask, restore_geometry, standardise_intensity, to_square
 
 S = 32
 W, H = 64, 32  # study test images: non-square, so pad and stretch differ

@@ -17,9 +17,10 @@ from PIL import Image
 
 from conftest import ROOT
 from utils import demo_data
+from utils.data.demo import brains
 from utils.config import load_config, settings_from_dict
 from utils.data import NORMAL, load_data, make_loader
-from utils.demo_data import KINDS, DemoCounts, generate_demo
+from utils.data.demo.brains import KINDS, DemoCounts, generate_demo
 from utils.errors import DataError
 
 TINY = DemoCounts(ixi_train=2, fastmri_train=2, val=1, per_kind=2, normal_test=2, second_lesion=0.5)
@@ -158,7 +159,7 @@ def test_refuses_a_non_empty_folder_and_fills_an_empty_one(tmp_path):
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_save = demo_data._save
+    real_save = brains._save
 
     def save_then_interrupt(array, path):
         calls["n"] += 1
@@ -166,7 +167,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(array, path)
 
-    monkeypatch.setattr(demo_data, "_save", save_then_interrupt)
+    monkeypatch.setattr(brains, "_save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         generate_demo(tmp_path / "demo", counts=TINY)
     assert os.listdir(tmp_path) == []  # neither the set nor its temporary folder
@@ -217,7 +218,7 @@ def test_padim_finds_the_demo_lesions(demo):
     comes from the lesions, not from where the boxes happen to lie."""
     from sklearn.metrics import roc_auc_score
 
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     settings, bundle = demo
     assert settings.backbone == "efficientnet_lite0" and settings.image_size == 128
@@ -253,7 +254,7 @@ def test_padim_finds_the_demo_lesions(demo):
 # ---------------------------------------------------------------------------- the NIfTI demo
 @pytest.fixture(scope="module")
 def nifti_demo(tmp_path_factory):
-    from utils.demo_nifti import generate_nifti_demo
+    from utils.data.demo.nifti import generate_nifti_demo
 
     return generate_nifti_demo(tmp_path_factory.mktemp("nifti") / "demo", seed=0)
 
@@ -261,8 +262,8 @@ def nifti_demo(tmp_path_factory):
 def test_nifti_demo_manifest_grids_orientations_and_lesions(nifti_demo):
     import nibabel as nib
 
-    from utils.demo_nifti import NIFTI_KINDS
-    from utils.volumes import read_manifest
+    from utils.data.demo.nifti import NIFTI_KINDS
+    from utils.data.volumes import read_manifest
 
     entries = read_manifest(os.path.join(nifti_demo, "volumes.csv"))  # checks files, shapes and affines
     splits = [e.split for e in entries]
@@ -284,14 +285,12 @@ def test_nifti_demo_manifest_grids_orientations_and_lesions(nifti_demo):
 
 
 def test_nifti_demo_is_deterministic_and_refuses_a_full_folder(nifti_demo, tmp_path):
-    from utils.demo_nifti import ensure_nifti_demo, generate_nifti_demo
+    from utils.data.demo.nifti import generate_nifti_demo
 
     again = generate_nifti_demo(tmp_path / "again", seed=0)
     assert _digest(again) == _digest(nifti_demo)
     with pytest.raises(FileExistsError, match="not an empty folder"):
         generate_nifti_demo(again, seed=0)
-    assert ensure_nifti_demo(again, seed=0) == os.path.join(again, "volumes.csv")  # present: left as it is
-    assert _digest(again) == _digest(nifti_demo)
 
 
 def test_nifti_command_line_errors(tmp_path, capsys):

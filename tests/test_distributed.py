@@ -21,10 +21,11 @@ import yaml
 
 from conftest import ROOT, smooth_textures, to_batch
 from utils.config import settings_from_dict
-from utils.distributed import DistributedContext, run_fit, shard_indices
+from utils.distributed import DistributedContext, shard_indices
+from utils.evaluation import run_fit
 from utils.errors import DistributedError
-from utils.gaussian import GaussianStatistics
-from utils.model import Padim
+from utils.padim.gaussian import GaussianStatistics
+from utils.padim.model import Padim
 
 WORLD = 2
 POSITIONS, DIM = 3, 5
@@ -193,7 +194,7 @@ def collectives(tmp_path_factory):
 def demo_config(tmp_path_factory):
     """A small demo set (19 training images: an uneven split) and a 64 px efficientnet_lite0 config
     with 10 channels (fewer than the images, so the covariances are well determined)."""
-    from utils.demo_data import DemoCounts, generate_demo
+    from utils.data.demo.brains import DemoCounts, generate_demo
 
     folder = tmp_path_factory.mktemp("demo")
     root = generate_demo(folder / "demo", counts=DemoCounts(ixi_train=12, fastmri_train=7, val=2, per_kind=1, normal_test=2))

@@ -11,8 +11,8 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from utils.config import settings_from_dict
-from utils.evaluation import GroupScores, metrics_table, run_directory, run_name, score_group
-from utils.report import markdown_table
+from utils.evaluation.run import GroupScores, metrics_table, run_directory, run_name, score_group
+from utils.evaluation.report import markdown_table
 
 BASE = {"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24}
 
@@ -169,7 +169,7 @@ class _FakeModel:
         self.scored = 0
 
     def score(self, images, progress=False, region=None):
-        from utils.model import ScoreResult
+        from utils.padim.model import ScoreResult
 
         self.scored += len(images)
         maps = images[:, 0].numpy().copy()
@@ -217,8 +217,8 @@ def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_
 
 def test_a_given_model_must_match_the_settings(tmp_path):
     from utils.errors import ModelFileError
-    from utils.evaluation import check_model_matches
-    from utils.model import Padim
+    from utils.evaluation.run import check_model_matches
+    from utils.padim.model import Padim
 
     model = Padim(settings())
     with pytest.raises(ModelFileError, match="seed"):

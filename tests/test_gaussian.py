@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.gaussian import GaussianStatistics, regularised_whitening
 
 
 def _embeddings(n, d=6, h=2, w=3, seed=0, offset=0.0):
@@ -126,7 +126,7 @@ def test_large_matrices_are_whitened_correctly():
 
 @pytest.mark.parametrize("radius", [1, 2])
 def test_neighbourhood_pooling_equals_pooling_the_samples_with_numpy(radius):
-    from utils.gaussian import pool_neighbourhoods
+    from utils.padim.gaussian import pool_neighbourhoods
 
     height, width, dim, n = 4, 5, 3, 7
     x = torch.randn(n, dim, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(radius))
@@ -146,7 +146,7 @@ def test_neighbourhood_pooling_equals_pooling_the_samples_with_numpy(radius):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
 def test_all_finite_agrees_with_numpy_wherever_the_bad_value_sits(bad):
-    from utils.gaussian import all_finite
+    from utils.padim.gaussian import all_finite
 
     rng = np.random.default_rng(0)
     for shape in [(5, 4, 4), (7, 3), (6,)]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from utils import metrics as M
+from utils.evaluation import metrics as M
 
 
 # ---------------------------------------------------------------------------- brute-force references

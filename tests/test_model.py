@@ -7,10 +7,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import smooth_textures, to_batch
-from utils.backbones import BACKBONES, build_backbone
+from utils.config import BACKBONES
+from utils.padim.backbones import build_backbone
 from utils.errors import BackboneError, DataError, ModelFileError
-from utils.features import random_channel_indices
-from utils.model import Padim
+from utils.padim.features import random_channel_indices
+from utils.padim.model import Padim
 
 
 def _blob_set(size=64, count=6, seed=100):
@@ -177,7 +178,7 @@ def _embeddings(model, images):
 def test_ledoit_wolf_fit_matches_sklearn_per_position(small_settings):
     from sklearn.covariance import ledoit_wolf, ledoit_wolf_shrinkage
 
-    from utils.shrinkage import ledoit_wolf_shrinkage as ours_shrinkage
+    from utils.padim.shrinkage import ledoit_wolf_shrinkage as ours_shrinkage
 
     settings = small_settings.replace(covariance_shrinkage="ledoit_wolf", covariance_dtype="float64", batch_size=7)
     train = to_batch(smooth_textures(30, 64, seed=11))  # 30 images < 24 channels + margin: shrinkage matters
@@ -264,7 +265,7 @@ def test_spatial_pooling_fits_each_position_on_its_neighbours_samples(small_sett
 
 
 def test_semi_orthogonal_reduction_projects_all_channels_on_orthonormal_seeded_columns(small_settings):
-    from utils.features import semi_orthogonal_projection
+    from utils.padim.features import semi_orthogonal_projection
 
     w = semi_orthogonal_projection(176, 24, seed=0).double()
     torch.testing.assert_close(w.T @ w, torch.eye(24, dtype=torch.float64), atol=1e-6, rtol=0)

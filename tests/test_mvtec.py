@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import one_line_data_error
 from utils.config import settings_from_dict
 from utils.data import NORMAL, load_data, make_loader
-from utils.demo_mvtec import equal_luma_colour, generate_mvtec
+from utils.data.demo.mvtec import equal_luma_colour, generate_mvtec
 
 
 def mvtec_settings(root, **data):
@@ -36,7 +36,7 @@ def small(tmp_path):
 
 
 def _color_pixel_auroc(root, color) -> float:
-    from utils.model import Padim
+    from utils.padim.model import Padim
 
     settings = mvtec_settings(root, color=color, test_groups=["color"], val_fraction=0)
     bundle = load_data(settings, ("train", "test"))

@@ -17,7 +17,7 @@ REQUIRED_COLUMNS = ["group", "n_images", "A_auroc", "A_ap", "B_auroc", "B_ap", "
 @pytest.fixture(scope="module")
 def notebook_run(tmp_path_factory):
     """Execute a copy of padim.ipynb with PADIM_CONFIG/PADIM_SOURCES pointing at a temporary folder."""
-    from utils.demo_data import DemoCounts, generate_demo
+    from utils.data.demo.brains import DemoCounts, generate_demo
 
     folder = tmp_path_factory.mktemp("notebook")
     root = generate_demo(folder / "demo", counts=DemoCounts(ixi_train=16, fastmri_train=8, val=4, per_kind=3, normal_test=4))
@@ -135,7 +135,7 @@ def test_command_line_evaluate_can_skip_figures_and_model(notebook_run, tmp_path
 
 
 def test_notebook_runs_on_nifti_volumes(tmp_path):
-    from utils.demo_nifti import generate_nifti_demo
+    from utils.data.demo.nifti import generate_nifti_demo
 
     demo = generate_nifti_demo(tmp_path / "nifti", seed=0)
     with open(os.path.join(ROOT, "configs", "nifti_demo.yaml"), encoding="utf-8") as handle:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from utils import plotting as P
+from utils.evaluation import plotting as P
 
 S = 32
 
@@ -184,6 +184,6 @@ def test_volume_figure_takes_a_given_centre_and_checks_shapes():
 
 
 def test_importing_plotting_does_not_import_pyplot():
-    code = "import sys, utils.plotting; sys.exit('matplotlib.pyplot' in sys.modules)"
+    code = "import sys, utils.evaluation.plotting; sys.exit('matplotlib.pyplot' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -12,9 +12,9 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import ROOT, smooth_textures, to_batch
 from utils.errors import ModelFileError
-from utils.gaussian import GaussianStatistics, regularised_whitening
-from utils.model import Padim
-from utils.scoring import mahalanobis
+from utils.padim.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.model import Padim
+from utils.padim.scoring import mahalanobis
 
 
 # ---------------------------------------------------------------- numerics
@@ -141,7 +141,7 @@ import sys, hashlib, numpy as np
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from conftest import smooth_textures, to_batch
 from utils.config import settings_from_dict
-from utils.model import Padim
+from utils.padim.model import Padim
 s = settings_from_dict({{"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 4}})
 m = Padim(s).fit(to_batch(smooth_textures(10, 64, seed=1)), progress=False)
 r = m.score(to_batch(smooth_textures(3, 64, seed=2)), progress=False)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import ROOT, smooth_textures, to_batch
 from utils.cli import main
-from utils.demo_mvtec import generate_mvtec
+from utils.data.demo.mvtec import generate_mvtec
 from utils.files import staged_folder
-from utils.model import Padim
+from utils.padim.model import Padim
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -141,9 +141,9 @@ _WRITE_INTERRUPTED = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
 import utils.cli as cli
-import utils.model_file as model_file
+import utils.padim.model_file as model_file
 from utils.config import Settings
-from utils.model import Padim
+from utils.padim.model import Padim
 
 class Interrupting:
     # the signal arrives in the middle of the archive, as a Ctrl-C during a long write does
@@ -351,7 +351,7 @@ def test_demo_generator_script_errors_are_one_line(tmp_path):
 
 
 def test_skip_bad_images_skips_a_decode_failure_with_one_warning_line(tmp_path, capsys):
-    from utils.demo_data import DemoCounts, generate_demo
+    from utils.data.demo.brains import DemoCounts, generate_demo
 
     root = generate_demo(str(tmp_path / "demo"), seed=0, counts=DemoCounts(ixi_train=6, fastmri_train=4, val=2, per_kind=2, normal_test=2))
     victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[1]
@@ -408,7 +408,7 @@ def test_a_write_that_fails_names_the_target_not_the_temporary_file(tmp_path):
 
 
 def test_a_colour_image_among_gray_study_images_is_one_line(tmp_path, capsys):
-    from utils.demo_data import DemoCounts, generate_demo
+    from utils.data.demo.brains import DemoCounts, generate_demo
 
     root = generate_demo(str(tmp_path / "demo"), seed=0, counts=DemoCounts(ixi_train=4, fastmri_train=2, val=2, per_kind=2, normal_test=2))
     victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[0]
@@ -503,7 +503,7 @@ def test_a_full_disk_during_the_model_write_is_an_os_error_not_torchs_runtime_er
     import contextlib
     import errno
 
-    import utils.model_file as model_file
+    import utils.padim.model_file as model_file
 
     class FullDisk(io.BytesIO):
         def write(self, data):

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from utils.config import Settings, settings_from_dict
 from utils.errors import ConfigError, DataError
-from utils.preprocess import MAX_PIXELS, read_image, read_mask
+from utils.data.preprocess import MAX_PIXELS, read_image, read_mask
 
 
 def _gradient(h=20, w=30):
@@ -79,7 +79,8 @@ def test_truncated_jpeg_that_passes_verify_is_one_line_error(tmp_path):
 
 
 def test_skip_bad_images_skips_a_decode_failure_with_a_warning(tmp_path):
-    from utils.data import SkippedImageWarning, load_data
+    from utils.data import load_data
+    from utils.data.checks import SkippedImageWarning
 
     good = tmp_path / "cat" / "train" / "good"
     good.mkdir(parents=True)
@@ -143,7 +144,7 @@ def test_cli_missing_config_and_model(tmp_path):
 
 def test_ctrl_c_during_fit_leaves_no_model_file(tmp_path):
     """SIGINT in the middle of a fit: exit 130, no model file, no temporary file left behind."""
-    from utils.demo_data import generate_demo
+    from utils.data.demo.brains import generate_demo
 
     root = tmp_path / "demo"
     generate_demo(str(root), seed=0)

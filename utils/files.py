@@ -9,7 +9,7 @@
   turns an interruption inside it into a ``RuntimeError`` and a damaged archive), then interrupt.
 
 Temporary files and folders are removed on every exit path: errors, Ctrl-C and SIGTERM (which the
-command line turns into ``KeyboardInterrupt``, :func:`utils.cli.run_command`).
+command line turns into ``KeyboardInterrupt``, :func:`utils.boundary.run_command`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .backbones import build_backbone
 
 
@@ -47,8 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("`device` is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
     return torch.device(name)
 

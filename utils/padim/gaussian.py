@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PadimError
+from ..errors import PadimError
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
-from .files import staged_folder, write_atomic
+from ...files import staged_folder, write_atomic
 
 NIFTI_KINDS = ("hypointense_lesion", "cyst", "mass")
 COUNTS = {"train": 8, "val": 2, "test_per_kind": 2}
@@ -140,11 +140,3 @@ def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
     with staged_folder(root, replace=False) as temporary:
         _write_set(temporary, int(seed))
     return root
-
-
-def ensure_nifti_demo(root: str, seed: int = 0) -> str:
-    """The manifest ``root/volumes.csv``, generating the set there first if ``root`` is absent or empty."""
-    manifest = os.path.join(root, "volumes.csv")
-    if not os.path.isfile(manifest):
-        generate_nifti_demo(root, seed)
-    return manifest

@@ -12,21 +12,20 @@ import pickle
 import os
 import warnings
 import zipfile
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from .config import Settings, settings_from_dict
-from .errors import ConfigError, ModelFileError
-from .files import atomic_writer, file_problem
+from ..config import Settings, settings_from_dict
+from ..errors import ConfigError, ModelFileError
+from ..files import atomic_writer, file_problem
+from .features import channel_selection
 from .gaussian import all_finite
 
-if TYPE_CHECKING:
-    from .model import Padim
-
 FILE_FORMAT = "padim-model"
-#: 2: the file stores ``whitening`` (inverse Cholesky factors of the covariances).
-FILE_VERSION = 2
+#: 3: the file stores ``whitening`` (inverse Cholesky factors of the covariances) and always
+#: ``train_fingerprint``; files of other versions are refused with one line (refit them).
+FILE_VERSION = 3
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
@@ -48,18 +47,31 @@ def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
         raise ModelFileError(f"{what} was fitted with other settings ({'; '.join(differences)}); refit or fix the config")
 
 
-def save(model: "Padim", path: str | os.PathLike) -> str:
-    """Write ``model`` to ``path`` atomically (and durably: fsync before the rename); returns the path."""
+@dataclass
+class ModelState:
+    """What a model file holds: the settings it was fitted with, the per-position means ``(P, d)``
+    and whitening matrices ``(P, d, d)``, the number of training samples and the
+    :func:`utils.data.fingerprint` of the training files ("" when unknown)."""
+
+    settings: Settings
+    mean: torch.Tensor
+    whitening: torch.Tensor
+    train_count: int
+    train_fingerprint: str
+
+
+def save(state: ModelState, path: str | os.PathLike) -> str:
+    """Write ``state`` to ``path`` atomically (and durably: fsync before the rename); returns the path."""
     path = os.fspath(path)
     payload = {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
-        "settings": json.dumps(model.settings.to_dict()),
-        "channel_indices": model.channel_indices.clone(),
-        "mean": model.mean.detach().cpu().clone(),
-        "whitening": model.whitening.detach().cpu().clone(),
-        "train_count": int(model.train_count),
-        "train_fingerprint": model.train_fingerprint,
+        "settings": json.dumps(state.settings.to_dict()),
+        "channel_indices": channel_selection(state.settings)[0],
+        "mean": state.mean.detach().cpu().clone(),
+        "whitening": state.whitening.detach().cpu().clone(),
+        "train_count": int(state.train_count),
+        "train_fingerprint": state.train_fingerprint,
     }
     with atomic_writer(path, durable=True) as stream:
         recording = _Recording(stream)
@@ -139,15 +151,13 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     return value
 
 
-def load(path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
-    """Read a model file written by :func:`save`.
+def load(path: str | os.PathLike, settings: Settings | None = None) -> ModelState:
+    """Read and check a model file written by :func:`save`.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
     (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
     paths, ...) are then taken from ``settings``.
     """
-    from .model import Padim
-
     path = os.fspath(path)
     payload = _read(path)
     try:
@@ -159,20 +169,20 @@ def load(path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
         run_time = {k: v for k, v in settings.to_dict().items() if k not in MODEL_KEYS}
         run_time["data"] = {**run_time["data"], **{k: getattr(stored.data, k) for k in MODEL_DATA_KEYS}}
         stored = stored.replace(**run_time)
-    model = Padim(stored)
     positions, dim = stored.feature_size**2, stored.kept_channels
-    floats = (getattr(torch, stored.covariance_dtype),)
-    indices = _tensor(payload, "channel_indices", tuple(model.channel_indices.shape), (torch.int64,), path)
-    if not torch.equal(indices, model.channel_indices):
+    expected = channel_selection(stored)[0]
+    indices = _tensor(payload, "channel_indices", tuple(expected.shape), (torch.int64,), path)
+    if not torch.equal(indices, expected):
         raise ModelFileError(f"{path} is inconsistent: its channel indices do not follow from its own settings")
-    model.mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path).to(model.device)
-    model.whitening = _tensor(payload, "whitening", (positions, dim, dim), floats, path).to(model.device)
-    count = payload.get("train_count")
+    count, fingerprint = payload.get("train_count"), payload.get("train_fingerprint")
     if not isinstance(count, int) or count < 1:
         raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
-    model.train_count = count
-    fingerprint = payload.get("train_fingerprint", "")  # absent in files written before it was stored
     if not isinstance(fingerprint, str) or len(fingerprint) > 64:
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
-    model.train_fingerprint = fingerprint
-    return model
+    return ModelState(
+        settings=stored,
+        mean=_tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path),
+        whitening=_tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path),
+        train_count=count,
+        train_fingerprint=fingerprint,
+    )

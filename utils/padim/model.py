@@ -15,14 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .align import align_batch, from_canonical
-from .backbones import BACKBONES
+from ..config import BACKBONES, Settings
+from ..errors import DataError, ModelFileError
 from . import model_file
-from .config import Settings
-from .errors import DataError, ModelFileError
+from .align import align_batch, from_canonical
 from .features import PatchEmbedder, channel_selection, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
-from .preprocess import dilated, head_masks
+from .foreground import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
 
@@ -191,11 +190,16 @@ class Padim:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> str:
-        """Write the model to one file atomically (:func:`utils.model_file.save`); returns the path."""
+        """Write the model to one file atomically (:func:`utils.padim.model_file.save`); returns the path."""
         self._require_fitted()
-        return model_file.save(self, path)
+        state = model_file.ModelState(self.settings, self.mean, self.whitening, self.train_count, self.train_fingerprint)
+        return model_file.save(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
-        """Read a model file (:func:`utils.model_file.load`); with ``settings``, checked against them."""
-        return model_file.load(path, settings)
+        """Read a model file (:func:`utils.padim.model_file.load`); with ``settings``, checked against them."""
+        state = model_file.load(path, settings)
+        model = cls(state.settings)
+        model.mean, model.whitening = state.mean.to(model.device), state.whitening.to(model.device)
+        model.train_count, model.train_fingerprint = state.train_count, state.train_fingerprint
+        return model

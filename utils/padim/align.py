@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import head_masks
+from .foreground import head_masks
 
 #: Fraction of the square frame the head covers after alignment: the median of the 130 fastMRI
 #: training slices at 128 px (0.467; 5th-95th percentile 0.34-0.55), so the typical slice is barely rescaled.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 from .gaussian import GaussianStatistics
 
 

@@ -35,20 +35,49 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..data import DataBundle, load_data, make_loader
+from ..data.volumes import read_volume, score_volume, write_map
+from ..errors import DataError
+from ..files import staged_folder, write_atomic
 from . import metrics as M
 from . import report
-from .data import DataBundle, make_loader
-from .errors import DataError
-from .evaluation import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run, with_mean_row
-from .files import staged_folder, write_atomic
-from .volumes import load_volume_data, read_volume, score_volume, volume_metrics, write_map
+from .plotting import planes_figure, save_figure, volume_planes
+from .run import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, NormalReference, Run, with_mean_row
 
 #: Test volumes shown in the figures.
 FIGURE_VOLUMES = 3
 
 
-#: The embedded NIfTI demo's manifest (configs/nifti_demo.yaml): generated there when absent.
-DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
+
+
+def slice_scores(anomaly: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(Z,) the map's maximum inside the brain on each axial slice (0 where a slice has no brain)."""
+    scores = np.where(brain, anomaly, -np.inf).max(axis=(0, 1))
+    return np.where(np.isfinite(scores), scores, 0.0)
+
+
+def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, kept: np.ndarray, threshold: float) -> dict:
+    """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)):
+
+    - ``A_auroc`` / ``A_ap``: voxel AUROC / AP over the whole volume;
+    - ``B_auroc`` / ``B_ap``: the same inside the brain;
+    - ``C_auroc``: slice level over the kept slices, slices with lesion voxels against slices
+      without, slice score = max of the map inside the brain;
+    - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
+    - ``dice_best_optimistic``: the best Dice over all thresholds, chosen on this volume itself.
+    """
+    a_auroc, a_ap = M.pixel_metrics(anomaly, label)
+    b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
+    slices = np.flatnonzero(kept)
+    c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
+    dice_best, best_threshold = M.best_dice(anomaly, label, brain)
+    return {
+        "lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum()),
+        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
+        "dice_val_threshold": M.dice_at(anomaly, label, threshold, brain),
+        "dice_best_optimistic": dice_best, "best_threshold": best_threshold,
+    }
+
 
 
 @dataclass
@@ -64,11 +93,7 @@ class VolumeEvaluation(Run):
 
     def load_data(self) -> DataBundle:
         started = time.perf_counter()
-        if os.path.normpath(self.settings.data.manifest) == os.path.normpath(DEMO_MANIFEST):
-            from .demo_nifti import ensure_nifti_demo
-
-            ensure_nifti_demo(os.path.dirname(DEMO_MANIFEST), self.settings.data.demo_seed)  # generated on first use
-        self._use_data(load_volume_data(self.settings))
+        self._use_data(load_data(self.settings))
         if self.bundle.val is None:
             raise DataError("no validation volumes for the threshold and colour scale: add val rows to the manifest, "
                             "or set data.val_fraction > 0 to hold out train volumes")
@@ -112,8 +137,6 @@ class VolumeEvaluation(Run):
         anomaly = score_volume(self.model, volume, self.settings)
         write_map(anomaly, volume, os.path.join(self._staging, f"{entry.case}_anomaly.nii.gz"))
         if len(self.shown) < FIGURE_VOLUMES and volume.label.any():
-            from .plotting import volume_planes
-
             centre = tuple(int(round(c)) for c in ndimage.center_of_mass(volume.label))
             self.shown.append((entry.case, *volume_planes(volume.image, anomaly, volume.label, centre), centre))
         return volume_metrics(anomaly, volume.label, volume.brain, volume.kept, self.reference.threshold)
@@ -142,8 +165,6 @@ class VolumeEvaluation(Run):
     def make_figures(self) -> dict[str, Any]:
         """Three orthogonal views through the lesion (its centre of mass) of the first few test
         volumes with a lesion, with the validation colour scale and threshold."""
-        from .plotting import planes_figure
-
         ref = self.reference
         self.figures = {
             f"volume_{case}": planes_figure(planes, centre, gray, (ref.vmin, ref.vmax), threshold=ref.threshold,
@@ -155,8 +176,6 @@ class VolumeEvaluation(Run):
     def save(self, save_model: bool = True, figures: bool = True, maps: bool = True) -> str:
         """Write the results folder as a whole (:func:`utils.files.staged_folder`, as for images);
         ``maps``: the staged NIfTI maps become its ``maps/``, else they are removed."""
-        from .plotting import save_figure
-
         if self.table is None:
             raise RuntimeError("call compute_metrics() before save()")
         csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}

@@ -52,15 +52,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..config import Settings
+from ..data import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, load_data, make_loader
+from ..data.preprocess import read_mask, resize_mask
+from ..distributed import DistributedContext, distributed_fit, prepare_demo
+from ..errors import DataError, ModelFileError
+from ..files import staged_folder, write_atomic
+from ..padim import Padim
+from ..padim.foreground import foreground_mask
+from ..padim.model_file import check_compatible
 from . import metrics as M
 from . import report
-from .config import Settings
-from .data import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, load_data, make_loader
-from .errors import DataError, ModelFileError
-from .files import staged_folder, write_atomic
-from .model import Padim
-from .model_file import check_compatible
-from .preprocess import foreground_mask, read_mask, resize_mask
+from .plotting import auroc_bar_plot, example_figure, save_figure
 
 #: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
 RUN_NAME_VERSION = 2
@@ -439,8 +442,6 @@ class Run:
         Real data (the study's fastMRI images) may not be redistributed, so for any other data
         format nothing is written and ``[]`` is returned.
         """
-        from .plotting import save_figure
-
         if self.settings.data.format != "demo":
             self.notes.append(f"figures not copied to {folder}/: only demo-data figures may be committed")
             return []
@@ -512,8 +513,6 @@ class Evaluation(Run):
 
     def make_figures(self, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Any]:
         """``{"auroc": AUROC bars, "examples_<group>": example rows, ...}`` as matplotlib figures."""
-        from .plotting import auroc_bar_plot, example_figure
-
         if self.table is None:
             self.compute_metrics()
         started = time.perf_counter()
@@ -537,8 +536,6 @@ class Evaluation(Run):
     def save(self, save_model: bool = True, figures: bool = True) -> str:
         """Write the results folder as a whole (:func:`utils.files.staged_folder`: an earlier run's
         folder of the same name is replaced, never mixed with these files); returns the folder."""
-        from .plotting import save_figure
-
         if self.table is None:
             raise RuntimeError("call compute_metrics() before save()")
         if figures and not self.figures:
@@ -564,29 +561,29 @@ class Evaluation(Run):
         return report.summary(self)
 
 
-def evaluation_for(settings: Settings):
-    """The evaluation of ``settings``' data format: :class:`Evaluation`, or for NIfTI volumes
-    :class:`utils.volume_evaluation.VolumeEvaluation` (the same steps, per-volume results)."""
-    if settings.data.format == "nifti":
-        from .volume_evaluation import VolumeEvaluation
+def run_fit(settings: Settings, output_path: str | os.PathLike | None, progress: bool = True) -> Optional[str]:
+    """Fit on the training set and write the model to ``output_path`` (``None``: ``model.pt`` in the
+    run's folder, :func:`utils.evaluation.run_directory`, named after the settings and the training
+    files); what ``fit`` on the command line does.
 
-        return VolumeEvaluation(settings)
-    return Evaluation(settings)
+    Alone: an ordinary fit. Under ``torchrun``: the training list is sharded across the ranks,
+    the statistics are all-reduced, and rank 0 writes the model atomically. Returns the written
+    path on rank 0 (or alone), ``None`` on the other ranks.
+    """
+    with DistributedContext.from_settings(settings) as ctx:
+        prepare_demo(settings, ctx)
 
+        def train_set():
+            bundle = load_data(settings, ("train",))
+            if bundle.train is None or len(bundle.train) == 0:
+                raise DataError("cannot fit PaDiM: the training set is empty")
+            return bundle.train
 
-def run_evaluation(settings: Settings, model_path: Optional[str] = None, progress: bool = True,
-                   model: Optional[Padim] = None, figures: bool = True, save_model: bool = True, maps: bool = True):
-    """Fit (or load ``model_path``, or use ``model``), score every test group, compute the metrics
-    table and write ``results/<run-name>/``: what ``python -m utils evaluate`` and the notebook do.
-    ``maps`` (NIfTI volumes only): write each test volume's anomaly map."""
-    evaluation = evaluation_for(settings)
-    evaluation.load_data()
-    if model is not None:
-        evaluation.fit(progress=progress, model=model)
-    else:
-        evaluation.fit(progress=progress, model_path=model_path)
-    evaluation.score(progress=progress)
-    evaluation.compute_metrics()
-    options = {"maps": maps} if settings.data.format == "nifti" else {}
-    evaluation.save(save_model=save_model, figures=figures, **options)
-    return evaluation
+        dataset = ctx.agree("loading the training set", train_set)
+        model = distributed_fit(Padim(settings), dataset, settings, ctx, progress=progress)
+        if model is None:
+            return None
+        model.train_fingerprint = fingerprint([dataset])
+        if output_path is None:
+            output_path = os.path.join(run_directory(settings, model.train_fingerprint), "model.pt")
+        return model.save(output_path)

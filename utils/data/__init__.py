@@ -1,0 +1,11 @@
+"""The data layer: every format (study PNG slices and the demo set, MVTec AD folders, NIfTI
+volumes, plain image files for ``predict``) through one preprocessing path into one kind of
+data set. See docs/architecture.md for the layers.
+"""
+
+from .load import SPLITS, load_data
+from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, load_image, prepare
+from .sets import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, hold_out, make_loader
+
+__all__ = ["SPLITS", "load_data", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "load_image", "prepare", "NORMAL", "DataBundle",
+           "ImageSet", "Item", "counted", "fingerprint", "hold_out", "make_loader"]

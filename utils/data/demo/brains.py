@@ -1,0 +1,366 @@
+"""A small brain-MRI data set in the study's layout, generated offline from the MNI152 template.
+
+``python -m utils.demo_data DIR [--seed N]`` or :func:`generate_demo` writes::
+
+    DIR/data/IXI/*.png                          IXI-like healthy slices (197x233, zero background)
+    DIR/data/fastMRI/brain_mid_png/*.png        fastMRI-like slices (320x320 or 270x320, noisy
+                                                background) and their *_brain_map_full.png head masks
+    DIR/data/fastMRI/brain_mid_anno_pos_png/    one box mask per lesion: <slice>_<kind>_<k>.png
+    DIR/data/fastMRI/brain_mid_anno_neg_png/    head minus the slice's boxes: <slice>.png
+    DIR/data/splits/*.csv                       ixi_normal_train, normal_train, normal_val,
+                                                normal_test(+_ann), and <kind>/<kind>_ann/<kind>_neg
+    DIR/data/demo.json                          seed, counts and generator version
+
+so the study loader of :mod:`utils.data.study` reads it unchanged. Each "subject" is an axial slice
+of the MNI152 T1 template (``nilearn.datasets.load_mni152_template``, inside the nilearn wheel,
+no network) near the middle of the brain, with a synthetic skull and scalp, a random smooth
+deformation (affine plus elastic), a multiplicative bias field, a gamma contrast change and
+noise. The two "scanners" differ as in the study: IXI-like images have an exact-zero background
+and a bright brain; fastMRI-like images are zoomed, darker, with a noisy non-zero background.
+
+Test slices carry synthetic pathologies of three named kinds (several per slice sometimes, one
+CSV row each, as in the study): ``hyperintense_lesion`` (bright, soft-edged blob),
+``cyst`` (sharp, CSF-dark round cavity) and ``mass_oedema`` (textured mass that pushes the
+tissue aside, ringed by hypointense oedema). Everything is deterministic from the seed
+(bit-identical files), and written atomically: a temporary folder beside DIR, renamed at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from ...files import staged_folder
+
+GENERATOR_VERSION = 1
+KINDS = ("hyperintense_lesion", "cyst", "mass_oedema")
+#: Axial template slices (1 mm MNI152, 189 slices) used: around the lateral ventricles.
+SLICE_RANGE = (80, 96)
+IXI_SHAPE = (233, 197)  # rows, columns, as the study's IXI PNGs (197x233)
+FASTMRI_SHAPES = ((320, 320), (320, 270))
+
+
+@dataclass(frozen=True)
+class DemoCounts:
+    """How many images of each split the demo set holds."""
+
+    ixi_train: int = 40
+    fastmri_train: int = 20
+    val: int = 10
+    per_kind: int = 8
+    normal_test: int = 10
+    #: Probability that a pathology slice carries a second lesion (a second CSV row).
+    second_lesion: float = 0.3
+
+
+# ---------------------------------------------------------------------------- template
+_TEMPLATE: Optional[np.ndarray] = None
+
+
+def _template() -> np.ndarray:
+    """The 1 mm MNI152 T1 template as ``(slices, 233, 197)`` float32 axial images in [0, 1]."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        from nilearn.datasets import load_mni152_template  # in the wheel; no download
+
+        volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
+        _TEMPLATE = np.ascontiguousarray(np.rot90(volume, axes=(0, 1)).transpose(2, 0, 1))
+    return _TEMPLATE
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field (coarse noise, blurred, upsampled: fast)."""
+    step = max(1, int(sigma // 3))
+    coarse = rng.normal(size=(shape[0] // step + 2, shape[1] // step + 2))
+    coarse = ndimage.gaussian_filter(coarse, sigma / step, mode="reflect")
+    field = ndimage.zoom(coarse, step, order=1)[: shape[0], : shape[1]]
+    return ((field - field.mean()) / max(field.std(), 1e-8)).astype(np.float32)
+
+
+def _subject(rng: np.random.Generator, padding: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A template slice with a synthetic skull and scalp, at 1 mm, padded.
+
+    Returns (intensity in [0, ~1], labels: 0 background, 1 scalp/skull/CSF, 2 brain)."""
+    volume = _template()
+    z = rng.uniform(*SLICE_RANGE)
+    low = int(z)
+    t = z - low
+    brain_image = (1 - t) * volume[low] + t * volume[low + 1]
+    brain_image = np.pad(brain_image, padding)
+    brain = ndimage.binary_fill_holes(brain_image > 0.02)
+    brain = ndimage.binary_opening(brain, iterations=1)
+    outside = ndimage.distance_transform_edt(~brain) + 1.2 * _smooth_noise(rng, brain.shape, 12)
+    outside[brain] = 0
+    csf, skull = rng.uniform(1.5, 3.0), rng.uniform(3.0, 5.0)
+    scalp = rng.uniform(3.5, 6.0)
+    image = np.where(brain, brain_image, 0).astype(np.float32)
+    layer_csf = (outside > 0) & (outside <= csf)
+    layer_skull = (outside > csf) & (outside <= csf + skull)
+    layer_scalp = (outside > csf + skull) & (outside <= csf + skull + scalp)
+    image[layer_csf] = 0.12
+    image[layer_skull] = 0.06
+    image[layer_scalp] = rng.uniform(0.8, 0.95) + 0.05 * _smooth_noise(rng, brain.shape, 3)[layer_scalp]
+    image = ndimage.gaussian_filter(image, 0.6)
+    labels = np.where(brain, 2, np.where(outside <= csf + skull + scalp, 1, 0)).astype(np.uint8)
+    return image, labels
+
+
+def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape: tuple[int, int],
+          zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample the padded subject onto an output canvas of ``shape``: random affine (rotation,
+    anisotropic scale, shift) and smooth elastic displacement, magnified by ``zoom``."""
+    rows, cols = shape
+    out_r, out_c = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
+    out_r -= (rows - 1) / 2 + rng.uniform(-4, 4)
+    out_c -= (cols - 1) / 2 + rng.uniform(-4, 4)
+    angle = np.deg2rad(rng.uniform(-7, 7))
+    scale_r, scale_c = rng.uniform(0.93, 1.07, size=2) * zoom
+    cos, sin = np.cos(angle), np.sin(angle)
+    src_r = (cos * out_r - sin * out_c) / scale_r
+    src_c = (sin * out_r + cos * out_c) / scale_c
+    amplitude = rng.uniform(1.5, 3.5)
+    src_r += amplitude * _smooth_noise(rng, shape, 16 * zoom)
+    src_c += amplitude * _smooth_noise(rng, shape, 16 * zoom)
+    centre = (np.array(image.shape, dtype=np.float32) - 1) / 2
+    coords = np.stack([src_r + centre[0], src_c + centre[1]])
+    warped = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
+    warped_labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
+    return warped.astype(np.float32), warped_labels
+
+
+# ---------------------------------------------------------------------------- pathologies
+def _blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
+          irregularity: float, softness: float) -> np.ndarray:
+    """Soft ellipse-like blob in [0, 1] with a randomly wobbling boundary."""
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    dr, dc = rows - centre[0], cols - centre[1]
+    angle = np.arctan2(dr, dc)
+    aspect = rng.uniform(0.75, 1.25)
+    tilt = rng.uniform(0, np.pi)
+    rotated_r = dr * np.cos(tilt) - dc * np.sin(tilt)
+    rotated_c = dr * np.sin(tilt) + dc * np.cos(tilt)
+    distance = np.hypot(rotated_r * aspect, rotated_c / aspect)
+    wobble = sum(
+        irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6)
+    )
+    edge = radius * (1 + wobble)
+    return (1 / (1 + np.exp((distance - edge) / max(softness, 1e-3)))).astype(np.float32)
+
+
+def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, float], radius: float,
+                 strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Push tissue radially away from ``centre`` (displacement fading with distance)."""
+    rows, cols = np.meshgrid(np.arange(image.shape[0], dtype=np.float32), np.arange(image.shape[1], dtype=np.float32), indexing="ij")
+    dr, dc = rows - centre[0], cols - centre[1]
+    distance = np.hypot(dr, dc) + 1e-3
+    push = strength * radius * np.exp(-((distance / (2.5 * radius)) ** 2))
+    coords = np.stack([rows - push * dr / distance, cols - push * dc / distance])
+    moved = ndimage.map_coordinates(image, coords, order=1, mode="nearest")
+    moved_labels = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
+    return moved.astype(np.float32), moved_labels
+
+
+def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, kind: str, scale: float,
+                taken: list[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Paint one lesion of ``kind`` inside the brain; returns image, labels and its box mask."""
+    if kind == "hyperintense_lesion":
+        radius = rng.uniform(8, 13) * scale
+    elif kind == "cyst":
+        radius = rng.uniform(10, 15) * scale
+    elif kind == "mass_oedema":
+        radius = rng.uniform(9, 13) * scale
+    else:
+        raise ValueError(f"unknown lesion kind {kind!r}; allowed: {', '.join(KINDS)}")
+    extent = radius * (2.0 if kind == "mass_oedema" else 1.3)
+    inside = ndimage.distance_transform_edt(labels == 2)
+    candidates = np.argwhere(inside > extent + 3 * scale)
+    centre = None
+    for r, c in candidates[rng.integers(0, len(candidates), size=min(200, len(candidates)))]:
+        if all(np.hypot(r - tr, c - tc) > extent + te + 4 for tr, tc, te in taken):
+            centre = (float(r), float(c))
+            break
+    if centre is None:
+        return image, labels, None
+    taken.append((centre[0], centre[1], extent))
+    shape = image.shape
+    brain = labels == 2
+    reference = float(np.median(image[brain]))
+    if kind == "hyperintense_lesion":
+        alpha = _blob(rng, shape, centre, radius, 0.08, 1.2 * scale)
+        value = reference * rng.uniform(1.45, 1.7)
+        image = image * (1 - alpha) + value * alpha
+        footprint = alpha
+    elif kind == "cyst":
+        alpha = _blob(rng, shape, centre, radius, 0.04, 0.4 * scale)
+        value = rng.uniform(0.08, 0.16)
+        image = image * (1 - alpha) + value * alpha
+        footprint = alpha
+    else:
+        image, labels = _mass_effect(image, labels, centre, radius, rng.uniform(0.35, 0.55))
+        oedema = _blob(rng, shape, centre, radius * rng.uniform(1.6, 1.9), 0.15, 2.0 * scale) * (labels == 2)
+        image = image * (1 - 0.45 * oedema)
+        core = _blob(rng, shape, centre, radius, 0.1, 0.8 * scale)
+        texture = 1 + 0.15 * _smooth_noise(rng, shape, 1.5 * scale)
+        image = image * (1 - core) + reference * rng.uniform(0.95, 1.15) * texture * core
+        footprint = np.maximum(core, oedema)
+    rows, cols = np.nonzero(footprint > 0.5)
+    box = np.zeros(shape, dtype=bool)
+    box[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1] = True
+    return image.astype(np.float32), labels, box
+
+
+# ---------------------------------------------------------------------------- scanners
+def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ()):
+    """One slice: (uint8 image, head mask, [box masks])."""
+    image, labels = _subject(rng)
+    if scanner == "ixi":
+        shape, zoom = IXI_SHAPE, 1.0
+    else:
+        shape = FASTMRI_SHAPES[int(rng.random() < 0.25)]
+        zoom = rng.uniform(1.15, 1.3)
+    image, labels = _warp(rng, image, labels, shape, zoom)
+    boxes, taken = [], []
+    for kind in lesions:
+        image, labels, box = _add_lesion(rng, image, labels, kind, zoom, taken)
+        if box is not None:
+            boxes.append(box)
+    head = labels > 0
+    image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)  # contrast
+    image *= np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, shape, 60 * zoom))  # bias field
+    if scanner == "ixi":
+        image *= rng.uniform(0.72, 0.82) / max(float(np.median(image[labels == 2])), 1e-6)
+        image += rng.normal(0, rng.uniform(0.008, 0.015), shape) * head
+        image = np.where(head, image, 0.0)
+    else:
+        image *= rng.uniform(0.55, 0.65) / max(float(np.median(image[labels == 2])), 1e-6)
+        background = rng.uniform(0.09, 0.16)
+        image = np.where(head, image, background) + rng.normal(0, rng.uniform(0.02, 0.03), shape)
+    pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+    return pixels, head, boxes
+
+
+# ---------------------------------------------------------------------------- writing
+def _save(array: np.ndarray, path: str) -> None:
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    Image.fromarray(array).save(path, optimize=False)
+
+
+def _write_csv(path: str, files: Sequence[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["filename"])
+        writer.writerows([f] for f in files)
+
+
+def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesion: float,
+                    folders: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:
+    """One slice with one or two lesions of ``kind``: its image, brain map, box masks and neg mask.
+    Returns the rows of the study's ``P.csv``, ``P_ann.csv`` and ``P_neg.csv`` (one per box)."""
+    mid_dir, pos_dir, neg_dir = folders
+    lesions = [kind] * (2 if rng.random() < second_lesion else 1)
+    pixels, head, boxes = _render(rng, "fastmri", lesions)
+    image_path, neg_path = os.path.join(mid_dir, stem + ".png"), os.path.join(neg_dir, stem + ".png")
+    _save(pixels, image_path)
+    _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
+    union = np.zeros_like(head)
+    box_paths = []
+    for k, box in enumerate(boxes):
+        box_paths.append(os.path.join(pos_dir, f"{stem}_{kind}_{k}.png"))
+        _save(box, box_paths[-1])
+        union |= box
+    _save(head & ~union, neg_path)
+    return [image_path] * len(boxes), box_paths, [neg_path] * len(boxes)
+
+
+def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str]) -> dict:
+    ixi_dir = os.path.join(folder, "data", "IXI")
+    mid_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_png")
+    pos_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_pos_png")
+    neg_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_neg_png")
+    split_dir = os.path.join(folder, "data", "splits")
+    for path in (ixi_dir, mid_dir, pos_dir, neg_dir, split_dir):
+        os.makedirs(path)
+    # one independent stream per image: changing one count does not change the other images
+    sequence = np.random.SeedSequence(seed)
+    streams = iter(lambda: sequence.spawn(1)[0], None)
+
+    def rel(path: str) -> str:
+        return "./" + os.path.relpath(path, folder).replace(os.sep, "/")
+
+    splits: dict[str, list[str]] = {}
+    names = []
+    for i in range(counts.ixi_train):
+        pixels, _, _ = _render(np.random.default_rng(next(streams)), "ixi")
+        path = os.path.join(ixi_dir, f"sub-DEMO{i:03d}_T1w.png")
+        _save(pixels, path)
+        names.append(rel(path))
+    splits["ixi_normal_train"] = names
+    number = iter(range(1, 100000))
+
+    def fastmri(split: str, count: int) -> tuple[list[str], list[str]]:
+        images, heads = [], []
+        for _ in range(count):
+            pixels, head, _ = _render(np.random.default_rng(next(streams)), "fastmri")
+            stem = f"demo_brain_AXT1_{next(number):04d}"
+            _save(pixels, os.path.join(mid_dir, stem + ".png"))
+            _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
+            images.append(rel(os.path.join(mid_dir, stem + ".png")))
+            heads.append(rel(os.path.join(mid_dir, stem + "_brain_map_full.png")))
+        return images, heads
+
+    splits["normal_train"], _ = fastmri("normal_train", counts.fastmri_train)
+    splits["normal_val"], _ = fastmri("normal_val", counts.val)
+    splits["normal_test"], splits["normal_test_ann"] = fastmri("normal_test", counts.normal_test)
+    for kind in kinds:
+        rows = [_write_lesioned(np.random.default_rng(next(streams)), kind, f"demo_brain_AXT1_{next(number):04d}",
+                                counts.second_lesion, (mid_dir, pos_dir, neg_dir)) for _ in range(counts.per_kind)]
+        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = (
+            [rel(path) for per_slice in column for path in per_slice] for column in zip(*rows))
+    for name, files in splits.items():
+        _write_csv(os.path.join(split_dir, name + ".csv"), files)
+    manifest = {
+        "generator": "utils.demo_data",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "kinds": list(kinds),
+        "counts": {name: len(files) for name, files in splits.items()},
+    }
+    with open(os.path.join(folder, "data", "demo.json"), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+    return manifest
+
+
+def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
+                  kinds: Sequence[str] = KINDS, overwrite: bool = False) -> str:
+    """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
+
+    Written into a temporary folder beside ``root`` and renamed into place
+    (:func:`utils.files.staged_folder`), so an interrupted run leaves no partial set at ``root``.
+    Raises ``FileExistsError`` if ``root`` is not empty (also when another process filled it meanwhile).
+    """
+    root = os.path.abspath(os.fspath(root))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"lesion kinds {list(kinds)!r}; allowed: a non-empty subset of {', '.join(KINDS)}")
+    small = [f"{f.name}={getattr(counts, f.name)}" for f in dataclasses.fields(counts)
+             if f.name != "second_lesion" and getattr(counts, f.name) < 1]
+    if small or not 0 <= counts.second_lesion <= 1:
+        raise ValueError(f"demo counts must be >= 1 and second_lesion in [0, 1], got {', '.join(small) or counts.second_lesion}")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise FileExistsError(f"{root} exists and is not a folder")
+    if os.path.isdir(root) and os.listdir(root) and not overwrite:
+        raise FileExistsError(f"{root} exists and is not empty; choose another folder, or replace it (--force; overwrite=True)")
+    with staged_folder(root, replace=overwrite) as temporary:
+        _write_set(temporary, int(seed), counts, kinds)
+    return root

@@ -1,0 +1,222 @@
+"""The data every format is turned into: groups of items and a bundle of splits.
+
+Every loader (study layout and demo set, :mod:`utils.data.study`; MVTec AD folders,
+:mod:`utils.data.mvtec`; NIfTI volumes, :mod:`utils.data.volumes`) returns a :class:`DataBundle`
+of groups whose items are dicts of tensors (``image`` network input, ``display`` image for
+figures, ``mask``, ``head``, ``foreground``) made by the single path in
+:mod:`utils.data.preprocess`, so the notebook, the command line and the tests do not care where
+the images came from. A format without a validation split gets a seeded ``data.val_fraction`` of
+its training images (or volumes) held out of the fit as validation set (:func:`hold_out`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Settings
+from ..errors import DataError
+from .preprocess import prepare, read_image, read_mask, resize_mask
+
+T = TypeVar("T")
+
+#: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
+NORMAL = "normal"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row of a group: the image, the mask files whose union is the anomaly ground truth,
+    and the mask files whose union is the head (``None``: head unknown, all True)."""
+
+    image: str
+    anomaly: tuple[str, ...] = ()
+    head: Optional[tuple[str, ...]] = None
+    source: str = ""  # where it was listed, e.g. "mass.csv line 4", for messages
+
+
+class ImageSet(Dataset):
+    """One group of images. Item ``i`` -> dict:
+
+    - ``image``: float32 ``(3, S, S)`` network input (:func:`utils.preprocess.prepare`,
+      S = ``settings.input_size``)
+    - ``display``: float32 ``(S, S)`` or ``(S, S, 3)`` in [0, 1], the same pixels for figures
+    - ``mask``: bool ``(S, S)`` anomaly ground truth (all False for normal images)
+    - ``head``: bool ``(S, S)`` head mask (box ∪ neg for pathologies, brain mask for normal test
+      images; all True when unknown, e.g. MVTec or training images)
+    - ``shape``: the original ``(H, W)``; ``path``: the image file; ``index``: ``i``
+
+    ``paths`` may repeat an image: the study lists a slice once per annotation (its protocol).
+    In that row view the head is this row's box ∪ its neg mask, and since the neg mask removes
+    every box of the slice, the slice's *other* boxes fall outside the head (neither normal nor
+    anomalous for that row). :meth:`per_image` gives one item per distinct image: mask = union of
+    its boxes, head = union of its heads (the whole head).
+    """
+
+    def __init__(self, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False):
+        self.name = name
+        self.items = list(items)
+        self.settings = settings
+        #: True for pathology / defect groups, False for normal images.
+        self.anomalous = anomalous
+
+    @property
+    def paths(self) -> list[str]:
+        return [item.image for item in self.items]
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the set reads: images and their mask files."""
+        return [f for item in self.items for f in (item.image, *item.anomaly, *(item.head or ()))]
+
+    @property
+    def sources(self) -> list[str]:
+        """Where each item was listed (``"mass.csv line 4"``, or the folder for MVTec)."""
+        return [item.source for item in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"ImageSet({self.name!r}, {self.summary()})"
+
+    def summary(self) -> str:
+        images = len(set(self.paths))
+        return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
+        item = self.items[index]
+        array = read_image(item.image, self.settings.data.color)
+        image, display = prepare(array, self.settings)
+        mask, head = self.masks(index)
+        return {
+            "image": image,
+            "display": display,
+            "mask": mask,
+            "head": head,
+            "shape": torch.tensor(array.shape[:2]),
+            "path": item.image,
+            "index": index,
+        }
+
+    def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``'s anomaly and head masks ``(S, S)`` bool, without decoding the image (all
+        True for a head that is not annotated). That each mask has its image's size is checked once,
+        when the loaders list the files (:class:`_Checker`)."""
+        item = self.items[index]
+        size = self.settings.input_size
+        head = self._union(item.head) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
+        return self._union(item.anomaly), head
+
+    def _union(self, files: Iterable[str]) -> torch.Tensor:
+        """Union of the mask ``files`` at the network's size ``(S, S)``."""
+        size = self.settings.input_size
+        union = torch.zeros(size, size, dtype=torch.bool)
+        for file in files:
+            union |= resize_mask(read_mask(file), self.settings)
+        return union
+
+    def per_image(self) -> "ImageSet":
+        """One item per distinct image (first-appearance order); mask = union of its boxes,
+        head = union of its heads."""
+        merged: dict[str, list] = {}
+        for item in self.items:
+            entry = merged.setdefault(item.image, [[], [], item.source, item.head is not None])
+            entry[0].extend(f for f in item.anomaly if f not in entry[0])
+            if item.head is None:
+                entry[3] = False
+            else:
+                entry[1].extend(f for f in item.head if f not in entry[1])
+        items = [
+            Item(image, tuple(anomaly), tuple(head) if known else None, source)
+            for image, (anomaly, head, source, known) in merged.items()
+        ]
+        return ImageSet(self.name, items, self.settings, self.anomalous)
+
+
+@dataclass
+class DataBundle:
+    """``train`` (normal images), ``val`` (or None), ``test``: group name -> set, in a stable
+    order: pathology / defect groups, then ``"normal"`` (normal test images, all-False masks).
+    ``val_description`` says where ``val`` came from (a split, or held out of train)."""
+
+    train: Optional[ImageSet]
+    val: Optional[ImageSet]
+    test: dict[str, ImageSet]
+    val_description: str = "no validation set requested"
+
+    def summary(self) -> str:
+        """``train 581 images, val 30 images, mass 14 images (16 rows), ...`` (volumes: slices, volumes)."""
+        named = [("train", self.train), ("val", self.val), *self.test.items()]
+        return ", ".join(f"{name} {group.summary()}" for name, group in named if group is not None)
+
+
+def fingerprint(sets: Iterable) -> str:
+    """A 12-hex-digit hash of the files ``sets`` read (each set's ``files``): their paths relative
+    to the folder they share, their sizes and modification times (whole seconds). Images added,
+    removed, renamed or rewritten change it; moving the data set, or copying it with its times
+    (``cp -p``, ``rsync -a``), does not."""
+    files = sorted({os.path.abspath(f) for s in sets if s is not None for f in s.files})
+    if not files:
+        return "no-files"
+    base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    stats = [os.stat(f) for f in files]
+    listing = "".join(f"{os.path.relpath(f, base)}\t{st.st_size}\t{int(st.st_mtime)}\n" for f, st in zip(files, stats))
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:12]  # any file name
+
+
+def counted(count: int, unit: str = "image") -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {unit}{'s' if count != 1 else ''}"
+
+
+def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "image") -> tuple[list[T], list[T], str]:
+    """Split a seeded (``settings.seed``) ``data.val_fraction`` of ``items`` off as validation.
+
+    Returns ``(kept, held out, description)``, both in their original order. At least one item is
+    held out when the fraction is > 0 and there are two items or more, and at least one is kept;
+    ``held out`` is empty otherwise. Used for images and for whole volumes alike.
+    """
+    fraction = settings.data.val_fraction
+    if fraction == 0 or len(items) < 2:
+        why = "data.val_fraction is 0" if fraction == 0 else f"{origin} has fewer than 2 {unit}s"
+        return list(items), [], f"none ({why} and there is no validation split)"
+    count = min(len(items) - 1, max(1, round(fraction * len(items))))
+    order = np.random.default_rng(settings.seed).permutation(len(items))
+    held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {counted(count, unit)})"
+    return [items[i] for i in kept], [items[i] for i in held], description
+
+
+def hold_out_images(train: ImageSet, origin: str) -> tuple[ImageSet, Optional[ImageSet], str]:
+    kept, held, description = hold_out(train.items, train.settings, origin)
+    return ImageSet(train.name, kept, train.settings), ImageSet("val", held, train.settings) if held else None, description
+
+
+def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:
+    """Batches of dicts in dataset order (``batch_size``, ``data.num_workers``, no shuffling)."""
+    workers = settings.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=workers,
+        worker_init_fn=_single_thread_worker if workers else None,
+        generator=torch.Generator().manual_seed(settings.seed),
+        persistent_workers=False,
+    )
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers run in parallel already; avoid oversubscribing the cores
+
+

@@ -1,0 +1,78 @@
+"""The head (foreground) of an image, estimated from the image alone.
+
+One estimate serves every step that needs the head: the intensity standardisation and the
+reference regions of the data path, the alignment and background masking of the model. It needs
+no annotation, so training, test and ``predict`` images all get the same kind of region.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
+
+#: Rec. 601 luma weights, the ones Pillow's ``convert("L")`` uses.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luminance(image: torch.Tensor) -> torch.Tensor:
+    """``(C, S, S)`` (C = 1 or 3) -> ``(S, S)`` gray: the channel itself, or Rec. 601 luma."""
+    if image.shape[0] == 1:
+        return image[0]
+    return torch.tensordot(torch.tensor(LUMA, dtype=image.dtype), image, dims=1)
+
+
+def foreground_mask(image: torch.Tensor) -> torch.Tensor:
+    """Estimate the head (foreground) of an ``(S, S)`` image in [0, 1] from the image alone.
+
+    Otsu threshold of the lightly smoothed image, largest connected component, holes filled.
+    It needs no annotation, so training, test and ``predict`` images all get the same region
+    (annotated head masks exist only for test images and are used for evaluation, not here).
+    Returns all True when no sensible foreground is found (e.g. a flat image).
+    """
+    array = ndimage.gaussian_filter(image.detach().cpu().numpy().astype(np.float64), 1.0)
+    low, high = float(array.min()), float(array.max())
+    if high - low < 1e-3:
+        return torch.ones(image.shape, dtype=torch.bool)
+    counts, edges = np.histogram(array, bins=128, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * centres)
+    total, total_mean = weight[-1], mean[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mean * weight - total * mean) ** 2 / (weight * (total - weight))
+    threshold = centres[int(np.nanargmax(between[:-1]))]
+    labels, count = ndimage.label(array > threshold)
+    if count == 0:
+        return torch.ones(image.shape, dtype=torch.bool)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))))
+    region = ndimage.binary_fill_holes(labels == largest)
+    if region.sum() < 0.01 * region.size:
+        return torch.ones(image.shape, dtype=torch.bool)
+    return torch.from_numpy(region)
+
+
+def _input_luminance(image: torch.Tensor) -> np.ndarray:
+    """Network input ``(3, S, S)`` -> its gray luminance ``(S, S)`` in [0, 1] (for callers that
+    hold only the network input, e.g. :func:`head_masks` inside the model)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.cpu() * std + mean).clamp(0, 1)
+    return luminance(rgb).clamp(0, 1).numpy()
+
+
+def head_masks(images: torch.Tensor) -> torch.Tensor:
+    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
+    (:func:`foreground_mask`; no annotation, so train, test and predict agree)."""
+    return torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
+
+
+def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:
+    """``(N, S, S)`` bool masks grown by ``margin`` pixels (``mask_background`` uses the blur
+    radius: the map spreads a lesion at the head's edge by about that much, and Otsu can cut dark
+    edge tissue); an all-True mask stays as it is."""
+    if margin <= 0:
+        return masks
+    return torch.stack([m if m.all() else torch.from_numpy(ndimage.binary_dilation(m.numpy(), iterations=margin)) for m in masks])

@@ -1,0 +1,150 @@
+"""``predict``: heat-maps and scores for images, anomaly maps for NIfTI volumes, from a fitted model.
+
+Every output is written into a folder beside ``--output`` and swapped in at the end
+(:func:`utils.files.staged_folder`): a failed or interrupted run leaves ``--output`` as it was,
+and an earlier run's files are replaced as a whole, never mixed with new ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Settings
+from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, load_image
+from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
+from .errors import ConfigError, DataError
+from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
+from .evaluation.volumes import slice_scores
+from .files import atomic_writer, staged_folder, writable_folder, write_atomic
+from .padim import Padim
+
+
+def predict(settings: Settings, model_path: str, source: str, output: str, progress: bool = True) -> list[str]:
+    """Score every image or volume at ``source`` with the model at ``model_path`` into ``output``;
+    returns one line per kind of input saying what was written."""
+    model = Padim.load(model_path, settings)
+    files = _input_files(source, output)
+    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
+    images = [f for f in files if f not in volumes]
+    with staged_folder(_output_folder(output)) as staging:
+        done = []
+        if volumes:
+            done.append(_predict_volumes(model, volumes, staging, progress))
+        if images:
+            done.append(_predict_images(model, images, source, staging, progress))
+        write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": _files_below(staging)}, indent=1).encode())
+    return done
+
+
+def _input_files(source: str, output: str) -> list[str]:
+    """``source`` itself when it is a file, else every image or NIfTI file below it; ``output``
+    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run)."""
+    if os.path.isfile(source):
+        return [source]
+    if not os.path.isdir(source):
+        raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
+    if (os.path.realpath(output) + os.sep).startswith(os.path.realpath(source) + os.sep):  # links resolved
+        raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
+                        "images; choose an output folder outside the input folder")
+    files = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(source)
+        for name in names
+        if name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+    )
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
+    return files
+
+
+#: Written last into every ``predict`` output: the list of its files. A folder is an earlier
+#: output (replaced as a whole by the next run) only if it holds this list and nothing else.
+PREDICT_LIST = "predict_files.json"
+
+
+def _files_below(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+
+
+def _output_folder(output: str) -> str:
+    """The real path of ``output`` once it is absent, empty or an earlier predict output (its file
+    list, :data:`PREDICT_LIST`, covers every file in it); never a folder that holds other files."""
+    output = os.path.realpath(output)  # a link to the folder stays a link to the new outputs
+    writable_folder(output)
+    if not os.path.isdir(output) or not os.listdir(output):
+        return output
+    try:
+        with open(os.path.join(output, PREDICT_LIST), encoding="utf-8") as handle:
+            listed = set(json.load(handle)["files"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
+    others = [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]
+    if others:
+        raise ConfigError(f"--output {output} holds files an earlier predict did not write ({others[0]}); give a new or empty folder")
+    return output
+
+
+def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
+    """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
+    rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
+    _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
+                  [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
+    return f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv"
+
+
+def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
+    with atomic_writer(path) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
+        writer = csv.writer(text)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _predict_images(model, files: list[str], source: str, output: str, progress: bool) -> str:
+    """One heat-map PNG per image and ``scores.csv`` (image, score) in ``output``; returns what was done."""
+    base = source if os.path.isdir(source) else os.path.dirname(source)
+    relative = [os.path.relpath(f, base) for f in files]
+    names = [os.path.splitext(r)[0] + "_heatmap.png" for r in relative]
+    clashes = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    if clashes:
+        raise DataError(f"two input images would write the same heat-map {clashes[0]} (same name, other suffix); rename one")
+    targets = [os.path.join(output, name) for name in names]
+    rows, size = [], model.settings.batch_size
+    for start in tqdm(range(0, len(files), size), desc="predict", unit="batch", leave=False, disable=not progress):
+        loaded = [load_image(f, model.settings) for f in files[start : start + size]]
+        result = model.score(torch.stack([image for image, _ in loaded]), progress=False)
+        for k, ((_, display), heat, score) in enumerate(zip(loaded, result.maps, result.scores)):
+            save_heatmap(display.numpy(), heat, targets[start + k])
+            rows.append((relative[start + k], float(score)))
+    _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
+    return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps and scores.csv"
+
+
+def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
+    """Score each volume: ``<case>_anomaly.nii.gz`` (the input's shape and affine) and
+    ``<case>_anomaly.png`` (the axial slice with the highest score inside the brain, RAS+ index)
+    in ``output_dir``. Returns one dict per volume: ``image``, ``score`` (the map's maximum
+    inside the brain), ``slice``.
+
+    The brain comes from the entry's ``brain_mask``, else it is estimated from the image: a model
+    fitted on given brain masks should be given them here too (a manifest CSV), since the brain
+    sets the intensity normalisation and the slices that are scored."""
+    settings, rows = model.settings, []
+    for entry in tqdm(entries, desc="predict", unit="volume", disable=not progress):
+        volume = read_volume(entry, settings)
+        anomaly = score_volume(model, volume, settings)
+        in_brain = slice_scores(anomaly, volume.brain)
+        z = int(np.argmax(in_brain))
+        stem = os.path.join(output_dir, f"{entry.case}_anomaly")
+        write_map(anomaly, volume, stem + ".nii.gz")
+        save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up
+        rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
+    return rows
