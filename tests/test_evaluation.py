@@ -6,12 +6,14 @@ import math
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from utils.config import settings_from_dict
-from utils.evaluation.run import GroupScores, metrics_table, run_directory, run_name, score_group
+from utils.evaluation.images import GroupScores, metrics_table, score_group
+from utils.evaluation.naming import run_directory, run_name
 from utils.evaluation.report import markdown_table
 
 BASE = {"backbone": "efficientnet_lite0", "image_size": 64, "output_dimension": 24}
@@ -168,9 +170,10 @@ class _FakeModel:
     def __init__(self):
         self.scored = 0
 
-    def score(self, images, progress=False, region=None):
+    def score(self, batches, progress=False, region=None):
         from utils.padim.model import ScoreResult
 
+        images = torch.cat([batch["image"] for batch in batches])
         self.scored += len(images)
         maps = images[:, 0].numpy().copy()
         inside = np.where(region.numpy(), maps, -np.inf)
@@ -182,7 +185,7 @@ def _png(path, array):
     return str(path)
 
 
-def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_path):
+def test_score_group_scores_each_image_once_and_unions_the_masks_of_its_rows(tmp_path):
     from utils.data import ImageSet, Item
 
     rng = np.random.default_rng(0)
@@ -203,26 +206,30 @@ def test_score_group_scores_each_image_once_and_unions_masks_like_per_image(tmp_
     scored = score_group(model, dataset, s)
     assert model.scored == 2  # image a has two rows but is scored once
     assert scored.paths == [a, b] and list(scored.row_image) == [0, 1, 0]
-    per_image = dataset.per_image()
-    for i in range(len(per_image)):
-        item = per_image[i]
-        assert np.array_equal(scored.masks[i], item["mask"].numpy())
-        assert np.array_equal(scored.heads[i], item["head"].numpy())
-        assert np.allclose(scored.maps[i], item["image"][0].numpy())
+    rows = [dataset[r] for r in range(len(dataset))]
+    for i, rows_of_image in enumerate([(0, 2), (1,)]):  # image a: rows 0 and 2; image b: row 1
+        assert np.array_equal(scored.masks[i], np.logical_or.reduce([rows[r]["mask"].numpy() for r in rows_of_image]))
+        assert np.array_equal(scored.heads[i], np.logical_or.reduce([rows[r]["head"].numpy() for r in rows_of_image]))
+        assert np.allclose(scored.maps[i], rows[rows_of_image[0]]["image"][0].numpy())
     for r in range(len(dataset)):
-        assert np.array_equal(scored.row_masks[r], dataset[r]["mask"].numpy())
+        assert np.array_equal(scored.row_masks[r], rows[r]["mask"].numpy())
     expected = [scored.maps[i][scored.heads[i]].max() for i in range(2)]
     assert np.allclose(scored.scores, expected)
 
 
-def test_a_given_model_must_match_the_settings(tmp_path):
+def test_a_given_model_must_match_the_settings_and_the_training_files(tmp_path):
+    from utils.data.demo.brains import DemoCounts, generate_demo
     from utils.errors import ModelFileError
-    from utils.evaluation.run import check_model_matches
+    from utils.evaluation import Run
     from utils.padim.model import Padim
 
-    model = Padim(settings())
+    generate_demo(tmp_path / "demo", counts=DemoCounts(ixi_train=3, fastmri_train=2, val=2, per_kind=1, normal_test=1))
+    base = settings(data={"root": str(tmp_path / "demo")}, image_size=32, output_dimension=8, device="cpu")
+    fitted = Run(base)
+    model = fitted.fit(progress=False)
     with pytest.raises(ModelFileError, match="seed"):
-        check_model_matches(model, settings(seed=1))
-    with pytest.raises(ModelFileError, match="training data"):
-        check_model_matches(model, settings(data={"train_splits": ["ixi_normal_train"]}))
-    check_model_matches(model, settings(batch_size=3))  # run-time settings may differ
+        Run(base.replace(seed=1)).fit(model=model)
+    other = base.replace(data={"train_splits": ["ixi_normal_train"]})
+    with pytest.raises(ModelFileError, match="other training images"):
+        Run(other).fit(model=model)
+    assert Run(base.replace(batch_size=3)).fit(model=model) is model  # run-time settings may differ

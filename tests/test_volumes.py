@@ -23,7 +23,7 @@ from utils.config import settings_from_dict
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
-from utils.evaluation.volumes import VolumeEvaluation
+from utils.evaluation import Run
 from utils.data.volumes import SliceSet, load_volume_data, predict_entries, read_manifest, read_volume
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
@@ -170,7 +170,8 @@ class IntensityModel:
         self.settings = settings
         self.device = torch.device("cpu")
 
-    def score(self, images, progress=True, region=None):
+    def score(self, batches, progress=True, region=None):
+        images = torch.cat([batch["image"] for batch in batches])
         maps = ndimage.gaussian_filter(images[:, 0].numpy().astype(np.float32), sigma=(0, 4, 4))
         return ScoreResult(maps, maps.reshape(len(maps), -1).max(axis=1))
 
@@ -246,23 +247,23 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
         "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 64, "output_dimension": 100,
         "blur_sigma": 2.0, "device": "cpu", "results_dir": str(tmp_path),
         "data": {"format": "nifti", "manifest": os.path.join(nifti_demo, "volumes.csv"), "intensity": "none"}})
-    evaluation = VolumeEvaluation(settings)
+    evaluation = Run(settings)
     evaluation.load_data()
     evaluation.fit(progress=False)
     started = time.perf_counter()
     evaluation.score(progress=False)
-    per_volume = (time.perf_counter() - started) / len(evaluation.rows)
+    per_volume = (time.perf_counter() - started) / len(evaluation.units.rows)
     table = evaluation.compute_metrics()
     folder = evaluation.save(save_model=False)
-    print("\n" + evaluation.volumes.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\n" + evaluation.unit_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"seconds per test volume: {per_volume:.2f}")
     assert table.set_index("group").loc["mean", "B_auroc"] > 0.9
-    assert evaluation.volumes["B_auroc"].min() > 0.85, "every demo volume's lesion is found"
+    assert evaluation.unit_table["B_auroc"].min() > 0.85, "every demo volume's lesion is found"
     for entry in (e for group in evaluation.bundle.test.values() for e in group.entries):
         image = nib.load(entry.image)
         saved = nib.load(os.path.join(folder, "maps", f"{entry.case}_anomaly.nii.gz"))
         assert saved.shape == image.shape and np.allclose(saved.affine, image.affine)
-    assert set(evaluation.volumes["case"]) == {e.case for g in evaluation.bundle.test.values() for e in g.entries}
+    assert set(evaluation.unit_table["case"]) == {e.case for g in evaluation.bundle.test.values() for e in g.entries}
     assert all(os.path.isfile(os.path.join(folder, f)) for f in ("volumes.csv", "metrics.csv", "metrics.md"))
     assert not [f for f in os.listdir(folder) if f.startswith(".maps-")]
     assert evaluation.figures and torch.get_num_threads() >= 1
@@ -271,7 +272,7 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
     config = os.path.join(tmp_path, "config.yaml")
     with open(config, "w") as handle:
         yaml.safe_dump(settings.to_dict(), handle)
-    case = evaluation.volumes["case"].iloc[0]
+    case = evaluation.unit_table["case"].iloc[0]
     entry = next(e for e in read_manifest(settings.data.manifest) if e.case == case)
     manifest = _manifest(tmp_path, [{"split": "test", "image": entry.image, "brain_mask": entry.brain_mask}])  # absolute paths
     out = os.path.join(tmp_path, "predicted")
@@ -287,7 +288,7 @@ def test_a_bad_test_volume_after_the_fit_leaves_no_maps_and_no_run_folder(small_
     flat = _save(folder, "flat.nii.gz", np.ones(SHAPE, np.float32))
     manifest = _manifest(folder, rows + [{"split": "test", "image": flat, "group": "lesion"}])
     settings = _settings(manifest, val_fraction=0.5).replace(results_dir=str(tmp_path / "results"))
-    evaluation = VolumeEvaluation(settings)
+    evaluation = Run(settings)
     evaluation.load_data()
     evaluation.model = IntensityModel(settings)
     with pytest.raises(DataError, match="flat.nii.gz.*constant"):
@@ -307,7 +308,7 @@ def test_a_4d_image_holding_one_volume_needs_no_volume_index(small_set):
 def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
     folder, rows, _ = small_set
     settings = _settings(_manifest(folder, rows), val_fraction=0.5).replace(results_dir=str(tmp_path / "results"))
-    evaluation = VolumeEvaluation(settings)
+    evaluation = Run(settings)
     evaluation.load_data()
     evaluation.model = IntensityModel(settings)
     evaluation.score(progress=False)

@@ -80,9 +80,10 @@ def _writable_results(folder: str) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     _writable_results(settings.results_dir)  # before the work, not after it
-    result = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
-                            figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
-    print(result.summary())
+    run = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
+                         figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
+    if run is not None:  # rank 0 (or the only process)
+        print(run.summary())
     return 0
 
 

@@ -154,6 +154,12 @@ class Settings:
         return self.data.center_crop or self.image_size
 
     @property
+    def estimates_head(self) -> bool:
+        """Whether every image's head is estimated (once, in the data path): the intensity
+        standardisation, the alignment and the background masking need it."""
+        return self.data.intensity != "none" or self.data.align != "none" or self.mask_background
+
+    @property
     def feature_size(self) -> int:
         """Side of the stride-4 feature grid."""
         return self.input_size // 4

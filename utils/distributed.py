@@ -1,17 +1,18 @@
-"""Multi-process fitting and scoring with ``torch.distributed`` (``torchrun``), with identical results.
+"""Multi-process fitting with ``torch.distributed`` (``torchrun``), with identical results.
 
-``torchrun --nproc_per_node=K -m utils fit --config config.yaml`` starts ``K`` processes; each
+``torchrun --nproc_per_node=K -m utils fit|evaluate --config config.yaml`` starts ``K`` processes; each
 one reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment (:class:`DistributedContext`),
 fits on its share of the training list (:func:`shard_indices`), and the per-rank streaming
 statistics are summed exactly with ``all_reduce`` (:func:`all_reduce_statistics`). Rank 0 then
-inverts the covariances and writes the model; the other ranks write nothing. Without ``torchrun``
+inverts the covariances and writes the model (``evaluate``: scores the test set and writes the
+results folder); the other ranks write nothing. Without ``torchrun``
 (no ``WORLD_SIZE``, or ``WORLD_SIZE=1``) every function here is a plain single-process run.
 
 Backend: ``nccl`` when the settings resolve to CUDA (each process then uses GPU ``LOCAL_RANK``),
 ``gloo`` on CPU. Collectives time out after ``PADIM_DIST_TIMEOUT`` seconds (default 600), so a
 peer that hangs cannot block a run for ever.
 
-Failures: every local step (loading the data, accumulating statistics, scoring) is followed by a
+Failures: every local step (generating a demo set, loading the data, accumulating statistics) is followed by a
 collective agreement on success. If any rank failed, *every* rank raises
 :class:`~utils.errors.DistributedError` naming the failing rank(s) and their error, and no model
 file is written: the model is only built after all ranks reported complete statistics.
@@ -24,17 +25,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
 from .config import Settings
 from .data import make_loader
 from .data.demo import ensure_demo
 from .errors import DataError, DistributedError, PadimError
-from .padim import Padim, ScoreResult
+from .padim import Padim
 from .padim.features import resolve_device
 from .padim.gaussian import GaussianStatistics
 
@@ -45,7 +44,6 @@ TIMEOUT_ENV = "PADIM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 #: Elements per all_reduce call on the scatter: bounds the backend's temporary buffers (64 MB float32).
 REDUCE_CHUNK = 1 << 24
-NOTHING_SCORED = "no scores were returned"
 
 
 # ---------------------------------------------------------------------------- context
@@ -253,28 +251,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- sharding
-def shard_indices(n: int, rank: int, world: int, mode: str = "strided") -> list[int]:
-    """Indices of ``range(n)`` that ``rank`` of ``world`` handles; every index on exactly one rank.
-
-    ``strided`` (default): ``rank, rank + world, ...`` - shares stay balanced when the list is
-    ordered by source (e.g. IXI then fastMRI slices, whose files differ in size).
-    ``contiguous``: one block per rank, ``[rank * n // world, (rank + 1) * n // world)``.
-    Shard sizes differ by at most one; ranks beyond ``n`` get an empty shard.
-    """
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Indices of ``range(n)`` that ``rank`` of ``world`` handles: ``rank, rank + world, ...``, so
+    every index is on exactly one rank and shares stay balanced when the list is ordered by source
+    (e.g. IXI then fastMRI slices, whose files differ in size). Ranks beyond ``n`` get an empty shard."""
     if world < 1 or not 0 <= rank < world or n < 0:
         raise ValueError(f"bad shard request: n={n}, rank={rank}, world={world}")
-    if mode == "strided":
-        return list(range(rank, n, world))
-    if mode == "contiguous":
-        return list(range(rank * n // world, (rank + 1) * n // world))
-    raise ValueError(f"unknown shard mode {mode!r}; allowed: strided, contiguous")
+    return list(range(rank, n, world))
 
 
-def shard_dataset(dataset: Dataset, ctx: DistributedContext, mode: str = "strided") -> Dataset:
+def shard_dataset(dataset: Dataset, ctx: DistributedContext) -> Dataset:
     """This rank's :class:`~torch.utils.data.Subset` of ``dataset`` (``dataset`` itself when alone)."""
     if not ctx.is_distributed:
         return dataset
-    return Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size, mode))
+    return Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -334,21 +324,18 @@ def _all_reduce_in_place(tensor: torch.Tensor, comm: torch.device, group: Any) -
             chunk.copy_(moved)
 
 
-# ---------------------------------------------------------------------------- fit and score
+# ---------------------------------------------------------------------------- fit
 def distributed_fit(
     model: Padim,
     dataset: Dataset,
     settings: Optional[Settings] = None,
     ctx: Optional[DistributedContext] = None,
     progress: bool = True,
-    every_rank: bool = False,
 ) -> Optional[Padim]:
     """Fit ``model`` on ``dataset`` (items: dicts with ``"image"``), each rank on its shard.
 
     Returns the fitted model on rank 0 (the caller saves it, e.g. with the atomic
-    :meth:`Padim.save`) and ``None`` on the other ranks; with ``every_rank`` every rank finishes
-    the fit from the same reduced statistics and returns its model (e.g. to score a sharded test
-    set next). ``ctx`` defaults to the process group already initialised (or a single process).
+    :meth:`Padim.save`) and ``None`` on the other ranks. ``ctx`` defaults to the process group already initialised (or a single process).
     If any rank fails while accumulating, every rank raises :class:`DistributedError` and no
     model is returned anywhere.
     """
@@ -366,66 +353,12 @@ def distributed_fit(
             all_reduce_statistics(stats)
         if stats.count == 0:  # every rank knows the global count: all raise alike
             raise DataError("cannot fit PaDiM: the training set is empty")
-    if not (ctx.is_main or every_rank):
+    if not ctx.is_main:
         return None
     return model.fit_statistics(stats)
 
 
-def distributed_score(
-    model: Padim,
-    dataset: Dataset,
-    settings: Optional[Settings] = None,
-    ctx: Optional[DistributedContext] = None,
-    progress: bool = True,
-    region_key: Optional[str] = None,
-) -> Optional[ScoreResult]:
-    """Score ``dataset`` (items: dicts with ``"image"``), each rank its shard; rank 0 gets it all.
-
-    Returns a :class:`ScoreResult` whose maps and scores are in ``dataset`` order on rank 0 (the
-    same as ``model.score`` over the whole set), ``None`` on other ranks. With ``region_key``
-    (e.g. ``"head"``), image scores are taken only over that boolean mask of each item.
-    """
-    settings = settings or model.settings
-    ctx = ctx or DistributedContext.current()
-    n = len(dataset)
-    indices = shard_indices(n, ctx.rank, ctx.world_size) if ctx.is_distributed else list(range(n))
-    shard = Subset(dataset, indices) if ctx.is_distributed else dataset
-    show = progress and ctx.is_main
-    size = settings.input_size
-
-    def score_shard() -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = [np.zeros((0, size, size), np.float32)], [np.zeros(0, np.float32)]
-        if len(shard):
-            for batch in _progress(make_loader(shard, settings), show):
-                region = batch[region_key] if region_key is not None else None
-                part = model.score(batch["image"], progress=False, region=region)
-                maps.append(part.maps)
-                scores.append(part.scores)
-        return np.concatenate(maps), np.concatenate(scores)
-
-    if n == 0:
-        raise DataError("nothing to score: no images were given")
-    local_maps, local_scores = ctx.agree("scoring the test images", score_shard, NOTHING_SCORED)
-    if not ctx.is_distributed:
-        return ScoreResult(local_maps, local_scores)
-    gathered: Optional[list] = [None] * ctx.world_size if ctx.is_main else None
-    with ctx._collective("gathering the scores", NOTHING_SCORED):
-        dist.gather_object((indices, local_maps, local_scores), gathered, dst=0)
-    if not ctx.is_main:
-        return None
-    maps = np.empty((n, size, size), np.float32)
-    scores = np.empty(n, local_scores.dtype)
-    for shard_indices_, shard_maps, shard_scores in gathered:
-        maps[shard_indices_] = shard_maps
-        scores[shard_indices_] = shard_scores
-    return ScoreResult(maps, scores)
-
-
-def _progress(loader, show: bool):
-    return tqdm(loader, desc="score", total=len(loader), disable=not show, unit="batch", leave=False)
-
-
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------- data
 def prepare_demo(settings: Settings, ctx: DistributedContext) -> None:
     """Generate the demo set once per folder before any rank reads it: rank 0 first, then the first
     process of every other node (whose ``data.root`` may not be shared), with an agreement after each."""

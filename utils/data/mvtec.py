@@ -51,7 +51,7 @@ class MvtecLoader:
         items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
         train = ImageSet("train", usable(folder, items), self.settings)
         self.check.same_colour([train, *test.values()], self.root, self.settings.data.color)
-        train, val, description = hold_out_images(train, "train/good")
+        train, val, description = hold_out_images(train, "train/good", estimate_head=False)
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def test(self) -> dict[str, ImageSet]:

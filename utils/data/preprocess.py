@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -179,8 +179,9 @@ def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Setting
 def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image intensity standardisation of an ``(S, S)`` or ``(C, S, S)`` image in [0, 1].
 
-    Statistics come from the luminance inside ``region``, by default :func:`foreground_mask`
-    (the head estimated from the image itself, identical for training and test images).
+    Statistics come from the luminance inside ``region`` (``(S, S)`` bool; the whole image when it
+    holds fewer than 16 pixels), by default :func:`utils.padim.foreground.foreground_mask` (the
+    head estimated from the image itself, identical for training and test images).
     ``zscore``: (x - mean) / std inside the region, mapped back to [0, 1] as 0.5 + 0.15 z
     (clipped). ``percentile``: the region's 1st-99th percentile range mapped to [0, 1]
     (clipped). Both remove per-scanner gain and offset: an image and ``a * image + b`` (a > 0)
@@ -191,8 +192,10 @@ def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor |
     if mode not in ("zscore", "percentile"):
         raise DataError(f"unknown intensity mode {mode!r}; allowed: none, zscore, percentile")
     gray = image if image.ndim == 2 else luminance(image)
-    if region is None or int(region.sum()) < 16:
+    if region is None:
         region = foreground_mask(gray)
+    if int(region.sum()) < 16:
+        region = torch.ones_like(gray, dtype=torch.bool)
     values = gray[region].double()
     if mode == "zscore":
         std = values.std().clamp_min(1e-6)
@@ -209,24 +212,34 @@ def normalise(display: torch.Tensor) -> torch.Tensor:
     return (channels - mean) / std
 
 
-def prepare(array: np.ndarray, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full path for one decoded image.
+class Prepared(NamedTuple):
+    """One image through the preprocessing path (:func:`prepare`)."""
 
-    Args:
-        array: ``(H, W)`` or ``(H, W, 3)`` float in [0, 1] (:func:`read_image`).
+    #: float32 ``(3, S, S)``: the network input.
+    image: torch.Tensor
+    #: float32 ``(S, S)`` or ``(S, S, 3)`` in [0, 1]: the same pixels before ImageNet normalisation (figures).
+    display: torch.Tensor
+    #: bool ``(S, S)``: the head (estimated, or given) when asked for, else None.
+    head: Optional[torch.Tensor]
 
-    Returns:
-        ``image``: float32 ``(3, S, S)`` network input; ``display``: float32 ``(S, S)`` or
-        ``(S, S, 3)`` in [0, 1], the same pixels before ImageNet normalisation (for figures).
+
+def prepare(array: np.ndarray, settings: Settings, head: Optional[torch.Tensor] = None,
+            estimate_head: bool = False) -> Prepared:
+    """Full path for one decoded image ``(H, W)`` or ``(H, W, 3)`` float in [0, 1] (:func:`read_image`).
+
+    The head is estimated here, once per image, when the settings need it
+    (:attr:`utils.config.Settings.estimates_head`) or ``estimate_head`` asks for it, unless ``head``
+    ``(S, S)`` bool is given (a volume's brain slice): the same region then serves the intensity
+    standardisation, the model's alignment and background masking, and the evaluation.
     """
     resized = resize_image(array, settings)
-    standardised = standardise_intensity(resized, settings.data.intensity)
+    if head is None and (estimate_head or settings.estimates_head):
+        head = foreground_mask(luminance(resized))
+    standardised = standardise_intensity(resized, settings.data.intensity, head)
     display = standardised[0] if standardised.shape[0] == 1 else standardised.permute(1, 2, 0).contiguous()
-    return normalise(display), display
+    return Prepared(normalise(display), display, head)
 
 
-def load_image(path: str, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and preprocess one image file -> ``(image (3, S, S), display)`` (see :func:`prepare`)."""
+def load_image(path: str, settings: Settings) -> Prepared:
+    """Read and preprocess one image file (see :func:`prepare`)."""
     return prepare(read_image(path, settings.data.color), settings)
-
-

@@ -44,27 +44,32 @@ class Item:
 class ImageSet(Dataset):
     """One group of images. Item ``i`` -> dict:
 
-    - ``image``: float32 ``(3, S, S)`` network input (:func:`utils.preprocess.prepare`,
+    - ``image``: float32 ``(3, S, S)`` network input (:func:`utils.data.preprocess.prepare`,
       S = ``settings.input_size``)
     - ``display``: float32 ``(S, S)`` or ``(S, S, 3)`` in [0, 1], the same pixels for figures
     - ``mask``: bool ``(S, S)`` anomaly ground truth (all False for normal images)
-    - ``head``: bool ``(S, S)`` head mask (box ∪ neg for pathologies, brain mask for normal test
-      images; all True when unknown, e.g. MVTec or training images)
+    - ``head``: bool ``(S, S)`` head mask: the row's given masks (box ∪ neg for pathologies, brain
+      mask for normal test and validation images), else the estimate when ``estimate_head`` is set,
+      else all True (MVTec, training images)
+    - ``foreground``: bool ``(S, S)``, only when the settings use it
+      (:attr:`utils.config.Settings.estimates_head`): the head estimated from the image, for the model
     - ``shape``: the original ``(H, W)``; ``path``: the image file; ``index``: ``i``
 
     ``paths`` may repeat an image: the study lists a slice once per annotation (its protocol).
     In that row view the head is this row's box ∪ its neg mask, and since the neg mask removes
     every box of the slice, the slice's *other* boxes fall outside the head (neither normal nor
-    anomalous for that row). :meth:`per_image` gives one item per distinct image: mask = union of
-    its boxes, head = union of its heads (the whole head).
+    anomalous for that row).
     """
 
-    def __init__(self, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False):
+    def __init__(self, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False,
+                 estimate_head: bool = False):
         self.name = name
         self.items = list(items)
         self.settings = settings
         #: True for pathology / defect groups, False for normal images.
         self.anomalous = anomalous
+        #: Items without given head masks take the head estimated from the image (reference sets).
+        self.estimate_head = estimate_head
 
     @property
     def paths(self) -> list[str]:
@@ -76,9 +81,10 @@ class ImageSet(Dataset):
         return [f for item in self.items for f in (item.image, *item.anomaly, *(item.head or ()))]
 
     @property
-    def sources(self) -> list[str]:
-        """Where each item was listed (``"mass.csv line 4"``, or the folder for MVTec)."""
-        return [item.source for item in self.items]
+    def head_kinds(self) -> set[str]:
+        """Where the items' heads come from: ``given mask``, ``estimated`` or ``whole image``."""
+        unknown = "estimated" if self.estimate_head else "whole image"
+        return {"given mask" if item.head is not None else unknown for item in self.items}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -95,22 +101,20 @@ class ImageSet(Dataset):
             raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
         item = self.items[index]
         array = read_image(item.image, self.settings.data.color)
-        image, display = prepare(array, self.settings)
+        prepared = prepare(array, self.settings, estimate_head=self.estimate_head)
         mask, head = self.masks(index)
-        return {
-            "image": image,
-            "display": display,
-            "mask": mask,
-            "head": head,
-            "shape": torch.tensor(array.shape[:2]),
-            "path": item.image,
-            "index": index,
-        }
+        if item.head is None and self.estimate_head:
+            head = prepared.head
+        entry = {"image": prepared.image, "display": prepared.display, "mask": mask, "head": head,
+                 "shape": torch.tensor(array.shape[:2]), "path": item.image, "index": index}
+        if self.settings.estimates_head:
+            entry["foreground"] = prepared.head
+        return entry
 
     def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``index``'s anomaly and head masks ``(S, S)`` bool, without decoding the image (all
-        True for a head that is not annotated). That each mask has its image's size is checked once,
-        when the loaders list the files (:class:`_Checker`)."""
+        True for a head that is not given). That each mask has its image's size is checked once,
+        when the loaders list the files (:class:`utils.data.checks.Checker`)."""
         item = self.items[index]
         size = self.settings.input_size
         head = self._union(item.head) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
@@ -123,23 +127,6 @@ class ImageSet(Dataset):
         for file in files:
             union |= resize_mask(read_mask(file), self.settings)
         return union
-
-    def per_image(self) -> "ImageSet":
-        """One item per distinct image (first-appearance order); mask = union of its boxes,
-        head = union of its heads."""
-        merged: dict[str, list] = {}
-        for item in self.items:
-            entry = merged.setdefault(item.image, [[], [], item.source, item.head is not None])
-            entry[0].extend(f for f in item.anomaly if f not in entry[0])
-            if item.head is None:
-                entry[3] = False
-            else:
-                entry[1].extend(f for f in item.head if f not in entry[1])
-        items = [
-            Item(image, tuple(anomaly), tuple(head) if known else None, source)
-            for image, (anomaly, head, source, known) in merged.items()
-        ]
-        return ImageSet(self.name, items, self.settings, self.anomalous)
 
 
 @dataclass
@@ -196,9 +183,12 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
-def hold_out_images(train: ImageSet, origin: str) -> tuple[ImageSet, Optional[ImageSet], str]:
+def hold_out_images(train: ImageSet, origin: str, estimate_head: bool) -> tuple[ImageSet, Optional[ImageSet], str]:
+    """:func:`hold_out` for a training set: ``(kept, validation set or None, description)``; the
+    validation set estimates its images' heads with ``estimate_head`` (brain images, not MVTec)."""
     kept, held, description = hold_out(train.items, train.settings, origin)
-    return ImageSet(train.name, kept, train.settings), ImageSet("val", held, train.settings) if held else None, description
+    val = ImageSet("val", held, train.settings, estimate_head=estimate_head) if held else None
+    return ImageSet(train.name, kept, train.settings), val, description
 
 
 def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:

@@ -27,6 +27,8 @@ from .sets import NORMAL, DataBundle, ImageSet, Item, counted, hold_out_images
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
+#: A fastMRI slice ``x.png`` has its brain mask beside it as ``x_brain_map_full.png``.
+BRAIN_MAP_SUFFIX = "_brain_map_full.png"
 STUDY_DOWNLOAD_HINT = (
     "download the study's data.zip from its release page and unzip it so that {root}/data/IXI, "
     "{root}/data/fastMRI and {root}/data/splits exist, or set data.format: demo (see data/README.md)"
@@ -101,13 +103,15 @@ class StudyLoader:
         d = self.settings.data
         test = self.test() if "test" in splits else {}
         if d.val_split:
-            val = self.plain(d.val_split, d.val_split) if "val" in splits else None
+            val = self.validation(d.val_split, self.read_csv(d.val_split)) if "val" in splits else None
             train = self.train() if "train" in splits else None
             description = f"{d.val_split} ({counted(len(val))})" if val is not None else "no validation set requested"
             return DataBundle(train, val, test, description)
         if not {"train", "val"} & set(splits):
             return DataBundle(None, None, test)
-        train, val, description = hold_out_images(self.train(), "the training splits")
+        train, val, description = hold_out_images(self.train(), "the training splits", estimate_head=True)
+        if val is not None:
+            val = self.validation("val", [(item.image, item.source) for item in val.items])
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def train(self) -> ImageSet:
@@ -121,9 +125,17 @@ class StudyLoader:
                     items.append(Item(path, (), None, source))
         return ImageSet("train", usable("training splits " + "+".join(self.settings.data.train_splits), items), self.settings)
 
-    def plain(self, name: str, split: str) -> ImageSet:
-        items = [Item(p, (), None, s) for p, s in self.read_csv(split) if self.check.row(s, p, ())]
-        return ImageSet(name, usable(split, items), self.settings)
+    def validation(self, name: str, rows: Sequence[tuple[str, str]]) -> ImageSet:
+        """Normal validation images (path, source), each with its brain mask as its head where the
+        study layout has one beside it (``<stem>_brain_map_full.png``), else the head estimated from
+        the image: the region whose pixels set the threshold."""
+        items = []
+        for path, source in rows:
+            brain_map = os.path.splitext(path)[0] + BRAIN_MAP_SUFFIX
+            head = (brain_map,) if os.path.isfile(brain_map) else None
+            if self.check.row(source, path, head or ()):
+                items.append(Item(path, (), head, source))
+        return ImageSet(name, usable(name, items), self.settings, estimate_head=True)
 
     def test(self) -> dict[str, ImageSet]:
         requested = self.settings.data.test_groups

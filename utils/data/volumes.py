@@ -41,11 +41,12 @@ import nibabel as nib
 import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..config import Settings
 from ..errors import DataError
 from ..files import file_problem, not_utf8, write_atomic
+from ..padim import Padim
 from ..padim.foreground import foreground_mask
 from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
 from .sets import DataBundle, counted, hold_out
@@ -297,6 +298,10 @@ class SliceSet(Dataset):
     def files(self) -> list[str]:
         return [f for entry in self.entries for f in entry.files]
 
+    @property
+    def head_kinds(self) -> set[str]:
+        return {"brain mask"}
+
     def summary(self) -> str:
         return f"{len(self)} slices of {len(self.entries)} volumes"
 
@@ -310,18 +315,23 @@ class SliceSet(Dataset):
 
 
 def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
-    """Axial slice ``z`` of ``volume`` as a dataset item."""
-    image, display = prepare(volume.image[:, :, z], settings)
-    return {
-        "image": image,
-        "display": display,
+    """Axial slice ``z`` of ``volume`` as a dataset item; its head is the volume's brain slice
+    (given or estimated once per volume, :func:`read_volume`), for the model too."""
+    brain = resize_mask(volume.brain[:, :, z], settings)
+    prepared = prepare(volume.image[:, :, z], settings, head=brain)
+    item = {
+        "image": prepared.image,
+        "display": prepared.display,
         "mask": resize_mask(volume.label[:, :, z], settings),
-        "head": resize_mask(volume.brain[:, :, z], settings),
+        "head": brain,
         "shape": torch.tensor(volume.image.shape[:2]),
         "path": volume.entry.image,
         "case": volume.entry.case,
         "slice": z,
     }
+    if settings.estimates_head:
+        item["foreground"] = brain
+    return item
 
 
 @dataclass
@@ -370,17 +380,15 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
 
 
 # ---------------------------------------------------------------------------- scoring
-def score_volume(model, volume: Volume, settings: Settings) -> np.ndarray:
+def score_volume(model: Padim, volume: Volume, settings: Settings) -> np.ndarray:
     """The (X, Y, Z) float32 anomaly map of ``volume`` in RAS+ order: kept slices scored in
     batches of ``batch_size`` and put back on the slice grid; slices not kept are 0."""
     anomaly = np.zeros(volume.image.shape, dtype=np.float32)
     slices = np.flatnonzero(volume.kept)
     for start in range(0, len(slices), settings.batch_size):
         chosen = slices[start : start + settings.batch_size]
-        items = [slice_item(volume, int(z), settings) for z in chosen]
-        images = torch.stack([item["image"] for item in items])
-        heads = torch.stack([item["head"] for item in items])
-        maps = model.score(images, progress=False, region=heads).maps
+        batch = default_collate([slice_item(volume, int(z), settings) for z in chosen])
+        maps = model.score([batch], progress=False, region=batch["head"]).maps
         anomaly[:, :, chosen] = np.moveaxis(restore_geometry(maps, volume.image.shape[:2], settings), 0, -1)
     return anomaly
 

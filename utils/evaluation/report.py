@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .table import SUMMARY_ROWS
+
 #: Column headers of the markdown table, in the table's column order.
 HEADERS = {
     "A_auroc": "(A) AUROC", "A_ap": "(A) AP", "B_auroc": "(B) AUROC", "B_ap": "(B) AP", "C_auroc": "(C) AUROC",
@@ -24,7 +26,7 @@ def _fmt(value: Any) -> str:
 
 def _label(row: pd.Series) -> str:
     name = str(row["group"])
-    if name in ("mean", "all"):
+    if name in SUMMARY_ROWS:
         return f"**{name}**"
     return name + SMALL_MARK if row["small_group"] else name
 
@@ -40,93 +42,54 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _settings_line(evaluation, data: str) -> str:
-    s = evaluation.settings
+def _settings_line(run) -> str:
+    s = run.settings
+    data = f"manifest `{s.data.manifest}`" if s.data.format == "nifti" else f"data `{s.data.format}` at `{s.data.root}`"
     return (f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
-            f"{s.input_size} px input, seed {s.seed}; {data}; model {evaluation.model_source}.")
+            f"{s.input_size} px input, seed {s.seed}; {data}; model {run.model_source}.")
 
 
-def markdown(evaluation) -> str:
-    """``metrics.md``: settings line, the table, and what every column means."""
-    s, ref, table = evaluation.settings, evaluation.reference, evaluation.table
-    normal = evaluation.groups.get("normal")
-    lines = [
-        f"# PaDiM evaluation `{evaluation.name}`",
-        "",
-        _settings_line(evaluation, f"data `{s.data.format}` at `{s.data.root}`"),
-        f"Normal test images: {normal.n_images if normal is not None else 0}. Validation threshold {ref.threshold:.4g} "
-        f"({ref.percentile:g}th percentile of {ref.source}, inside the head: {ref.region_kind}).",
-        "",
-        markdown_table(table),
-        "",
-        "- (A) pixel AUROC / average precision (scikit-learn) over all pixels of the group's rows (one per "
-        "annotation), whole image. (B) the same, only pixels inside the head mask.",
-        f"- (C) image AUROC: the group's distinct images against the normal test images; image score: "
-        f"`{s.image_score}` of the map inside the head.",
-        "- AUPRO@0.3: per-region overlap integrated up to a false-positive rate of 0.3, normalised to [0, 1], "
-        "over the group's images and the normal test images.",
-        "- Dice over the group's distinct images (union of boxes), inside the head. *Dice best is optimistic*: "
-        "its threshold is chosen on the test group itself. Dice @ val thr. uses the validation threshold.",
-        "- **mean**: unweighted mean over the groups. **all**: the whole test set pooled, every distinct image "
-        "once, normal images included (the numbers MVTec AD papers report).",
-        "- † groups with 1-2 images: their numbers are noise. Maps are never min-max normalised.",
-    ]
+def _unit_table_markdown(units: pd.DataFrame) -> list[str]:
+    shown = units.drop(columns=["best_threshold"])
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in shown.itertuples(index=False)] + [""]
+
+
+def markdown(run) -> str:
+    """``metrics.md``: settings line, the tables, what every column means, notes."""
+    ref, table = run.reference, run.table
+    lines = [f"# PaDiM evaluation `{run.name}`", "", _settings_line(run),
+             f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the head: "
+             f"{ref.region_kind}).", ""]
+    if run.unit_table is not None:
+        lines += _unit_table_markdown(run.unit_table)
+    lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes(run.settings)]
+    lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
-             if row["note"] and row["group"] not in ("mean", "all") and not str(row["note"]).startswith("only ")]
-    notes += evaluation.notes
+             if row["note"] and row["group"] not in SUMMARY_ROWS and not str(row["note"]).startswith(("only ", "mean over"))]
+    notes += run.notes
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def volume_markdown(evaluation) -> str:
-    """``metrics.md`` of a NIfTI evaluation: settings line, the per-volume and per-group tables, columns."""
-    s, ref = evaluation.settings, evaluation.reference
-    volumes = evaluation.volumes.drop(columns=["best_threshold"])
-    lines = [
-        f"# PaDiM evaluation `{evaluation.name}` (NIfTI volumes)",
-        "",
-        _settings_line(evaluation, f"manifest `{s.data.manifest}`"),
-        f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the brain).",
-        "",
-        "| " + " | ".join(volumes.columns) + " |",
-        "|" + "|".join("---" for _ in volumes.columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in volumes.itertuples(index=False)]
-    lines += [
-        "", markdown_table(evaluation.table), "",
-        "- A: voxel AUROC / AP over the whole volume; B: inside the brain; C: slice level (slices with lesion voxels "
-        "against slices without, slice score = the map's maximum inside the brain).",
-        "- Dice @ val thr.: at the validation threshold, inside the brain. *Dice best is optimistic*: its threshold "
-        "is chosen on the volume itself. Group rows are means over the group's volumes; **mean** over the groups.",
-    ]
-    return "\n".join(lines + [f"- {n}" for n in evaluation.notes]) + "\n"
-
-
-def summary(evaluation) -> str:
-    """Plain-text table, notes and timings (what ``python -m utils evaluate`` prints)."""
-    table = evaluation.table
+def summary(run) -> str:
+    """Plain-text tables, notes, timings and where the results went (what ``python -m utils evaluate`` prints)."""
+    table = run.table
     if table is None:
-        return f"run {evaluation.name}: not evaluated yet"
+        return f"run {run.name}: not evaluated yet"
+    number = lambda v: f"{v:.3f}"  # noqa: E731
+    lines = [f"run {run.name}"]
+    if run.unit_table is not None:
+        lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format=number), ""]
     shown = table.drop(columns=["note", "best_threshold"]).copy()
     shown.loc[shown["small_group"], "group"] = shown.loc[shown["small_group"], "group"] + SMALL_MARK
-    text = shown.drop(columns=["small_group"]).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–")
-    t = evaluation.timings
-    lines = [f"run {evaluation.name}", text, "† 1-2 images: noise.  dice_best is optimistic (threshold chosen on the test group)."]
-    lines += [f"note: {n}" for n in evaluation.notes]
-    lines.append(
-        f"fit {t.get('fit_s', 0):.1f} s, scoring {t.get('score_s', 0):.1f} s ({t.get('images_per_second') or 0:.1f} images/s), "
-        f"metrics {t.get('metrics_s', 0):.1f} s"
-    )
-    if evaluation.written:
-        lines.append(f"results written to {evaluation.directory}/")
+    lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format=number, na_rep="–"))
+    lines.append("† 1-2 scoring units: noise.  dice_best is optimistic (threshold chosen on the test group or volume).")
+    lines += [f"note: {n}" for n in run.notes]
+    t = run.timings
+    lines.append(f"fit {t.get('fit_s', 0):.1f} s, scoring {t.get('score_s', 0):.1f} s "
+                 f"({t.get('units_per_second') or 0:.1f} {run.units.unit}s/s), metrics {t.get('metrics_s', 0):.1f} s")
+    if run.written:
+        lines.append(f"results written to {run.directory}/")
     return "\n".join(lines)
-
-
-def volume_summary(evaluation) -> str:
-    """What ``python -m utils evaluate`` prints for NIfTI volumes: per-volume and per-group tables, notes, time."""
-    number = lambda v: f"{v:.3f}"  # noqa: E731
-    parts = [evaluation.volumes.to_string(index=False, float_format=number),
-             evaluation.table.drop(columns=["note"]).to_string(index=False, float_format=number)]
-    parts += evaluation.notes + [f"seconds per test volume: {evaluation.timings.get('seconds_per_volume')}"]
-    return "\n\n".join(parts)

@@ -3,7 +3,7 @@
 PaDiM fits one Gaussian per grid position, which assumes the object sits at the same place in
 every image; unregistered brain slices do not. With ``moments`` each network input is warped to a
 canonical frame before the backbone, by the similarity transform that the moments of its head
-mask (:func:`utils.preprocess.head_masks`, estimated from the image alone) define (with
+mask (estimated from the image alone, :mod:`utils.padim.foreground`) define (with
 ``translation``, by the first part alone; on the study's validation slices with synthetic
 lesions, scale and rotation lowered the numbers, docs/quality.md):
 
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .foreground import head_masks
 
 #: Fraction of the square frame the head covers after alignment: the median of the 130 fastMRI
 #: training slices at 128 px (0.467; 5th-95th percentile 0.34-0.55), so the typical slice is barely rescaled.
@@ -125,10 +124,9 @@ def from_canonical(maps: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor
     return _warp(maps.unsqueeze(1), invert(transforms), "border").squeeze(1)
 
 
-def align_batch(images: torch.Tensor, mode: str, heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``data.align`` applied to one batch: the images in the canonical frame of their heads
-    (estimated here unless given) and the transforms; ``none``: the images themselves and None."""
+def align_batch(images: torch.Tensor, mode: str, heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``data.align`` applied to one batch: the images in the canonical frame of their ``heads``
+    ``(N, S, S)`` and the transforms; ``none``: the images themselves and None."""
     if mode == "none":
         return images, None
-    heads = head_masks(images) if heads is None else heads
     return to_canonical(images, heads, similarity=mode == "moments")

@@ -1,0 +1,254 @@
+"""The evaluation's piece for 2-D images: each test group's distinct images scored once, the
+per-group metrics under the protocols (A), (B), (C), AUPRO and Dice, and the example figures.
+
+Protocols, per pathology (or defect) group:
+
+- **(A)** the study's: pixel AUROC and average precision over every pixel of the group's rows,
+  one row per annotation as the study lists them (a slice with two boxes counts twice, each time
+  against one box), whole image.
+- **(B)** the same, only pixels inside the row's head mask (box ∪ head-minus-boxes).
+- **(C)** image AUROC: the group's distinct images against the normal test images; image score
+  ``settings.image_score`` of the map inside the head.
+- **AUPRO**: per-region overlap up to a false-positive rate of 0.3 (normalised to [0, 1], as in the
+  MVTec AD papers) over the group's distinct images and the normal test images.
+- **Dice**: pooled over the group's distinct images (union of their boxes) inside the head:
+  ``dice_best`` at the best threshold chosen on the group itself (optimistic), and
+  ``dice_val_threshold`` at the threshold from the normal validation maps.
+
+The row ``mean`` is the unweighted mean over the groups; the row ``all`` pools the whole test set
+(every distinct test image, normal ones included) as MVTec AD papers report: image AUROC of all
+anomalous images against the normal ones, pixel AUROC / AP and AUPRO over all test pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from ..config import Settings
+from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
+from ..errors import DataError
+from ..padim import Padim
+from . import metrics as M
+from .plotting import example_figure
+from .reference import NormalReference
+from .report import markdown_table
+from .table import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
+
+#: Examples per group in the figures.
+EXAMPLES_PER_GROUP = 3
+
+
+@dataclass
+class GroupScores:
+    """One test group, scored: arrays per distinct image and per CSV row (annotation).
+
+    ``maps``/``masks``/``heads``/``scores``/``display`` have one entry per distinct image (first
+    appearance order; masks and heads are the union over the image's rows); ``row_image`` maps each
+    row to its image,
+    ``row_masks``/``row_heads`` are the rows' own box and head masks.
+    """
+
+    name: str
+    anomalous: bool
+    paths: list[str]
+    maps: np.ndarray  # (n, S, S) float32
+    masks: np.ndarray  # (n, S, S) bool
+    heads: np.ndarray  # (n, S, S) bool
+    scores: np.ndarray  # (n,) image score inside the head
+    display: np.ndarray  # (n, S, S) or (n, S, S, 3) float16 in [0, 1]: what the network saw
+    row_image: np.ndarray  # (rows,) int
+    row_masks: np.ndarray  # (rows, S, S) bool
+    row_heads: np.ndarray  # (rows, S, S) bool
+
+    @property
+    def n_images(self) -> int:
+        return len(self.paths)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_image)
+
+
+def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -> GroupScores:
+    """Score every distinct image of ``dataset`` once, with every row's masks decoded once.
+
+    An image listed in several rows (one row per box) is read and scored once; its mask and head
+    are the unions of its rows', and its
+    image score is taken inside its head (the whole image where the head mask is empty).
+    """
+    paths = list(dict.fromkeys(dataset.paths))  # distinct images, in first-appearance order
+    if not paths:
+        raise DataError(f"test group {dataset.name!r} holds no images")
+    index_of = {path: index for index, path in enumerate(paths)}
+    row_image = np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64)
+    row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
+    row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
+    row_heads = np.stack([head.numpy() for _, head in row_pairs])
+    masks = np.zeros((len(paths),) + row_masks.shape[1:], dtype=bool)
+    heads = np.zeros_like(masks)
+    np.logical_or.at(masks, row_image, row_masks)
+    np.logical_or.at(heads, row_image, row_heads)
+    heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
+    images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
+    maps, scores, display = [], [], []
+    for batch in make_loader(images, settings):
+        result = model.score([batch], progress=False, region=torch.from_numpy(heads[batch["index"].numpy()]))
+        maps.append(result.maps)
+        scores.append(result.scores)
+        display.append(batch["display"].numpy().astype(np.float16))
+        if bar is not None:
+            bar.update(len(batch["image"]))
+    return GroupScores(
+        name=dataset.name, anomalous=dataset.anomalous, paths=paths, maps=np.concatenate(maps), masks=masks, heads=heads,
+        scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
+        row_image=row_image, row_masks=row_masks, row_heads=row_heads,
+    )
+
+
+def _aupro_with_normals(group: GroupScores, normal: Optional[GroupScores]) -> float:
+    if normal is None:
+        return M.aupro(group.maps, group.masks)
+    return M.aupro(np.concatenate([group.maps, normal.maps]), np.concatenate([group.masks, normal.masks]))
+
+
+def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float) -> dict[str, Any]:
+    """One table row for a pathology group (see the module docstring for the protocols)."""
+    notes = []
+    row_maps = group.maps[group.row_image]
+    reason = M.degenerate_reason(group.row_masks)
+    if reason:
+        notes.append(f"A: {reason}")
+    reason_b = M.degenerate_reason(group.row_masks[group.row_heads])
+    if reason_b and not reason:
+        notes.append(f"B: {reason_b} inside the head")
+    if normal is None:
+        notes.append("C: no normal test images")
+    dice_best, best_threshold = M.best_dice(group.maps, group.masks, group.heads)
+    a_auroc, a_ap = M.pixel_metrics(row_maps, group.row_masks)
+    b_auroc, b_ap = M.pixel_metrics(row_maps, group.row_masks, group.row_heads)
+    row = {
+        "group": group.name,
+        "n_images": group.n_images,
+        "n_rows": group.n_rows,
+        "small_group": group.n_images <= SMALL_GROUP,
+        "A_auroc": a_auroc,
+        "A_ap": a_ap,
+        "B_auroc": b_auroc,
+        "B_ap": b_ap,
+        "C_auroc": M.image_auroc(group.scores, normal.scores) if normal is not None else M.NAN,
+        "aupro": _aupro_with_normals(group, normal),
+        "dice_best": dice_best,
+        "dice_val_threshold": M.dice_at(group.maps, group.masks, threshold, group.heads),
+        "best_threshold": best_threshold,
+    }
+    if row["small_group"]:
+        notes.append(f"only {counted(group.n_images)}: noise")
+    row["note"] = "; ".join(notes)
+    return row
+
+
+def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
+    """The row ``all``: every distinct test image once (normal ones included), pooled."""
+    seen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]] = {}
+    for group in groups.values():
+        for i, path in enumerate(group.paths):
+            if path in seen:  # an image in two groups: the union of its masks
+                maps, masks, heads, score, anomalous = seen[path]
+                seen[path] = (maps, masks | group.masks[i], heads, score, anomalous or group.anomalous)
+            else:
+                seen[path] = (group.maps[i], group.masks[i], group.heads[i], group.scores[i], group.anomalous)
+    maps, masks, heads, scores, anomalous = (np.asarray(column) for column in zip(*seen.values()))
+    a_auroc, a_ap = M.pixel_metrics(maps, masks)
+    b_auroc, b_ap = M.pixel_metrics(maps, masks, heads)
+    dice_best, best_threshold = M.best_dice(maps, masks, heads)
+    return {
+        "group": "all", "n_images": len(seen), "n_rows": int(sum(g.n_rows for g in groups.values())), "small_group": False,
+        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap,
+        "C_auroc": M.image_auroc(scores[anomalous], scores[~anomalous]),
+        "aupro": M.aupro(maps, masks), "dice_best": dice_best,
+        "dice_val_threshold": M.dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold,
+        "note": "whole test set, every distinct image once (normal images included)",
+    }
+
+
+def metrics_table(groups: dict[str, GroupScores], threshold: float) -> pd.DataFrame:
+    """One row per pathology group (all groups but ``normal``), then ``mean`` (the unweighted mean
+    over those groups, ignoring NaN; n_images/n_rows: totals) and ``all`` (:func:`whole_test_metrics`)."""
+    normal = groups.get(NORMAL)
+    rows = [group_metrics(g, normal, threshold) for name, g in groups.items() if name != NORMAL]
+    return with_mean_row(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), whole_test_metrics(groups, threshold))
+
+
+
+
+class ImageUnits:
+    """What an evaluation run does that is particular to 2-D images (:class:`utils.evaluation.run.Run`)."""
+
+    unit = "image"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        #: Group name -> its scores, after :meth:`score`.
+        self.groups: dict[str, GroupScores] = {}
+
+    def count(self, bundle: DataBundle) -> int:
+        """How many images :meth:`score` scores: each distinct test image once."""
+        return sum(len(set(group.paths)) for group in bundle.test.values())
+
+    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar=None) -> list[str]:
+        """Score every test group; returns notes for the report."""
+        self.groups = {}
+        for name, dataset in bundle.test.items():
+            if bar is not None:
+                bar.set_description(f"score {name}")
+            self.groups[name] = score_group(model, dataset, self.settings, bar)
+        return [] if NORMAL in self.groups else ["no normal test images: (C) image AUROC is undefined"]
+
+    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None]:
+        """The metrics table (one row per group, ``mean``, ``all``); images have no per-unit table."""
+        return metrics_table(self.groups, reference.threshold), None
+
+    def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
+        """``examples_<group>``: a few images of each pathology group with their maps."""
+        figures = {}
+        for name, group in self.groups.items():
+            if name == NORMAL:
+                continue
+            chosen = ([i for i in range(group.n_images) if group.masks[i].any()] or list(range(group.n_images)))[:examples]
+            figures[f"examples_{name}"] = example_figure(
+                group.display[chosen].astype(np.float32), group.masks[chosen], group.maps[chosen],
+                threshold=reference.threshold, vmin=reference.vmin, vmax=reference.vmax, heads=group.heads[chosen],
+                labels=[os.path.basename(group.paths[i])[:28] for i in chosen],
+                title=f"{name}: threshold and colour scale from {reference.source}",
+            )
+        return figures
+
+    def write(self, folder: str, maps: bool) -> list[str]:
+        """Files of their own in the results folder: none for images."""
+        return []
+
+    def discard(self) -> None:
+        """Nothing is staged for images."""
+
+    @staticmethod
+    def column_notes(settings: Settings) -> list[str]:
+        """What the columns of ``metrics.md`` mean."""
+        return [
+            "(A) pixel AUROC / average precision (scikit-learn) over all pixels of the group's rows (one per "
+            "annotation), whole image. (B) the same, only pixels inside the head mask.",
+            f"(C) image AUROC: the group's distinct images against the normal test images; image score: "
+            f"`{settings.image_score}` of the map inside the head.",
+            "AUPRO@0.3: per-region overlap integrated up to a false-positive rate of 0.3, normalised to [0, 1], "
+            "over the group's images and the normal test images.",
+            "Dice over the group's distinct images (union of boxes), inside the head. *Dice best is optimistic*: "
+            "its threshold is chosen on the test group itself. Dice @ val thr. uses the validation threshold.",
+            "**mean**: unweighted mean over the groups. **all**: the whole test set pooled, every distinct image "
+            "once, normal images included (the numbers MVTec AD papers report).",
+        ]

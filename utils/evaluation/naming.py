@@ -1,0 +1,75 @@
+"""Run names: a results folder is named after every setting that can change a number in it and
+the files the run reads, so a folder never describes two runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+from ..config import Settings
+
+#: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
+RUN_NAME_VERSION = 3
+#: Settings that change neither the model nor any number in the results (excluded from the run name).
+RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension")
+RUN_TIME_DATA_KEYS = ("num_workers",)
+
+
+def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
+    """Every setting that can change a result, canonicalised, and the fingerprint of the files the
+    run reads (:func:`utils.data.fingerprint`): what :func:`run_name` hashes.
+
+    Excluded: device, batch size, results folder, worker count and the ``target_dimension``
+    check, which change no number. ``data.root`` is normalised (``./data/x/`` = ``data/x``);
+    ``data.demo_seed`` counts only for the demo format. A weights file is identified by its
+    path and content hash, so replacing the file changes the name; so do images added to, removed
+    from or rewritten in the data under the same config.
+    """
+    identity = settings.to_dict()
+    for key in RUN_TIME_KEYS:
+        identity.pop(key, None)
+    data = identity["data"]
+    for key in RUN_TIME_DATA_KEYS:
+        data.pop(key, None)
+    data["root"] = os.path.normpath(data["root"])
+    if data["format"] != "demo":
+        data.pop("demo_seed", None)
+    if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
+        identity["weights_sha256"] = _file_sha256(settings.weights)
+    identity["data_fingerprint"] = data_fingerprint
+    identity["run_name_version"] = RUN_NAME_VERSION
+    return identity
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-.") or "x"
+
+
+def run_name(settings: Settings, data_fingerprint: str) -> str:
+    """``<format>-<backbone>-<weights>-<size>px-d<channels>-seed<seed>-<hash>``.
+
+    The readable prefix names the main choices; the 10-hex-digit hash covers the canonical JSON of
+    :func:`run_identity`. Identical settings on identical files give the same name; anything that
+    changes a result gives another name, so a results folder never describes two runs.
+    """
+    canonical = json.dumps(run_identity(settings, data_fingerprint), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]
+    weights = settings.weights if settings.weights in ("imagenet", "random") else os.path.splitext(os.path.basename(settings.weights))[0]
+    prefix = f"{settings.data.format}-{settings.backbone}-{_slug(weights)[:24]}-{settings.input_size}px-d{settings.kept_channels}-seed{settings.seed}"
+    return f"{prefix}-{digest}"
+
+
+def run_directory(settings: Settings, data_fingerprint: str) -> str:
+    """``<results_dir>/<run-name>`` (not created here)."""
+    return os.path.join(settings.results_dir, run_name(settings, data_fingerprint))

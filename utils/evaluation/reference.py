@@ -1,0 +1,59 @@
+"""The decision threshold and the colour scale, from maps of normal validation images only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..config import Settings
+from ..data import make_loader
+from ..padim import Padim
+from . import metrics as M
+
+#: Percentile of normal validation pixels (inside the head) used as the decision threshold.
+VAL_PERCENTILE = 99.0
+
+
+@dataclass
+class NormalReference:
+    """Statistics of normal validation maps: the decision threshold and the heat-map colour scale.
+
+    ``threshold``: ``percentile`` of the pixels inside the head. ``vmin``: their 1st percentile;
+    ``vmax``: the threshold, so every pixel above the threshold saturates the colour scale (the
+    same pixels the thresholded panel shows).
+    """
+
+    source: str
+    n_images: int
+    #: Where the heads of the reference images came from: given masks, estimated, whole image.
+    region_kind: str
+    percentile: float
+    threshold: float
+    vmin: float
+    vmax: float
+    median: float
+
+    @classmethod
+    def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, percentile: float = VAL_PERCENTILE,
+                  region_kind: str = "given") -> "NormalReference":
+        values = np.asarray(maps, dtype=np.float32)[np.asarray(regions, dtype=bool)]
+        threshold = M.normal_threshold(values, None, percentile)
+        low, median = (float(v) for v in np.percentile(values, [1.0, 50.0]))
+        high = max(threshold, low + 1e-6)
+        return cls(source, int(len(maps)), region_kind, percentile, threshold, low, high, median)
+
+
+def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:
+    """:class:`NormalReference` of the normal validation ``dataset`` (images or volume slices), its
+    pixels taken inside each item's ``head`` (given masks, the data path's estimate, or the whole
+    image: :attr:`utils.data.ImageSet.head_kinds`)."""
+    maps, regions = [], []
+    for batch in make_loader(dataset, settings):
+        maps.append(model.score([batch], progress=False).maps)
+        regions.append(batch["head"].numpy())
+        if bar is not None:
+            bar.update(len(batch["image"]))
+    return NormalReference.from_maps(np.concatenate(maps), np.concatenate(regions), source,
+                                     region_kind="+".join(sorted(dataset.head_kinds)))
