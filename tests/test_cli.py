@@ -36,7 +36,7 @@ def test_predict_writes_one_heatmap_per_image_and_the_scores_of_the_model(small_
                  "--input", str(tmp_path / "in put"), "--output", str(output)]) == 0
     assert "3 images scored" in capsys.readouterr().out
 
-    assert sorted(os.listdir(output / "sub")) == [n.replace(".png", "_heatmap.png") for n in names]
+    assert sorted(os.listdir(output / "sub")) == sorted(n.replace(".png", end) for n in names for end in ("_heatmap.png", "_anomaly.npy"))
     for name in names:
         with Image.open(output / "sub" / name.replace(".png", "_heatmap.png")) as png:
             assert png.format == "PNG"

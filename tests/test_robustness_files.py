@@ -116,7 +116,7 @@ def test_predict_accepts_a_single_image_file(fitted, tmp_path, capsys):
     image = _images(tmp_path / "in", 1)[0]
     code, _, out = _run(["predict", "--config", config, "--model", model, "--input", image, "--output", str(tmp_path / "o")], capsys)
     assert code == 0 and "1 images scored" in out
-    assert sorted(os.listdir(tmp_path / "o")) == ["i00_heatmap.png", "predict_files.json", "scores.csv"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["i00_anomaly.npy", "i00_heatmap.png", "predict_files.json", "scores.csv"]
 
 
 @pytest.mark.skipif(RUNNING_AS_ROOT, reason="root writes and reads whatever the modes")
@@ -215,7 +215,7 @@ def test_a_failed_predict_leaves_the_earlier_output_as_it_was(fitted, tmp_path, 
     output = tmp_path / "out"
     assert _run(["predict", "--config", config, "--model", model, "--input", str(inputs), "--output", str(output)], capsys)[0] == 0
     before = _listing(output)
-    assert len(before) == 14  # 12 heat-maps, scores.csv and the file list
+    assert len(before) == 26  # 12 heat-maps, 12 anomaly maps, scores.csv and the file list
     with open(names[10], "wb") as handle:
         handle.write(b"not an image")  # fails after the first batch (batch_size 8) was written
     code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(inputs), "--output", str(output)], capsys)
@@ -233,7 +233,7 @@ def test_a_new_predict_replaces_the_earlier_output_as_a_whole(fitted, tmp_path, 
     (tmp_path / "b").mkdir()
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(tmp_path / "b" / "z.png")
     assert _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "b"), "--output", str(output)], capsys)[0] == 0
-    assert sorted(os.listdir(output)) == ["predict_files.json", "scores.csv", "z_heatmap.png"]  # nothing of the first run is left
+    assert sorted(os.listdir(output)) == ["predict_files.json", "scores.csv", "z_anomaly.npy", "z_heatmap.png"]  # nothing of the first run is left
     assert _hidden(tmp_path) == []
 
 

@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="fitted model file (from `fit`)")
     predict.add_argument("--input", required=True,
                          help="an image or NIfTI file, a folder of them (searched recursively), or a NIfTI manifest .csv")
-    predict.add_argument("--output", required=True, help="folder for heat-maps and scores.csv (volumes: maps and volume_scores.csv)")
+    predict.add_argument("--output", required=True,
+                         help="folder for heat-maps, anomaly maps (<name>_anomaly.npy: float32, the image's own size) and "
+                              "scores.csv (volumes: maps and volume_scores.csv)")
     return parser
 
 

@@ -1,4 +1,9 @@
-"""``predict``: heat-maps and scores for images, anomaly maps for NIfTI volumes, from a fitted model.
+"""``predict``: heat-maps, anomaly maps and scores for images, anomaly maps for NIfTI volumes, from a fitted model.
+
+Each image gets ``<relative path stem>_heatmap.png`` (a preview) and ``<stem>_anomaly.npy``: its
+anomaly map as float32 on the image's own pixel grid (``(H, W)`` of the file, mapped back from the
+network grid by :func:`utils.data.preprocess.restore_geometry`), so that any protocol can be
+computed from the maps alone; NIfTI volumes get ``<case>_anomaly.nii.gz`` likewise.
 
 Every output is written into a folder beside ``--output`` and swapped in at the end
 (:func:`utils.files.staged_folder`): a failed or interrupted run leaves ``--output`` as it was,
@@ -19,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Settings
-from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, load_image
+from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
+from .data.preprocess import read_image, restore_geometry
 from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
@@ -108,24 +114,38 @@ def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
+#: What ``predict`` writes per image beside the image's relative path stem.
+HEATMAP, ANOMALY_MAP = "_heatmap.png", "_anomaly.npy"
+
+
 def _predict_images(model, files: list[str], source: str, output: str, progress: bool) -> str:
-    """One heat-map PNG per image and ``scores.csv`` (image, score) in ``output``; returns what was done."""
+    """Per image a heat-map PNG and its anomaly map (:func:`_write_map`), and ``scores.csv``
+    (image, score) in ``output``; returns what was done."""
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
-    names = [os.path.splitext(r)[0] + "_heatmap.png" for r in relative]
-    clashes = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
+    outputs = [stem + suffix for stem in stems for suffix in (HEATMAP, ANOMALY_MAP)]
+    clashes = sorted(name for name, count in collections.Counter(outputs).items() if count > 1)
     if clashes:
-        raise DataError(f"two input images would write the same heat-map {clashes[0]} (same name, other suffix); rename one")
-    targets = [os.path.join(output, name) for name in names]
-    rows, size = [], model.settings.batch_size
-    for start in tqdm(range(0, len(files), size), desc="predict", unit="batch", leave=False, disable=not progress):
-        loaded = [load_image(f, model.settings) for f in files[start : start + size]]
+        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)} "
+                        "(same name, other suffix); rename one")
+    rows, settings = [], model.settings
+    for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
+        arrays = [read_image(f, settings.data.color) for f in files[start : start + settings.batch_size]]
+        loaded = [prepare(array, settings) for array in arrays]
         result = model.score(torch.stack([image for image, _ in loaded]), progress=False)
-        for k, ((_, display), heat, score) in enumerate(zip(loaded, result.maps, result.scores)):
-            save_heatmap(display.numpy(), heat, targets[start + k])
+        for k, ((_, display), array, heat, score) in enumerate(zip(loaded, arrays, result.maps, result.scores)):
+            save_heatmap(display.numpy(), heat, stems[start + k] + HEATMAP)
+            _write_map(restore_geometry(heat, array.shape[:2], settings), stems[start + k] + ANOMALY_MAP)
             rows.append((relative[start + k], float(score)))
     _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
-    return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps and scores.csv"
+    return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps, anomaly maps and scores.csv"
+
+
+def _write_map(anomaly: np.ndarray, path: str) -> None:
+    """The map as float32 ``.npy`` (``np.load`` reads it), written atomically."""
+    with atomic_writer(path) as stream:
+        np.save(stream, anomaly.astype(np.float32, copy=False))
 
 
 def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
