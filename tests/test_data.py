@@ -139,7 +139,7 @@ def test_study_layout_groups_counts_and_order(tmp_path):
     mass = bundle.test["mass"]
     assert [os.path.basename(p) for p in mass.paths] == ["m0.png", "m0.png", "m1.png"]  # one row per annotation
     assert mass.anomalous and not bundle.test[NORMAL].anomalous
-    assert mass.sources[1] == "mass.csv line 3"
+    assert mass.items[1].source == "mass.csv line 3"
     edema = len(bundle.test["edema"])
     assert bundle.summary() == f"train 5 images, val 1 image, edema {edema} image{'s' if edema > 1 else ''}, mass 2 images (3 rows), normal {len(bundle.test[NORMAL])} image{'s' if len(bundle.test[NORMAL]) > 1 else ''}"
 
@@ -157,13 +157,6 @@ def test_study_items_pad_geometry_masks_and_heads(tmp_path):
     gray = gray_of(item["image"])
     assert np.allclose(gray[12:20, 4:28], 150 / 255, atol=1e-4)  # image rows 16..47 of the padded square
     assert np.allclose(gray[:6], 0, atol=1e-4) and np.allclose(gray[-6:], 0, atol=1e-4)  # zero padding
-
-    merged = mass.per_image()
-    assert [os.path.basename(p) for p in merged.paths] == ["m0.png", "m1.png"]
-    union = scaled_pad(*BOXES["m0_a"]) | scaled_pad(*BOXES["m0_b"])
-    np.testing.assert_array_equal(merged[0]["mask"].numpy(), union)
-    np.testing.assert_array_equal(merged[0]["head"].numpy(), scaled_pad(*HEAD))  # the union: the whole head
-    np.testing.assert_array_equal(merged[1]["mask"].numpy(), scaled_pad(*BOXES["m1_a"]))
 
     normal = bundle.test[NORMAL][0]
     assert not normal["mask"].any()
@@ -455,11 +448,10 @@ def test_real_study_set_loads_with_the_documented_counts():
     assert os.path.getsize(empty) == 0
     assert all(os.path.normpath(empty) != os.path.normpath(p) for g in bundle.test.values() for p in g.paths)
     mass = bundle.test["mass"]
-    merged = mass.per_image()
-    assert len(merged) == len(set(mass.paths)) < len(mass)
-    first = merged[0]
+    assert len(set(mass.paths)) < len(mass)  # slices with several boxes: one row per box
+    first = mass[0]
     assert first["image"].shape == (3, 64, 64) and first["mask"].any() and (first["head"] & ~first["mask"]).any()
-    assert not (first["mask"] & ~first["head"]).any()  # boxes lie inside the head
+    assert not (first["mask"] & ~first["head"]).any()  # the row's box lies inside its head
     assert bundle.train[0]["head"].all()
     groups = load_data(settings.replace(data={"test_groups": ["mass_all"]}), ("test",)).test
     assert list(groups) == ["mass_all", NORMAL] and len(groups["mass_all"]) == 26
@@ -473,21 +465,21 @@ def _settings(**top):
 
 @pytest.mark.parametrize("color", ["auto", "gray"])
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
-def test_gray_network_input_is_bit_identical_to_the_former_formula(tmp_path, color, resize):
-    """The MRI path before colour support, written out here: pad, bilinear antialiased resize,
-    clamp, replicate to 3 channels, ImageNet normalisation."""
-    import torch.nn.functional as F
-
+@pytest.mark.parametrize("size", [32, 64])
+def test_gray_network_input_is_pillows_bilinear_resize_normalised(tmp_path, color, resize, size):
+    """Against Pillow: the (zero-padded) slice resized with Pillow's bilinear filter (antialiased
+    when shrinking), replicated to three channels and normalised with the published ImageNet
+    mean and standard deviation."""
     pixels = np.random.default_rng(0).integers(0, 256, (37, 51), dtype=np.uint8)
     path = _png(str(tmp_path / "slice.png"), pixels)
-    gray = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None, None]
+    gray = pixels.astype(np.float32) / 255.0
     if resize == "pad":
-        gray = F.pad(gray, (0, 0, 7, 7))  # 37 rows -> 51: 7 above, 7 below
-    gray = F.interpolate(gray, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)[0, 0].clamp(0, 1)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    expected = (gray.expand(3, -1, -1) - mean) / std
-    image, display = prepare(read_image(path, color), _settings(data={"color": color, "resize": resize}))
-    assert torch.equal(image, expected) and torch.equal(display, gray)
+        gray = np.pad(gray, ((7, 7), (0, 0)))  # 37 rows -> 51: 7 above, 7 below
+    expected = np.clip(np.asarray(Image.fromarray(gray, mode="F").resize((size, size), Image.BILINEAR)), 0, 1)
+    image, display, _ = prepare(read_image(path, color), _settings(image_size=size, data={"color": color, "resize": resize}))
+    np.testing.assert_allclose(display.numpy(), expected, atol=1e-6)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(image.numpy(), (expected[None] - mean[:, None, None]) / std[:, None, None], atol=1e-5)
 
 
 def test_colour_modes_read_rgb_luminance_or_keep_the_file_kind(tmp_path):
@@ -506,7 +498,7 @@ def test_rgb_display_and_network_input_keep_the_channels(tmp_path):
     rgb = np.zeros((64, 64, 3), np.uint8)
     rgb[..., 0], rgb[..., 2] = 200, 40
     path = _png(str(tmp_path / "red.png"), rgb)
-    image, display = prepare(read_image(path, "auto"), _settings())
+    image, display, _ = prepare(read_image(path, "auto"), _settings())
     assert display.shape == (64, 64, 3)
     np.testing.assert_allclose(display[10, 10].numpy(), [200 / 255, 0, 40 / 255], atol=1e-6)
     expected = (np.array([200 / 255, 0, 40 / 255]) - IMAGENET_MEAN) / IMAGENET_STD
@@ -519,7 +511,7 @@ def test_center_crop_applies_to_images_and_masks_alike(tmp_path):
     pixels[20:30, 40:44] = 255
     path = _png(str(tmp_path / "x.png"), pixels)
     settings = _settings(blur_sigma=1.0, data={"center_crop": 32})
-    image, display = prepare(read_image(path, "auto"), settings)
+    image, display, _ = prepare(read_image(path, "auto"), settings)
     assert image.shape == (3, 32, 32) and display.shape == (32, 32)
     expected = np.zeros((32, 32), bool)
     expected[4:14, 24:28] = True

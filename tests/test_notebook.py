@@ -150,7 +150,7 @@ def test_notebook_runs_on_nifti_volumes(tmp_path):
     assert "slices of" in text and "volumes" in text  # the data summary in slices and volumes
     tables = "\n".join(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
     assert ">case<" in tables and "lesion_voxels" in tables and ">mean<" in tables  # per volume and per group
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3  # orthogonal views of three volumes
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4  # AUROC bars, views of three volumes
     (run,) = os.listdir(tmp_path / "results")
     assert {"volumes.csv", "metrics.csv", "metrics.md", "maps"} <= set(os.listdir(tmp_path / "results" / run))
     assert not os.path.exists(tmp_path / "sources"), "figures of non-demo data are never published"

@@ -132,10 +132,13 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     rows, settings = [], model.settings
     for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
         arrays = [read_image(f, settings.data.color) for f in files[start : start + settings.batch_size]]
-        loaded = [prepare(array, settings) for array in arrays]
-        result = model.score(torch.stack([image for image, _ in loaded]), progress=False)
-        for k, ((_, display), array, heat, score) in enumerate(zip(loaded, arrays, result.maps, result.scores)):
-            save_heatmap(display.numpy(), heat, stems[start + k] + HEATMAP)
+        prepared = [prepare(array, settings) for array in arrays]  # gray and colour files may mix: displays differ
+        batch = {"image": torch.stack([p.image for p in prepared])}
+        if settings.estimates_head:
+            batch["foreground"] = torch.stack([p.head for p in prepared])
+        result = model.score([batch], progress=False)
+        for k, (p, array, heat, score) in enumerate(zip(prepared, arrays, result.maps, result.scores)):
+            save_heatmap(p.display.numpy(), heat, stems[start + k] + HEATMAP)
             _write_map(restore_geometry(heat, array.shape[:2], settings), stems[start + k] + ANOMALY_MAP)
             rows.append((relative[start + k], float(score)))
     _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
