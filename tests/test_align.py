@@ -15,7 +15,6 @@ from utils.config import settings_from_dict
 from utils.errors import ConfigError, ModelFileError
 from utils.padim.model import Padim
 from utils.padim.foreground import head_masks
-from utils.padim.scoring import anomaly_maps, mahalanobis
 
 SIZE = 64
 
@@ -154,17 +153,23 @@ def _heads(count: int, seed: int) -> np.ndarray:
     return np.stack([np.where(h, 0.3 + 0.7 * t, 0.05) for h, t in zip(heads, textures)]).astype(np.float32)
 
 
-def test_align_none_leaves_the_maps_bit_identical(align_settings, monkeypatch):
-    """``none`` never warps: maps are exactly the unaligned pipeline's (mahalanobis -> flip mean -> maps)."""
-    train, test = to_batch(_heads(8, seed=5)), to_batch(_heads(2, seed=6))
-    model = Padim(align_settings).fit(train, progress=False)
-    monkeypatch.setattr("utils.padim.align.to_canonical", lambda *a: pytest.fail("none must not align"))
-    maps = model.score(test, progress=False).maps
-    with torch.inference_mode():
-        distances = mahalanobis(model.embed(test), model.mean, model.whitening).float()
-        flipped = mahalanobis(model.embed(test.flip(-1)), model.mean, model.whitening).float().flip(-1)
-        expected = anomaly_maps(0.5 * (distances + flipped), SIZE, align_settings.blur_sigma).numpy()
-    np.testing.assert_array_equal(maps, expected)
+def _centred_heads(count: int, seed: int) -> np.ndarray:
+    """Textured discs centred on the image (mirror-symmetric masks, clear of the background): the
+    head a translation would move is already where the translation puts it."""
+    centre = (SIZE - 1) / 2
+    disc, core = _ellipse(centre, centre, 20, 20), _ellipse(centre, centre, 14, 14)  # a flat rim: the Otsu edge is the disc's
+    return np.stack([np.where(disc, 0.7 + 0.3 * core * (t - 0.5), 0.05) for t in smooth_textures(count, SIZE, seed)]).astype(np.float32)
+
+
+def test_align_none_never_warps_and_equals_translation_on_centred_heads(align_settings, monkeypatch):
+    """On heads already centred, translation is the identity: its model equals the unaligned one.
+    ``none`` never calls the warp at all."""
+    train, test = to_batch(_centred_heads(8, seed=5)), to_batch(_centred_heads(2, seed=6))
+    translated = Padim(align_settings.replace(data={"align": "translation"})).fit(train, progress=False)
+    expected = translated.score(test, progress=False).maps
+    monkeypatch.setattr("utils.padim.align.to_canonical", lambda *a, **k: pytest.fail("none must not align"))
+    maps = Padim(align_settings).fit(train, progress=False).score(test, progress=False).maps
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4)
     assert align_settings.data.align == "none"
 
 

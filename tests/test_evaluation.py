@@ -98,16 +98,15 @@ def test_data_fingerprint_follows_the_files_not_where_the_set_lies(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the table
-def group(name, maps, row_image, row_masks, row_heads=None):
+def group(name, maps, row_image, row_masks, masks, row_heads=None, heads=None):
+    """Scores of a group written out by hand: per image ``masks`` and ``heads`` (all True when
+    omitted), per row the image index and its box and head masks."""
     maps = np.asarray(maps, np.float32)
     row_image = np.asarray(row_image)
     row_masks = np.asarray(row_masks, bool)
     row_heads = np.ones_like(row_masks) if row_heads is None else np.asarray(row_heads, bool)
-    masks = np.zeros(maps.shape, bool)
-    heads = np.zeros(maps.shape, bool)
-    for r, i in enumerate(row_image):
-        masks[i] |= row_masks[r]
-        heads[i] |= row_heads[r]
+    masks = np.asarray(masks, bool)
+    heads = np.ones(maps.shape, bool) if heads is None else np.asarray(heads, bool)
     scores = np.array([m[h].max() for m, h in zip(maps, heads)])
     return GroupScores(name, name != "normal", [f"{name}{i}" for i in range(len(maps))], maps, masks, heads,
                        scores, maps.astype(np.float16), row_image, row_masks, row_heads)
@@ -119,10 +118,10 @@ def test_table_uses_one_row_per_annotation_for_a_and_distinct_images_for_c():
     box1, box2, box3, box4 = (np.zeros((4, 4), bool) for _ in range(4))
     box1[0, 0] = box2[3, 3] = box3[1, 1] = box4[2, 1] = True
     # image 0 is listed twice (two annotations), images 1 and 2 once
-    lesion = group("lesion", maps, [0, 0, 1, 2], [box1, box2, box3, box4])
-    single = group("single", maps[:1], [0], [box1])
+    lesion = group("lesion", maps, [0, 0, 1, 2], [box1, box2, box3, box4], [box1 | box2, box3, box4])
+    single = group("single", maps[:1], [0], [box1], [box1])
     normal_maps = rng.random((3, 4, 4)) * 0.5
-    normal = group("normal", normal_maps, [0, 1, 2], np.zeros((3, 4, 4), bool))
+    normal = group("normal", normal_maps, [0, 1, 2], np.zeros((3, 4, 4), bool), np.zeros((3, 4, 4), bool))
     table = metrics_table({"lesion": lesion, "single": single, "normal": normal}, threshold=0.9)
     assert list(table["group"]) == ["lesion", "single", "mean", "all"]
     row = table.iloc[0]
@@ -154,7 +153,7 @@ def test_table_notes_a_group_without_positive_pixels_in_the_head():
     maps = np.random.default_rng(1).random((1, 4, 4))
     box = np.zeros((1, 4, 4), bool)
     box[0, 0, 0] = True
-    outside = group("outside", maps, [0], box, row_heads=~box)
+    outside = group("outside", maps, [0], box, box, row_heads=~box, heads=~box)
     table = metrics_table({"outside": outside}, threshold=0.5)
     row = table.iloc[0]
     assert math.isnan(row["B_auroc"]) and not math.isnan(row["A_auroc"])
