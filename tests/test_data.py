@@ -21,7 +21,7 @@ from utils.data import NORMAL, load_data, make_loader
 from utils.data.checks import SkippedImageWarning
 from utils.errors import ConfigError, DataError
 from utils.padim.foreground import foreground_mask
-from utils.data.preprocess import prepare, read_image, resize_mask, restore_geometry, standardise_intensity, to_square
+from utils.data.preprocess import prepare, read_image, resize_mask, restore_geometry, standardise_intensity
 
 S = 32
 W, H = 64, 32  # study test images: non-square, so pad and stretch differ
@@ -409,14 +409,6 @@ def test_intensity_standardisation_removes_scanner_gain_and_offset(mode):
     assert raw_gap > 0.1
     assert np.abs(sa[disc] - sb[disc]).mean() < 0.02
     assert np.array_equal(standardise_intensity(torch.from_numpy(a), "none").numpy(), a)
-
-
-def test_preprocess_rejects_unknown_modes():
-    gray = torch.zeros(8, 8)
-    with pytest.raises(DataError, match="resize mode 'crop'"):
-        to_square(gray, "crop")
-    with pytest.raises(DataError, match="intensity mode 'minmax'"):
-        standardise_intensity(gray, "minmax")
 
 
 def test_intensity_setting_reaches_the_items(tmp_path):

@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from conftest import ROOT
-from utils.config import settings_from_dict
 from utils.distributed import DistributedContext, shard_indices
 from utils.evaluation import run_fit
 from utils.errors import DistributedError

@@ -220,7 +220,6 @@ def test_a_given_model_must_match_the_settings_and_the_training_files(tmp_path):
     from utils.data.demo.brains import DemoCounts, generate_demo
     from utils.errors import ModelFileError
     from utils.evaluation import Run
-    from utils.padim.model import Padim
 
     generate_demo(tmp_path / "demo", counts=DemoCounts(ixi_train=3, fastmri_train=2, val=2, per_kind=1, normal_test=1))
     base = settings(data={"root": str(tmp_path / "demo")}, image_size=32, output_dimension=8, device="cpu")

@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Settings
-from ..errors import DataError
 from .preprocess import prepare, read_image, read_mask, resize_mask
 
 T = TypeVar("T")

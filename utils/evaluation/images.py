@@ -38,7 +38,6 @@ from ..padim import Padim
 from . import metrics as M
 from .plotting import example_figure
 from .reference import NormalReference
-from .report import markdown_table
 from .table import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
 
 #: Examples per group in the figures.

@@ -41,7 +41,7 @@ from ..padim import Padim
 from ..padim.model_file import check_compatible
 from . import report
 from .images import ImageUnits
-from .naming import run_directory, run_name
+from .naming import run_name
 from .plotting import auroc_bar_plot, save_figure
 from .reference import NormalReference, normal_reference
 from .volumes import VolumeUnits

@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import BACKBONES
 from ..errors import BackboneError
 from ..files import file_problem
 
@@ -137,8 +136,6 @@ def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
 
 def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
     """Build backbone ``name`` in eval mode with ``weights`` ('imagenet', 'random' or a file path)."""
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if name.startswith("efficientnet_lite"):
         extractor = _efficientnet_extractor(name, weights, layers)
     else:

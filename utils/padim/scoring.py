@@ -104,8 +104,6 @@ def image_scores(maps: torch.Tensor, method: str = "max", region: torch.Tensor |
         flat = flat.masked_fill(~region.flatten(1).bool(), float("-inf"))
     if method == "max":
         return flat.max(dim=1).values
-    if method == "top1pct_mean":
-        counts = flat.isfinite().sum(dim=1) if region is not None else torch.full((flat.shape[0],), flat.shape[1])
-        k = max(1, math.ceil(0.01 * int(counts.min())))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    raise ValueError(f"unknown image score {method!r}")
+    counts = flat.isfinite().sum(dim=1) if region is not None else torch.full((flat.shape[0],), flat.shape[1])
+    k = max(1, math.ceil(0.01 * int(counts.min())))
+    return flat.topk(k, dim=1).values.mean(dim=1)
