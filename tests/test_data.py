@@ -564,3 +564,17 @@ def test_items_carry_the_display_image(tmp_path):
     item = load_data(study_settings(make_study(tmp_path)), ("val",)).val[0]
     assert item["display"].shape == (S, S)
     np.testing.assert_allclose(item["display"].numpy(), gray_of(item["image"]), atol=1e-5)
+
+
+def test_a_group_listed_without_boxes_is_image_level_and_a_half_group_is_refused(tmp_path):
+    root = make_study(tmp_path)
+    fm = "./data/fastMRI/brain_mid_png/"
+    _csv(root, "global", [fm + "m1.png", fm + "e0.png"])  # an image list alone, as the study's global.csv
+    bundle = load_data(study_settings(root, test_groups=["mass", "global"]), ("test",))
+    group = bundle.test["global"]
+    assert list(bundle.test) == ["mass", "global", NORMAL] and group.anomalous and len(group) == 2
+    item = group[0]
+    assert not item["mask"].any()
+    np.testing.assert_array_equal(item["head"].numpy(), scaled_pad(*HEAD))  # its brain map beside the image
+    with pytest.raises(DataError, match="local_ann.csv is missing"):  # boxes' neg masks without the boxes
+        load_data(study_settings(root, test_groups=["local"]), ("test",))

@@ -162,6 +162,36 @@ def test_table_notes_a_group_without_positive_pixels_in_the_head():
     assert math.isnan(row["C_auroc"])
 
 
+def test_an_image_level_group_has_image_auroc_only_and_says_why():
+    rng = np.random.default_rng(2)
+    maps, normal_maps = rng.random((3, 4, 4)) + 0.5, rng.random((2, 4, 4))
+    empty = np.zeros((3, 4, 4), bool)
+    image_level = group("global", maps, [0, 1, 2], empty, empty)
+    normal = group("normal", normal_maps, [0, 1], np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), bool))
+    row = metrics_table({"global": image_level, "normal": normal}, threshold=0.9, field_threshold=0.9).iloc[0]
+    scores = np.r_[maps.reshape(3, -1).max(1), normal_maps.reshape(2, -1).max(1)]
+    assert row["C_auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0], scores))
+    assert all(math.isnan(row[c]) for c in ("A_auroc", "B_auroc", "aupro", "dice_val_threshold", "field_f1", "field_detection"))
+    assert row["note"].startswith("image-level group (no masks): (C) only")
+
+
+def test_field_columns_follow_the_protocol_per_row():
+    """One group, two rows at threshold 0.5 (hand-computed with docs/protocol.md's definitions):
+    row 0: box pixels (0,0)=0.9 and (0,1)=0.2 -> x keeps 0.9: 1 of 2 box pixels > 10 % -> TP 1;
+    outside the box in the head: 0.6 survives -> FP = int(0.6 / max(0.9, 1)) = 0 -> precision 1, F1 ~1.
+    row 1: box pixel (3,3)=0.1 -> nothing survives -> TP 0, F1 0. Means: F1 0.5, detection 0.5."""
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[0, 0, 0], maps[0, 0, 1], maps[0, 2, 2] = 0.9, 0.2, 0.6
+    maps[1, 3, 3] = 0.1
+    box0, box1 = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    box0[0, :2] = True
+    box1[3, 3] = True
+    lesion = group("lesion", maps, [0, 1], [box0, box1], [box0, box1])
+    row = metrics_table({"lesion": lesion}, threshold=0.9, field_threshold=0.5).iloc[0]
+    assert row["field_detection"] == pytest.approx(0.5)
+    assert row["field_f1"] == pytest.approx(0.5, abs=1e-7)
+
+
 # ---------------------------------------------------------------------------- scoring: rows vs distinct images
 class _FakeModel:
     """Stands in for Padim.score: the map is the image's first channel (no CNN needed)."""

@@ -5,7 +5,7 @@
 - :mod:`utils.padim`        the method: backbones, features, Gaussian statistics, scoring, alignment,
                             the :class:`Padim` estimator and its file
 - :mod:`utils.data`         data formats (study, demo, MVTec AD, NIfTI), one preprocessing path, demo sets
-- :mod:`utils.distributed`  ``torchrun``: sharded fitting and scoring
+- :mod:`utils.distributed`  ``torchrun``: sharded fitting
 - :mod:`utils.evaluation`   one run for images and volumes: metrics, report, figures, results folder
 - :mod:`utils.predict`, :mod:`utils.cli`, :mod:`utils.demo_data`, :mod:`utils.demo_mvtec`  the commands
 

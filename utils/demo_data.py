@@ -20,7 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write the small synthetic brain-MRI demo set (study layout) to DIR.",
     )
     parser.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
-    parser.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.demo_nifti) to DIR instead")
+    parser.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
     args = parser.parse_args(argv)

@@ -100,7 +100,7 @@ def _output_folder(output: str) -> str:
 
 
 def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
-    """NIfTI maps and previews (:func:`utils.volumes.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
+    """NIfTI maps and previews (:func:`utils.predict.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
     rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
     _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
                   [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])

@@ -34,7 +34,7 @@ from ..padim.foreground import foreground_mask, luminance
 MAX_PIXELS = 64_000_000
 #: File name endings read as images (folders, MVTec layout, ``predict``).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-#: File name endings read as NIfTI volumes (:mod:`utils.volumes`, ``predict``).
+#: File name endings read as NIfTI volumes (:mod:`utils.data.volumes`, ``predict``).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Pillow modes that hold colour (everything else is read as one gray channel).
 COLOR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "RGBX", "HSV", "LAB")

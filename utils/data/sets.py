@@ -91,6 +91,10 @@ class ImageSet(Dataset):
     def __repr__(self) -> str:
         return f"ImageSet({self.name!r}, {self.summary()})"
 
+    def as_group(self, anomalous: bool) -> "ImageSet":
+        """The same images as a test group (``anomalous`` or normal)."""
+        return ImageSet(self.name, self.items, self.settings, anomalous, self.estimate_head)
+
     def summary(self) -> str:
         images = len(set(self.paths))
         return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")

@@ -145,14 +145,14 @@ class StudyLoader:
         else:
             groups = [g for g in dict.fromkeys(requested) if g != NORMAL]
             for group in groups:
-                if group not in available:
-                    missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if not os.path.isfile(self.csv_path(n))]
+                missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if not os.path.isfile(self.csv_path(n))]
+                if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level
                     raise DataError(
                         f"data.test_groups names {group!r} but {', '.join(missing)} "
                         f"{'is' if len(missing) == 1 else 'are'} missing in {self.split_dir}; "
                         f"available groups: {', '.join(available) or 'none'}"
                     )
-        test = {group: self.pathology(group) for group in groups}
+        test = {group: self.pathology(group) if group in available else self.image_level(group) for group in groups}
         test[NORMAL] = self.normal_test()
         return test
 
@@ -172,6 +172,11 @@ class StudyLoader:
             if self.check.row(f"{source} (with {group}_ann/_neg)", image, (box, neg)):
                 items.append(Item(image, (box,), (box, neg), source))
         return ImageSet(group, usable(group, items), self.settings, anomalous=True)
+
+    def image_level(self, group: str) -> ImageSet:
+        """A group listed by ``<group>.csv`` alone (no boxes, e.g. the slices with global findings):
+        scored for image AUROC only, each image inside its brain mask where the layout has one."""
+        return self.validation(group, self.read_csv(group)).as_group(anomalous=True)
 
     def normal_test(self) -> ImageSet:
         images, heads = self._aligned(["normal_test", "normal_test_ann"])

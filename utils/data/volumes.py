@@ -12,11 +12,11 @@ Every volume goes the same way (training, validation, test and ``predict``):
    label and mask alike (they must have the image's shape and affine);
 3. NaN voxels become 0 and count as outside the brain;
 4. brain: ``brain_mask`` when given, else estimated per axial slice
-   (:func:`utils.preprocess.foreground_mask` of the slice scaled by the volume's 99th percentile);
+   (:func:`utils.padim.foreground.foreground_mask` of the slice scaled by the volume's 99th percentile);
 5. per-volume intensity normalisation inside the brain (``data.volume_intensity``: the brain's
    1st-99th percentile to [0, 1], or a z-score mapped as 0.5 + 0.15 z), clipped to [0, 1];
 6. axial slices (the last axis) whose brain covers at least ``data.min_brain_fraction`` of the
-   slice are kept; each is a 2-D gray array in [0, 1] through :func:`utils.preprocess.prepare`.
+   slice are kept; each is a 2-D gray array in [0, 1] through :func:`utils.data.preprocess.prepare`.
 
 Training slices are every kept slice of the ``train`` volumes, and for a train volume with a
 label only its slices whose label slice is empty. Without ``val`` volumes, a seeded
@@ -24,7 +24,7 @@ label only its slices whose label slice is empty. Without ``val`` volumes, a see
 identical slices never sit on both sides) is held out of the fit for the threshold and colour scale.
 
 Scoring (:func:`score_volume`) holds one volume and its map: its kept slices go through the
-model in batches, each map is put back on the slice grid (:func:`utils.preprocess.restore_geometry`);
+model in batches, each map is put back on the slice grid (:func:`utils.data.preprocess.restore_geometry`);
 slices not kept get 0; the canonical reorientation is undone, so the map has the original
 image's shape and affine (:func:`write_map`).
 """
@@ -211,7 +211,7 @@ def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tupl
 
 
 def estimate_brain(image: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) bool brain estimate: :func:`utils.preprocess.foreground_mask` of each axial slice
+    """(X, Y, Z) bool brain estimate: :func:`utils.padim.foreground.foreground_mask` of each axial slice
     (scaled by the volume's 99th percentile); flat slices, and slices where no foreground is found
     (the estimate is then all True), are empty."""
     scale = max(float(np.percentile(image, 99)), 1e-6)

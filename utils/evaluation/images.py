@@ -22,6 +22,7 @@ anomalous images against the normal ones, pixel AUROC / AP and AUPRO over all te
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -36,6 +37,7 @@ from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
 from ..errors import DataError
 from ..padim import Padim
 from . import metrics as M
+from . import protocol
 from .plotting import example_figure
 from .reference import NormalReference
 from .table import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
@@ -117,12 +119,14 @@ def _aupro_with_normals(group: GroupScores, normal: Optional[GroupScores]) -> fl
     return M.aupro(np.concatenate([group.maps, normal.maps]), np.concatenate([group.masks, normal.masks]))
 
 
-def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float) -> dict[str, Any]:
-    """One table row for a pathology group (see the module docstring for the protocols)."""
-    notes = []
+def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
+                  field_threshold: float = M.NAN) -> dict[str, Any]:
+    """One table row for a pathology group (see the module docstring for the protocols). A group
+    without masks (image level, e.g. the study's ``global`` slices) has image AUROC only."""
+    notes = [] if group.masks.any() else ["image-level group (no masks): (C) only"]
     row_maps = group.maps[group.row_image]
     reason = M.degenerate_reason(group.row_masks)
-    if reason:
+    if reason and group.masks.any():
         notes.append(f"A: {reason}")
     reason_b = M.degenerate_reason(group.row_masks[group.row_heads])
     if reason_b and not reason:
@@ -147,10 +151,19 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
         "dice_val_threshold": M.dice_at(group.maps, group.masks, threshold, group.heads),
         "best_threshold": best_threshold,
     }
+    row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
     if row["small_group"]:
         notes.append(f"only {counted(group.n_images)}: noise")
     row["note"] = "; ".join(notes)
     return row
+
+
+def _field_metrics(group: GroupScores, threshold: float) -> tuple[float, float]:
+    """The field's mean F1 and detection rate over the group's rows (:mod:`utils.evaluation.protocol`);
+    NaN without a threshold or when a row has no box (image-level groups)."""
+    if not math.isfinite(threshold) or not group.row_masks.any(axis=(1, 2)).all():
+        return M.NAN, M.NAN
+    return protocol.group_means(protocol.row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, threshold))
 
 
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
@@ -173,15 +186,16 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
         "C_auroc": M.image_auroc(scores[anomalous], scores[~anomalous]),
         "aupro": M.aupro(maps, masks), "dice_best": dice_best,
         "dice_val_threshold": M.dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold,
+        "field_f1": M.NAN, "field_detection": M.NAN,
         "note": "whole test set, every distinct image once (normal images included)",
     }
 
 
-def metrics_table(groups: dict[str, GroupScores], threshold: float) -> pd.DataFrame:
+def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = M.NAN) -> pd.DataFrame:
     """One row per pathology group (all groups but ``normal``), then ``mean`` (the unweighted mean
     over those groups, ignoring NaN; n_images/n_rows: totals) and ``all`` (:func:`whole_test_metrics`)."""
     normal = groups.get(NORMAL)
-    rows = [group_metrics(g, normal, threshold) for name, g in groups.items() if name != NORMAL]
+    rows = [group_metrics(g, normal, threshold, field_threshold) for name, g in groups.items() if name != NORMAL]
     return with_mean_row(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), whole_test_metrics(groups, threshold))
 
 
@@ -212,7 +226,21 @@ class ImageUnits:
 
     def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None]:
         """The metrics table (one row per group, ``mean``, ``all``); images have no per-unit table."""
-        return metrics_table(self.groups, reference.threshold), None
+        return metrics_table(self.groups, reference.threshold, reference.field_threshold), None
+
+    @staticmethod
+    def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
+        """The field's summary numbers over its 13 pathologies, where the table has them (docs/protocol.md)."""
+        groups = table.set_index("group")
+        present = [name for name in protocol.PATHOLOGIES if name in groups.index and np.isfinite(groups.loc[name, "field_f1"])]
+        notes = [f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the head "
+                 "above it); F1 and detection rate per group in the columns field_f1 and field_detection"]
+        if present:
+            chosen = groups.loc[present]
+            rate = float((chosen["field_detection"] * chosen["n_rows"]).sum() / chosen["n_rows"].sum())
+            notes.append(f"field protocol over {len(present)} of the {len(protocol.PATHOLOGIES)} compai-lab pathologies: "
+                         f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
+        return notes
 
     def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
         """``examples_<group>``: a few images of each pathology group with their maps."""
@@ -250,4 +278,6 @@ class ImageUnits:
             "its threshold is chosen on the test group itself. Dice @ val thr. uses the validation threshold.",
             "**mean**: unweighted mean over the groups. **all**: the whole test set pooled, every distinct image "
             "once, normal images included (the numbers MVTec AD papers report).",
+            "F1 (field), detected (field): the compai-lab protocol per annotation row at the threshold that leaves 5 % "
+            "of the validation pixels above it (docs/protocol.md): mean F1 and detection rate (mean TP) of the group.",
         ]

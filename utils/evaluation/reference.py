@@ -11,6 +11,7 @@ from ..config import Settings
 from ..data import make_loader
 from ..padim import Padim
 from . import metrics as M
+from .protocol import healthy_threshold
 
 #: Percentile of normal validation pixels (inside the head) used as the decision threshold.
 VAL_PERCENTILE = 99.0
@@ -22,7 +23,9 @@ class NormalReference:
 
     ``threshold``: ``percentile`` of the pixels inside the head. ``vmin``: their 1st percentile;
     ``vmax``: the threshold, so every pixel above the threshold saturates the colour scale (the
-    same pixels the thresholded panel shows).
+    same pixels the thresholded panel shows). ``field_threshold``: the field's operating point, the
+    smallest value leaving at most 5 % of the pixels above it (inside the head;
+    :func:`utils.evaluation.protocol.healthy_threshold`).
     """
 
     source: str
@@ -34,6 +37,7 @@ class NormalReference:
     vmin: float
     vmax: float
     median: float
+    field_threshold: float
 
     @classmethod
     def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, percentile: float = VAL_PERCENTILE,
@@ -42,7 +46,8 @@ class NormalReference:
         threshold = M.normal_threshold(values, None, percentile)
         low, median = (float(v) for v in np.percentile(values, [1.0, 50.0]))
         high = max(threshold, low + 1e-6)
-        return cls(source, int(len(maps)), region_kind, percentile, threshold, low, high, median)
+        field = healthy_threshold(maps, regions)
+        return cls(source, int(len(maps)), region_kind, percentile, threshold, low, high, median, field)
 
 
 def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:

@@ -14,6 +14,7 @@ from .table import SUMMARY_ROWS
 HEADERS = {
     "A_auroc": "(A) AUROC", "A_ap": "(A) AP", "B_auroc": "(B) AUROC", "B_ap": "(B) AP", "C_auroc": "(C) AUROC",
     "aupro": "AUPRO@0.3", "dice_best": "Dice best (optimistic)", "dice_val_threshold": "Dice @ val thr.",
+    "field_f1": "F1 (field)", "field_detection": "detected (field)",
 }
 SMALL_MARK = " †"
 
@@ -32,8 +33,9 @@ def _label(row: pd.Series) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The metrics table as GitHub markdown; small groups marked †, the ``mean`` and ``all`` rows in bold."""
-    columns = [c for c in HEADERS if c in table]
+    """The metrics table as GitHub markdown (columns without any value left out); small groups marked †,
+    the ``mean`` and ``all`` rows in bold."""
+    columns = [c for c in HEADERS if c in table and table[c].notna().any()]
     headers = ["group", "images", "rows"] + [HEADERS[c] for c in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for _, row in table.iterrows():
@@ -82,7 +84,7 @@ def summary(run) -> str:
     lines = [f"run {run.name}"]
     if run.unit_table is not None:
         lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format=number), ""]
-    shown = table.drop(columns=["note", "best_threshold"]).copy()
+    shown = table.drop(columns=["note", "best_threshold"]).dropna(axis=1, how="all").copy()
     shown.loc[shown["small_group"], "group"] = shown.loc[shown["small_group"], "group"] + SMALL_MARK
     lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format=number, na_rep="–"))
     lines.append("† 1-2 scoring units: noise.  dice_best is optimistic (threshold chosen on the test group or volume).")

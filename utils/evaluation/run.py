@@ -142,6 +142,7 @@ class Run:
             raise RuntimeError("call score() before compute_metrics()")
         started = time.perf_counter()
         self.table, self.unit_table = self.units.table(self.reference)
+        self.notes += self.units.notes(self.table, self.reference)
         self.timings["metrics_s"] = round(time.perf_counter() - started, 3)
         return self.table
 

@@ -10,7 +10,8 @@ import pandas as pd
 
 #: Groups with at most this many scoring units (images, volumes) are flagged: their numbers are noise.
 SMALL_GROUP = 2
-METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold")
+METRIC_COLUMNS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "aupro", "dice_best", "dice_val_threshold",
+                  "field_f1", "field_detection")
 TABLE_COLUMNS = ("group", "n_images", "n_rows", "small_group") + METRIC_COLUMNS + ("best_threshold", "note")
 #: Rows that are not groups.
 SUMMARY_ROWS = ("mean", "all")

@@ -119,6 +119,11 @@ class VolumeUnits:
             groups.append(row)
         return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes
 
+    @staticmethod
+    def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
+        """The field's protocol is defined on 2-D slices with boxes: nothing for volumes."""
+        return []
+
     def figures(self, reference: NormalReference) -> dict[str, Figure]:
         """``volume_<case>``: three orthogonal views through the lesion (its centre of mass) of the first
         few test volumes with a lesion, with the validation colour scale and threshold."""

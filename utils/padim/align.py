@@ -119,7 +119,7 @@ def from_canonical(maps: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor
     """Maps ``(N, S, S)`` on the canonical grid -> the images' own grids (inverse of :func:`to_canonical`).
 
     Image pixels that the canonical frame does not cover take the nearest map value, as
-    :func:`utils.preprocess.restore_geometry` does for a crop.
+    :func:`utils.data.preprocess.restore_geometry` does for a crop.
     """
     return _warp(maps.unsqueeze(1), invert(transforms), "border").squeeze(1)
 

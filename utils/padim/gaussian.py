@@ -137,7 +137,7 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     """Whitening matrices ``W = L^-1`` of ``covariance + epsilon * I = L L^T`` for every position.
 
     Returns ``(P, d, d)`` lower-triangular matrices with ``W^T W`` the precision, so the
-    Mahalanobis distance is ``||W (x - mean)||`` (:func:`utils.scoring.mahalanobis`): a sum of
+    Mahalanobis distance is ``||W (x - mean)||`` (:func:`utils.padim.scoring.mahalanobis`): a sum of
     squares, which cannot cancel where ``x^T P x`` can. ``torch.linalg.inv`` is not used: on
     batches of large matrices it was seen to fail, and once to return a silently wrong inverse, on
     CPU (pytorch #142815); Cholesky is correct for these symmetric positive definite matrices and

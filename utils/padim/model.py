@@ -1,6 +1,6 @@
 """The fitted PaDiM estimator: ``fit``, ``score``, ``save`` and ``load``.
 
-Images enter as preprocessed float tensors ``(N, 3, S, S)`` (see :mod:`utils.preprocess`),
+Images enter as preprocessed float tensors ``(N, 3, S, S)`` (see :mod:`utils.data.preprocess`),
 either one tensor or an iterable of batches (a ``DataLoader``, a list); batches may also be
 mappings with an ``"image"`` entry, as the datasets of :mod:`utils.data` yield.
 """
@@ -63,10 +63,10 @@ class Padim:
         self.channel_indices, self.projection = channel_selection(settings)
         self.mean: torch.Tensor | None = None
         #: ``(P, d, d)`` with ``W^T W`` the precision (inverse covariance) at each position;
-        #: a fit stores the inverse lower Cholesky factor (see :func:`utils.gaussian.regularised_whitening`).
+        #: a fit stores the inverse lower Cholesky factor (see :func:`utils.padim.gaussian.regularised_whitening`).
         self.whitening: torch.Tensor | None = None
         self.train_count = 0
-        #: :func:`utils.data.fingerprint` of the training files, set by whoever fitted on a data set
+        #: :func:`utils.data.sets.fingerprint` of the training files, set by whoever fitted on a data set
         #: ("" when unknown, e.g. a fit on a tensor): evaluating on other training files is refused.
         self.train_fingerprint = ""
         #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.

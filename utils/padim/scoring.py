@@ -15,7 +15,7 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
         embeddings: ``(N, d, H, W)``.
         mean: ``(P, d)`` with ``P = H * W``.
         whitening: ``(P, d, d)`` matrices ``W`` with ``W^T W`` the inverse covariance (the inverse
-            Cholesky factors a fit stores, :func:`utils.gaussian.regularised_whitening`); the
+            Cholesky factors a fit stores, :func:`utils.padim.gaussian.regularised_whitening`); the
             distance is ``||W (x - mean)||``.
         chunk: positions per batched product, which bounds the temporaries.
 

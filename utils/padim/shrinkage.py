@@ -1,4 +1,4 @@
-"""Covariance shrinkage (Ledoit-Wolf) for the streaming statistics of :mod:`utils.gaussian`.
+"""Covariance shrinkage (Ledoit-Wolf) for the streaming statistics of :mod:`utils.padim.gaussian`.
 
 ``covariance_shrinkage: ledoit_wolf`` shrinks each position's covariance toward a multiple of the
 identity with the Ledoit-Wolf coefficient, computed from streaming sums (no second pass over
