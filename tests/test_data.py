@@ -569,7 +569,8 @@ def test_items_carry_the_display_image(tmp_path):
 def test_a_group_listed_without_boxes_is_image_level_and_a_half_group_is_refused(tmp_path):
     root = make_study(tmp_path)
     fm = "./data/fastMRI/brain_mid_png/"
-    _csv(root, "global", [fm + "m1.png", fm + "e0.png"])  # an image list alone, as the study's global.csv
+    with open(os.path.join(root, "data", "splits", "global.csv"), "w") as handle:  # an image list alone, as the
+        handle.write(f"filenames\n{fm}m1.png\n{fm}e0.png\n")  # study's global_artefact.csv, header included
     bundle = load_data(study_settings(root, test_groups=["mass", "global"]), ("test",))
     group = bundle.test["global"]
     assert list(bundle.test) == ["mass", "global", NORMAL] and group.anomalous and len(group) == 2

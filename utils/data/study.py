@@ -79,7 +79,8 @@ class StudyLoader:
                 lines = list(csv.reader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"cannot read split CSV {path}: {exc}") from None
-        if not lines or [c.strip() for c in lines[0]][:1] != ["filename"]:
+        first = lines[0][0].strip() if lines and lines[0] else ""
+        if first.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
             header = ",".join(lines[0]) if lines else "(empty file)"
             raise DataError(f"{path}: expected a header with column `filename`, found {header[:80]!r}")
         column = 0
