@@ -1,58 +1,218 @@
-"""The user documentation stays true: docs/config.md lists exactly the validated settings with their
-defaults, every relative link and image in the markdown files exists, and the README's quick start
-runs the commands CI runs."""
+"""The user documentation stays true: docs/config.md is what utils/config.py says of every setting,
+every relative link and image in the markdown files exists, and the README's quick start runs the
+commands CI runs.
+
+``python tests/test_docs.py --write-config-md`` rewrites docs/config.md from utils/config.py."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
+import importlib
+import importlib.util
+import inspect
 import os
 import re
+import sys
+import types
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
 import yaml
 
 from conftest import ROOT
-from utils.config import DataSettings, Settings
+from utils.config import BACKBONES, DataSettings, Settings, settings_from_dict
+from utils.errors import ConfigError
+from utils.padim.model_file import MODEL_DATA_KEYS, MODEL_KEYS
 
-ROW = re.compile(r"^\| `([\w.]+)` \| `([^`]*)` \|")
 #: Markdown files a reader follows links in.
 DOCS = ["README.md", os.path.join("data", "README.md"), os.path.join("bench", "README.md")] + sorted(
     os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))
 )
 LINK = re.compile(r"(!?)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+CONFIG_MD = os.path.join(ROOT, "docs", "config.md")
+REGENERATE = "python tests/test_docs.py --write-config-md"
 
 
-def _documented() -> dict[str, str]:
-    with open(os.path.join(ROOT, "docs", "config.md"), encoding="utf-8") as handle:
-        return {m.group(1): m.group(2) for m in map(ROW.match, handle) if m}
-
-
-def _expected() -> dict[str, object]:
-    def default(f):
-        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-    keys = {f.name: default(f) for f in dataclasses.fields(Settings) if f.name != "data"}
-    keys |= {f"data.{f.name}": default(f) for f in dataclasses.fields(DataSettings)}
-    return keys
-
-
-def test_config_reference_lists_every_key_and_no_other():
-    assert sorted(_documented()) == sorted(_expected())
-
-
-def test_config_reference_shows_each_default_as_yaml():
-    documented = _documented()
-    for key, value in _expected().items():
-        assert yaml.safe_load(documented[key]) == value, key
-
-
-# ---------------------------------------------------------------------------- links and images
 def _read(relative: str) -> str:
     with open(os.path.join(ROOT, relative), encoding="utf-8") as handle:
         return handle.read()
 
 
+# ---------------------------------------------------------------------------- docs/config.md from utils/config.py
+#: Settings whose allowed values are a table of the code rather than their type.
+CHOICES = {"backbone": lambda: list(BACKBONES)}
+#: How a plain type reads in the "allowed" column.
+TYPE_WORDS = {bool: "`true`, `false`", int: "integer", float: "number", str: "text"}
+LIST_WORDS = {int: "integers", float: "numbers", str: "names"}
+
+CONFIG_INTRO = f"""# Configuration keys
+
+<!-- Generated from the settings' `#:` comments in utils/config.py: edit those, then run `{REGENERATE}`. -->
+
+Every key of `config.yaml`, validated in one place (`utils/config.py`): an unknown key, a wrong type or a
+value out of range is one error naming the key and what is allowed. "model" marks the keys that define a
+fitted model file (`utils.padim.model_file.MODEL_KEYS` and `MODEL_DATA_KEYS`: a file fitted with other
+values is refused); the others are run-time settings."""
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` -> its ``#:`` comment lines (those right above it), joined."""
+    lines, _ = inspect.findsource(cls)
+    tree = ast.parse("".join(lines))
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    comments = {}
+    for statement in node.body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+            above, number = [], statement.lineno - 2
+            while number >= 0 and lines[number].strip().startswith("#:"):
+                above.insert(0, lines[number].strip()[2:].strip())
+                number -= 1
+            comments[statement.target.id] = " ".join(above)
+    return comments
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _yaml(value) -> str:
+    """``value`` as YAML in one line (``null``, ``true``, ``[1, 2]``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _allowed(name: str, hint) -> str:
+    if name in CHOICES:
+        return ", ".join(f"`{choice}`" for choice in CHOICES[name]())
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_allowed(name, a) for a in inner) + (", `null`" if len(inner) < len(args) else "")
+    if origin is Literal:
+        return ", ".join(f"`{_yaml(a)}`" for a in args)
+    if origin is list:
+        return f"list of {LIST_WORDS.get(args[0], _allowed(name, args[0]))}"
+    return TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _cell(text: str) -> str:
+    return text.replace("``", "`").replace("|", "\\|")
+
+
+def config_rows(cls: type, prefix: str = "", model_keys=()) -> list[str]:
+    """One table row per non-dataclass field of ``cls``: key, default, allowed values, model, meaning."""
+    hints, comments = get_type_hints(cls), field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        model = "yes" if f.name in model_keys else ""
+        rows.append(f"| `{prefix}{f.name}` | `{_yaml(_default(f))}` | {_allowed(f.name, hints[f.name])} | {model} "
+                    f"| {_cell(comments.get(f.name, ''))} |")
+    return rows
+
+
+def config_markdown() -> str:
+    """docs/config.md as utils/config.py defines it."""
+    header = ["| key | default | allowed | model | meaning |", "|---|---|---|:---:|---|"]
+    parts = [CONFIG_INTRO, "## Top-level keys", "\n".join(header + config_rows(Settings, "", MODEL_KEYS))]
+    hints = get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys = MODEL_DATA_KEYS if hints[f.name] is DataSettings else ()
+            parts += [f"## {f.name.capitalize()} keys (`{f.name}:`)",
+                      "\n".join(header + config_rows(hints[f.name], f"{f.name}.", keys))]
+    return "\n\n".join(parts) + "\n"
+
+
+def test_config_reference_is_generated_from_the_settings():
+    with open(CONFIG_MD, encoding="utf-8") as handle:
+        documented = handle.read()
+    assert documented == config_markdown(), f"docs/config.md differs from utils/config.py: run `{REGENERATE}`"
+
+
+def test_every_setting_has_a_comment():
+    """The `#:` comment is a setting's documentation: docs/config.md shows it."""
+    for cls in (Settings, DataSettings):
+        hints, comments = get_type_hints(cls), field_comments(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name]) and not comments[f.name]]
+        assert not missing, f"give these {cls.__name__} fields a `#:` comment in utils/config.py: {missing}"
+
+
+ROW = re.compile(r"^\| `([\w.]+)` \| `([^`]*)` \| ([^|]*) \| (yes|) \|")
+
+
+def _documented() -> dict[str, re.Match]:
+    with open(CONFIG_MD, encoding="utf-8") as handle:
+        return {m.group(1): m for m in map(ROW.match, handle) if m}
+
+
+def test_config_reference_lists_every_key_with_its_default_as_yaml():
+    """Read back as a reader would: every key once, its default as YAML equal to the dataclass default."""
+    expected = {f.name: _default(f) for f in dataclasses.fields(Settings) if f.name != "data"}
+    expected |= {f"data.{f.name}": _default(f) for f in dataclasses.fields(DataSettings)}
+    documented = _documented()
+    assert sorted(documented) == sorted(expected)
+    for key, value in expected.items():
+        assert yaml.safe_load(documented[key].group(2)) == value, key
+
+
+def _settings_with(key: str, value) -> Settings:
+    raw = {"data": {key[len("data."):]: value}} if key.startswith("data.") else {key: value}
+    if key == "data.format" and value == "nifti":
+        raw["data"]["manifest"] = "volumes.csv"  # nifti needs one; the file is read only when data load
+    return settings_from_dict(raw)
+
+
+def test_config_reference_allows_what_the_validation_allows():
+    """Read back as a reader would: every value listed as allowed passes the validation, and where
+    the column lists every choice, a value it does not list is refused."""
+    for key, match in _documented().items():
+        allowed = match.group(3)
+        for choice in re.findall(r"`([^`]+)`", allowed):
+            _settings_with(key, yaml.safe_load(choice))
+        if re.fullmatch(r"`[^`]+`(, `[^`]+`)*", allowed):
+            with pytest.raises(ConfigError):
+                _settings_with(key, "not-listed")
+
+
+def test_model_column_is_the_model_file_check():
+    documented = _documented()
+    marked = sorted(key for key, m in documented.items() if m.group(4) == "yes")
+    assert marked == sorted(list(MODEL_KEYS) + [f"data.{k}" for k in MODEL_DATA_KEYS])
+
+
+def test_generator_renders_a_setting_it_has_not_seen(tmp_path, monkeypatch):
+    """A setting added tomorrow needs no change here: its row comes from its type, default and comment."""
+    (tmp_path / "new_settings.py").write_text(
+        "from dataclasses import dataclass, field\n"
+        "from typing import Literal, Optional\n\n\n"
+        "@dataclass(frozen=True)\n"
+        "class NewSettings:\n"
+        "    #: A choice | with a pipe, ``code`` and\n"
+        "    #: two lines.\n"
+        "    mode: Literal[\"a\", \"b\"] = \"b\"\n"
+        "    size: Optional[int] = None\n"
+        "    #: Names.\n"
+        "    names: list[str] = field(default_factory=lambda: [\"x\"])\n",
+        encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("new_settings")
+    assert config_rows(module.NewSettings, "data.", ("mode",)) == [
+        "| `data.mode` | `b` | `a`, `b` | yes | A choice \\| with a pipe, `code` and two lines. |",
+        "| `data.size` | `null` | integer, `null` |  |  |",
+        "| `data.names` | `[x]` | list of names |  | Names. |",
+    ]
+
+
+def write_config_md() -> None:
+    with open(CONFIG_MD, "w", encoding="utf-8") as handle:
+        handle.write(config_markdown())
+
+
+# ---------------------------------------------------------------------------- links and images
 def _prose(text: str) -> str:
     """``text`` without fenced code blocks and inline code (links there are not links)."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
@@ -130,3 +290,10 @@ def test_readme_quick_start_runs_what_ci_runs():
     tests = [c for c in quick_start if c.startswith("pytest")]
     assert installs + tests == ci, (quick_start, ci)
     assert "utils evaluate --config config.yaml" in quick_start
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-config-md"]:
+        sys.exit(f"usage: {REGENERATE}")
+    write_config_md()
+    print(f"wrote {os.path.relpath(CONFIG_MD)}")
