@@ -1,6 +1,7 @@
 """The user documentation stays true: docs/config.md is what utils/config.py says of every setting,
-every relative link and image in the markdown files exists, and the README's quick start runs the
-commands CI runs.
+the pages cite only modules, functions and files that exist (docs/architecture.md traces a run by
+function names, and draws the layers of the import contract), every relative link and image in the
+markdown files exists, and the README's quick start runs the commands CI runs.
 
 ``python tests/test_docs.py --write-config-md`` rewrites docs/config.md from utils/config.py."""
 
@@ -162,7 +163,7 @@ def test_config_reference_lists_every_key_with_its_default_as_yaml():
 def _settings_with(key: str, value) -> Settings:
     raw = {"data": {key[len("data."):]: value}} if key.startswith("data.") else {key: value}
     if key == "data.format" and value == "nifti":
-        raw["data"]["manifest"] = "volumes.csv"  # nifti needs one; the file is read only when data load
+        raw["data"]["manifest"] = "volumes.csv"  # nifti needs one; it is read only when the data are loaded
     return settings_from_dict(raw)
 
 
@@ -182,6 +183,15 @@ def test_model_column_is_the_model_file_check():
     documented = _documented()
     marked = sorted(key for key, m in documented.items() if m.group(4) == "yes")
     assert marked == sorted(list(MODEL_KEYS) + [f"data.{k}" for k in MODEL_DATA_KEYS])
+
+
+def test_method_lists_the_model_defining_settings_of_the_model_file():
+    text = re.sub(r"\s+", " ", _read(os.path.join("docs", "method.md")))
+    listed = re.search(r"The model-defining settings: (.*?)\. ", text)
+    assert listed, "docs/method.md lists the model-defining settings after 'The model-defining settings: '"
+    keys = re.findall(r"`([\w.]+)`", listed.group(1))
+    assert len(keys) == len(set(keys)), keys
+    assert sorted(keys) == sorted(list(MODEL_KEYS) + [f"data.{k}" for k in MODEL_DATA_KEYS])
 
 
 def test_generator_renders_a_setting_it_has_not_seen(tmp_path, monkeypatch):
@@ -210,6 +220,125 @@ def test_generator_renders_a_setting_it_has_not_seen(tmp_path, monkeypatch):
 def write_config_md() -> None:
     with open(CONFIG_MD, "w", encoding="utf-8") as handle:
         handle.write(config_markdown())
+
+
+# ---------------------------------------------------------------------------- names and files the pages cite
+#: ``utils.x.y`` anywhere in a page: a module, or an attribute of one.
+DOTTED = re.compile(r"(?<![\w./-])(utils(?:\.[A-Za-z_]\w*)+)")
+#: A file of this repository named by its path (a path inside another repository is preceded by a
+#: folder, and outputs such as bench/out/*.json have other endings), or a folder of the package.
+PATH = re.compile(r"(?<![\w./-])((?:utils|tests|bench|docs|configs|experiments)/(?:[\w.-]+/)*[\w-]+\.(?:py|yaml)"
+                  r"|utils/(?:\w+/)+)")
+#: ``name()`` or ``Class.method()`` in backticks: a function or method of the package.
+CALL = re.compile(r"`((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\(\)`")
+ARCHITECTURE = os.path.join("docs", "architecture.md")
+
+
+def _resolve(dotted: str):
+    """The object ``utils.a.b.C.d`` names: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    assert "__main__" not in parts, dotted  # importing it would run the command line
+    for end in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:end]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[end:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def _package_modules() -> list[types.ModuleType]:
+    """Every module of the package but ``utils.__main__`` (importing it runs the command line)."""
+    import pkgutil
+
+    import utils
+
+    names = [m.name for m in pkgutil.walk_packages(utils.__path__, "utils.") if not m.name.endswith("__main__")]
+    return [importlib.import_module(name) for name in ["utils", *names]]
+
+
+def _defined_in_package(chain: str, modules: list[types.ModuleType]) -> bool:
+    """Whether some module of the package defines ``chain`` (``name`` or ``Class.attribute``)."""
+    first, *rest = chain.split(".")
+    for module in modules:
+        obj = module.__dict__.get(first)
+        if obj is None or not getattr(obj, "__module__", "").startswith("utils"):
+            continue
+        for attribute in rest:
+            obj = getattr(obj, attribute, None)
+        if callable(obj):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_every_utils_name_a_page_cites_exists(document):
+    problems = []
+    for dotted in sorted(set(DOTTED.findall(_read(document)))):
+        try:
+            _resolve(dotted)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{dotted} ({type(exc).__name__}: {exc})")
+    assert not problems, f"{document} cites what the package does not have: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_every_repository_path_a_page_cites_exists(document):
+    missing = sorted({path for path in PATH.findall(_read(document)) if not os.path.exists(os.path.join(ROOT, path))})
+    assert not missing, f"{document} names files that do not exist: {missing}"
+
+
+def test_architecture_cites_only_functions_the_package_defines():
+    calls = sorted(set(CALL.findall(_read(ARCHITECTURE))))
+    assert len(calls) > 40, "docs/architecture.md traces the run as `function()` names"
+    modules = _package_modules()
+    missing = [call for call in calls if not _defined_in_package(call, modules)]
+    assert not missing, f"docs/architecture.md cites functions the package does not define: {missing}"
+
+
+def test_the_name_checks_find_a_missing_one():
+    """The checks above can fail: a renamed function, module or file is reported."""
+    modules = _package_modules()
+    assert _defined_in_package("Run.load_data", modules) and _defined_in_package("prepare", modules)
+    assert not _defined_in_package("Run.load_everything", modules)
+    assert not _defined_in_package("distributed_score", modules)
+    assert not _defined_in_package("Dataset.__getitem__", modules)  # torch's, not the package's
+    for gone in ("utils.volume_evaluation", "utils.preprocess.prepare", "utils.data.preprocess.head_masks"):
+        with pytest.raises((ImportError, AttributeError)):
+            _resolve(gone)
+    assert _resolve("utils.data.preprocess.prepare") is _resolve("utils.data.prepare")
+    cited = "see `utils/preprocess.py`, utils/padim/, projects/x/configs/a.yaml, bench/out/r.json, bench/out/"
+    assert PATH.findall(cited) == ["utils/preprocess.py", "utils/padim/"]
+
+
+def _layer_lines() -> list[str]:
+    block = re.search(r"```\n(.*?)```", _read(ARCHITECTURE), flags=re.S)
+    assert block, "docs/architecture.md draws the layers in a code block"
+    return block.group(1).splitlines()
+
+
+def _contract_layers() -> list[list[str]]:
+    text = _read(".importlinter").split("[importlinter:contract:layers]", 1)[1]
+    listed = text.split("layers =", 1)[1].split("\n[", 1)[0]
+    return [[name.strip() for name in line.split("|")] for line in listed.strip().splitlines()]
+
+
+def test_architecture_draws_the_layers_of_the_import_contract():
+    """Top to bottom, the figure's lines name the contract's layers in the contract's order, and every
+    module of the contract appears in the figure."""
+    layers = _contract_layers()
+    index = {module: number for number, line in enumerate(layers) for module in line}
+    order = []
+    for line in _layer_lines():
+        first = re.search(r"utils/(\w+)", line)
+        assert first, line
+        order.append(index[f"utils.{first.group(1)}"])
+    assert order == sorted(order), order
+    figure = "\n".join(_layer_lines())
+    absent = [m for line in layers for m in line if not re.search(rf"\b{m.split('.')[-1]}(\.py|/)", figure)]
+    assert not absent, f"the figure in docs/architecture.md leaves out {absent}"
 
 
 # ---------------------------------------------------------------------------- links and images
