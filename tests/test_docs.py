@@ -389,6 +389,35 @@ def test_readme_shows_only_committed_demo_figures():
         assert re.fullmatch(r"sources/demo_[\w.-]+\.png", target), target
 
 
+def test_readme_layout_names_folders_and_files_that_exist():
+    section = _read("README.md").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```\n(.*?)```", section, flags=re.S)
+    assert block, "the README's layout is a code block"
+    named = [word for line in block.group(1).splitlines() for word in re.findall(r"^([\w./]+(?:, [\w./]+)*)\s", line)]
+    paths = [path for entry in named for path in entry.split(", ")]
+    assert {"utils/padim/", "utils/data/", "utils/evaluation/", "docs/", "bench/"} <= set(paths), paths
+    missing = [path for path in paths if not os.path.exists(os.path.join(ROOT, path))]
+    assert not missing, f"the README's layout names what does not exist: {missing}"
+    folders = {path.split("/")[0] for path in paths if "/" in path} | {"/".join(path.split("/")[:2]) for path in paths}
+    unnamed = [name for name in sorted(os.listdir(os.path.join(ROOT, "utils")))
+               if os.path.isdir(os.path.join(ROOT, "utils", name)) and not name.startswith("__")
+               and f"utils/{name}" not in folders]
+    assert not unnamed, f"the README's layout leaves out the package folders {unnamed}"
+    tracked = _tracked_top_level_folders()
+    assert tracked - folders == set(), f"the README's layout leaves out the repository's folders {sorted(tracked - folders)}"
+
+
+def _tracked_top_level_folders() -> set[str]:
+    """Top-level folders that hold committed files (hidden ones aside)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("needs a git checkout to know the committed folders")
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    return {path.split("/")[0] for path in listed if "/" in path and not path.startswith(".")}
+
+
 # ---------------------------------------------------------------------------- quick start == CI
 def _command(line: str) -> str:
     """A shell command without its comment, the interpreter prefix and quiet flags."""
