@@ -11,10 +11,12 @@ import ast
 import dataclasses
 import glob
 import importlib
-import importlib.util
 import inspect
 import os
+import pkgutil
 import re
+import shutil
+import subprocess
 import sys
 import types
 from typing import Literal, Union, get_args, get_origin, get_type_hints
@@ -22,7 +24,8 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT  # first: puts the repository on sys.path when this file runs as a script
+import utils
 from utils.config import BACKBONES, DataSettings, Settings, settings_from_dict
 from utils.errors import ConfigError
 from utils.padim.model_file import MODEL_DATA_KEYS, MODEL_KEYS
@@ -251,10 +254,6 @@ def _resolve(dotted: str):
 
 def _package_modules() -> list[types.ModuleType]:
     """Every module of the package but ``utils.__main__`` (importing it runs the command line)."""
-    import pkgutil
-
-    import utils
-
     names = [m.name for m in pkgutil.walk_packages(utils.__path__, "utils.") if not m.name.endswith("__main__")]
     return [importlib.import_module(name) for name in ["utils", *names]]
 
@@ -409,9 +408,6 @@ def test_readme_layout_names_folders_and_files_that_exist():
 
 def _tracked_top_level_folders() -> set[str]:
     """Top-level folders that hold committed files (hidden ones aside)."""
-    import shutil
-    import subprocess
-
     if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
         pytest.skip("needs a git checkout to know the committed folders")
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
