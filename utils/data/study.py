@@ -68,32 +68,12 @@ class StudyLoader:
         )
 
     def read_csv(self, name: str) -> list[tuple[str, str]]:
-        """Rows of ``<name>.csv`` as (resolved path, "name.csv line N"); errors on missing/empty CSV."""
+        """Rows of ``<name>.csv`` as (resolved path, "name.csv line N") (:func:`read_split`)."""
         path = self.csv_path(name)
         if problem := file_problem(path):
             available = sorted(f[:-4] for f in os.listdir(self.split_dir) if f.endswith(".csv") and os.path.isfile(os.path.join(self.split_dir, f)))
             raise DataError(f"split CSV {problem}: {path}; available: {', '.join(available) or 'none'}")
-        label = name + ".csv"
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as handle:
-                lines = list(csv.reader(handle))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"cannot read split CSV {path}: {exc}") from None
-        first = lines[0][0].strip() if lines and lines[0] else ""
-        if first.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
-            header = ",".join(lines[0]) if lines else "(empty file)"
-            raise DataError(f"{path}: expected a header with column `filename`, found {header[:80]!r}")
-        column = 0
-        rows = []
-        for number, line in enumerate(lines[1:], start=2):
-            if not line or not line[column].strip():
-                continue
-            value = line[column].strip()
-            resolved = value if os.path.isabs(value) else os.path.normpath(os.path.join(self.root, value))
-            rows.append((resolved, f"{label} line {number}"))
-        if not rows:
-            raise DataError(f"{path} lists no images (empty split)")
-        return rows
+        return read_split(path, self.root)
 
     def load(self, splits: Sequence[str]) -> DataBundle:
         bundle = self._sets(splits)
@@ -187,3 +167,25 @@ class StudyLoader:
             if self.check.row(f"{source} (with normal_test_ann)", image, (head,))
         ]
         return ImageSet(NORMAL, usable("normal_test", items), self.settings)
+
+
+def read_split(path: str, root: str) -> list[tuple[str, str]]:
+    """Rows of a split CSV (header ``filename``; paths relative to ``root``) as (resolved path,
+    "name.csv line N"); errors on an unreadable or empty CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read split CSV {path}: {exc}") from None
+    first = lines[0][0].strip() if lines and lines[0] else ""
+    if first.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
+        header = ",".join(lines[0]) if lines else "(empty file)"
+        raise DataError(f"{path}: expected a header with column `filename`, found {header[:80]!r}")
+    label, rows = os.path.basename(path), []
+    for number, line in enumerate(lines[1:], start=2):
+        if line and line[0].strip():
+            value = line[0].strip()
+            rows.append((value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value)), f"{label} line {number}"))
+    if not rows:
+        raise DataError(f"{path} lists no images (empty split)")
+    return rows

@@ -48,6 +48,21 @@ def checked_batch(batch: Any, size: int) -> torch.Tensor:
     return batch
 
 
+def batches(images: ImageSource, settings: Settings, desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(images (N, 3, S, S), heads (N, S, S) bool or None)`` per batch. The heads are needed only
+    for alignment and background masking: taken from the batch's ``foreground`` (estimated once
+    in the data path, :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
+    if isinstance(images, torch.Tensor):
+        images = images.split(settings.batch_size)
+    total = len(images) if hasattr(images, "__len__") else None
+    for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
+        heads = batch.get("foreground") if isinstance(batch, Mapping) else None
+        batch = checked_batch(batch["image"] if isinstance(batch, Mapping) else batch, settings.input_size)
+        if heads is None and settings.estimates_head:
+            heads = head_masks(batch)
+        yield batch, heads
+
+
 class Padim:
     """PaDiM: a Gaussian per patch position over pretrained CNN features (Defard et al., 2021).
 
@@ -89,20 +104,6 @@ class Padim:
         """Preprocessed images ``(N, 3, S, S)`` -> patch embeddings ``(N, d, S/4, S/4)``."""
         return self.embedder(images.to(self.device, non_blocking=True))
 
-    def _batches(self, images: ImageSource, desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """``(images (N, 3, S, S), heads (N, S, S) bool or None)`` per batch. The heads are needed only
-        for alignment and background masking: taken from the batch's ``foreground`` (estimated once
-        in the data path, :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
-        if isinstance(images, torch.Tensor):
-            images = images.split(self.settings.batch_size)
-        total = len(images) if hasattr(images, "__len__") else None
-        for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
-            heads = batch.get("foreground") if isinstance(batch, Mapping) else None
-            batch = checked_batch(batch["image"] if isinstance(batch, Mapping) else batch, self.settings.input_size)
-            if heads is None and self.settings.estimates_head:
-                heads = head_masks(batch)
-            yield batch, heads
-
     # ------------------------------------------------------------------ fitting
     def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:
         """Streaming statistics of the embeddings of ``images`` (one shard of a fit), batch by batch:
@@ -112,7 +113,7 @@ class Padim:
         with torch.inference_mode(), exact_float32(self.device):
             stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype), device=self.device)
             moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
-            for batch, heads in self._batches(images, "fit", progress):
+            for batch, heads in batches(images, s, "fit", progress):
                 batch = align_batch(batch, s.data.align, heads)[0]
                 views = (batch, batch.flip(-1)) if s.flip_train else (batch,)  # flip_train: the mirror image too
                 for view in views:
@@ -169,7 +170,7 @@ class Padim:
         self._require_fitted()
         maps = []
         with torch.inference_mode(), exact_float32(self.device):
-            for batch, heads in self._batches(images, "score", progress):
+            for batch, heads in batches(images, self.settings, "score", progress):
                 canonical, transforms = align_batch(batch, self.settings.data.align, heads)
                 distances = self.distances(canonical).float()
                 if self.settings.flip_test:  # the flipped image's map, mirrored back; averaging commutes with the (linear) upsampling
