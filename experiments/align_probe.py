@@ -2,10 +2,10 @@
 
 Runs a config with ``data.align: moments`` restricted to some of its three parts (translation is
 always on; scale and rotation can be switched off through the constants of :mod:`utils.padim.align`),
-and prints for each variant the synthetic-lesion validation numbers (docs/synthetic_val.py) and
+and prints for each variant the synthetic-lesion validation numbers (experiments/synthetic_val.py) and
 the test-split means ((A) AUROC / AP, (B), (C), Dice at the validation threshold). Writes nothing.
 
-    python docs/align_probe.py [--draws N] configs/ablation/j1_f3_align.yaml [variant ...]
+    python experiments/align_probe.py [--draws N] configs/ablation/j1_f3_align.yaml [variant ...]
 
 Variants: ``full`` (the key as it is), ``no_rotation``, ``no_scale``, ``translation``.
 """
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
-from synthetic_val import validation_metrics, draws_and_arguments  # noqa: E402
-
-from utils import align  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.evaluation import Evaluation  # noqa: E402
+from experiments.common import command_line, fitted_run, group_mean, group_text, validation_text  # noqa: E402
+from experiments.synthetic_val import SyntheticSet, synthetic_set, validation_metrics  # noqa: E402
+from utils.config import Settings, load_config  # noqa: E402
+from utils.padim import align  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -32,28 +31,33 @@ VARIANTS = {
 }
 
 
-def run(config: str, variant: str, draws: int) -> str:
+def run_variant(settings: Settings, variant: str, synthetic: SyntheticSet) -> str:
+    """Fit and score with the alignment's constants set as ``variant`` says (restored afterwards)."""
     defaults = {name: getattr(align, name) for name in ("MIN_ELONGATION", "SCALE_RANGE")}
     for name, value in VARIANTS[variant].items():
         setattr(align, name, value)
     try:
-        evaluation = Evaluation(load_config(config))
-        evaluation.load_data()
-        model = evaluation.fit(progress=False)
-        v = validation_metrics(model, evaluation.settings, draws)
-        evaluation.score(progress=False)
-        mean = evaluation.compute_metrics().set_index("group").loc["mean"]
+        run = fitted_run(settings)
+        v = validation_metrics(run.model, synthetic)
+        mean = group_mean(run)
     finally:
         for name, value in defaults.items():
             setattr(align, name, value)
-    val_mean = (v["A_auroc"] + v["A_ap"] + v["B_auroc"] + v["C_auroc"]) / 4
-    return (f"{variant}\tval A {v['A_auroc']:.3f} AP {v['A_ap']:.3f} B {v['B_auroc']:.3f} C {v['C_auroc']:.3f} "
-            f"mean {val_mean:.3f}\ttest A {mean.A_auroc:.3f} AP {mean.A_ap:.3f} B {mean.B_auroc:.3f} "
-            f"C {mean.C_auroc:.3f} dice@val {mean.dice_val_threshold:.3f}")
+    return f"{variant}\t{validation_text(v)}\t{group_text(mean, dice=True)}"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = command_line(__file__, __doc__, draws=10)
+    parser.add_argument("config", help="a config with data.align: moments")
+    parser.add_argument("variants", nargs="*", metavar="variant", help=f"of {', '.join(VARIANTS)} (default: all)")
+    arguments = parser.parse_args(argv)
+    if unknown := set(arguments.variants) - set(VARIANTS):
+        parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; allowed: {', '.join(VARIANTS)}")
+    settings = load_config(arguments.config)
+    synthetic = synthetic_set(settings, arguments.draws)
+    for name in arguments.variants or list(VARIANTS):
+        print(run_variant(settings, name, synthetic), flush=True)
 
 
 if __name__ == "__main__":
-    draws, arguments = draws_and_arguments(sys.argv[1:], default=10)
-    config, variants = arguments[0], arguments[1:] or list(VARIANTS)
-    for name in variants:
-        print(run(config, name, draws), flush=True)
+    main()

@@ -5,27 +5,35 @@ Five-fold: PaDiM is fitted on 4/5 of the training images and scores the other 1/
 130 fastMRI normals gets an out-of-sample map; their per-pixel mean (and standard deviation) is
 the normal level of that pixel. Variants: ``sub`` (map - mean) and ``z`` ((map - mean) / std, the
 std floored at a fraction of its median). The final model is fitted on all training images.
+Writes nothing.
 
-    python docs/calibration_probe.py [configs/fast_ixi.yaml]      # ~2 min on 2 cores
+    python experiments/calibration_probe.py [configs/fast_ixi.yaml]      # ~2 min on 2 cores
 """
+
+from __future__ import annotations
+
 import os
 import sys
 import time
+from typing import Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import synthetic_val as SV  # noqa: E402
-from utils.config import load_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
+
+from experiments.common import (  # noqa: E402
+    FAST_IXI, as_batches, command_line, fitted_run, group_mean, group_text, validation_text)
+from experiments.synthetic_val import synthetic_set, validation_metrics  # noqa: E402
+from utils.config import Settings, load_config  # noqa: E402
 from utils.data import load_data, make_loader  # noqa: E402
-from utils.evaluation import run_evaluation  # noqa: E402
-from utils.padim.model import Padim, ScoreResult  # noqa: E402
+from utils.padim import Padim, ScoreResult  # noqa: E402
 from utils.padim.scoring import image_scores  # noqa: E402
 
 FOLDS = 5
+DRAWS = 10
+#: (variant, floor of the std as a fraction of its median; None: no division).
+VARIANTS = (("sub", None), ("z", 0.5), ("z", 1.0))
 
 
 class CalibratedPadim(Padim):
@@ -42,29 +50,40 @@ class CalibratedPadim(Padim):
         return ScoreResult(maps, image_scores(torch.from_numpy(maps), self.settings.image_score, region).numpy())
 
 
-def main(config: str) -> None:
-    settings = load_config(config).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
-    train = load_data(settings, ("train",)).train
-    images = torch.cat([batch["image"] for batch in make_loader(train, settings)])
-    fold = np.arange(len(images)) % FOLDS
-    held_out = np.zeros((len(images), settings.image_size, settings.image_size), np.float32)
-    started = time.perf_counter()
+def held_out_maps(settings: Settings, images: torch.Tensor, heads: Optional[torch.Tensor]) -> np.ndarray:
+    """Each training image's map from the model fitted on the other folds."""
+    fold = torch.arange(len(images)) % FOLDS
+
+    def batches(rows: torch.Tensor) -> list[dict]:
+        return as_batches(images[rows], None if heads is None else heads[rows], settings.batch_size)
+
+    held_out = np.zeros((len(images), settings.input_size, settings.input_size), np.float32)
     for k in range(FOLDS):
-        model = Padim(settings).fit(images[fold != k], progress=False)
-        held_out[fold == k] = model.score(images[fold == k], progress=False).maps
+        model = Padim(settings).fit(batches(fold != k), progress=False)
+        held_out[(fold == k).numpy()] = model.score(batches(fold == k), progress=False).maps
+    return held_out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = command_line(__file__, __doc__)
+    parser.add_argument("config", nargs="?", default=FAST_IXI, help="config file (default: configs/fast_ixi.yaml)")
+    settings = load_config(parser.parse_args(argv).config)
+    batches = list(make_loader(load_data(settings, ("train",)).train, settings))
+    images = torch.cat([batch["image"] for batch in batches])
+    heads = torch.cat([batch["foreground"] for batch in batches]) if "foreground" in batches[0] else None
+    started = time.perf_counter()
+    held_out = held_out_maps(settings, images, heads)
     print(f"{FOLDS}-fold held-out maps of {len(images)} training images: {time.perf_counter() - started:.0f} s")
     level, spread = held_out.mean(0), held_out.std(0)
-    for mode, floor in (("sub", None), ("z", 0.5), ("z", 1.0)):
-        model = CalibratedPadim(settings).fit(images, progress=False)
+    synthetic = synthetic_set(settings, DRAWS)
+    for mode, floor in VARIANTS:
+        model = CalibratedPadim(settings).fit(batches, progress=False)
         model.level = level
         model.spread = None if floor is None else np.maximum(spread, np.median(spread) * floor)
-        v = SV.validation_metrics(model, settings, 10)
-        mean = (v["A_auroc"] + v["A_ap"] + v["B_auroc"] + v["C_auroc"]) / 4
         label = f"{mode} {floor or 0}"
-        print(f"{label} val A {v['A_auroc']:.3f} AP {v['A_ap']:.3f} B {v['B_auroc']:.3f} C {v['C_auroc']:.3f} mean {mean:.3f}")
-        row = run_evaluation(settings, model=model, progress=False, figures=False, save_model=False).table.set_index("group").loc["mean"]
-        print(f"{label} test A {row['A_auroc']:.3f} AP {row['A_ap']:.3f} B {row['B_auroc']:.3f} C {row['C_auroc']:.3f}", flush=True)
+        print(f"{label} {validation_text(validation_metrics(model, synthetic))}")
+        print(f"{label} {group_text(group_mean(fitted_run(settings, model)))}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml"))
+    main()

@@ -5,39 +5,41 @@ The study's IXI slices differ from fastMRI in framing (233 x 197 px, the head fi
 part of the frame) and intensity (exact-zero background where fastMRI has noise, a brighter brain).
 Per IXI slice:
 
-1. framing: crop/pad a square around the head (utils.preprocess.foreground_mask) so that the head's
+1. framing: crop/pad a square around the head (utils.padim.foreground.foreground_mask) so that the head's
    larger side takes the same fraction of the frame as the median fastMRI training slice;
 2. intensity: quantile matching to the pooled intensities of the fastMRI training slices, with ties
    broken at random (seeded), so the zero background receives fastMRI's background value spread.
 
 The model is the chosen configuration (configs/fast_ixi.yaml) fitted on the harmonised IXI slices
 plus the 130 fastMRI normals; ``--fastmri-only`` fits the same code on the 130 alone (a check that the
-probe reproduces the configuration's numbers).
+probe reproduces the configuration's numbers). Another config may be given (its ``ixi_normal_train``
+split is harmonised). Writes nothing.
 
-    python docs/harmonise_probe.py [--fastmri-only]      # ~1.5 min on 2 cores
+    python experiments/harmonise_probe.py [--fastmri-only] [configs/fast_ixi.yaml]      # ~1.5 min on 2 cores
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
-import synthetic_val as SV  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.data import load_data  # noqa: E402
-from utils.evaluation import run_evaluation  # noqa: E402
-from utils.padim.model import Padim  # noqa: E402
-from utils.data.preprocess import foreground_mask, prepare, read_image  # noqa: E402
+from experiments.common import (  # noqa: E402
+    FAST_IXI, as_batches, command_line, fitted_run, group_mean, group_text, stacked, validation_text)
+from experiments.synthetic_val import synthetic_set, validation_metrics  # noqa: E402
+from utils.config import Settings, load_config  # noqa: E402
+from utils.data import load_data, prepare  # noqa: E402
+from utils.data.preprocess import Prepared, read_image  # noqa: E402
+from utils.padim import Padim  # noqa: E402
+from utils.padim.foreground import foreground_mask  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(HERE), "configs", "fast_ixi.yaml")
 SEED = 0
+DRAWS = 10
 
 
 def head_box(gray: np.ndarray) -> tuple[int, int, int, int]:
@@ -72,27 +74,29 @@ def match_quantiles(gray: np.ndarray, reference: np.ndarray, rng: np.random.Gene
     return np.interp(ranks, (np.arange(reference.size) + 0.5) / reference.size, reference).reshape(gray.shape).astype(np.float32)
 
 
-def main(fastmri_only: bool) -> None:
-    settings = load_config(CONFIG).replace(results_dir=os.path.join(os.path.dirname(HERE), "results"))
-    fast = load_data(settings, ("train",)).train.paths
-    fast_gray = [read_image(p, "gray") for p in fast]
-    images = [prepare(g, settings)[0] for g in fast_gray]
-    if not fastmri_only:
-        ixi = load_data(settings.replace(data={"train_splits": ["ixi_normal_train"]}), ("train",)).train.paths
-        fraction = float(np.median([head_fraction(g) for g in fast_gray]))
-        reference = np.sort(np.concatenate([g.ravel() for g in fast_gray]))[:: max(1, len(fast_gray))]
-        rng = np.random.default_rng(SEED)
-        for path in ixi:
-            gray = match_quantiles(reframe(read_image(path, "gray"), fraction), reference, rng)
-            images.append(prepare(gray, settings)[0])
-    train = torch.stack(images)
-    model = Padim(settings).fit(train, progress=False)
-    v = SV.validation_metrics(model, settings, 10)
-    mean = (v["A_auroc"] + v["A_ap"] + v["B_auroc"] + v["C_auroc"]) / 4
-    print(f"train {len(train)}: val A {v['A_auroc']:.3f} AP {v['A_ap']:.3f} B {v['B_auroc']:.3f} C {v['C_auroc']:.3f} mean {mean:.3f}", flush=True)
-    row = run_evaluation(settings, model=model, progress=False, figures=False, save_model=False).table.set_index("group").loc["mean"]
-    print(f"train {len(train)}: test A {row['A_auroc']:.3f} AP {row['A_ap']:.3f} B {row['B_auroc']:.3f} C {row['C_auroc']:.3f}")
+def harmonised_ixi(settings: Settings, fast_gray: list[np.ndarray]) -> list[Prepared]:
+    """The IXI training slices reframed and quantile-matched to the fastMRI ones ``fast_gray``."""
+    ixi = load_data(settings.replace(data={"train_splits": ["ixi_normal_train"]}), ("train",)).train.paths
+    fraction = float(np.median([head_fraction(g) for g in fast_gray]))
+    reference = np.sort(np.concatenate([g.ravel() for g in fast_gray]))[:: max(1, len(fast_gray))]
+    rng = np.random.default_rng(SEED)
+    return [prepare(match_quantiles(reframe(read_image(path, "gray"), fraction), reference, rng), settings) for path in ixi]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = command_line(__file__, __doc__)
+    parser.add_argument("--fastmri-only", action="store_true", help="fit on the fastMRI training slices alone")
+    parser.add_argument("config", nargs="?", default=FAST_IXI, help="config file (default: configs/fast_ixi.yaml)")
+    arguments = parser.parse_args(argv)
+    settings = load_config(arguments.config)
+    fast_gray = [read_image(p, "gray") for p in load_data(settings, ("train",)).train.paths]
+    prepared = [prepare(g, settings) for g in fast_gray]
+    if not arguments.fastmri_only:
+        prepared += harmonised_ixi(settings, fast_gray)
+    model = Padim(settings).fit(as_batches(*stacked(prepared), settings.batch_size), progress=False)
+    print(f"train {len(prepared)}: {validation_text(validation_metrics(model, synthetic_set(settings, DRAWS)))}", flush=True)
+    print(f"train {len(prepared)}: {group_text(group_mean(fitted_run(settings, model)))}")
 
 
 if __name__ == "__main__":
-    main("--fastmri-only" in sys.argv[1:])
+    main()
