@@ -31,7 +31,8 @@ from utils.errors import ConfigError
 from utils.padim.model_file import MODEL_DATA_KEYS, MODEL_KEYS
 
 #: Markdown files a reader follows links in.
-DOCS = ["README.md", os.path.join("data", "README.md"), os.path.join("bench", "README.md")] + sorted(
+DOCS = ["README.md", os.path.join("data", "README.md"), os.path.join("bench", "README.md"),
+        os.path.join("experiments", "README.md")] + sorted(
     os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))
 )
 LINK = re.compile(r"(!?)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
