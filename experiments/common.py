@@ -10,12 +10,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
 from utils.config import Settings
-from utils.data import ImageSet, make_loader
 from utils.data.preprocess import Prepared
 from utils.evaluation import Run
 from utils.padim import Padim
@@ -74,16 +72,6 @@ def group_mean(run: Run) -> pd.Series:
     """Score the run's test splits; its metrics table's row ``mean`` (the mean over the pathology groups)."""
     run.score(progress=False)
     return run.compute_metrics().set_index("group").loc["mean"]
-
-
-def reference_maps(model: Padim, dataset: ImageSet, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """Maps of the normal validation images and each one's head, the pixels the evaluation's
-    threshold is taken from (:func:`utils.evaluation.reference.normal_reference` keeps only statistics)."""
-    maps, regions = [], []
-    for batch in make_loader(dataset, settings):
-        maps.append(model.score([batch], progress=False).maps)
-        regions.append(batch["head"].numpy())
-    return np.concatenate(maps), np.concatenate(regions)
 
 
 def validation_text(v: dict[str, float]) -> str:

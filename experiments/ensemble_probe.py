@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
-from experiments.common import command_line, fitted_run, group_text, reference_maps, validation_text  # noqa: E402
+from experiments.common import command_line, fitted_run, group_text, validation_text  # noqa: E402
+from utils.evaluation.reference import reference_maps  # noqa: E402
 from experiments.synthetic_val import SyntheticSet, lesion_metrics, synthetic_set  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402

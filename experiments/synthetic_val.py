@@ -1,7 +1,7 @@
 """Selection signal for docs/quality.md that never touches a test split.
 
 Fits PaDiM as a config says, then inserts synthetic lesions (soft irregular blobs, brighter or
-darker than the brain, :func:`soft_blob`) into the normal *validation* slices
+darker than the brain, :func:`utils.data.demo.brains.soft_blob`, the demo set's lesion) into the normal *validation* slices
 (``data.val_split``, 15 fastMRI images) inside their brain masks, three lesion draws per image
 (seeded), and reports on those: pixel AUROC / AP over the whole image (like protocol A),
 pixel AUROC inside the brain (like B), and image AUROC of the lesioned slices against the clean
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from experiments.common import as_batches, command_line, stacked  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
 from utils.data import Item, load_data, make_loader, prepare  # noqa: E402
+from utils.data.demo.brains import soft_blob  # noqa: E402
 from utils.data.preprocess import read_image, read_mask, resize_mask  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402
 from utils.padim import Padim  # noqa: E402
@@ -37,21 +38,6 @@ from utils.padim.scoring import image_scores  # noqa: E402
 
 DRAWS = 3
 SEED = 1234
-
-
-def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
-              irregularity: float, softness: float) -> np.ndarray:
-    """A soft ellipse-like blob in [0, 1] with a randomly wobbling boundary. It draws from ``rng``
-    what the demo set's lesion blob draws, in the same order, so the numbers of docs/quality.md
-    (made with that blob) reproduce."""
-    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    dr, dc = rows - centre[0], cols - centre[1]
-    aspect, tilt = rng.uniform(0.75, 1.25), rng.uniform(0, np.pi)
-    along, across = dr * np.cos(tilt) - dc * np.sin(tilt), dr * np.sin(tilt) + dc * np.cos(tilt)
-    distance = np.hypot(along * aspect, across / aspect)
-    angle = np.arctan2(dr, dc)
-    wobble = sum(irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
-    return (1 / (1 + np.exp((distance - radius * (1 + wobble)) / max(softness, 1e-3)))).astype(np.float32)
 
 
 def lesioned(gray: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

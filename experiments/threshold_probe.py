@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
-from experiments.common import fitted_run, probe_arguments, reference_maps  # noqa: E402
+from experiments.common import fitted_run, probe_arguments  # noqa: E402
+from utils.evaluation.reference import reference_maps  # noqa: E402
 from experiments.synthetic_val import synthetic_set  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import NORMAL  # noqa: E402

@@ -50,15 +50,20 @@ class NormalReference:
         return cls(source, int(len(maps)), region_kind, percentile, threshold, low, high, median, field)
 
 
-def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:
-    """:class:`NormalReference` of the normal validation ``dataset`` (images or volume slices), its
-    pixels taken inside each item's ``head`` (given masks, the data path's estimate, or the whole
-    image: :attr:`utils.data.ImageSet.head_kinds`)."""
+def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Maps ``(n, S, S)`` of the normal validation ``dataset`` (images or volume slices) and each
+    item's ``head`` ``(n, S, S)`` (given masks, the data path's estimate, or the whole image:
+    :attr:`utils.data.ImageSet.head_kinds`): the pixels the threshold is taken from."""
     maps, regions = [], []
     for batch in make_loader(dataset, settings):
         maps.append(model.score([batch], progress=False).maps)
         regions.append(batch["head"].numpy())
         if bar is not None:
             bar.update(len(batch["image"]))
-    return NormalReference.from_maps(np.concatenate(maps), np.concatenate(regions), source,
-                                     region_kind="+".join(sorted(dataset.head_kinds)))
+    return np.concatenate(maps), np.concatenate(regions)
+
+
+def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:
+    """:class:`NormalReference` of the normal validation ``dataset`` (:func:`reference_maps`)."""
+    maps, regions = reference_maps(model, dataset, settings, bar)
+    return NormalReference.from_maps(maps, regions, source, region_kind="+".join(sorted(dataset.head_kinds)))

@@ -137,7 +137,7 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
 
 
 # ---------------------------------------------------------------------------- pathologies
-def _blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
+def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
           irregularity: float, softness: float) -> np.ndarray:
     """Soft ellipse-like blob in [0, 1] with a randomly wobbling boundary."""
     rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
@@ -194,20 +194,20 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     brain = labels == 2
     reference = float(np.median(image[brain]))
     if kind == "hyperintense_lesion":
-        alpha = _blob(rng, shape, centre, radius, 0.08, 1.2 * scale)
+        alpha = soft_blob(rng, shape, centre, radius, 0.08, 1.2 * scale)
         value = reference * rng.uniform(1.45, 1.7)
         image = image * (1 - alpha) + value * alpha
         footprint = alpha
     elif kind == "cyst":
-        alpha = _blob(rng, shape, centre, radius, 0.04, 0.4 * scale)
+        alpha = soft_blob(rng, shape, centre, radius, 0.04, 0.4 * scale)
         value = rng.uniform(0.08, 0.16)
         image = image * (1 - alpha) + value * alpha
         footprint = alpha
     else:
         image, labels = _mass_effect(image, labels, centre, radius, rng.uniform(0.35, 0.55))
-        oedema = _blob(rng, shape, centre, radius * rng.uniform(1.6, 1.9), 0.15, 2.0 * scale) * (labels == 2)
+        oedema = soft_blob(rng, shape, centre, radius * rng.uniform(1.6, 1.9), 0.15, 2.0 * scale) * (labels == 2)
         image = image * (1 - 0.45 * oedema)
-        core = _blob(rng, shape, centre, radius, 0.1, 0.8 * scale)
+        core = soft_blob(rng, shape, centre, radius, 0.1, 0.8 * scale)
         texture = 1 + 0.15 * _smooth_noise(rng, shape, 1.5 * scale)
         image = image * (1 - core) + reference * rng.uniform(0.95, 1.15) * texture * core
         footprint = np.maximum(core, oedema)
