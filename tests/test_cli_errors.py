@@ -104,3 +104,27 @@ def test_sigterm_is_a_clean_interruption(tmp_path):
     assert done.returncode == 130, done.stderr
     assert "interrupted" in done.stderr and "Traceback" not in done.stderr
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # importing utils changed nothing here
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (lambda: (_ for _ in ()).throw(ValueError("batch size\nwith a second line")), 2, "error: ValueError: batch size (set PADIM_DEBUG=1"),
+    (lambda: {}["missing"], 2, "error: KeyError: 'missing' (set PADIM_DEBUG=1"),
+    (lambda: (_ for _ in ()).throw(RecursionError()), 2, "error: RecursionError: (no message)"),
+    (lambda: open("/nonexistent/x"), 2, "error: /nonexistent/x: No such file or directory"),
+    (lambda: (_ for _ in ()).throw(KeyboardInterrupt()), 130, "interrupted: no partial files were written"),
+])
+def test_every_exception_ends_as_one_line_and_its_exit_code(raised, code, line, capsys, monkeypatch):
+    from utils.boundary import run_command
+
+    monkeypatch.delenv("PADIM_DEBUG", raising=False)
+    assert run_command(raised) == code
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1
+
+
+def test_padim_debug_shows_the_traceback_of_an_unexpected_error(monkeypatch):
+    from utils.boundary import run_command
+
+    monkeypatch.setenv("PADIM_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        run_command(lambda: 1 / 0)

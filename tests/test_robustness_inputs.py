@@ -198,3 +198,46 @@ def test_a_wrong_type_for_every_key_gives_one_error_naming_the_key(key):
         settings_from_dict(raw)
     message = str(info.value)
     assert "\n" not in message and f"`{key}`" in message, message
+
+
+# ---------------------------------------------------------------------------- reserved group names
+def _study_with_group(root, name):
+    from test_data import _csv, make_study
+
+    root = make_study(root)
+    for suffix, files in (("", ["./data/fastMRI/brain_mid_png/e0.png"]), ("_ann", ["./data/fastMRI/brain_mid_anno_pos_png/e0_a.png"]),
+                          ("_neg", ["./data/fastMRI/brain_mid_anno_neg_png/e0.png"])):
+        _csv(root, name + suffix, files)
+    return settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "study", "root": root}})
+
+
+def _mvtec_with_defect(root, name):
+    from utils.data.demo.mvtec import generate_mvtec
+
+    generate_mvtec(str(root / "cat"), n_train=4, n_good=2, n_per_defect=1)
+    os.rename(root / "cat" / "test" / "scratch", root / "cat" / "test" / name)
+    os.rename(root / "cat" / "ground_truth" / "scratch", root / "cat" / "ground_truth" / name)
+    return settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "mvtec", "root": str(root / "cat")}})
+
+
+def _nifti_with_group(root, name):
+    import nibabel as nib
+
+    image = np.zeros((8, 8, 4), np.float32)
+    image[2:6, 2:6] = 1 + np.random.default_rng(0).random((4, 4, 4))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "v.nii.gz"))
+    (root / "m.csv").write_text(f"split,image,group,case\ntrain,v.nii.gz,,a\ntest,v.nii.gz,{name},b\n")
+    return settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "nifti", "manifest": str(root / "m.csv")}})
+
+
+@pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
+@pytest.mark.parametrize("name", ["normal", "mean", "all"])
+def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_path, make, name):
+    from utils.data import load_data
+
+    if make is _study_with_group and name == "normal":
+        pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")
+    settings = make(tmp_path, name)
+    with pytest.raises(DataError, match=f"named '{name}', a name the results table uses") as info:
+        load_data(settings, ("test",))
+    assert "\n" not in str(info.value)

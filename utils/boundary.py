@@ -1,7 +1,8 @@
 """The boundary between a command and its user: what a failure looks like on the command line.
 
 A user's error (:class:`~utils.errors.PadimError`) or any file-system failure ends as one
-``error:`` line naming the path, exit 2; Ctrl-C and SIGTERM end as one line, exit 130, with
+``error:`` line naming the path, exit 2; any other exception too, as one line with its type (set
+the environment variable ``PADIM_DEBUG=1`` for its traceback); Ctrl-C and SIGTERM end as one line, exit 130, with
 temporary files removed on the way out (:mod:`utils.files`). Only the standard library and
 :mod:`utils.errors` are imported here, so ``python -m utils`` has this in place before torch is
 imported (which takes seconds).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .errors import PadimError
+
+#: Environment variable: when set, an unexpected exception prints its traceback instead of one line.
+DEBUG_ENV = "PADIM_DEBUG"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,6 +70,12 @@ def command_boundary() -> Iterator[Outcome]:
     except KeyboardInterrupt:
         print("interrupted: no partial files were written", file=sys.stderr)
         outcome.code = 130
+    except Exception as exc:  # not the user's to fix, but still one line: PADIM_DEBUG=1 shows where it came from
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+        print(f"error: {type(exc).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        outcome.code = 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,7 @@ from ..config import Settings
 from ..errors import DataError
 from .checks import Checker, usable
 from .preprocess import IMAGE_SUFFIXES
-from .sets import NORMAL, DataBundle, ImageSet, Item, hold_out_images
+from .sets import NORMAL, DataBundle, ImageSet, Item, checked_groups, hold_out_images
 
 
 class MvtecLoader:
@@ -61,9 +61,9 @@ class MvtecLoader:
         available = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)) and d != "good")
         requested = self.settings.data.test_groups
         if requested is None:
-            defects = available
+            defects = checked_groups(available, test_dir)
         else:
-            defects = [g for g in dict.fromkeys(requested) if g != NORMAL]
+            defects = checked_groups([g for g in dict.fromkeys(requested) if g != NORMAL], "data.test_groups")
             for defect in defects:
                 if defect not in available:
                     raise DataError(

@@ -21,12 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Settings
+from ..errors import DataError
 from .preprocess import prepare, read_image, read_mask, resize_mask
 
 T = TypeVar("T")
 
 #: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
 NORMAL = "normal"
+#: Names the metrics table gives rows of its own: no test group of any format may take them.
+RESERVED_GROUPS = (NORMAL, "mean", "all")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,16 @@ class ImageSet(Dataset):
         for file in files:
             union |= resize_mask(read_mask(file), self.settings)
         return union
+
+
+def checked_groups(names: Sequence[str], where: str) -> list[str]:
+    """``names`` when none is reserved (:data:`RESERVED_GROUPS`): a group named ``normal``, ``mean``
+    or ``all`` would be replaced by, or printed beside, the table's own row of that name."""
+    taken = [name for name in names if name in RESERVED_GROUPS]
+    if taken:
+        raise DataError(f"{where}: a test group is named {taken[0]!r}, a name the results table uses for its own row "
+                        f"({', '.join(RESERVED_GROUPS)}); rename it")
+    return list(names)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..config import Settings
 from ..errors import DataError
 from ..files import file_problem
 from .checks import Checker, usable
-from .sets import NORMAL, DataBundle, ImageSet, Item, counted, hold_out_images
+from .sets import NORMAL, DataBundle, ImageSet, Item, checked_groups, counted, hold_out_images
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
@@ -122,9 +122,9 @@ class StudyLoader:
         requested = self.settings.data.test_groups
         available = self.available_groups()
         if requested is None:
-            groups = [g for g in available if g not in EXCLUDED_GROUPS]
+            groups = checked_groups([g for g in available if g not in EXCLUDED_GROUPS], self.split_dir)
         else:
-            groups = [g for g in dict.fromkeys(requested) if g != NORMAL]
+            groups = checked_groups([g for g in dict.fromkeys(requested) if g != NORMAL], "data.test_groups")
             for group in groups:
                 missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if not os.path.isfile(self.csv_path(n))]
                 if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level

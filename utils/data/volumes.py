@@ -49,7 +49,7 @@ from ..files import file_problem, not_utf8, write_atomic
 from ..padim import Padim
 from ..padim.foreground import foreground_mask
 from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
-from .sets import DataBundle, counted, hold_out
+from .sets import DataBundle, checked_groups, counted, hold_out
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("split", "image")
@@ -374,6 +374,7 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
     val = SliceSet("val", val_entries, settings) if "val" in splits and val_entries else None
     test: dict[str, VolumeSet] = {}
     if "test" in splits:
+        checked_groups(sorted({entry.group for entry in by_split["test"]}), manifest)
         for entry in by_split["test"]:
             test.setdefault(entry.group, VolumeSet(entry.group, [])).entries.append(entry)
     return DataBundle(train, val, test, description)
