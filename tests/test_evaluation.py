@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import torch
 import pytest
 from PIL import Image
@@ -261,3 +262,15 @@ def test_a_given_model_must_match_the_settings_and_the_training_files(tmp_path):
     with pytest.raises(ModelFileError, match="other training images"):
         Run(other).fit(model=model)
     assert Run(base.replace(batch_size=3)).fit(model=model) is model  # run-time settings may differ
+
+
+def test_the_mean_row_says_which_columns_average_fewer_groups():
+    from utils.evaluation.table import TABLE_COLUMNS, with_mean_row
+
+    rows = pd.DataFrame([{"group": "a", "n_images": 2, "n_rows": 2, "small_group": False, "A_auroc": 0.6, "C_auroc": 0.8},
+                         {"group": "b", "n_images": 3, "n_rows": 4, "small_group": False, "A_auroc": 1.0, "C_auroc": np.nan}],
+                        columns=list(TABLE_COLUMNS))
+    mean = with_mean_row(rows).set_index("group").loc["mean"]
+    assert mean["A_auroc"] == pytest.approx(0.8) and mean["C_auroc"] == pytest.approx(0.8)
+    assert mean["note"] == "unweighted mean over 2 groups (C_auroc over 1)"
+    assert mean["n_images"] == 5 and mean["n_rows"] == 6

@@ -37,11 +37,10 @@ def test_rgba_and_palette_pngs_give_the_same_gray(tmp_path):
     np.testing.assert_allclose(read_image(str(tmp_path / "palette.png"), "gray"), expected, atol=1 / 255)
 
 
-def test_mask_values_other_than_0_and_255_are_foreground_when_nonzero(tmp_path):
-    values = np.array([[0, 1, 128], [255, 0, 7]], dtype=np.uint8)
+def test_a_mask_reads_alike_from_8_bit_1_bit_rgb_and_16_bit_files(tmp_path):
+    values = np.array([[0, 255, 255], [255, 0, 255]], dtype=np.uint8)
     Image.fromarray(values).save(tmp_path / "mask.png")
     assert read_mask(str(tmp_path / "mask.png")).tolist() == [[False, True, True], [True, False, True]]
-    # The same mask as 1-bit, RGB and 16-bit files.
     Image.fromarray(values > 0).save(tmp_path / "mask1.png")
     Image.fromarray(np.dstack([values] * 3), "RGB").save(tmp_path / "mask_rgb.png")
     Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
@@ -241,3 +240,22 @@ def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_pa
     with pytest.raises(DataError, match=f"named '{name}', a name the results table uses") as info:
         load_data(settings, ("test",))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pixels, expected, warns", [
+    ([0, 255, 255, 0], [False, True, True, False], False),  # binary
+    ([0, 254, 255, 0], [False, True, True, False], False),  # the study's boxes: extra levels near the top
+    ([0, 64, 128, 255], [False, False, True, True], True),  # a gradient: half the range, with a warning
+    ([0, 0, 0, 0], [False, False, False, False], False),  # empty
+])
+def test_masks_are_thresholded_at_half_their_range_and_a_gradient_is_named(tmp_path, pixels, expected, warns):
+    import warnings
+
+    from utils.data.preprocess import NonBinaryMaskWarning
+
+    path = str(tmp_path / "m.png")
+    Image.fromarray(np.array([pixels], np.uint8)).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_mask(path)[0].tolist() == expected
+    assert [w.category for w in caught] == ([NonBinaryMaskWarning] if warns else [])

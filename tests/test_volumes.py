@@ -315,3 +315,11 @@ def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
     evaluation.compute_metrics()
     run = evaluation.save(save_model=False, figures=False, maps=False)
     assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json", "volumes.csv"]
+
+
+def test_a_volume_without_a_scored_slice_has_no_metrics_and_says_why():
+    label = np.zeros((4, 4, 3), bool)
+    label[1, 1, 1] = True
+    row = volume_metrics(np.zeros((4, 4, 3), np.float32), label, np.ones((4, 4, 3), bool), np.zeros(3, bool), threshold=1.0)
+    assert row["slices_scored"] == 0 and "no slice scored" in row["note"]
+    assert all(np.isnan(row[c]) for c in ("A_auroc", "B_auroc", "C_auroc", "dice_val_threshold", "dice_best_optimistic"))

@@ -165,7 +165,9 @@ def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, prog
         volume = read_volume(entry, settings)
         anomaly = score_volume(model, volume, settings)
         in_brain = slice_scores(anomaly, volume.brain)
-        z = int(np.argmax(in_brain))
+        if not volume.kept.any():  # nothing was scored: no score, rather than the 0 of an empty map
+            raise DataError(f"{entry.source}: no slice of {entry.image} has data.min_brain_fraction of brain; nothing to score")
+        z = int(np.argmax(np.where(volume.kept, in_brain, -np.inf)))
         stem = os.path.join(output_dir, f"{entry.case}_anomaly")
         write_map(anomaly, volume, stem + ".nii.gz")
         save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up

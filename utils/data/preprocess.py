@@ -98,13 +98,24 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
+class NonBinaryMaskWarning(UserWarning):
+    """A mask holds more than two levels where it matters: it was thresholded at half its range."""
+
+
 def read_mask(path: str) -> np.ndarray:
-    """Decode a mask file to a bool ``(H, W)`` array (any nonzero pixel is foreground)."""
+    """Decode a mask file to a bool ``(H, W)`` array: foreground above half the file's range. For a
+    binary mask (and masks whose extra levels lie near the top, as the study's 0/254/255 boxes) that
+    is every nonzero pixel; a mask where the two differ (a gradient, a probability map) is
+    thresholded at half its range with a :class:`NonBinaryMaskWarning`."""
     with open_image(path) as image:
         image.load()
-        if image.mode in ("L", "1"):  # 8-bit / 1-bit masks (the usual): no float conversion
-            return np.asarray(image) > 0
-        return _to_unit_gray(image) > 0
+        values = np.asarray(image) if image.mode in ("L", "1") else _to_unit_gray(image)  # 8/1-bit: no float conversion
+    nonzero = values > 0
+    half = values > (float(values.min()) + float(values.max())) / 2
+    if not np.array_equal(nonzero, half):
+        warnings.warn(f"mask {path} is not binary: thresholded at half its range", NonBinaryMaskWarning, stacklevel=2)
+        return half
+    return nonzero
 
 
 def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:

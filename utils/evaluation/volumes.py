@@ -51,17 +51,22 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
       without, slice score = max of the map inside the brain;
     - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
     - ``dice_best_optimistic``: the best Dice over all thresholds, chosen on this volume itself.
+
+    A volume none of whose slices was scored has no metric: NaN, and a ``note`` that says why.
     """
+    counts = {"lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum())}
+    if not kept.any():
+        names = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_val_threshold", "dice_best_optimistic", "best_threshold")
+        return counts | dict.fromkeys(names, M.NAN) | {"note": "no slice scored: none has data.min_brain_fraction of brain"}
     a_auroc, a_ap = M.pixel_metrics(anomaly, label)
     b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
     slices = np.flatnonzero(kept)
     c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
     dice_best, best_threshold = M.best_dice(anomaly, label, brain)
-    return {
-        "lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum()),
+    return counts | {
         "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
         "dice_val_threshold": M.dice_at(anomaly, label, threshold, brain),
-        "dice_best_optimistic": dice_best, "best_threshold": best_threshold,
+        "dice_best_optimistic": dice_best, "best_threshold": best_threshold, "note": "",
     }
 
 
@@ -115,6 +120,9 @@ class VolumeUnits:
             row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
                    "small_group": len(part) <= SMALL_GROUP, "aupro": M.NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
                    "best_threshold": M.NAN, "note": f"mean over {len(part)} volumes"}
+            unscored = int(part["A_auroc"].isna().sum())
+            if unscored:
+                row["note"] += f" ({unscored} without a scored slice: left out of the means)"
             row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
             groups.append(row)
         return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes
