@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore")
 
 #: Seconds the shipped batched-inverse check may take before it is reported as hung.
 INVERSE_CHECK_LIMIT_S = 60
+LAYER_NAMES = ("layer1", "layer2", "layer3")
 
 
 def cholesky_inverse_threaded(matrices, chunk: int = 64):
@@ -73,51 +74,48 @@ def cholesky_inverse_batched(matrices):
     return torch.cholesky_inverse(torch.linalg.cholesky(matrices))
 
 
-def main(spec: dict) -> None:
-    import numpy as np
+def build_model(spec: dict):
+    """anomalib's ``PadimModel`` with our backbone's weights and channel choice, and ``torch.linalg.inv``
+    replaced (``spec["inverse"]``); returns the model and the shipped inverse."""
     import torch
-
-    common.set_threads(spec["threads"])
-    import anomalib
+    import torchvision
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from utils.padim.backbones import build_backbone
-    from utils.padim.features import random_channel_indices
     from utils.config import BACKBONES
+    from utils.padim.features import random_channel_indices
 
     backbone, d, seed = spec["backbone"], spec["d"], spec.get("seed", 0)
-    layers = [1, 2, 3]
-    real_inv = torch.linalg.inv
+    shipped_inverse = torch.linalg.inv
     torch.linalg.inv = cholesky_inverse_threaded if spec.get("inverse", "threaded") == "threaded" else cholesky_inverse_batched
-
-    model = PadimModel(backbone=backbone, layers=["layer1", "layer2", "layer3"], pre_trained=False, n_features=d)
+    model = PadimModel(backbone=backbone, layers=list(LAYER_NAMES), pre_trained=False, n_features=d)
     # Our backbone's weights (torchvision initialisation under the seed, as utils.padim.features does).
-    import torchvision
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         reference = getattr(torchvision.models, backbone)(weights=None)
     missing, _ = model.feature_extractor.feature_extractor.load_state_dict(reference.state_dict(), strict=False)
     if missing:
         raise SystemExit(f"timm {backbone} lacks torchvision weights: {missing[:3]}")
-    del reference
-    total = BACKBONES[backbone].channels(layers)
-    model.idx = random_channel_indices(total, d, seed)
-    result = {"anomalib_version": anomalib.__version__, "inverse": spec.get("inverse", "threaded")}
+    model.idx = random_channel_indices(BACKBONES[backbone].channels([1, 2, 3]), d, seed)
+    return model, shipped_inverse
 
-    # Check: same features as our (NCHW) backbone on one batch.
+
+def backbone_difference(model, spec: dict, probe) -> float:
+    """Largest difference between anomalib's features and those of our (NCHW, whole-batch) backbone on ``probe``."""
+    import torch
+
+    from utils.padim.backbones import build_backbone
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ours = build_backbone(backbone, "random", layers)
-    probe = common.load_batch(common.test_paths(4))
+        torch.manual_seed(spec.get("seed", 0))
+        ours = build_backbone(spec["backbone"], "random", [1, 2, 3])
     with torch.no_grad():
-        a = model.feature_extractor(probe)
-        b = ours(probe)
-    result["backbone_max_abs_diff"] = float(max((a[k] - v).abs().max() for k, v in zip(["layer1", "layer2", "layer3"], b)))
-    del ours, a, b
-    with torch.no_grad():  # warm-up, not timed (as for ours)
-        model.eval()
-        model.feature_extractor(probe)
+        theirs = model.feature_extractor(probe)
+        return float(max((theirs[name] - mine).abs().max() for name, mine in zip(LAYER_NAMES, ours(probe))))
+
+
+def fit(model, spec: dict) -> dict:
+    """anomalib's training loop: every batch through the model, then its Gaussian fit."""
+    import torch
 
     base = common.current_rss_gb()
     timings: dict = {}
@@ -130,50 +128,75 @@ def main(spec: dict) -> None:
     with torch.no_grad():
         model.fit()
     timings["gaussian_fit_s"] = time.perf_counter() - began
-    result.update(
-        fit_s=round(timings["collect_s"] + timings["gaussian_fit_s"], 3),
-        collect_s=round(timings["collect_s"], 3),
-        gaussian_fit_s=round(timings["gaussian_fit_s"], 3),
-        load_s=round(timings["load_s"], 3),
-        fit_peak_rss_gb=round(common.peak_rss_gb(), 3),
-        base_rss_gb=round(base, 3),
-    )
+    return {"fit_s": round(timings["collect_s"] + timings["gaussian_fit_s"], 3), "collect_s": round(timings["collect_s"], 3),
+            "gaussian_fit_s": round(timings["gaussian_fit_s"], 3), "load_s": round(timings["load_s"], 3),
+            "fit_peak_rss_gb": round(common.peak_rss_gb(), 3), "base_rss_gb": round(base, 3)}
 
-    if spec.get("score_n"):
+
+def score(model, spec: dict) -> dict:
+    """ms per image of anomalib's inference on ``spec["score_n"]`` test images; their distances to
+    ``spec["distances_out"]``."""
+    import numpy as np
+    import torch
+
+    model.eval()
+    images = common.load_batch(common.test_paths(spec["score_n"]))
+    seconds, distances = 0.0, []
+    with torch.no_grad():
+        for batch in images.split(common.BATCH):
+            began = time.perf_counter()
+            model(batch)
+            seconds += time.perf_counter() - began
+            embedding = model.generate_embedding(model.feature_extractor(batch))
+            distances.append(model.anomaly_map_generator.compute_distance(
+                embedding, [model.gaussian.mean, model.gaussian.inv_covariance])[:, 0].numpy())
+    if spec.get("distances_out"):
+        np.save(spec["distances_out"], np.concatenate(distances).astype(np.float64))
+    return {"score_ms_per_image": round(1000 * seconds / len(images), 2)}
+
+
+def shipped_inverse_check(model, shipped_inverse, d: int) -> dict:
+    """anomalib's own call on its own matrices (the first 16 positions' regularised covariances):
+    ``hung`` after ``INVERSE_CHECK_LIMIT_S``, ``raised``, or the residual of the inverse."""
+    import torch
+
+    precision = model.gaussian.inv_covariance[:16]
+    covariance = cholesky_inverse_batched(precision.double()).float()  # back to Sigma + eps I
+    check = {"hung": True, "after_s": INVERSE_CHECK_LIMIT_S}  # unless the thread below finishes in time
+
+    def run() -> None:
+        try:
+            inverse = shipped_inverse(covariance)
+            residual = (covariance.double() @ inverse.double() - torch.eye(d, dtype=torch.float64)).abs().amax()
+            check.update(hung=False, raised=False, max_abs_residual=float(residual))
+        except Exception as exc:  # noqa: BLE001 - what happens is the finding
+            check.update(hung=False, raised=True, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    # torch's batched inverse was seen to hang on this CPU: wait a bounded time, then report that
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(INVERSE_CHECK_LIMIT_S)
+    return dict(check)
+
+
+def main(spec: dict) -> None:
+    import torch
+
+    common.set_threads(spec["threads"])
+    import anomalib
+
+    model, shipped_inverse = build_model(spec)
+    result = {"anomalib_version": anomalib.__version__, "inverse": spec.get("inverse", "threaded")}
+    probe = common.load_batch(common.test_paths(4))
+    result["backbone_max_abs_diff"] = backbone_difference(model, spec, probe)
+    with torch.no_grad():  # warm-up, not timed (as for ours)
         model.eval()
-        images = common.load_batch(common.test_paths(spec["score_n"]))
-        seconds, distances = 0.0, []
-        with torch.no_grad():
-            for batch in images.split(common.BATCH):
-                began = time.perf_counter()
-                model(batch)
-                seconds += time.perf_counter() - began
-                embedding = model.generate_embedding(model.feature_extractor(batch))
-                distances.append(model.anomaly_map_generator.compute_distance(
-                    embedding, [model.gaussian.mean, model.gaussian.inv_covariance])[:, 0].numpy())
-        result["score_ms_per_image"] = round(1000 * seconds / len(images), 2)
-        if spec.get("distances_out"):
-            np.save(spec["distances_out"], np.concatenate(distances).astype(np.float64))
-
+        model.feature_extractor(probe)
+    result.update(fit(model, spec))
+    if spec.get("score_n"):
+        result.update(score(model, spec))
     if spec.get("check_shipped_inverse"):
-        # anomalib's own call on its own matrices: the first 16 positions' regularised covariances.
-        precision = model.gaussian.inv_covariance[:16]
-        covariance = cholesky_inverse_batched(precision.double()).float()  # back to Sigma + eps I
-        check = {"hung": True, "after_s": INVERSE_CHECK_LIMIT_S}  # unless the thread below finishes in time
-
-        def shipped_inverse() -> None:
-            try:
-                inverse = real_inv(covariance)
-                residual = (covariance.double() @ inverse.double() - torch.eye(d, dtype=torch.float64)).abs().amax()
-                check.update(hung=False, raised=False, max_abs_residual=float(residual))
-            except Exception as exc:  # noqa: BLE001 - what happens is the finding
-                check.update(hung=False, raised=True, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-
-        # torch's batched inverse was seen to hang on this CPU: wait a bounded time, then report that
-        thread = threading.Thread(target=shipped_inverse, daemon=True)
-        thread.start()
-        thread.join(INVERSE_CHECK_LIMIT_S)
-        result["shipped_inverse_check"] = dict(check)
+        result["shipped_inverse_check"] = shipped_inverse_check(model, shipped_inverse, spec["d"])
     common.emit(result)
     os._exit(0)  # a hung inverse thread must not keep the process alive
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from utils.evaluation import metrics as M
 
@@ -93,11 +94,85 @@ def test_region_excludes_hot_background():
     assert M.pixel_metrics(maps, masks, region)[1] == 1.0
 
 
-def test_shape_mismatch_is_an_error():
-    with pytest.raises(ValueError):
-        M.pixel_metrics(np.zeros((1, 2, 2)), np.zeros((1, 2, 3), bool))
-    with pytest.raises(ValueError):
-        M.pixel_metrics(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool), np.ones((2, 2), bool))
+@pytest.mark.parametrize("call, message", [
+    (lambda: M.pixel_metrics(np.zeros((1, 2, 2)), np.zeros((1, 2, 3), bool)), "same shape"),
+    (lambda: M.pixel_metrics(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool), np.ones((2, 2), bool)), "shape of the maps"),
+    (lambda: M.pixel_metrics_ab(np.zeros((1, 2, 2)), np.zeros((1, 2, 3), bool), np.ones((1, 2, 2), bool)), "same shape"),
+    (lambda: M.pixel_metrics_ab(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool), np.ones((2, 2), bool)), "shape of the maps"),
+    (lambda: M.pixel_metrics_ab(np.array([[[np.inf, 0.0]]]), np.array([[[True, False]]]), np.ones((1, 1, 2), bool)), "NaN or Inf"),
+    (lambda: M.best_dice(np.zeros((1, 2, 2)), np.zeros((1, 2, 3), bool)), "same shape"),
+    (lambda: M.aupro(np.zeros((1, 2, 2)), np.zeros((1, 2, 3), bool)), "same shape"),
+    (lambda: M.aupro(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool), fpr_limit=0.0), "fpr_limit"),
+])
+def test_bad_inputs_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------- scikit-learn as the reference
+def sklearn_case(seed, dtype, ties, n=40_000):
+    """Scores of ``dtype``, some tied (rounded to 0.05), some duplicated exactly across classes,
+    labels with about 7 % positives, a region of about 60 %."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.07
+    scores = rng.gamma(2.0, 1.0, n) + labels * rng.uniform(0.0, 2.0)
+    if ties:
+        scores = np.round(scores * 20) / 20
+    return scores.astype(dtype), labels, rng.random(n) < 0.6
+
+
+SKLEARN_CASES = [(seed, dtype, ties) for seed in range(3) for dtype in (np.float32, np.float64) for ties in (False, True)]
+
+
+@pytest.mark.parametrize("seed, dtype, ties", SKLEARN_CASES)
+def test_auroc_and_ap_equal_scikit_learn(seed, dtype, ties):
+    scores, labels, _ = sklearn_case(seed, dtype, ties)
+    auroc, ap = M.auroc_ap(scores, labels)
+    assert abs(auroc - roc_auc_score(labels, scores.astype(np.float64))) < 1e-9
+    assert abs(ap - average_precision_score(labels, scores.astype(np.float64))) < 1e-9
+
+
+@pytest.mark.parametrize("seed, dtype, ties", SKLEARN_CASES)
+def test_protocols_a_and_b_from_one_sort_equal_scikit_learn(seed, dtype, ties):
+    scores, labels, region = sklearn_case(seed, dtype, ties)
+    maps, masks, region = scores.reshape(-1, 8, 10), labels.reshape(-1, 8, 10), region.reshape(-1, 8, 10)
+    wide = scores.astype(np.float64)
+    expected = (roc_auc_score(labels, wide), average_precision_score(labels, wide),
+                roc_auc_score(labels[region.ravel()], wide[region.ravel()]),
+                average_precision_score(labels[region.ravel()], wide[region.ravel()]))
+    np.testing.assert_allclose(M.pixel_metrics_ab(maps, masks, region), expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(M.pixel_metrics(maps, masks) + M.pixel_metrics(maps, masks, region), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed, dtype, ties", SKLEARN_CASES)
+def test_best_dice_is_the_best_f1_of_scikit_learn_precision_recall_curve(seed, dtype, ties):
+    scores, labels, _ = sklearn_case(seed, dtype, ties, n=20_000)
+    precision, recall, thresholds = precision_recall_curve(labels, scores.astype(np.float64))
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-300)
+    dice, threshold = M.best_dice(scores.reshape(1, -1), labels.reshape(1, -1))
+    assert abs(dice - f1.max()) < 1e-9
+    assert threshold == thresholds[np.argmax(f1)]
+
+
+def test_image_auroc_equals_scikit_learn_with_ties():
+    rng = np.random.default_rng(7)
+    anomalous, normal = np.round(rng.normal(1, 1, 300), 1), np.round(rng.normal(0, 1, 500), 1)
+    expected = roc_auc_score(np.r_[np.ones(300), np.zeros(500)], np.r_[anomalous, normal])
+    assert abs(M.image_auroc(anomalous, normal) - expected) < 1e-9
+
+
+@pytest.mark.parametrize("masks", [np.zeros((1, 4, 5), bool), np.ones((1, 4, 5), bool)])
+def test_protocols_a_and_b_are_nan_without_both_classes(masks):
+    maps = np.random.default_rng(0).normal(size=(1, 4, 5))
+    assert np.isnan(M.pixel_metrics_ab(maps, masks, np.ones_like(masks))).all()
+
+
+def test_protocol_b_alone_is_nan_when_the_region_holds_no_anomalous_pixel():
+    maps = np.arange(8.0).reshape(1, 2, 4)
+    masks = np.zeros((1, 2, 4), bool)
+    masks[0, 1, 3] = True
+    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(maps, masks, ~masks)
+    assert (a_auroc, a_ap) == (1.0, 1.0) and math.isnan(b_auroc) and math.isnan(b_ap)
 
 
 # ---------------------------------------------------------------------------- degenerate cases

@@ -10,7 +10,7 @@ from conftest import smooth_textures, to_batch
 from utils.config import BACKBONES
 from utils.padim.backbones import build_backbone
 from utils.errors import BackboneError, DataError, ModelFileError
-from utils.padim.features import random_channel_indices
+from utils.padim.features import PatchEmbedder, channel_selection, random_channel_indices
 from utils.padim.model import Padim
 
 
@@ -65,6 +65,51 @@ def test_embedding_matches_manual_selection_of_stage_maps(small_settings):
     assert embedding.shape == (2, 24, 16, 16)
     # float32 sums in another order (repeat_interleave vs interpolate, selection before upsampling) move values by ~1e-5
     torch.testing.assert_close(embedding, full[:, model.channel_indices], rtol=1e-4, atol=1e-4)
+
+
+def whole_batch_reference(settings, images):
+    """The backbone alone over the whole batch in NCHW, every stage nearest-upsampled to stride 4
+    by F.interpolate, then the selected channels."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        extractor = build_backbone(settings.backbone, settings.weights, settings.layers)
+    with torch.inference_mode():
+        maps = extractor(images)
+    grid = images.shape[-1] // 4
+    full = torch.cat([torch.nn.functional.interpolate(m, size=(grid, grid), mode="nearest") for m in maps], dim=1)
+    return full[:, channel_selection(settings)[0]]
+
+
+@pytest.mark.parametrize("backbone, weights", [("efficientnet_lite0", "imagenet"), ("resnet18", "random")])
+@pytest.mark.parametrize("micro_batch, channels_last", [(1, False), (2, True), (3, False), (4, True), (None, None)])
+def test_micro_batched_embeddings_equal_the_whole_batch_ones(small_settings, backbone, weights, micro_batch, channels_last):
+    settings = small_settings.replace(backbone=backbone, weights=weights, cpu_micro_batch=micro_batch, cpu_channels_last=channels_last)
+    images = to_batch(smooth_textures(5, 64, seed=4))
+    embedder = PatchEmbedder.for_settings(settings, *channel_selection(settings))
+    # float32 sums in another order (micro-batch, memory format, repeat_interleave vs interpolate) move values by ~1e-5
+    torch.testing.assert_close(embedder(images), whole_batch_reference(settings, images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("micro_batch, channels_last, passes, memory_format", [
+    (2, True, [2, 2, 1], torch.channels_last),
+    (3, False, [3, 2], torch.contiguous_format),
+    (9, True, [5], torch.channels_last),
+    (None, False, [5], torch.contiguous_format),  # 64 px: the 8 x 128 x 128 pixel budget holds 32 images
+])
+def test_the_cpu_forward_settings_are_honoured(small_settings, micro_batch, channels_last, passes, memory_format):
+    settings = small_settings.replace(cpu_micro_batch=micro_batch, cpu_channels_last=channels_last)
+    embedder = PatchEmbedder.for_settings(settings, *channel_selection(settings))
+    seen = []
+    embedder.extractor.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    embedder(to_batch(smooth_textures(5, 64, seed=4)))
+    assert [len(images) for images in seen] == passes
+    assert all(images.is_contiguous(memory_format=memory_format) for images in seen)
+
+
+def test_off_the_cpu_the_network_runs_the_whole_batch_in_nchw(small_settings):
+    embedder = PatchEmbedder.for_settings(small_settings.replace(cpu_micro_batch=2, cpu_channels_last=True),
+                                          *channel_selection(small_settings))
+    assert embedder.layout(torch.empty(40, 3, 64, 64, device="meta")) == (40, torch.contiguous_format)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -88,6 +88,24 @@ def test_rgb_displays_are_shown_in_colour_and_gray_ones_in_gray():
     assert image.get_array().ndim == 2 and image.get_cmap().name == "gray" and image.get_clim() == (0.0, 1.0)
 
 
+def test_row_labels_stay_beside_their_own_row_and_the_bar_legend_inside_the_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    displays, masks, maps, heads = example_inputs(rows=3)
+    names = ["fastmri_file_brain_AXT2_200_6002_1.png"[:28], "demo_brain_AXT1_0049.png", "a-very-long-name-without-breaks"]
+    figure = P.example_figure(displays, masks, maps, 4.0, 0.0, 7.0, heads, labels=names)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    for r in range(3):
+        panel = figure.get_axes()[5 * r]
+        label, box = panel.texts[0].get_window_extent(renderer), panel.get_window_extent(renderer)
+        assert box.y0 <= label.y0 and label.y1 <= box.y1 and 0 <= label.x0 and label.x1 <= box.x0
+    table = pd.DataFrame({"group": ["hyperintense_lesion", "mean"], "A_auroc": [0.9, 0.9], "B_auroc": [0.8, 0.8], "C_auroc": [0.7, 0.7]})
+    bars = P.auroc_bar_plot(table)
+    legend = bars.legends[0].get_window_extent(FigureCanvasAgg(bars).get_renderer())
+    assert [t.get_text() for t in bars.legends[0].get_texts()] == list(P.PROTOCOL_NAMES.values())
+    assert 0 <= legend.x0 and legend.x1 <= bars.bbox.width and 0 <= legend.y0
+
+
 def test_example_figure_needs_an_example():
     with pytest.raises(ValueError):
         P.example_figure([], [], [], 1.0, 0.0, 1.0)

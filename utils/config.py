@@ -156,6 +156,12 @@ class Settings:
     #: Where each run's folder ``<results_dir>/<run-name>/`` is written.
     results_dir: str = "results"
     data: DataSettings = field(default_factory=DataSettings)
+    #: CPU only: images per backbone pass, a slice of each batch (null: as many as fit in the
+    #: backbone family's pixel budget, utils.padim.backbones.cpu_forward). CUDA runs the whole batch.
+    cpu_micro_batch: Optional[int] = None
+    #: CPU only: the backbone's memory format, true channels_last, false contiguous (NCHW); null:
+    #: the backbone family's choice (utils.padim.backbones.cpu_forward). CUDA runs NCHW.
+    cpu_channels_last: Optional[bool] = None
 
     @property
     def total_channels(self) -> int:
@@ -342,6 +348,8 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`seed` is {s.seed}; allowed: an integer from 0 to 2**63 - 1")
     if s.batch_size < 1:
         raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
+    if s.cpu_micro_batch is not None and s.cpu_micro_batch < 1:
+        raise ConfigError(f"`cpu_micro_batch` is {s.cpu_micro_batch}; allowed: null (per backbone) or an integer >= 1")
     if s.data.num_workers < 0:
         raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: an integer >= 0")
     if s.weights not in ("imagenet", "random") and not s.weights.endswith((".pth", ".pt", ".bin", ".ckpt")):

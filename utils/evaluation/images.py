@@ -134,8 +134,7 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if normal is None:
         notes.append("C: no normal test images")
     dice_best, best_threshold = M.best_dice(group.maps, group.masks, group.heads)
-    a_auroc, a_ap = M.pixel_metrics(row_maps, group.row_masks)
-    b_auroc, b_ap = M.pixel_metrics(row_maps, group.row_masks, group.row_heads)
+    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(row_maps, group.row_masks, group.row_heads)
     row = {
         "group": group.name,
         "n_images": group.n_images,
@@ -177,8 +176,7 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
             else:
                 seen[path] = (group.maps[i], group.masks[i], group.heads[i], group.scores[i], group.anomalous)
     maps, masks, heads, scores, anomalous = (np.asarray(column) for column in zip(*seen.values()))
-    a_auroc, a_ap = M.pixel_metrics(maps, masks)
-    b_auroc, b_ap = M.pixel_metrics(maps, masks, heads)
+    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(maps, masks, heads)
     dice_best, best_threshold = M.best_dice(maps, masks, heads)
     return {
         "group": "all", "n_images": len(seen), "n_rows": int(sum(g.n_rows for g in groups.values())), "small_group": False,

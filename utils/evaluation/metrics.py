@@ -8,8 +8,10 @@ normalises them (no min-max with test statistics), so scores from different grou
 Degenerate inputs (no positive or no negative pixel/image, an empty region) give ``nan``, never an
 exception; :func:`degenerate_reason` says why, for the notes of a results table.
 
-- :func:`auroc_ap` (and :func:`pixel_metrics`, :func:`image_auroc`): scikit-learn's
-  ``roc_auc_score`` and ``average_precision_score``.
+- :func:`auroc_ap` (and :func:`pixel_metrics`, :func:`image_auroc`): the values of scikit-learn's
+  ``roc_auc_score`` and ``average_precision_score`` (the tests hold them to 1e-9), read off one
+  sort of each class's scores (:class:`Ranking`), where scikit-learn sorts all scores twice with a
+  stable argsort; :func:`pixel_metrics_ab` gives protocols (A) and (B) from one sort.
 - :func:`best_dice`: the best pooled Dice over every threshold (= the best F1 on scikit-learn's
   precision-recall curve). Chosen on the very pixels it is scored on, so it is optimistic.
 - :func:`normal_threshold`, :func:`dice_at`: a threshold from normal (validation) maps, a high
@@ -21,11 +23,11 @@ exception; :func:`degenerate_reason` says why, for the notes of a results table.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 NAN = float("nan")
 #: Ground-truth regions are 8-connected, as in the MVTec AD evaluation code and anomalib.
@@ -34,7 +36,15 @@ REGION_STRUCTURE = np.ones((3, 3), dtype=int)
 
 def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Flatten ``maps`` and ``masks`` (same shape) to 1-D finite scores and bool labels, keeping
-    only the pixels where ``region`` is true (all pixels when ``region`` is None)."""
+    only the pixels where ``region`` is true (all pixels when ``region`` is None). Float scores keep
+    their dtype: float32 maps sort in the order of their float64 values, without the copy."""
+    maps, masks, region = _checked(maps, masks, region)
+    if region is not None:
+        maps, masks = maps[region], masks[region]
+    return _finite(maps.ravel()), masks.ravel()
+
+
+def _checked(maps, masks, region) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     maps = np.asarray(maps)
     masks = np.asarray(masks, dtype=bool)
     if maps.shape != masks.shape:
@@ -43,12 +53,13 @@ def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = N
         region = np.asarray(region, dtype=bool)
         if region.shape != maps.shape:
             raise ValueError(f"region {region.shape} must have the shape of the maps {maps.shape}")
-        maps, masks = maps[region], masks[region]
-    return _finite(maps.ravel()), masks.ravel()
+    return maps, masks, region
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf")
     return scores
@@ -67,18 +78,85 @@ def degenerate_reason(labels: np.ndarray, what: str = "pixels") -> Optional[str]
     return None
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """The scores of one set of pixels (or images) sorted once, by class: every ranking metric
+    here is read off it. ``positives``: sorted; ``negatives``: sorted parts whose union is the
+    negatives (two parts let protocols (A) and (B) share one sort, :func:`pixel_metrics_ab`)."""
+
+    positives: np.ndarray
+    negatives: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, scores: np.ndarray, labels: np.ndarray) -> "Ranking":
+        return cls(np.sort(scores[labels]), (np.sort(scores[~labels]),))
+
+    @property
+    def defined(self) -> bool:
+        return self.positives.size > 0 and sum(part.size for part in self.negatives) > 0
+
+    def at_positive_scores(self) -> tuple[np.ndarray, ...]:
+        """At every distinct positive score ``t``, ascending: ``t``, and the counts of positives
+        ``== t``, positives ``>= t``, negatives ``< t`` and negatives ``<= t``. Every threshold
+        that changes the true positives is one of these ``t``."""
+        ends = np.flatnonzero(np.r_[self.positives[1:] != self.positives[:-1], True])
+        thresholds = self.positives[ends]
+        tied = np.diff(np.r_[-1, ends])
+        at_or_above = self.positives.size - np.r_[0, ends[:-1] + 1]
+        below = sum(np.searchsorted(part, thresholds, side="left") for part in self.negatives)
+        not_above = sum(np.searchsorted(part, thresholds, side="right") for part in self.negatives)
+        return thresholds, tied, at_or_above, below, not_above
+
+    def auroc_ap(self) -> tuple[float, float]:
+        """ROC AUC (the share of positive-negative pairs in order, ties one half: the area under
+        scikit-learn's ROC curve) and average precision (scikit-learn's step sum: recall step x
+        precision at each threshold); ``(nan, nan)`` if a class is missing."""
+        if not self.defined:
+            return NAN, NAN
+        _, tied, true_pos, below, not_above = self.at_positive_scores()
+        n_pos, n_neg = self.positives.size, sum(part.size for part in self.negatives)
+        pairs_in_order_x2 = int((tied * (below + not_above)).sum())  # integers: exact at any size
+        false_pos = n_neg - below
+        average_precision = float((tied * (true_pos / (true_pos + false_pos))).sum() / n_pos)
+        return pairs_in_order_x2 / (2 * n_pos * n_neg), average_precision
+
+    def best_dice(self) -> tuple[float, float]:
+        """The best Dice (F1) of ``score >= t`` over every threshold, and the lowest ``t`` giving
+        it (as scikit-learn's curve, whose first maximum is at the lowest threshold)."""
+        if not self.positives.size:
+            return NAN, NAN
+        thresholds, _, true_pos, below, _ = self.at_positive_scores()
+        predicted = true_pos + sum(part.size for part in self.negatives) - below
+        dice = 2 * true_pos / (predicted + self.positives.size)
+        best = int(np.argmax(dice))
+        return float(dice[best]), float(thresholds[best])
+
+
 def auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """``(ROC AUC, average precision)`` of ``scores`` for bool ``labels``; ``(nan, nan)`` if a class is missing."""
     labels = np.asarray(labels, dtype=bool).ravel()
     if degenerate_reason(labels) is not None:
         return NAN, NAN
-    scores = _finite(scores).ravel()
-    return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    return Ranking.of(_finite(scores).ravel(), labels).auroc_ap()
 
 
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
     """Pixel-level ``(ROC AUC, average precision)`` pooled over all (region) pixels of all maps."""
     return auroc_ap(*pixels(maps, masks, region))
+
+
+def pixel_metrics_ab(maps: np.ndarray, masks: np.ndarray, region: np.ndarray) -> tuple[float, float, float, float]:
+    """``pixel_metrics(maps, masks) + pixel_metrics(maps, masks, region)``, from one sort.
+
+    Each class is sorted in two disjoint parts, inside and outside ``region``: (B) reads the
+    parts inside, (A) all of them.
+    """
+    maps, masks, region = _checked(maps, masks, region)
+    scores, labels, inside = _finite(maps.ravel()), masks.ravel(), region.ravel()
+    positives = np.sort(scores[labels & inside]), np.sort(scores[labels & ~inside])
+    negatives = np.sort(scores[~labels & inside]), np.sort(scores[~labels & ~inside])
+    whole = Ranking(np.sort(np.concatenate(positives)), negatives)
+    return whole.auroc_ap() + Ranking(positives[0], negatives[:1]).auroc_ap()
 
 
 def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> float:
@@ -92,18 +170,10 @@ def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> floa
 def best_dice(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
     """The best pooled Dice of ``score >= t`` over all thresholds ``t``, and that ``t``.
 
-    Dice is F1 (2 TP / (2 TP + FP + FN)), so it is read off scikit-learn's precision-recall curve,
+    Dice is F1 (2 TP / (2 TP + FP + FN)): the best F1 on scikit-learn's precision-recall curve,
     which has one point per distinct score. ``(nan, nan)`` when there is no anomalous pixel.
     """
-    scores, labels = pixels(maps, masks, region)
-    if not labels.any():
-        return NAN, NAN
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
-    total = precision + recall
-    dice = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
-    best = int(np.argmax(dice))
-    return float(dice[best]), float(thresholds[best])
+    return Ranking.of(*pixels(maps, masks, region)).best_dice()
 
 
 def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optional[np.ndarray] = None) -> float:
@@ -117,7 +187,7 @@ def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optio
     positives = int(labels.sum())
     if positives == 0:
         return NAN
-    predicted = scores >= threshold
+    predicted = scores >= np.float64(threshold)  # compared as float64, not rounded to float32 maps
     return 2.0 * int((predicted & labels).sum()) / (int(predicted.sum()) + positives)
 
 
@@ -133,7 +203,19 @@ def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, perc
         values = values[np.asarray(region, dtype=bool)]
     if values.size == 0:
         return NAN
-    return float(np.percentile(_finite(values.ravel()), percentile))
+    return float(np.percentile(_finite(values.ravel()).astype(np.float64), percentile))
+
+
+def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per pixel of ``masks`` ``(N, H, W)`` (flattened), ``1 / (|k| * regions)`` for a pixel of
+    region ``k`` (else 0), and the number of regions: PRO(t) is the sum over pixels >= t."""
+    stack = np.zeros((3, 3, 3), dtype=int)
+    stack[1] = REGION_STRUCTURE  # 8-connected within an image, never across images
+    regions, count = ndimage.label(masks, structure=stack)
+    regions = regions.ravel()
+    if count == 0:
+        return np.zeros(regions.size), 0
+    return np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions], count
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -149,34 +231,34 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
 
     For a threshold ``t``, PRO(t) is the mean over all regions of all images of the fraction of
     the region with ``score >= t``; FPR(t) is the fraction of all normal pixels with ``score >= t``.
-    One sort of all pixels gives both for every distinct score; the curve is interpolated
-    linearly at ``fpr_limit`` and integrated with the trapezoidal rule.
+    The curve through every distinct score, interpolated linearly at ``fpr_limit``, is integrated
+    with the trapezoidal rule. FPR moves only at the normal pixels' scores: each distinct one ``v``
+    is one segment, from (FPR(> v), PRO(> v)) to (FPR(>= v), PRO(>= v)), so one sort of the normal
+    pixels and one of the (few) anomalous ones give every segment.
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     scores, labels = pixels(maps, masks)
-    masks = np.asarray(masks, dtype=bool).reshape(-1, *np.shape(masks)[-2:])
-    regions = np.zeros(masks.shape, dtype=np.int64)
-    count = 0
-    for image, mask in enumerate(masks):
-        found, n = ndimage.label(mask, structure=REGION_STRUCTURE)
-        regions[image] = np.where(found > 0, found + count, 0)
-        count += n
-    normal_pixels = labels.size - int(labels.sum())
-    if count == 0 or normal_pixels == 0:
+    weights, count = _region_weights(labels.reshape(-1, *np.shape(masks)[-2:]))
+    negatives = np.sort(scores[~labels])
+    if count == 0 or negatives.size == 0:
         return NAN
-    regions = regions.ravel()
-    # each pixel of region k adds 1 / (|k| * number of regions) to PRO once its score is reached
-    weights = np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions]
-    order = np.argsort(-scores)  # any order within a tie is fine: only tie ends are read
-    sorted_scores = scores[order]
-    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])  # tied scores move together
-    fpr = np.r_[0.0, np.cumsum(regions[order] == 0)[ends] / normal_pixels]
-    pro = np.r_[0.0, np.cumsum(weights[order])[ends]]
-    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    fpr_cut, pro_cut = fpr[:inside], pro[:inside]
-    if inside < fpr.size and fpr_cut[-1] < fpr_limit:  # the curve crosses fpr_limit between two points
-        step = (fpr_limit - fpr[inside - 1]) / (fpr[inside] - fpr[inside - 1])
-        fpr_cut = np.r_[fpr_cut, fpr_limit]
-        pro_cut = np.r_[pro_cut, pro[inside - 1] + step * (pro[inside] - pro[inside - 1])]
-    return float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+    order = np.argsort(scores[labels])
+    positives = scores[labels][order]
+    pro_from = np.r_[np.cumsum(weights[labels][order][::-1])[::-1], 0.0]  # PRO at or above positives[i]
+    # segments with FPR(> v) < fpr_limit: v at or above the normal score at 1 - fpr_limit, with its ties
+    first = int(np.searchsorted(negatives, negatives[min(negatives.size - 1, int(negatives.size * (1 - fpr_limit)))], side="left"))
+    top = negatives[first:]
+    ends = first + np.flatnonzero(np.r_[top[1:] != top[:-1], True])
+    values = negatives[ends]
+    fpr_above = (negatives.size - 1 - ends) / negatives.size
+    fpr_at = (negatives.size - np.r_[first, ends[:-1] + 1]) / negatives.size
+    pro_above = pro_from[np.searchsorted(positives, values, side="right")]
+    pro_at = pro_from[np.searchsorted(positives, values, side="left")]
+    full = fpr_at <= fpr_limit
+    area = float(((fpr_at - fpr_above) * (pro_above + pro_at))[full].sum() / 2)
+    crossing = np.flatnonzero((fpr_above < fpr_limit) & ~full)  # at most one segment
+    for i in crossing:
+        pro_cut = pro_above[i] + (fpr_limit - fpr_above[i]) / (fpr_at[i] - fpr_above[i]) * (pro_at[i] - pro_above[i])
+        area += (fpr_limit - fpr_above[i]) * (pro_above[i] + pro_cut) / 2
+    return area / fpr_limit

@@ -14,7 +14,7 @@ from ..config import Settings
 #: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
 RUN_NAME_VERSION = 3
 #: Settings that change neither the model nor any number in the results (excluded from the run name).
-RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension")
+RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension", "cpu_micro_batch", "cpu_channels_last")
 RUN_TIME_DATA_KEYS = ("num_workers",)
 
 
@@ -22,9 +22,9 @@ def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
     """Every setting that can change a result, canonicalised, and the fingerprint of the files the
     run reads (:func:`utils.data.fingerprint`): what :func:`run_name` hashes.
 
-    Excluded: device, batch size, results folder, worker count and the ``target_dimension``
-    check, which change no number. ``data.root`` is normalised (``./data/x/`` = ``data/x``);
-    ``data.demo_seed`` counts only for the demo format. A weights file is identified by its
+    Excluded: device, batch size, the CPU micro-batch and memory format, results folder, worker
+    count and the ``target_dimension`` check, which change no number (beyond float rounding).
+    ``data.root`` is normalised (``./data/x/`` = ``data/x``); ``data.demo_seed`` counts only for the demo format. A weights file is identified by its
     path and content hash, so replacing the file changes the name; so do images added to, removed
     from or rewritten in the data under the same config.
     """

@@ -29,6 +29,9 @@ DETECTED_ALPHA = 0.6
 #: Inches per panel: 128 px at the default 100 dpi of :func:`save_figure`.
 PANEL_INCHES = 1.28
 COLUMN_TITLES = ("image", "ground truth", "anomaly map", "overlay (head)")
+#: Row labels (file names): font size, and characters per line that fit along a panel's side.
+LABEL_POINTS = 7
+LABEL_CHARS = 20
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 #: Legend names of the AUROC columns.
 PROTOCOL_NAMES = {"A_auroc": "(A) pixel, whole image", "B_auroc": "(B) pixel, inside head", "C_auroc": "(C) image vs normal"}
@@ -79,11 +82,22 @@ def _example_row(axes, display, mask, heat, head, threshold, vmin, vmax):
     return shown
 
 
+def _fitted_label(label: str) -> str:
+    """``label`` in at most two lines that fit along a panel's side (broken at the ``_``, ``-``,
+    ``.`` or space nearest the middle, else at the middle), so row labels never reach the next row."""
+    if len(label) <= LABEL_CHARS:
+        return label
+    middle = len(label) // 2
+    breaks = [i + 1 for i, c in enumerate(label[:-1]) if c in "_-. "] or [middle]
+    cut = min(breaks, key=lambda i: abs(i - middle))
+    return "\n".join(part[:LABEL_CHARS - 1] + "…" if len(part) > LABEL_CHARS else part for part in (label[:cut], label[cut:]))
+
+
 def _panel_grid(figure: Figure, rows: int, columns: int, titled: bool):
     """``rows x columns`` square panels of :data:`PANEL_INCHES` with fixed margins (inches) and a
     colour-bar axes on the right. A fixed layout: matplotlib's constrained layout measured every
     text of the fifteen axes twice per save, most of an example figure's time."""
-    left, right, gap, bottom = 0.25, 1.0, 0.06, 0.08
+    left, right, gap, bottom = 0.32, 1.0, 0.06, 0.08
     top = 0.3 + (0.25 if titled else 0.0)
     width = left + columns * PANEL_INCHES + (columns - 1) * gap + right
     height = top + rows * PANEL_INCHES + (rows - 1) * gap + bottom
@@ -132,8 +146,8 @@ def example_figure(
         shown = _example_row(grid[r], np.asarray(displays[r]), np.asarray(masks[r], dtype=bool), heat, head,
                              threshold, vmin, vmax)
         if labels is not None:
-            grid[r, 0].text(-0.04, 0.5, str(labels[r]), rotation=90, ha="right", va="center", fontsize=7,
-                            transform=grid[r, 0].transAxes)
+            grid[r, 0].text(-0.04, 0.5, _fitted_label(str(labels[r])), rotation=90, ha="right", va="center",
+                            fontsize=LABEL_POINTS, linespacing=1.0, transform=grid[r, 0].transAxes)
     for ax, name in zip(grid[0], COLUMN_TITLES + (f"map ≥ {threshold:.3g} (head)",)):
         ax.set_title(name, fontsize=8)
     figure.colorbar(shown, cax=colour_bar, label=HEAT_LABEL)
@@ -169,9 +183,8 @@ def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_aur
     ax.set_xlabel("AUROC (0.5 = chance)")
     ax.grid(axis="x", color="0.9")
     ax.set_axisbelow(True)
-    if present:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / (1 + len(names))), ncols=len(present),
-                  fontsize=8, frameon=False)
+    if present:  # below the axes, in space that the constrained layout makes for it
+        figure.legend(loc="outside lower center", ncols=len(present), fontsize=8, frameon=False)
     ax.set_title(title or "AUROC per group († = 1-2 images: noise)", fontsize=10)
     return figure
 

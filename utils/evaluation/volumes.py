@@ -58,8 +58,7 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
     if not kept.any():
         names = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_val_threshold", "dice_best_optimistic", "best_threshold")
         return counts | dict.fromkeys(names, M.NAN) | {"note": "no slice scored: none has data.min_brain_fraction of brain"}
-    a_auroc, a_ap = M.pixel_metrics(anomaly, label)
-    b_auroc, b_ap = M.pixel_metrics(anomaly, label, brain)
+    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(anomaly, label, brain)
     slices = np.flatnonzero(kept)
     c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
     dice_best, best_threshold = M.best_dice(anomaly, label, brain)

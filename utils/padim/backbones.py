@@ -7,6 +7,7 @@ forward pass stops after the deepest requested stage (layer4 / the last blocks a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +25,46 @@ _EFFICIENTNET_STAGE_BLOCKS = {
     "efficientnet_lite1": (3, 6, 14),
     "efficientnet_lite2": (3, 6, 14),
 }
+
+
+@dataclass(frozen=True)
+class CpuForward:
+    """How a backbone runs on the CPU: its memory format and the images per network pass.
+
+    Without a fixed count (``images``), a pass takes as many images as fit in ``pixels``
+    (height x width summed over the images), at least one: the activations of a few images stay
+    in the CPU's caches, those of a whole batch of 32 at 128 px do not.
+    """
+
+    channels_last: bool
+    pixels: int
+    images: int | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def micro_batch(self, size: Sequence[int]) -> int:
+        """Images per network pass for images of ``size`` (height, width)."""
+        return self.images or max(1, self.pixels // (size[0] * size[1]))
+
+
+#: The CPU forward of each backbone family, chosen from the sweep of ``python bench/run.py --sweep``
+#: (micro-batches of 4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core
+#: AMD EPYC, 8 images in channels_last were the fastest of the eight for every backbone, 1.3x
+#: (ResNets) to 3x (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
+_CPU_FORWARD = {
+    "efficientnet_lite": CpuForward(channels_last=True, pixels=8 * 128 * 128),
+    "resnet": CpuForward(channels_last=True, pixels=8 * 128 * 128),
+}
+
+
+def cpu_forward(name: str, images: int | None = None, channels_last: bool | None = None) -> CpuForward:
+    """The CPU forward of backbone ``name``; ``images`` and ``channels_last`` override its family's choice."""
+    family = _CPU_FORWARD["efficientnet_lite" if name.startswith("efficientnet_lite") else "resnet"]
+    return CpuForward(
+        channels_last=family.channels_last if channels_last is None else channels_last, pixels=family.pixels, images=images,
+    )
 
 
 class StageExtractor(nn.Module):

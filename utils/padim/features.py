@@ -8,8 +8,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..config import BACKBONES, Settings
 from ..errors import ConfigError
-from .backbones import build_backbone
+from .backbones import build_backbone, cpu_forward
 
 
 def random_channel_indices(total: int, keep: int, seed: int) -> torch.Tensor:
@@ -79,6 +80,10 @@ class PatchEmbedder(nn.Module):
     ones are upsampled (nearest, as in the PaDiM paper's embedding concatenation) to the stride-4
     grid and concatenated in stage order; with ``projection`` ``(selected, k)`` the result is
     projected on it. Selecting before upsampling saves work and memory.
+
+    On the CPU the network runs over micro-batches of ``micro_batch`` images in the memory format
+    of ``channels_last`` (None: the backbone family's choice, :func:`cpu_forward`); on CUDA over
+    the whole batch in the contiguous format. The embeddings of an image do not depend on either.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class PatchEmbedder(nn.Module):
         stage_channels: Sequence[int],
         seed: int = 0,
         projection: torch.Tensor | None = None,
+        micro_batch: int | None = None,
+        channels_last: bool | None = None,
     ):
         super().__init__()
         # Random weights must be reproducible: initialise under a fixed, local RNG state.
@@ -103,11 +110,41 @@ class PatchEmbedder(nn.Module):
             selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
             self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
+        self.cpu_plan = cpu_forward(backbone, micro_batch, channels_last)
+        self._weights_format = torch.contiguous_format
+
+    @classmethod
+    def for_settings(cls, settings: Settings, channel_indices: torch.Tensor, projection: torch.Tensor | None) -> "PatchEmbedder":
+        """The embedder of ``settings`` (backbone, weights, layers, seed, CPU forward) for the
+        channels of :func:`channel_selection`."""
+        s = settings
+        return cls(s.backbone, s.weights, s.layers, channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed,
+                   projection=projection, micro_batch=s.cpu_micro_batch, channels_last=s.cpu_channels_last)
+
+    def layout(self, images: torch.Tensor) -> tuple[int, torch.memory_format]:
+        """``(images per network pass, memory format)`` for this batch on its device."""
+        if images.device.type != "cpu":
+            return max(1, len(images)), torch.contiguous_format
+        return self.cpu_plan.micro_batch(images.shape[-2:]), self.cpu_plan.memory_format
+
+    def chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``images`` as the network sees them: micro-batches in the chosen memory format (the
+        network's weights are moved to that format too)."""
+        size, memory_format = self.layout(images)
+        if memory_format != self._weights_format:
+            self.extractor.to(memory_format=memory_format)
+            self._weights_format = memory_format
+        for chunk in images.split(size):
+            yield chunk.contiguous(memory_format=memory_format)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with exact_float32(images.device):
-            maps = self.extractor(images)
+            parts = [self._embed(chunk) for chunk in self.chunks(images)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.extractor(images)
         grid = (images.shape[-2] // 4, images.shape[-1] // 4)
         selected = [feature_map.index_select(1, getattr(self, f"select{i}")) for i, feature_map in enumerate(maps)]
         # Nearest upsampling by the integer factor between the grids (1, 2 or 4): the values of
