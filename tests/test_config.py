@@ -38,6 +38,8 @@ def test_channel_sums(backbone, total):
         ({"image_size": 16}, ["`image_size` is 16"]),
         ({"device": "tpu"}, ["`device` is 'tpu'", "auto, cpu, cuda"]),
         ({"batch_size": 0}, ["`batch_size` is 0"]),
+        ({"cpu_micro_batch": 0}, ["`cpu_micro_batch` is 0"]),
+        ({"cpu_channels_last": "yes"}, ["`cpu_channels_last` must be true or false"]),
         ({"batch_size": True}, ["`batch_size` must be an integer"]),
         ({"layers": [3, 1]}, ["`layers` is [3, 1]"]),
         ({"data": {"formt": "study"}}, ["unknown config key `data.formt`", "did you mean `data.format`"]),

@@ -98,7 +98,7 @@ def test_micro_batched_embeddings_equal_the_whole_batch_ones(small_settings, bac
 ])
 def test_the_cpu_forward_settings_are_honoured(small_settings, micro_batch, channels_last, passes, memory_format):
     settings = small_settings.replace(cpu_micro_batch=micro_batch, cpu_channels_last=channels_last)
-    embedder = PatchEmbedder.for_settings(settings, *channel_selection(settings))
+    embedder = Padim(settings).embedder  # the model's own embedder: the settings reach it
     seen = []
     embedder.extractor.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     embedder(to_batch(smooth_textures(5, 64, seed=4)))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BACKBONES, Settings
+from ..config import Settings
 from ..errors import DataError, ModelFileError
 from . import model_file
 from .align import align_batch, from_canonical
@@ -93,11 +93,7 @@ class Padim:
     @property
     def embedder(self) -> PatchEmbedder:
         if self._embedder is None:
-            s = self.settings
-            self._embedder = PatchEmbedder(
-                s.backbone, s.weights, s.layers, self.channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed,
-                projection=self.projection,
-            ).to(self.device)
+            self._embedder = PatchEmbedder.for_settings(self.settings, self.channel_indices, self.projection).to(self.device)
         return self._embedder
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
