@@ -174,10 +174,11 @@ def volume_case():
     return volume, anomaly
 
 
-def test_volume_figure_cuts_three_planes_through_the_maximum_upright():
+def test_volume_views_cut_three_planes_through_the_centre_upright():
     volume, anomaly = volume_case()
     label = anomaly > 0.9
-    figure = P.volume_figure(volume, anomaly, label, vmin=0.0, vmax=4.0, threshold=0.95, title="case 1")
+    planes, gray = P.volume_planes(volume, anomaly, label, (7, 3, 6))
+    figure = P.planes_figure(planes, (7, 3, 6), gray, (0.0, 4.0), threshold=0.95, title="case 1")
     views = [ax for ax in figure.get_axes() if ax not in colour_bars(figure)]
     assert len(views) == 3 and len(colour_bars(figure)) == 1
     x, y, z = 7, 3, 6
@@ -191,14 +192,6 @@ def test_volume_figure_cuts_three_planes_through_the_maximum_upright():
         assert str(index) in ax.get_title()
     np.testing.assert_array_equal(views[2].get_images()[1].get_array(), anomaly[x, :, :].T)
     assert figure.get_suptitle() == "case 1"
-
-
-def test_volume_figure_takes_a_given_centre_and_checks_shapes():
-    volume, anomaly = volume_case()
-    figure = P.volume_figure(volume, anomaly, centre=(1, 2, 3))
-    np.testing.assert_array_equal(figure.get_axes()[0].get_images()[0].get_array(), volume[:, :, 3].T)
-    with pytest.raises(ValueError, match="shape"):
-        P.volume_figure(volume, anomaly[:-1])
 
 
 def test_importing_plotting_does_not_import_pyplot():

@@ -225,7 +225,7 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
     return path
 
 
-#: The three views of :func:`volume_figure`: (name, the axis the plane cuts, that axis's letter).
+#: The three views of :func:`planes_figure`: (name, the axis the plane cuts, that axis's letter).
 VIEWS = (("axial", 2, "z"), ("coronal", 1, "y"), ("sagittal", 0, "x"))
 
 
@@ -241,37 +241,6 @@ def volume_planes(volume: np.ndarray, anomaly: np.ndarray, label: Optional[np.nd
 
     planes = {"image": cut(volume), "map": cut(anomaly), "label": cut(np.asarray(label, dtype=bool)) if label is not None else None}
     return planes, tuple(float(v) for v in np.percentile(volume, [0.5, 99.5]))
-
-
-def volume_figure(
-    volume: np.ndarray,
-    anomaly: np.ndarray,
-    label: Optional[np.ndarray] = None,
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
-    threshold: Optional[float] = None,
-    centre: Optional[Sequence[int]] = None,
-    title: str = "",
-) -> Figure:
-    """Axial, coronal and sagittal slices of a volume through ``centre``, its anomaly map overlaid.
-
-    Args:
-        volume: ``(X, Y, Z)`` intensities in RAS+ voxel order (e.g. ``nibabel.as_closest_canonical``).
-        anomaly: ``(X, Y, Z)`` anomaly map on the same grid.
-        label: optional ``(X, Y, Z)`` bool ground truth, outlined in green.
-        vmin, vmax: the colour scale of the map (default ``0..max``), shown by the colour bar.
-        threshold: optional; voxels with ``anomaly >= threshold`` are outlined in yellow.
-        centre: the voxel ``(x, y, z)`` the three planes pass through; default the map's maximum.
-        title: the figure's title.
-    """
-    volume, anomaly = np.asarray(volume, dtype=np.float32), np.asarray(anomaly, dtype=np.float32)
-    if volume.ndim != 3 or anomaly.shape != volume.shape:
-        raise ValueError(f"volume {volume.shape} and anomaly {anomaly.shape} must be the same (X, Y, Z) shape")
-    if label is not None and np.shape(label) != volume.shape:
-        raise ValueError(f"label {np.shape(label)} must have the shape of the volume {volume.shape}")
-    centre = tuple(int(c) for c in (np.unravel_index(np.argmax(anomaly), anomaly.shape) if centre is None else centre))
-    planes, gray = volume_planes(volume, anomaly, label, centre)
-    return planes_figure(planes, centre, gray, _scale(anomaly, vmin, vmax), threshold, title)
 
 
 def planes_figure(planes: dict, centre: Sequence[int], gray: tuple[float, float], heat: tuple[float, float],
