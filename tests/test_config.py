@@ -39,6 +39,10 @@ def test_channel_sums(backbone, total):
         ({"device": "tpu"}, ["`device` is 'tpu'", "auto, cpu, cuda"]),
         ({"batch_size": 0}, ["`batch_size` is 0"]),
         ({"cpu_micro_batch": 0}, ["`cpu_micro_batch` is 0"]),
+        ({"batch_size": 2**63}, ["`batch_size` is 9223372036854775808", "at most 4096"]),
+        ({"cpu_micro_batch": 5000}, ["`cpu_micro_batch` is 5000", "at most 4096"]),
+        ({"data": {"num_workers": 100000}}, ["`data.num_workers` is 100000", "per CPU"]),
+        ({"epsilon": "tiny"}, ["`epsilon` must be a number"]),
         ({"cpu_channels_last": "yes"}, ["`cpu_channels_last` must be true or false"]),
         ({"batch_size": True}, ["`batch_size` must be an integer"]),
         ({"layers": [3, 1]}, ["`layers` is [3, 1]"]),
@@ -84,3 +88,24 @@ def test_defaults_and_overrides(tmp_path):
     assert settings.blur_sigma == 4.0 and settings.replace(seed=4).seed == 4
     with pytest.raises(ConfigError):
         settings.replace(output_dimension=449)
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("epsilon: 1e-3\n", "epsilon", 0.001),  # YAML 1.1 reads it as a string: a number float() parses is a number
+    ("blur_sigma: '2.5'\n", "blur_sigma", 2.5),
+    ("results_dir: ~/padim-results\n", "results_dir", os.path.expanduser("~/padim-results")),
+    ("data:\n  root: ~/demo\n", "data.root", os.path.expanduser("~/demo")),
+])
+def test_settings_that_yaml_users_write_are_read_as_meant(tmp_path, text, key, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    settings = load_config(path)
+    value = settings.data.root if key == "data.root" else getattr(settings, key)
+    assert value == expected
+
+
+def test_merge_keys_take_the_anchor_and_the_explicit_keys_override_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  <<: {root: x, resize: stretch}\n  resize: pad\n")
+    settings = load_config(path)
+    assert (settings.data.root, settings.data.resize) == ("x", "pad")

@@ -20,6 +20,11 @@ from .errors import ConfigError
 from .files import file_problem, not_utf8
 
 
+#: Upper bounds of the resource settings: beyond them a run fails late (memory, processes), not here.
+MAX_BATCH = 4096
+MAX_WORKERS_PER_CPU = 4
+
+
 # ---------------------------------------------------------------------------- the backbones a config can name
 #: The largest stride of any stage: image sizes must be multiples of it so the grids align.
 MAX_STRIDE = 16
@@ -231,6 +236,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in first_line:
@@ -260,10 +267,18 @@ def settings_from_dict(raw: dict[str, Any]) -> Settings:
         data_raw = {}
     if not isinstance(data_raw, dict):
         raise ConfigError(f"`data` must be a mapping of data keys, got {data_raw!r}")
-    data = DataSettings(**_typed_fields(DataSettings, data_raw, prefix="data."))
-    settings = Settings(data=data, **_typed_fields(Settings, raw, prefix=""))
+    data = _expand_home(_typed_fields(DataSettings, data_raw, prefix="data."), PATH_KEYS)
+    settings = Settings(data=DataSettings(**data), **_expand_home(_typed_fields(Settings, raw, prefix=""), PATH_KEYS))
     _check_ranges(settings)
     return settings
+
+
+#: Settings that name files or folders: a leading ``~`` is the user's home, as in a shell.
+PATH_KEYS = ("results_dir", "weights", "root", "manifest")
+
+
+def _expand_home(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: os.path.expanduser(v) if k in keys and isinstance(v, str) else v for k, v in values.items()}
 
 
 def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -303,6 +318,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"`{key}` must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{key}` must be a number, got {value!r}")
         return float(value)
@@ -348,6 +368,12 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`seed` is {s.seed}; allowed: an integer from 0 to 2**63 - 1")
     if s.batch_size < 1:
         raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
+    if s.batch_size > MAX_BATCH or (s.cpu_micro_batch or 0) > MAX_BATCH:
+        key, value = ("batch_size", s.batch_size) if s.batch_size > MAX_BATCH else ("cpu_micro_batch", s.cpu_micro_batch)
+        raise ConfigError(f"`{key}` is {value}; allowed: at most {MAX_BATCH} images")
+    if s.data.num_workers > MAX_WORKERS_PER_CPU * (os.cpu_count() or 1):
+        raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: at most {MAX_WORKERS_PER_CPU} per CPU "
+                          f"({MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)} here)")
     if s.cpu_micro_batch is not None and s.cpu_micro_batch < 1:
         raise ConfigError(f"`cpu_micro_batch` is {s.cpu_micro_batch}; allowed: null (per backbone) or an integer >= 1")
     if s.data.num_workers < 0:
