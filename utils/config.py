@@ -21,7 +21,7 @@ from .files import file_problem, not_utf8
 
 
 #: Upper bounds of the resource settings: beyond them a run fails late (memory, processes), not here.
-MAX_BATCH = 4096
+MAX_BATCH = 2**24  # a batch holds no more memory than the images it gets: the bound only keeps integers sane
 MAX_WORKERS_PER_CPU = 4
 
 
