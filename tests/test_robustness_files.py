@@ -526,6 +526,20 @@ def test_fit_output_over_another_torch_checkpoint_is_refused(tmp_path, category,
     assert code == 2 and "is not a model file" in _one_error_line(err) and checkpoint.read_bytes() == before
 
 
+def test_an_input_inside_an_earlier_output_is_never_replaced(fitted, tmp_path, capsys):
+    """The earlier output's own heat-maps given as input: the swap would have deleted them."""
+    config, model = fitted
+    out = tmp_path / "out"
+    _images(tmp_path / "in" / "sub", 2)
+    assert _run(["predict", "--config", config, "--model", model, "--input", str(tmp_path / "in"), "--output", str(out)],
+                capsys)[0] == 0
+    before = sorted(p.name for p in (out / "sub").iterdir())
+    code, err, _ = _run(["predict", "--config", config, "--model", model, "--input", str(out / "sub"), "--output", str(out)],
+                        capsys)
+    assert code == 2 and "is inside --output" in _one_error_line(err)
+    assert sorted(p.name for p in (out / "sub").iterdir()) == before
+
+
 def test_an_output_inside_the_input_is_found_through_links(fitted, tmp_path, capsys):
     config, model = fitted
     inputs = tmp_path / "in"

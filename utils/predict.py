@@ -53,12 +53,16 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
 
 def _input_files(source: str, output: str) -> list[str]:
     """``source`` itself when it is a file, else every image or NIfTI file below it; ``output``
-    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run)."""
+    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run), and
+    ``source`` outside ``output`` (the output is replaced as a whole: an input there would be lost)."""
+    if _inside(source, output):
+        raise DataError(f"--input {source} is inside --output {output}, which predict replaces as a whole: the input "
+                        "would be lost; choose an output folder that does not hold the input")
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
-    if (os.path.realpath(output) + os.sep).startswith(os.path.realpath(source) + os.sep):  # links resolved
+    if _inside(output, source):
         raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
                         "images; choose an output folder outside the input folder")
     files = sorted(
@@ -70,6 +74,11 @@ def _input_files(source: str, output: str) -> list[str]:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
     return files
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, links resolved."""
+    return (os.path.realpath(path) + os.sep).startswith(os.path.realpath(folder) + os.sep)
 
 
 #: Written last into every ``predict`` output: the list of its files. A folder is an earlier
