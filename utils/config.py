@@ -334,6 +334,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def _check_ranges(s: Settings) -> None:
+    _check_model(s)
+    _check_resources(s)
+    _check_data(s.data, s.image_size)
+
+
+def _check_model(s: Settings) -> None:
     if s.backbone not in BACKBONES:
         nearest = difflib.get_close_matches(s.backbone, list(BACKBONES), n=1)
         hint = f" (did you mean {nearest[0]}?)" if nearest else ""
@@ -366,6 +372,13 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("`spatial_pooling` and `covariance_shrinkage: ledoit_wolf` cannot be combined; set one of them off")
     if not 0 <= s.seed < 2**63:
         raise ConfigError(f"`seed` is {s.seed}; allowed: an integer from 0 to 2**63 - 1")
+    if s.weights not in ("imagenet", "random") and not s.weights.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        raise ConfigError(
+            f"`weights` is {s.weights!r}; allowed: imagenet, random, or a path to a state-dict file (.pth/.pt)"
+        )
+
+
+def _check_resources(s: Settings) -> None:
     if s.batch_size < 1:
         raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
     if s.batch_size > MAX_BATCH or (s.cpu_micro_batch or 0) > MAX_BATCH:
@@ -378,26 +391,25 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError(f"`cpu_micro_batch` is {s.cpu_micro_batch}; allowed: null (per backbone) or an integer >= 1")
     if s.data.num_workers < 0:
         raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: an integer >= 0")
-    if s.weights not in ("imagenet", "random") and not s.weights.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        raise ConfigError(
-            f"`weights` is {s.weights!r}; allowed: imagenet, random, or a path to a state-dict file (.pth/.pt)"
-        )
-    if not s.data.train_splits:
+
+
+def _check_data(d: DataSettings, image_size: int) -> None:
+    if not d.train_splits:
         raise ConfigError("`data.train_splits` is []; allowed: a non-empty list of split CSV names")
-    if s.data.test_groups is not None and not s.data.test_groups:
+    if d.test_groups is not None and not d.test_groups:
         raise ConfigError("`data.test_groups` is []; allowed: a non-empty list of group names, or null for all groups")
-    crop = s.data.center_crop
-    if crop is not None and not (2 * MAX_STRIDE <= crop <= s.image_size and crop % MAX_STRIDE == 0):
+    crop = d.center_crop
+    if crop is not None and not (2 * MAX_STRIDE <= crop <= image_size and crop % MAX_STRIDE == 0):
         raise ConfigError(
-            f"`data.center_crop` is {crop}; allowed: null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({s.image_size})"
+            f"`data.center_crop` is {crop}; allowed: null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({image_size})"
         )
-    if not 0 <= s.data.val_fraction < 1:
-        raise ConfigError(f"`data.val_fraction` is {s.data.val_fraction}; allowed: 0 <= value < 1")
-    if not 0 <= s.data.min_brain_fraction < 1:
-        raise ConfigError(f"`data.min_brain_fraction` is {s.data.min_brain_fraction}; allowed: 0 <= value < 1")
-    if s.data.volume_index is not None and s.data.volume_index < 0:
-        raise ConfigError(f"`data.volume_index` is {s.data.volume_index}; allowed: null or an integer >= 0")
-    if s.data.format == "nifti" and not s.data.manifest:
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"`data.val_fraction` is {d.val_fraction}; allowed: 0 <= value < 1")
+    if not 0 <= d.min_brain_fraction < 1:
+        raise ConfigError(f"`data.min_brain_fraction` is {d.min_brain_fraction}; allowed: 0 <= value < 1")
+    if d.volume_index is not None and d.volume_index < 0:
+        raise ConfigError(f"`data.volume_index` is {d.volume_index}; allowed: null or an integer >= 0")
+    if d.format == "nifti" and not d.manifest:
         raise ConfigError("`data.format` is nifti but `data.manifest` is not set; give the path of the volumes CSV")
-    if s.data.demo_seed < 0:
-        raise ConfigError(f"`data.demo_seed` is {s.data.demo_seed}; allowed: an integer >= 0")
+    if d.demo_seed < 0:
+        raise ConfigError(f"`data.demo_seed` is {d.demo_seed}; allowed: an integer >= 0")

@@ -36,8 +36,8 @@ from ..config import Settings
 from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
 from ..errors import DataError
 from ..padim import Padim
-from . import metrics as M
-from . import protocol
+from .metrics import NAN, aupro, best_dice, degenerate_reason, dice_at, image_auroc, pixel_metrics_ab
+from .protocol import PATHOLOGIES, group_means, row_detections
 from .plotting import example_figure
 from .reference import NormalReference
 from .table import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
@@ -115,26 +115,26 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
 
 def _aupro_with_normals(group: GroupScores, normal: Optional[GroupScores]) -> float:
     if normal is None:
-        return M.aupro(group.maps, group.masks)
-    return M.aupro(np.concatenate([group.maps, normal.maps]), np.concatenate([group.masks, normal.masks]))
+        return aupro(group.maps, group.masks)
+    return aupro(np.concatenate([group.maps, normal.maps]), np.concatenate([group.masks, normal.masks]))
 
 
 def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
-                  field_threshold: float = M.NAN) -> dict[str, Any]:
+                  field_threshold: float = NAN) -> dict[str, Any]:
     """One table row for a pathology group (see the module docstring for the protocols). A group
     without masks (image level, e.g. the study's ``global`` slices) has image AUROC only."""
     notes = [] if group.masks.any() else ["image-level group (no masks): (C) only"]
     row_maps = group.maps[group.row_image]
-    reason = M.degenerate_reason(group.row_masks)
+    reason = degenerate_reason(group.row_masks)
     if reason and group.masks.any():
         notes.append(f"A: {reason}")
-    reason_b = M.degenerate_reason(group.row_masks[group.row_heads])
+    reason_b = degenerate_reason(group.row_masks[group.row_heads])
     if reason_b and not reason:
         notes.append(f"B: {reason_b} inside the head")
     if normal is None:
         notes.append("C: no normal test images")
-    dice_best, best_threshold = M.best_dice(group.maps, group.masks, group.heads)
-    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(row_maps, group.row_masks, group.row_heads)
+    dice_best, best_threshold = best_dice(group.maps, group.masks, group.heads)
+    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(row_maps, group.row_masks, group.row_heads)
     row = {
         "group": group.name,
         "n_images": group.n_images,
@@ -144,10 +144,10 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
         "A_ap": a_ap,
         "B_auroc": b_auroc,
         "B_ap": b_ap,
-        "C_auroc": M.image_auroc(group.scores, normal.scores) if normal is not None else M.NAN,
+        "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
         "aupro": _aupro_with_normals(group, normal),
         "dice_best": dice_best,
-        "dice_val_threshold": M.dice_at(group.maps, group.masks, threshold, group.heads),
+        "dice_val_threshold": dice_at(group.maps, group.masks, threshold, group.heads),
         "best_threshold": best_threshold,
     }
     row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
@@ -161,8 +161,8 @@ def _field_metrics(group: GroupScores, threshold: float) -> tuple[float, float]:
     """The field's mean F1 and detection rate over the group's rows (:mod:`utils.evaluation.protocol`);
     NaN without a threshold or when a row has no box (image-level groups)."""
     if not math.isfinite(threshold) or not group.row_masks.any(axis=(1, 2)).all():
-        return M.NAN, M.NAN
-    return protocol.group_means(protocol.row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, threshold))
+        return NAN, NAN
+    return group_means(row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, threshold))
 
 
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
@@ -176,20 +176,20 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
             else:
                 seen[path] = (group.maps[i], group.masks[i], group.heads[i], group.scores[i], group.anomalous)
     maps, masks, heads, scores, anomalous = (np.asarray(column) for column in zip(*seen.values()))
-    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(maps, masks, heads)
-    dice_best, best_threshold = M.best_dice(maps, masks, heads)
+    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(maps, masks, heads)
+    dice_best, best_threshold = best_dice(maps, masks, heads)
     return {
         "group": "all", "n_images": len(seen), "n_rows": int(sum(g.n_rows for g in groups.values())), "small_group": False,
         "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap,
-        "C_auroc": M.image_auroc(scores[anomalous], scores[~anomalous]),
-        "aupro": M.aupro(maps, masks), "dice_best": dice_best,
-        "dice_val_threshold": M.dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold,
-        "field_f1": M.NAN, "field_detection": M.NAN,
+        "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]),
+        "aupro": aupro(maps, masks), "dice_best": dice_best,
+        "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold,
+        "field_f1": NAN, "field_detection": NAN,
         "note": "whole test set, every distinct image once (normal images included)",
     }
 
 
-def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = M.NAN) -> pd.DataFrame:
+def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = NAN) -> pd.DataFrame:
     """One row per pathology group (all groups but ``normal``), then ``mean`` (the unweighted mean
     over those groups, ignoring NaN; n_images/n_rows: totals) and ``all`` (:func:`whole_test_metrics`)."""
     normal = groups.get(NORMAL)
@@ -230,13 +230,13 @@ class ImageUnits:
     def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
         """The field's summary numbers over its 13 pathologies, where the table has them (docs/protocol.md)."""
         groups = table.set_index("group")
-        present = [name for name in protocol.PATHOLOGIES if name in groups.index and np.isfinite(groups.loc[name, "field_f1"])]
+        present = [name for name in PATHOLOGIES if name in groups.index and np.isfinite(groups.loc[name, "field_f1"])]
         notes = [f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the head "
                  "above it); F1 and detection rate per group in the columns field_f1 and field_detection"]
         if present:
             chosen = groups.loc[present]
             rate = float((chosen["field_detection"] * chosen["n_rows"]).sum() / chosen["n_rows"].sum())
-            notes.append(f"field protocol over {len(present)} of the {len(protocol.PATHOLOGIES)} compai-lab pathologies: "
+            notes.append(f"field protocol over {len(present)} of the {len(PATHOLOGIES)} compai-lab pathologies: "
                          f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
         return notes
 

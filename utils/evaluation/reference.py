@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from ..config import Settings
 from ..data import make_loader
 from ..padim import Padim
-from . import metrics as M
+from .metrics import normal_threshold
 from .protocol import healthy_threshold
 
 #: Percentile of normal validation pixels (inside the head) used as the decision threshold.
@@ -43,7 +43,7 @@ class NormalReference:
     def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, percentile: float = VAL_PERCENTILE,
                   region_kind: str = "given") -> "NormalReference":
         values = np.asarray(maps, dtype=np.float32)[np.asarray(regions, dtype=bool)]
-        threshold = M.normal_threshold(values, None, percentile)
+        threshold = normal_threshold(values, None, percentile)
         low, median = (float(v) for v in np.percentile(values, [1.0, 50.0]))
         high = max(threshold, low + 1e-6)
         field = healthy_threshold(maps, regions)

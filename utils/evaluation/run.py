@@ -39,7 +39,7 @@ from ..errors import DataError, ModelFileError
 from ..files import staged_folder, write_atomic
 from ..padim import Padim
 from ..padim.model_file import check_compatible
-from . import report
+from .report import markdown, summary as summary_text
 from .images import ImageUnits
 from .naming import run_name
 from .plotting import auroc_bar_plot, save_figure
@@ -168,7 +168,7 @@ class Run:
 
     def summary(self) -> str:
         """Plain-text tables, notes, timings and where the results went (what ``python -m utils evaluate`` prints)."""
-        return report.summary(self)
+        return summary_text(self)
 
     def publish_figures(self, folder: str = "sources", prefix: str = "demo_") -> list[str]:
         """Save the figures as PNGs in ``folder`` (the repository's ``sources/``), demo data only:
@@ -193,7 +193,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     try:
         with staged_folder(run.directory) as folder:
             names = [write_atomic(os.path.join(folder, "metrics.csv"), run.table.to_csv(**csv).encode()),
-                     write_atomic(os.path.join(folder, "metrics.md"), report.markdown(run).encode()),
+                     write_atomic(os.path.join(folder, "metrics.md"), markdown(run).encode()),
                      write_atomic(os.path.join(folder, "config.yaml"), config.encode())]
             if run.unit_table is not None:
                 names.append(write_atomic(os.path.join(folder, f"{run.units.unit}s.csv"), run.unit_table.to_csv(**csv).encode()))

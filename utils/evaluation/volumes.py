@@ -27,7 +27,7 @@ from ..config import Settings
 from ..data import DataBundle
 from ..data.volumes import VolumeEntry, read_volume, score_volume, write_map
 from ..padim import Padim
-from . import metrics as M
+from .metrics import NAN, auroc_ap, best_dice, dice_at, pixel_metrics_ab
 from .plotting import planes_figure, volume_planes
 from .reference import NormalReference
 from .table import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, with_mean_row
@@ -57,14 +57,14 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
     counts = {"lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum())}
     if not kept.any():
         names = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_val_threshold", "dice_best_optimistic", "best_threshold")
-        return counts | dict.fromkeys(names, M.NAN) | {"note": "no slice scored: none has data.min_brain_fraction of brain"}
-    a_auroc, a_ap, b_auroc, b_ap = M.pixel_metrics_ab(anomaly, label, brain)
+        return counts | dict.fromkeys(names, NAN) | {"note": "no slice scored: none has data.min_brain_fraction of brain"}
+    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(anomaly, label, brain)
     slices = np.flatnonzero(kept)
-    c_auroc = M.auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
-    dice_best, best_threshold = M.best_dice(anomaly, label, brain)
+    c_auroc = auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
+    dice_best, best_threshold = best_dice(anomaly, label, brain)
     return counts | {
         "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
-        "dice_val_threshold": M.dice_at(anomaly, label, threshold, brain),
+        "dice_val_threshold": dice_at(anomaly, label, threshold, brain),
         "dice_best_optimistic": dice_best, "best_threshold": best_threshold, "note": "",
     }
 
@@ -117,8 +117,8 @@ class VolumeUnits:
         groups = []
         for name, part in volumes.groupby("group", sort=False):
             row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
-                   "small_group": len(part) <= SMALL_GROUP, "aupro": M.NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
-                   "best_threshold": M.NAN, "note": f"mean over {len(part)} volumes"}
+                   "small_group": len(part) <= SMALL_GROUP, "aupro": NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
+                   "best_threshold": NAN, "note": f"mean over {len(part)} volumes"}
             unscored = int(part["A_auroc"].isna().sum())
             if unscored:
                 row["note"] += f" ({unscored} without a scored slice: left out of the means)"

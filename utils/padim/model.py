@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import Settings
 from ..errors import DataError, ModelFileError
-from . import model_file
+from .model_file import ModelState, load_state, save_state
 from .align import align_batch, from_canonical
 from .features import PatchEmbedder, channel_selection, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
@@ -191,15 +191,15 @@ class Padim:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> str:
-        """Write the model to one file atomically (:func:`utils.padim.model_file.save`); returns the path."""
+        """Write the model to one file atomically (:func:`utils.padim.model_file.save_state`); returns the path."""
         self._require_fitted()
-        state = model_file.ModelState(self.settings, self.mean, self.whitening, self.train_count, self.train_fingerprint)
-        return model_file.save(state, path)
+        state = ModelState(self.settings, self.mean, self.whitening, self.train_count, self.train_fingerprint)
+        return save_state(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
-        """Read a model file (:func:`utils.padim.model_file.load`); with ``settings``, checked against them."""
-        state = model_file.load(path, settings)
+        """Read a model file (:func:`utils.padim.model_file.load_state`); with ``settings``, checked against them."""
+        state = load_state(path, settings)
         model = cls(state.settings)
         model.mean, model.whitening = state.mean.to(model.device), state.whitening.to(model.device)
         model.train_count, model.train_fingerprint = state.train_count, state.train_fingerprint

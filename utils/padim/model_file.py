@@ -60,7 +60,7 @@ class ModelState:
     train_fingerprint: str
 
 
-def save(state: ModelState, path: str | os.PathLike) -> str:
+def save_state(state: ModelState, path: str | os.PathLike) -> str:
     """Write ``state`` to ``path`` atomically (and durably: fsync before the rename); returns the path."""
     path = os.fspath(path)
     payload = {
@@ -151,8 +151,8 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     return value
 
 
-def load(path: str | os.PathLike, settings: Settings | None = None) -> ModelState:
-    """Read and check a model file written by :func:`save`.
+def load_state(path: str | os.PathLike, settings: Settings | None = None) -> ModelState:
+    """Read and check a model file written by :func:`save_state`.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
     (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
