@@ -162,10 +162,10 @@ class Settings:
     results_dir: str = "results"
     data: DataSettings = field(default_factory=DataSettings)
     #: CPU only: images per backbone pass, a slice of each batch (null: as many as fit in the
-    #: backbone family's pixel budget, utils.padim.backbones.cpu_forward). CUDA runs the whole batch.
+    #: pixel budget the sweep chose, utils.padim.backbones.cpu_forward). CUDA runs the whole batch.
     cpu_micro_batch: Optional[int] = None
     #: CPU only: the backbone's memory format, true channels_last, false contiguous (NCHW); null:
-    #: the backbone family's choice (utils.padim.backbones.cpu_forward). CUDA runs NCHW.
+    #: the sweep's choice (utils.padim.backbones.cpu_forward). CUDA runs NCHW.
     cpu_channels_last: Optional[bool] = None
 
     @property

@@ -84,7 +84,7 @@ class Run:
         self.name = run_name(self.settings, fingerprint([self.bundle.train, self.bundle.val, *self.bundle.test.values()]))
         self.directory = os.path.join(self.settings.results_dir, self.name)
         volumes = self.settings.data.format == "nifti"
-        self.units = VolumeUnits(self.settings, self.settings.results_dir, self.name) if volumes else ImageUnits(self.settings)
+        self.units = VolumeUnits(self.settings, self.name) if volumes else ImageUnits(self.settings)
         self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
         self.notes.append(f"data: {self.bundle.summary()}; threshold from {self.bundle.val_description}")
         return self.bundle
@@ -127,12 +127,11 @@ class Run:
             raise RuntimeError("call fit() before score()")
         bundle, settings = self.bundle, self.model.settings
         started = time.perf_counter()
-        total = len(bundle.val) + self.units.count(bundle)
-        with tqdm(total=total, desc="score", disable=not progress, unit="img", leave=False) as bar:
+        units = self.units.count(bundle)
+        with tqdm(total=len(bundle.val) + units, desc="score", disable=not progress, unit="img", leave=False) as bar:
             self.reference = normal_reference(self.model, bundle.val, bundle.val_description, settings, bar)
             self.notes += self.units.score(self.model, bundle, self.reference, bar)
         seconds = time.perf_counter() - started
-        units = self.units.count(bundle)
         self.timings.update({"score_s": round(seconds, 3), f"{self.units.unit}s_scored": units,
                              "units_per_second": round(units / max(seconds, 1e-9), 2)})
 

@@ -74,9 +74,8 @@ class VolumeUnits:
 
     unit = "volume"
 
-    def __init__(self, settings: Settings, staging_parent: str, name: str):
-        self.settings = settings
-        self.staging_parent, self.name = staging_parent, name
+    def __init__(self, settings: Settings, name: str):
+        self.settings, self.name = settings, name  # the run's name: its maps are staged in results_dir
         #: One row per test volume (:func:`volume_metrics`), after :meth:`score`.
         self.rows: list[dict] = []
         #: (case, planes through the lesion, gray scale, centre) of the first few volumes with a lesion.
@@ -88,8 +87,8 @@ class VolumeUnits:
 
     def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar=None) -> list[str]:
         """Score each test volume once, staging its map; on any failure the staged maps are removed."""
-        os.makedirs(self.staging_parent, exist_ok=True)
-        self._staging = tempfile.mkdtemp(prefix=f".{self.name}.maps-", dir=self.staging_parent)
+        os.makedirs(self.settings.results_dir, exist_ok=True)
+        self._staging = tempfile.mkdtemp(prefix=f".{self.name}.maps-", dir=self.settings.results_dir)
         self.rows, self.shown = [], []
         try:
             for name, group in bundle.test.items():

@@ -49,22 +49,17 @@ class CpuForward:
         return self.images or max(1, self.pixels // (size[0] * size[1]))
 
 
-#: The CPU forward of each backbone family, chosen from the sweep of ``python bench/run.py --sweep``
+#: The CPU forward of every backbone, chosen from the sweep of ``python bench/run.py --sweep``
 #: (micro-batches of 4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core
-#: AMD EPYC, 8 images in channels_last were the fastest of the eight for every backbone, 1.3x
+#: AMD EPYC, 8 images in channels_last were the fastest of the eight for both families, 1.3x
 #: (ResNets) to 3x (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
-_CPU_FORWARD = {
-    "efficientnet_lite": CpuForward(channels_last=True, pixels=8 * 128 * 128),
-    "resnet": CpuForward(channels_last=True, pixels=8 * 128 * 128),
-}
+_CPU_FORWARD = CpuForward(channels_last=True, pixels=8 * 128 * 128)
 
 
-def cpu_forward(name: str, images: int | None = None, channels_last: bool | None = None) -> CpuForward:
-    """The CPU forward of backbone ``name``; ``images`` and ``channels_last`` override its family's choice."""
-    family = _CPU_FORWARD["efficientnet_lite" if name.startswith("efficientnet_lite") else "resnet"]
-    return CpuForward(
-        channels_last=family.channels_last if channels_last is None else channels_last, pixels=family.pixels, images=images,
-    )
+def cpu_forward(images: int | None = None, channels_last: bool | None = None) -> CpuForward:
+    """The CPU forward of the backbones; ``images`` and ``channels_last`` override the sweep's choice."""
+    return CpuForward(channels_last=_CPU_FORWARD.channels_last if channels_last is None else channels_last,
+                      pixels=_CPU_FORWARD.pixels, images=images)
 
 
 class StageExtractor(nn.Module):

@@ -82,7 +82,7 @@ class PatchEmbedder(nn.Module):
     projected on it. Selecting before upsampling saves work and memory.
 
     On the CPU the network runs over micro-batches of ``micro_batch`` images in the memory format
-    of ``channels_last`` (None: the backbone family's choice, :func:`cpu_forward`); on CUDA over
+    of ``channels_last`` (None: the sweep's choice, :func:`cpu_forward`); on CUDA over
     the whole batch in the contiguous format. The embeddings of an image do not depend on either.
     """
 
@@ -110,7 +110,7 @@ class PatchEmbedder(nn.Module):
             selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
             self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
-        self.cpu_plan = cpu_forward(backbone, micro_batch, channels_last)
+        self.cpu_plan = cpu_forward(micro_batch, channels_last)
         self._weights_format = torch.contiguous_format
 
     @classmethod
