@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -32,11 +33,12 @@ def notebook_run(tmp_path_factory):
     return _execute(config, sources), folder, sources
 
 
-def _execute(config, sources):
-    """Run a copy of padim.ipynb with PADIM_CONFIG / PADIM_SOURCES set; returns the executed notebook."""
+def _execute(config, sources, notebook=None):
+    """Run a copy of padim.ipynb (or ``notebook``, executed in place) with PADIM_CONFIG / PADIM_SOURCES set;
+    returns the executed notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
+    notebook = notebook or nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
     previous = {k: os.environ.get(k) for k in ("PADIM_CONFIG", "PADIM_SOURCES")}
     os.environ.update(PADIM_CONFIG=str(config), PADIM_SOURCES=str(sources))
     try:
@@ -50,6 +52,35 @@ def _execute(config, sources):
             else:
                 os.environ[key] = value
     return notebook
+
+
+BAD_CONFIGS = [  # (change to config.yaml, the error class the notebook shows)
+    ({"batch_size": 0}, "ConfigError"),
+    ({"epsilon": "a lot"}, "ConfigError"),
+    ({"data": {"format": "mvtec", "root": "{tmp}/no-such-category"}}, "DataError"),
+]
+
+
+@pytest.mark.parametrize("change, error", BAD_CONFIGS)
+def test_notebook_shows_a_bad_config_as_one_line(tmp_path, change, error):
+    """Like the command line, the notebook shows the package's errors as one line, not a traceback."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    with open(os.path.join(ROOT, "config.yaml"), encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    for key, value in change.items():
+        if isinstance(value, dict):
+            raw[key].update({k: v.replace("{tmp}", str(tmp_path)) for k, v in value.items()})
+        else:
+            raw[key] = value
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    notebook = nbformat.read(os.path.join(ROOT, "padim.ipynb"), as_version=4)
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        _execute(config, tmp_path / "sources", notebook)
+    (shown,) = [o for o in _outputs(notebook) if o.get("output_type") == "error"]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(shown["traceback"])).strip()
+    assert len(text.splitlines()) == 1 and text.startswith(f"{error}: "), text
 
 
 def _outputs(notebook):
