@@ -65,16 +65,15 @@ def _finite(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def degenerate_reason(labels: np.ndarray, what: str = "pixels") -> Optional[str]:
-    """Why a ranking metric is undefined on ``labels`` (bool), or ``None`` when it is defined."""
+def degenerate_reason(labels: np.ndarray) -> Optional[str]:
+    """Why a ranking metric is undefined on the pixels' ``labels`` (bool), or ``None`` when it is defined."""
     labels = np.asarray(labels, dtype=bool)
     if labels.size == 0:
-        return f"no {what}"
-    positives = int(labels.sum())
-    if positives == 0:
-        return f"no anomalous {what}"
-    if positives == labels.size:
-        return f"no normal {what}"
+        return "no pixels"
+    if not labels.any():
+        return "no anomalous pixels"
+    if labels.all():
+        return "no normal pixels"
     return None
 
 
@@ -90,10 +89,6 @@ class Ranking:
     @classmethod
     def of(cls, scores: np.ndarray, labels: np.ndarray) -> "Ranking":
         return cls(np.sort(scores[labels]), (np.sort(scores[~labels]),))
-
-    @property
-    def defined(self) -> bool:
-        return self.positives.size > 0 and sum(part.size for part in self.negatives) > 0
 
     def at_positive_scores(self) -> tuple[np.ndarray, ...]:
         """At every distinct positive score ``t``, ascending: ``t``, and the counts of positives
@@ -111,10 +106,10 @@ class Ranking:
         """ROC AUC (the share of positive-negative pairs in order, ties one half: the area under
         scikit-learn's ROC curve) and average precision (scikit-learn's step sum: recall step x
         precision at each threshold); ``(nan, nan)`` if a class is missing."""
-        if not self.defined:
+        n_pos, n_neg = self.positives.size, sum(part.size for part in self.negatives)
+        if not (n_pos and n_neg):
             return NAN, NAN
         _, tied, true_pos, below, not_above = self.at_positive_scores()
-        n_pos, n_neg = self.positives.size, sum(part.size for part in self.negatives)
         pairs_in_order_x2 = int((tied * (below + not_above)).sum())  # integers: exact at any size
         false_pos = n_neg - below
         average_precision = float((tied * (true_pos / (true_pos + false_pos))).sum() / n_pos)
@@ -134,10 +129,7 @@ class Ranking:
 
 def auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """``(ROC AUC, average precision)`` of ``scores`` for bool ``labels``; ``(nan, nan)`` if a class is missing."""
-    labels = np.asarray(labels, dtype=bool).ravel()
-    if degenerate_reason(labels) is not None:
-        return NAN, NAN
-    return Ranking.of(_finite(scores).ravel(), labels).auroc_ap()
+    return Ranking.of(_finite(scores).ravel(), np.asarray(labels, dtype=bool).ravel()).auroc_ap()
 
 
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
@@ -194,10 +186,9 @@ def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optio
 def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, percentile: float = 99.0) -> float:
     """A decision threshold from maps of *normal* images: the ``percentile`` of their (region) pixels.
 
-    At 99, about 1 % of normal pixels are flagged. ``nan`` when there is no pixel.
+    At 99, about 1 % of normal pixels are flagged. ``nan`` when there is no pixel; NumPy refuses a
+    ``percentile`` outside [0, 100] (ValueError).
     """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     values = np.asarray(maps)
     if region is not None:
         values = values[np.asarray(region, dtype=bool)]

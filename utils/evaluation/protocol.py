@@ -8,8 +8,8 @@ github.com/ci-ber/RA, identical in these steps:
 
 - :func:`healthy_threshold`: the operating point from healthy maps (``thresholding``);
 - :func:`row_detections`: TP, FP, precision and F1 of each annotation (``object_localization``);
-- :func:`group_means`: a group's mean F1 and detection rate (mean TP);
-- :func:`pathology_mean`: the mean over the 13 pathologies of their table.
+- :func:`group_means`: a group's mean F1 and detection rate (mean TP); the mean over the 13
+  pathologies of their table is in the notes of :class:`utils.evaluation.images.ImageUnits`.
 
 docs/protocol.md says how the scale of the maps enters (theirs lie in [0, 1], ours are
 Mahalanobis distances) and what that means for the numbers.
@@ -18,7 +18,7 @@ Mahalanobis distances) and what that means for the numbers.
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -144,9 +144,3 @@ def group_means(detections: Detections) -> tuple[float, float]:
         return math.nan, math.nan
     return float(np.mean(detections.f1)), float(np.mean(detections.tp))
 
-
-def pathology_mean(values: Mapping[str, float], names: tuple[str, ...] = PATHOLOGIES) -> tuple[float, int]:
-    """The mean of ``values`` (group name -> number) over those of ``names`` that are present
-    with a finite value, and how many of ``names`` that is: ``(nan, 0)`` when none is."""
-    present = [float(values[name]) for name in names if name in values and math.isfinite(values[name])]
-    return (float(np.mean(present)) if present else math.nan), len(present)

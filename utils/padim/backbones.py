@@ -34,11 +34,16 @@ class CpuForward:
     Without a fixed count (``images``), a pass takes as many images as fit in ``pixels``
     (height x width summed over the images), at least one: the activations of a few images stay
     in the CPU's caches, those of a whole batch of 32 at 128 px do not.
+
+    The defaults are the choice of the sweep of ``python bench/run.py --sweep`` (micro-batches of
+    4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core AMD EPYC, 8
+    images in channels_last were the fastest of the eight for both families, 1.3x (ResNets) to 3x
+    (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
     """
 
-    channels_last: bool
-    pixels: int
     images: int | None = None
+    channels_last: bool = True
+    pixels: int = 8 * 128 * 128
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -49,17 +54,9 @@ class CpuForward:
         return self.images or max(1, self.pixels // (size[0] * size[1]))
 
 
-#: The CPU forward of every backbone, chosen from the sweep of ``python bench/run.py --sweep``
-#: (micro-batches of 4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core
-#: AMD EPYC, 8 images in channels_last were the fastest of the eight for both families, 1.3x
-#: (ResNets) to 3x (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
-_CPU_FORWARD = CpuForward(channels_last=True, pixels=8 * 128 * 128)
-
-
 def cpu_forward(images: int | None = None, channels_last: bool | None = None) -> CpuForward:
     """The CPU forward of the backbones; ``images`` and ``channels_last`` override the sweep's choice."""
-    return CpuForward(channels_last=_CPU_FORWARD.channels_last if channels_last is None else channels_last,
-                      pixels=_CPU_FORWARD.pixels, images=images)
+    return CpuForward(images) if channels_last is None else CpuForward(images, channels_last)
 
 
 class StageExtractor(nn.Module):
@@ -107,15 +104,6 @@ def _resnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageEx
     return StageExtractor(stem, [model.layer1, model.layer2, model.layer3], layers)
 
 
-class _EfficientNetStem(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
 def _efficientnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -132,7 +120,7 @@ def _efficientnet_extractor(name: str, weights: str, layers: Sequence[int]) -> S
     ends = _EFFICIENTNET_STAGE_BLOCKS[name]
     starts = (0,) + tuple(end + 1 for end in ends[:-1])
     stages = [nn.Sequential(*model._blocks[start : end + 1]) for start, end in zip(starts, ends)]
-    return StageExtractor(_EfficientNetStem(model), stages, layers)
+    return StageExtractor(nn.Sequential(model._conv_stem, model._bn0, model._swish), stages, layers)
 
 
 def _efficientnet_weight_file(name: str) -> str:
