@@ -177,6 +177,32 @@ def test_loading_with_other_model_settings_is_refused(small_settings, tmp_path, 
         Padim.load(path, small_settings.replace(**change))
 
 
+FORMATS = {"demo": {}, "mvtec": {"root": "data/mvtec/bottle"}, "study": {}, "nifti": {"manifest": "volumes.csv"}}
+IMAGES, VOLUMES = "fitted on images (PNG, MVTec, demo) and cannot score NIfTI volume slices", \
+    "fitted on NIfTI volume slices and cannot score images (PNG, MVTec, demo)"
+
+
+@pytest.mark.parametrize("fitted, used, refused", [
+    ("demo", "demo", None), ("demo", "mvtec", None), ("study", "demo", None), ("nifti", "nifti", None),
+    ("demo", "nifti", IMAGES), ("mvtec", "nifti", IMAGES), ("nifti", "demo", VOLUMES), ("nifti", "study", VOLUMES),
+])
+def test_a_model_scores_only_the_kind_of_input_it_was_fitted_on(small_settings, tmp_path, fitted, used, refused):
+    """evaluate --model and predict load with the config's settings; predict also names the kind of its input files."""
+    model = Padim(small_settings.replace(data={"format": fitted, **FORMATS[fitted]}))
+    positions, dim = small_settings.feature_size**2, small_settings.kept_channels
+    model.mean, model.whitening = torch.zeros(positions, dim), torch.eye(dim).repeat(positions, 1, 1)
+    model.train_count = 1
+    path = model.save(tmp_path / "m.pt")
+    settings, volumes = small_settings.replace(data={"format": used, **FORMATS[used]}), used == "nifti"
+    for use in (lambda: Padim.load(path, settings), lambda: Padim.load(path).check_input(volumes), lambda: model.check_input(volumes)):
+        if refused is None:
+            use()
+        else:
+            with pytest.raises(ModelFileError) as info:
+                use()
+            assert refused in str(info.value) and "\n" not in str(info.value)
+
+
 def test_run_time_settings_may_differ_when_loading(small_settings, tmp_path):
     path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
     loaded = Padim.load(path, small_settings.replace(blur_sigma=0.0, batch_size=2))
