@@ -143,7 +143,8 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if reason_b and not reason:
         notes.append(f"B: {reason_b} inside the head")
     pooled = [group] if normal is None else [group, normal]  # AUPRO: the group's images and the normal ones
-    row = {"group": group.name, "n_images": group.n_images, "n_rows": group.n_rows, "small_group": group.n_images <= SMALL_GROUP,
+    row = {"group": group.name, "n_images": group.n_images, "n_rows": group.n_rows,
+           "small_group": group.n_images <= SMALL_GROUP,
            "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
            "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
     row |= _localisation(threshold, group.maps, group.masks, group.heads, group.maps[group.row_image], group.row_masks,

@@ -188,14 +188,13 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     paths written."""
     started = time.perf_counter()
     csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
-    config = f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)
+    texts = {"metrics.csv": run.table.to_csv(**csv), "metrics.md": markdown(run),
+             "config.yaml": f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)}
+    if run.unit_table is not None:
+        texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
     try:
         with staged_folder(run.directory) as folder:
-            names = [write_atomic(os.path.join(folder, "metrics.csv"), run.table.to_csv(**csv).encode()),
-                     write_atomic(os.path.join(folder, "metrics.md"), markdown(run).encode()),
-                     write_atomic(os.path.join(folder, "config.yaml"), config.encode())]
-            if run.unit_table is not None:
-                names.append(write_atomic(os.path.join(folder, f"{run.units.unit}s.csv"), run.unit_table.to_csv(**csv).encode()))
+            names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
             if save_model and run.model is not None:
                 names.append(run.model.save(os.path.join(folder, "model.pt")))
             if figures:

@@ -111,18 +111,16 @@ class VolumeUnits:
         return volume_metrics(anomaly, volume.label, volume.brain, volume.kept, reference.threshold)
 
     def table(self, reference: NormalReference) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The metrics table (each group's mean over its volumes, then ``mean``) and the per-volume table."""
+        """The metrics table (each group's mean over its volumes, then ``mean``; no AUPRO and no field
+        protocol for volumes) and the per-volume table."""
         volumes = pd.DataFrame(self.rows)
         groups = []
-        for name, part in volumes.groupby("group", sort=False):
-            row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
-                   "small_group": len(part) <= SMALL_GROUP, "aupro": NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
-                   "best_threshold": NAN, "note": f"mean over {len(part)} volumes"}
+        for name, part in volumes.rename(columns={"dice_best_optimistic": "dice_best"}).groupby("group", sort=False):
             unscored = int(part["A_auroc"].isna().sum())
-            if unscored:
-                row["note"] += f" ({unscored} without a scored slice: left out of the means)"
-            row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
-            groups.append(row)
+            left_out = f" ({unscored} without a scored slice: left out of the means)" if unscored else ""
+            groups.append({column: float(part[column].mean()) for column in METRIC_COLUMNS if column in part} | {
+                "group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
+                "small_group": len(part) <= SMALL_GROUP, "note": f"mean over {len(part)} volumes{left_out}"})
         return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes
 
     @staticmethod
