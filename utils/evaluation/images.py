@@ -204,32 +204,29 @@ class ImageUnits:
         """How many images :meth:`score` scores: each distinct test image once."""
         return sum(len(set(group.paths)) for group in bundle.test.values())
 
-    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar=None) -> list[str]:
-        """Score every test group; returns notes for the report."""
+    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar) -> None:
+        """Score every test group (``bar``: the run's progress bar)."""
         self.groups = {}
         for name, dataset in bundle.test.items():
-            if bar is not None:
-                bar.set_description(f"score {name}")
+            bar.set_description(f"score {name}")
             self.groups[name] = score_group(model, dataset, self.settings, bar)
-        return [] if NORMAL in self.groups else ["no normal test images: (C) image AUROC is undefined"]
 
-    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None]:
-        """The metrics table (one row per group, ``mean``, ``all``); images have no per-unit table."""
-        return metrics_table(self.groups, reference.threshold, reference.field_threshold), None
-
-    @staticmethod
-    def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
-        """The field's summary numbers over its 13 pathologies, where the table has them (docs/protocol.md)."""
+    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None, list[str]]:
+        """The metrics table (one row per group, ``mean``, ``all``; images have no per-unit table) and
+        notes for the report: the field's summary numbers over its 13 pathologies, where the table
+        has them (docs/protocol.md)."""
+        table = metrics_table(self.groups, reference.threshold, reference.field_threshold)
+        notes = [] if NORMAL in self.groups else ["no normal test images: (C) image AUROC is undefined"]
+        notes.append(f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the "
+                     "head above it); F1 and detection rate per group in the columns field_f1 and field_detection")
         groups = table.set_index("group")
         present = [name for name in PATHOLOGIES if name in groups.index and np.isfinite(groups.loc[name, "field_f1"])]
-        notes = [f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the head "
-                 "above it); F1 and detection rate per group in the columns field_f1 and field_detection"]
         if present:
             chosen = groups.loc[present]
             rate = float((chosen["field_detection"] * chosen["n_rows"]).sum() / chosen["n_rows"].sum())
             notes.append(f"field protocol over {len(present)} of the {len(PATHOLOGIES)} compai-lab pathologies: "
                          f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
-        return notes
+        return table, None, notes
 
     def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
         """``examples_<group>``: a few images of each pathology group with their maps."""

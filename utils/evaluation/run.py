@@ -130,7 +130,7 @@ class Run:
         units = self.units.count(bundle)
         with tqdm(total=len(bundle.val) + units, desc="score", disable=not progress, unit="img", leave=False) as bar:
             self.reference = normal_reference(self.model, bundle.val, bundle.val_description, settings, bar)
-            self.notes += self.units.score(self.model, bundle, self.reference, bar)
+            self.units.score(self.model, bundle, self.reference, bar)
         seconds = time.perf_counter() - started
         self.timings.update({"score_s": round(seconds, 3), f"{self.units.unit}s_scored": units,
                              "units_per_second": round(units / max(seconds, 1e-9), 2)})
@@ -140,8 +140,8 @@ class Run:
         if self.reference is None:
             raise RuntimeError("call score() before compute_metrics()")
         started = time.perf_counter()
-        self.table, self.unit_table = self.units.table(self.reference)
-        self.notes += self.units.notes(self.table, self.reference)
+        self.table, self.unit_table, notes = self.units.table(self.reference)
+        self.notes += notes
         self.timings["metrics_s"] = round(time.perf_counter() - started, 3)
         return self.table
 
