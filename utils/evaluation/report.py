@@ -42,7 +42,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     the ``mean`` and ``all`` rows in bold."""
     columns = [c for c in HEADERS if c in table and table[c].notna().any()]
     header = ["group", "images", "rows"] + [HEADERS[c] for c in columns]
-    rows = [[_label(row), str(row["n_images"]), str(row["n_rows"])] + [_fmt(row[c]) for c in columns] for _, row in table.iterrows()]
+    rows = [[_label(row), str(row["n_images"]), str(row["n_rows"])] + [_fmt(row[c]) for c in columns]
+            for _, row in table.iterrows()]
     return "\n".join(_pipe_table(header, rows, ["---"] + ["---:"] * (len(header) - 1)))
 
 

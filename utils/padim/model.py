@@ -54,8 +54,7 @@ def batches(images: ImageSource, settings: Settings, desc: str, progress: bool) 
     in the data path, :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
     if isinstance(images, torch.Tensor):
         images = images.split(settings.batch_size)
-    total = len(images) if hasattr(images, "__len__") else None
-    for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
+    for batch in tqdm(images, desc=desc, disable=not progress, unit="batch", leave=False):
         heads = batch.get("foreground") if isinstance(batch, Mapping) else None
         batch = checked_batch(batch["image"] if isinstance(batch, Mapping) else batch, settings.input_size)
         if heads is None and settings.estimates_head:

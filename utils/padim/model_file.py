@@ -175,10 +175,6 @@ def load_state(path: str | os.PathLike, settings: Settings | None = None) -> Mod
         raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
     if not isinstance(fingerprint, str) or len(fingerprint) > 64:
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
-    return ModelState(
-        settings=stored,
-        mean=_tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path),
-        whitening=_tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path),
-        train_count=count,
-        train_fingerprint=fingerprint,
-    )
+    mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
+    whitening = _tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
+    return ModelState(stored, mean, whitening, count, fingerprint)
