@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterator
 
 import torch
@@ -95,9 +96,7 @@ class PatchEmbedder(nn.Module):
             torch.manual_seed(settings.seed)
             self.extractor = build_backbone(settings.backbone, settings.weights, settings.layers)
         stage_channels = BACKBONES[settings.backbone].stage_channels
-        offsets = [0]
-        for layer in settings.layers:
-            offsets.append(offsets[-1] + stage_channels[layer - 1])
+        offsets = list(itertools.accumulate((stage_channels[layer - 1] for layer in settings.layers), initial=0))
         for i, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
             selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
             self.register_buffer(f"select{i}", selected, persistent=False)
