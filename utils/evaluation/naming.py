@@ -27,9 +27,7 @@ def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
     path and content hash, so replacing the file changes the name; so do images added to, removed
     from or rewritten in the data under the same config.
     """
-    identity = settings.to_dict()
-    for key in RUN_TIME_KEYS:
-        identity.pop(key, None)
+    identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
     data = identity["data"]
     data.pop("num_workers")
     data["root"] = os.path.normpath(data["root"])

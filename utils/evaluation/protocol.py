@@ -122,10 +122,9 @@ def row_detections(maps: np.ndarray, row_image: np.ndarray, row_masks: np.ndarra
         raise DataError(f"threshold must be finite, got {threshold}")
     x = maps[row_image]
     x[x < threshold] = 0
-    covered = np.count_nonzero(x * boxes, axis=(1, 2))
-    tp = (covered > BOX_SHARE * box_size).astype(np.int64)
-    in_box = (x * boxes).sum(axis=(1, 2))
-    fp = np.trunc((x * healthy).sum(axis=(1, 2)) / np.maximum(in_box, 1)).astype(np.int64)
+    in_box = x * boxes
+    tp = (np.count_nonzero(in_box, axis=(1, 2)) > BOX_SHARE * box_size).astype(np.int64)
+    fp = np.trunc((x * healthy).sum(axis=(1, 2)) / np.maximum(in_box.sum(axis=(1, 2)), 1)).astype(np.int64)
     precision = tp / np.maximum(tp + fp, 1)
     return Detections(tp, fp, precision, 2 * precision * tp / (precision + tp + F1_EPSILON))
 

@@ -79,13 +79,12 @@ def summary(run) -> str:
     table = run.table
     if table is None:
         return f"run {run.name}: not evaluated yet"
-    number = lambda v: f"{v:.3f}"  # noqa: E731
     lines = [f"run {run.name}"]
     if run.unit_table is not None:
-        lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format=number), ""]
+        lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format="{:.3f}".format), ""]
     shown = table.drop(columns=["note", "best_threshold"]).dropna(axis=1, how="all").copy()
     shown.loc[shown["small_group"], "group"] = shown.loc[shown["small_group"], "group"] + SMALL_MARK
-    lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format=number, na_rep="–"))
+    lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format="{:.3f}".format, na_rep="–"))
     lines.append("† 1-2 scoring units: noise.  dice_best is optimistic (threshold chosen on the test group or volume).")
     lines += [f"note: {n}" for n in run.notes]
     t = run.timings
