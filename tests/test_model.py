@@ -43,9 +43,9 @@ def test_same_seed_identical_maps_other_seed_other_channels(small_settings):
     first = Padim(small_settings).fit(train, progress=False).score(test, progress=False)
     second = Padim(small_settings).fit(train, progress=False).score(test, progress=False)
     assert np.array_equal(first.maps, second.maps)
-    other = Padim(small_settings.replace(seed=1))
-    assert not torch.equal(other.channel_indices, Padim(small_settings).channel_indices)
-    assert len(other.channel_indices.unique()) == small_settings.output_dimension
+    other = channel_selection(small_settings.replace(seed=1))[0]
+    assert not torch.equal(other, channel_selection(small_settings)[0])
+    assert len(other.unique()) == small_settings.output_dimension
 
 
 def test_channel_selection_is_seeded_sorted_and_in_range():
@@ -64,7 +64,7 @@ def test_embedding_matches_manual_selection_of_stage_maps(small_settings):
     full = torch.cat([torch.nn.functional.interpolate(m, size=(16, 16), mode="nearest") for m in maps], dim=1)
     assert embedding.shape == (2, 24, 16, 16)
     # float32 sums in another order (repeat_interleave vs interpolate, selection before upsampling) move values by ~1e-5
-    torch.testing.assert_close(embedding, full[:, model.channel_indices], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(embedding, full[:, channel_selection(small_settings)[0]], rtol=1e-4, atol=1e-4)
 
 
 def whole_batch_reference(settings, images):
@@ -85,7 +85,7 @@ def whole_batch_reference(settings, images):
 def test_micro_batched_embeddings_equal_the_whole_batch_ones(small_settings, backbone, weights, micro_batch, channels_last):
     settings = small_settings.replace(backbone=backbone, weights=weights, cpu_micro_batch=micro_batch, cpu_channels_last=channels_last)
     images = to_batch(smooth_textures(5, 64, seed=4))
-    embedder = PatchEmbedder.for_settings(settings, *channel_selection(settings))
+    embedder = PatchEmbedder(settings)
     # float32 sums in another order (micro-batch, memory format, repeat_interleave vs interpolate) move values by ~1e-5
     torch.testing.assert_close(embedder(images), whole_batch_reference(settings, images), rtol=1e-4, atol=1e-4)
 
@@ -107,8 +107,7 @@ def test_the_cpu_forward_settings_are_honoured(small_settings, micro_batch, chan
 
 
 def test_off_the_cpu_the_network_runs_the_whole_batch_in_nchw(small_settings):
-    embedder = PatchEmbedder.for_settings(small_settings.replace(cpu_micro_batch=2, cpu_channels_last=True),
-                                          *channel_selection(small_settings))
+    embedder = PatchEmbedder(small_settings.replace(cpu_micro_batch=2, cpu_channels_last=True))
     assert embedder.layout(torch.empty(40, 3, 64, 64, device="meta")) == (40, torch.contiguous_format)
 
 
@@ -176,6 +175,32 @@ def test_loading_with_other_model_settings_is_refused(small_settings, tmp_path, 
     path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
     with pytest.raises(ModelFileError, match=key):
         Padim.load(path, small_settings.replace(**change))
+
+
+FORMATS = {"demo": {}, "mvtec": {"root": "data/mvtec/bottle"}, "study": {}, "nifti": {"manifest": "volumes.csv"}}
+IMAGES, VOLUMES = "fitted on images (PNG, MVTec, demo) and cannot score NIfTI volume slices", \
+    "fitted on NIfTI volume slices and cannot score images (PNG, MVTec, demo)"
+
+
+@pytest.mark.parametrize("fitted, used, refused", [
+    ("demo", "demo", None), ("demo", "mvtec", None), ("study", "demo", None), ("nifti", "nifti", None),
+    ("demo", "nifti", IMAGES), ("mvtec", "nifti", IMAGES), ("nifti", "demo", VOLUMES), ("nifti", "study", VOLUMES),
+])
+def test_a_model_scores_only_the_kind_of_input_it_was_fitted_on(small_settings, tmp_path, fitted, used, refused):
+    """evaluate --model and predict load with the config's settings; predict also names the kind of its input files."""
+    model = Padim(small_settings.replace(data={"format": fitted, **FORMATS[fitted]}))
+    positions, dim = small_settings.feature_size**2, small_settings.kept_channels
+    model.mean, model.whitening = torch.zeros(positions, dim), torch.eye(dim).repeat(positions, 1, 1)
+    model.train_count = 1
+    path = model.save(tmp_path / "m.pt")
+    settings, volumes = small_settings.replace(data={"format": used, **FORMATS[used]}), used == "nifti"
+    for use in (lambda: Padim.load(path, settings), lambda: Padim.load(path).check_input(volumes), lambda: model.check_input(volumes)):
+        if refused is None:
+            use()
+        else:
+            with pytest.raises(ModelFileError) as info:
+                use()
+            assert refused in str(info.value) and "\n" not in str(info.value)
 
 
 def test_run_time_settings_may_differ_when_loading(small_settings, tmp_path):
@@ -255,9 +280,8 @@ def test_ledoit_wolf_refuses_statistics_without_all_moments(small_settings):
     train = to_batch(smooth_textures(8, 64, seed=12))
     model = Padim(settings)
     stats = model.accumulate(train[:4], progress=False)
-    other = Padim(settings).accumulate(train[4:], progress=False)
     with torch.inference_mode():
-        stats.merge(other)  # as a multi-process fit would: the moments cover only this shard
+        stats.update(model.embed(train[4:]))  # as a multi-process fit would: the moments cover only this shard
     with pytest.raises(DataError, match="single-process"):
         model.fit_statistics(stats)
 

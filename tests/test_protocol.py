@@ -144,7 +144,7 @@ def test_a_box_is_detected_with_more_than_ten_percent_of_its_pixels(box_pixels, 
     assert result.fp.tolist() == [0]
 
 
-def test_group_means_and_the_mean_over_the_pathologies():
+def test_group_means():
     # F1 [0.5, 1/3, 0] -> mean 5/18; TP [1, 1, 0] -> detection rate 2/3.
     detections = P.Detections(np.array([1, 1, 0]), np.array([2, 4, 37]), np.array([1 / 3, 0.2, 0.0]),
                               np.array([0.5, 1 / 3, 0.0]))
@@ -152,12 +152,7 @@ def test_group_means_and_the_mean_over_the_pathologies():
     assert f1 == pytest.approx(5 / 18) and rate == pytest.approx(2 / 3)
     empty = P.Detections(*(np.zeros(0),) * 4)
     assert all(math.isnan(v) for v in P.group_means(empty))
-    # edema 0.5 and wml 0.25 count (mean 0.375, 2 of 13); artefacts is not one of the 13, sinus is nan.
-    mean, present = P.pathology_mean({"edema": 0.5, "wml": 0.25, "artefacts": 0.9, "sinus": math.nan})
-    assert (mean, present) == (0.375, 2)
     assert len(P.PATHOLOGIES) == 13
-    nothing = P.pathology_mean({"artefacts": 0.9})
-    assert math.isnan(nothing[0]) and nothing[1] == 0
 
 
 # ---------------------------------------------------------------------------- bad inputs

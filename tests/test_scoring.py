@@ -1,4 +1,4 @@
-"""Mahalanobis distance and blur against SciPy."""
+"""Mahalanobis distance and the upsampled, blurred maps against SciPy."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from utils.padim.scoring import anomaly_maps, gaussian_blur, image_scores, mahalanobis
+from utils.padim.scoring import anomaly_maps, image_scores, mahalanobis
 
 
 @pytest.mark.parametrize("d, h, w", [(5, 3, 2), (40, 1, 2)])
@@ -31,18 +31,7 @@ def test_mahalanobis_matches_scipy_on_every_position(d, h, w):
                 assert got[i, y, x] == pytest.approx(expected, rel=1e-8)
 
 
-@pytest.mark.parametrize("sigma", [1.0, 4.0])
-def test_blur_matches_scipy_mirror_mode(sigma):
-    rng = np.random.default_rng(1)
-    maps = rng.random((2, 48, 40))
-    got = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
-    for m, g in zip(maps, got):
-        np.testing.assert_allclose(g, gaussian_filter(m, sigma, mode="mirror", truncate=4.0), atol=1e-10)
-
-
-def test_zero_sigma_leaves_maps_unchanged_and_upsampling_keeps_constant_maps():
-    maps = torch.rand(2, 8, 8)
-    assert torch.equal(gaussian_blur(maps, 0), maps)
+def test_upsampling_keeps_constant_maps():
     constant = torch.full((1, 8, 8), 3.0)
     assert torch.allclose(anomaly_maps(constant, 32, 4.0), torch.full((1, 32, 32), 3.0))
 
@@ -76,9 +65,10 @@ def test_separable_map_operator_equals_interpolate_then_blur(grid, size, sigma):
     np.testing.assert_allclose(single.numpy(), expected, atol=1e-4)
 
 
-def test_map_operator_on_maps_smaller_than_the_blur_kernel_equals_the_two_steps():
-    # 8 px maps with sigma 4: the kernel radius (16) is clipped to 7 in both gaussian_blur and the operator.
+def test_map_operator_on_maps_smaller_than_the_blur_kernel_clips_the_kernel_to_the_map():
+    # 8 px maps with sigma 4: the kernel radius (16) is clipped to 7, as SciPy's radius argument does.
     rng = np.random.default_rng(3)
     distances = torch.from_numpy(rng.random((2, 4, 4)) * 10)
     upsampled = torch.nn.functional.interpolate(distances.unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=False).squeeze(1)
-    np.testing.assert_allclose(anomaly_maps(distances, 8, 4.0).numpy(), gaussian_blur(upsampled, 4.0).numpy(), atol=1e-10)
+    expected = np.stack([gaussian_filter(m, 4.0, mode="mirror", radius=7) for m in upsampled.numpy()])
+    np.testing.assert_allclose(anomaly_maps(distances, 8, 4.0).numpy(), expected, atol=1e-10)

@@ -77,6 +77,20 @@ class GroupScores:
         return len(self.row_image)
 
 
+def _distinct(keys: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct ``keys`` in first-appearance order, and the index among them of every key."""
+    distinct = list(dict.fromkeys(keys))
+    index_of = {key: index for index, key in enumerate(distinct)}
+    return distinct, np.asarray([index_of[key] for key in keys], dtype=np.int64)
+
+
+def _union(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per distinct ``index``, the union (logical or) of the ``values`` with that index."""
+    union = np.zeros((int(index.max()) + 1,) + values.shape[1:], dtype=bool)
+    np.logical_or.at(union, index, values)
+    return union
+
+
 def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -> GroupScores:
     """Score every distinct image of ``dataset`` once, with every row's masks decoded once.
 
@@ -84,18 +98,13 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     are the unions of its rows', and its
     image score is taken inside its head (the whole image where the head mask is empty).
     """
-    paths = list(dict.fromkeys(dataset.paths))  # distinct images, in first-appearance order
-    if not paths:
+    if not dataset.items:
         raise DataError(f"test group {dataset.name!r} holds no images")
-    index_of = {path: index for index, path in enumerate(paths)}
-    row_image = np.asarray([index_of[item.image] for item in dataset.items], dtype=np.int64)
+    paths, row_image = _distinct(dataset.paths)
     row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
     row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
     row_heads = np.stack([head.numpy() for _, head in row_pairs])
-    masks = np.zeros((len(paths),) + row_masks.shape[1:], dtype=bool)
-    heads = np.zeros_like(masks)
-    np.logical_or.at(masks, row_image, row_masks)
-    np.logical_or.at(heads, row_image, row_heads)
+    masks, heads = _union(row_image, row_masks), _union(row_image, row_heads)
     heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
     images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
     maps, scores, display = [], [], []
@@ -113,10 +122,13 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     )
 
 
-def _aupro_with_normals(group: GroupScores, normal: Optional[GroupScores]) -> float:
-    if normal is None:
-        return aupro(group.maps, group.masks)
-    return aupro(np.concatenate([group.maps, normal.maps]), np.concatenate([group.masks, normal.masks]))
+def _localisation(threshold: float, maps: np.ndarray, masks: np.ndarray, heads: np.ndarray, row_maps: np.ndarray,
+                  row_masks: np.ndarray, row_heads: np.ndarray) -> dict[str, float]:
+    """(A) and (B) over the rows (one per annotation), the Dice columns over the distinct images."""
+    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(row_maps, row_masks, row_heads)
+    dice_best, best_threshold = best_dice(maps, masks, heads)
+    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "dice_best": dice_best,
+            "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold}
 
 
 def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
@@ -124,33 +136,22 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     """One table row for a pathology group (see the module docstring for the protocols). A group
     without masks (image level, e.g. the study's ``global`` slices) has image AUROC only."""
     notes = [] if group.masks.any() else ["image-level group (no masks): (C) only"]
-    row_maps = group.maps[group.row_image]
     reason = degenerate_reason(group.row_masks)
     if reason and group.masks.any():
         notes.append(f"A: {reason}")
     reason_b = degenerate_reason(group.row_masks[group.row_heads])
     if reason_b and not reason:
         notes.append(f"B: {reason_b} inside the head")
+    pooled = [group] if normal is None else [group, normal]  # AUPRO: the group's images and the normal ones
+    row = {"group": group.name, "n_images": group.n_images, "n_rows": group.n_rows,
+           "small_group": group.n_images <= SMALL_GROUP,
+           "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
+           "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
+    row |= _localisation(threshold, group.maps, group.masks, group.heads, group.maps[group.row_image], group.row_masks,
+                         group.row_heads)
+    row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
     if normal is None:
         notes.append("C: no normal test images")
-    dice_best, best_threshold = best_dice(group.maps, group.masks, group.heads)
-    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(row_maps, group.row_masks, group.row_heads)
-    row = {
-        "group": group.name,
-        "n_images": group.n_images,
-        "n_rows": group.n_rows,
-        "small_group": group.n_images <= SMALL_GROUP,
-        "A_auroc": a_auroc,
-        "A_ap": a_ap,
-        "B_auroc": b_auroc,
-        "B_ap": b_ap,
-        "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
-        "aupro": _aupro_with_normals(group, normal),
-        "dice_best": dice_best,
-        "dice_val_threshold": dice_at(group.maps, group.masks, threshold, group.heads),
-        "best_threshold": best_threshold,
-    }
-    row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
     if row["small_group"]:
         notes.append(f"only {counted(group.n_images)}: noise")
     row["note"] = "; ".join(notes)
@@ -166,27 +167,19 @@ def _field_metrics(group: GroupScores, threshold: float) -> tuple[float, float]:
 
 
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
-    """The row ``all``: every distinct test image once (normal ones included), pooled."""
-    seen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]] = {}
-    for group in groups.values():
-        for i, path in enumerate(group.paths):
-            if path in seen:  # an image in two groups: the union of its masks
-                maps, masks, heads, score, anomalous = seen[path]
-                seen[path] = (maps, masks | group.masks[i], heads, score, anomalous or group.anomalous)
-            else:
-                seen[path] = (group.maps[i], group.masks[i], group.heads[i], group.scores[i], group.anomalous)
-    maps, masks, heads, scores, anomalous = (np.asarray(column) for column in zip(*seen.values()))
-    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(maps, masks, heads)
-    dice_best, best_threshold = best_dice(maps, masks, heads)
+    """The row ``all``: every distinct test image once (normal ones included; an image in two
+    groups with the union of its masks), pooled."""
+    parts = list(groups.values())
+    paths, image = _distinct([path for group in parts for path in group.paths])
+    first = np.unique(image, return_index=True)[1]
+    maps, heads, scores = (np.concatenate([getattr(g, name) for g in parts])[first] for name in ("maps", "heads", "scores"))
+    masks = _union(image, np.concatenate([group.masks for group in parts]))
+    anomalous = _union(image, np.repeat([group.anomalous for group in parts], [group.n_images for group in parts]))
     return {
-        "group": "all", "n_images": len(seen), "n_rows": int(sum(g.n_rows for g in groups.values())), "small_group": False,
-        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap,
-        "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]),
-        "aupro": aupro(maps, masks), "dice_best": dice_best,
-        "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold,
-        "field_f1": NAN, "field_detection": NAN,
-        "note": "whole test set, every distinct image once (normal images included)",
-    }
+        "group": "all", "n_images": len(paths), "n_rows": int(sum(g.n_rows for g in parts)), "small_group": False,
+        "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps, masks),
+        "field_f1": NAN, "field_detection": NAN, "note": "whole test set, every distinct image once (normal images included)",
+    } | _localisation(threshold, maps, masks, heads, maps, masks, heads)
 
 
 def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = NAN) -> pd.DataFrame:
@@ -195,8 +188,6 @@ def metrics_table(groups: dict[str, GroupScores], threshold: float, field_thresh
     normal = groups.get(NORMAL)
     rows = [group_metrics(g, normal, threshold, field_threshold) for name, g in groups.items() if name != NORMAL]
     return with_mean_row(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), whole_test_metrics(groups, threshold))
-
-
 
 
 class ImageUnits:
@@ -213,32 +204,29 @@ class ImageUnits:
         """How many images :meth:`score` scores: each distinct test image once."""
         return sum(len(set(group.paths)) for group in bundle.test.values())
 
-    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar=None) -> list[str]:
-        """Score every test group; returns notes for the report."""
+    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar) -> None:
+        """Score every test group (``bar``: the run's progress bar)."""
         self.groups = {}
         for name, dataset in bundle.test.items():
-            if bar is not None:
-                bar.set_description(f"score {name}")
+            bar.set_description(f"score {name}")
             self.groups[name] = score_group(model, dataset, self.settings, bar)
-        return [] if NORMAL in self.groups else ["no normal test images: (C) image AUROC is undefined"]
 
-    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None]:
-        """The metrics table (one row per group, ``mean``, ``all``); images have no per-unit table."""
-        return metrics_table(self.groups, reference.threshold, reference.field_threshold), None
-
-    @staticmethod
-    def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
-        """The field's summary numbers over its 13 pathologies, where the table has them (docs/protocol.md)."""
+    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, None, list[str]]:
+        """The metrics table (one row per group, ``mean``, ``all``; images have no per-unit table) and
+        notes for the report: the field's summary numbers over its 13 pathologies, where the table
+        has them (docs/protocol.md)."""
+        table = metrics_table(self.groups, reference.threshold, reference.field_threshold)
+        notes = [] if NORMAL in self.groups else ["no normal test images: (C) image AUROC is undefined"]
+        notes.append(f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the "
+                     "head above it); F1 and detection rate per group in the columns field_f1 and field_detection")
         groups = table.set_index("group")
         present = [name for name in PATHOLOGIES if name in groups.index and np.isfinite(groups.loc[name, "field_f1"])]
-        notes = [f"field protocol: threshold {reference.field_threshold:.4g} (5 % of the validation pixels inside the head "
-                 "above it); F1 and detection rate per group in the columns field_f1 and field_detection"]
         if present:
             chosen = groups.loc[present]
             rate = float((chosen["field_detection"] * chosen["n_rows"]).sum() / chosen["n_rows"].sum())
             notes.append(f"field protocol over {len(present)} of the {len(PATHOLOGIES)} compai-lab pathologies: "
                          f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
-        return notes
+        return table, None, notes
 
     def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
         """``examples_<group>``: a few images of each pathology group with their maps."""

@@ -6,7 +6,9 @@ is true. Image metrics take one score per image. Maps are used as they are: noth
 normalises them (no min-max with test statistics), so scores from different groups stay comparable.
 
 Degenerate inputs (no positive or no negative pixel/image, an empty region) give ``nan``, never an
-exception; :func:`degenerate_reason` says why, for the notes of a results table.
+exception; :func:`degenerate_reason` says why, for the notes of a results table. Bad inputs (shapes
+that differ, NaN or Inf scores) are one :class:`utils.errors.DataError` line (:func:`checked_mask`,
+:func:`finite`, shared with :mod:`utils.evaluation.protocol`).
 
 - :func:`auroc_ap` (and :func:`pixel_metrics`, :func:`image_auroc`): the values of scikit-learn's
   ``roc_auc_score`` and ``average_precision_score`` (the tests hold them to 1e-9), read off one
@@ -29,6 +31,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from ..errors import DataError
+
 NAN = float("nan")
 #: Ground-truth regions are 8-connected, as in the MVTec AD evaluation code and anomalib.
 REGION_STRUCTURE = np.ones((3, 3), dtype=int)
@@ -41,40 +45,42 @@ def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = N
     maps, masks, region = _checked(maps, masks, region)
     if region is not None:
         maps, masks = maps[region], masks[region]
-    return _finite(maps.ravel()), masks.ravel()
+    return finite(maps.ravel()), masks.ravel()
 
 
-def _checked(maps, masks, region) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    maps = np.asarray(maps)
-    masks = np.asarray(masks, dtype=bool)
-    if maps.shape != masks.shape:
-        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must have the same shape")
-    if region is not None:
-        region = np.asarray(region, dtype=bool)
-        if region.shape != maps.shape:
-            raise ValueError(f"region {region.shape} must have the shape of the maps {maps.shape}")
-    return maps, masks, region
+def checked_mask(mask: np.ndarray, shape: tuple, what: str) -> np.ndarray:
+    """``mask`` as bool if it has ``shape``, else one :class:`DataError` line naming it ``what``."""
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise DataError(f"{what} has shape {mask.shape}, expected {shape}")
+    return mask.astype(bool, copy=False)
 
 
-def _finite(scores: np.ndarray) -> np.ndarray:
+def finite(scores: np.ndarray, what: str = "scores") -> np.ndarray:
+    """``scores`` (float; other dtypes as float64) if all are finite, else one :class:`DataError` line."""
     scores = np.asarray(scores)
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or Inf")
+        raise DataError(f"{what} hold NaN or Inf values")
     return scores
 
 
-def degenerate_reason(labels: np.ndarray, what: str = "pixels") -> Optional[str]:
-    """Why a ranking metric is undefined on ``labels`` (bool), or ``None`` when it is defined."""
+def _checked(maps, masks, region) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    maps = np.asarray(maps)
+    region = None if region is None else checked_mask(region, maps.shape, "region")
+    return maps, checked_mask(masks, maps.shape, "masks"), region
+
+
+def degenerate_reason(labels: np.ndarray) -> Optional[str]:
+    """Why a ranking metric is undefined on the pixels' ``labels`` (bool), or ``None`` when it is defined."""
     labels = np.asarray(labels, dtype=bool)
     if labels.size == 0:
-        return f"no {what}"
-    positives = int(labels.sum())
-    if positives == 0:
-        return f"no anomalous {what}"
-    if positives == labels.size:
-        return f"no normal {what}"
+        return "no pixels"
+    if not labels.any():
+        return "no anomalous pixels"
+    if labels.all():
+        return "no normal pixels"
     return None
 
 
@@ -90,10 +96,6 @@ class Ranking:
     @classmethod
     def of(cls, scores: np.ndarray, labels: np.ndarray) -> "Ranking":
         return cls(np.sort(scores[labels]), (np.sort(scores[~labels]),))
-
-    @property
-    def defined(self) -> bool:
-        return self.positives.size > 0 and sum(part.size for part in self.negatives) > 0
 
     def at_positive_scores(self) -> tuple[np.ndarray, ...]:
         """At every distinct positive score ``t``, ascending: ``t``, and the counts of positives
@@ -111,10 +113,10 @@ class Ranking:
         """ROC AUC (the share of positive-negative pairs in order, ties one half: the area under
         scikit-learn's ROC curve) and average precision (scikit-learn's step sum: recall step x
         precision at each threshold); ``(nan, nan)`` if a class is missing."""
-        if not self.defined:
+        n_pos, n_neg = self.positives.size, sum(part.size for part in self.negatives)
+        if not (n_pos and n_neg):
             return NAN, NAN
         _, tied, true_pos, below, not_above = self.at_positive_scores()
-        n_pos, n_neg = self.positives.size, sum(part.size for part in self.negatives)
         pairs_in_order_x2 = int((tied * (below + not_above)).sum())  # integers: exact at any size
         false_pos = n_neg - below
         average_precision = float((tied * (true_pos / (true_pos + false_pos))).sum() / n_pos)
@@ -134,10 +136,7 @@ class Ranking:
 
 def auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """``(ROC AUC, average precision)`` of ``scores`` for bool ``labels``; ``(nan, nan)`` if a class is missing."""
-    labels = np.asarray(labels, dtype=bool).ravel()
-    if degenerate_reason(labels) is not None:
-        return NAN, NAN
-    return Ranking.of(_finite(scores).ravel(), labels).auroc_ap()
+    return Ranking.of(finite(scores).ravel(), np.asarray(labels, dtype=bool).ravel()).auroc_ap()
 
 
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
@@ -152,7 +151,7 @@ def pixel_metrics_ab(maps: np.ndarray, masks: np.ndarray, region: np.ndarray) ->
     parts inside, (A) all of them.
     """
     maps, masks, region = _checked(maps, masks, region)
-    scores, labels, inside = _finite(maps.ravel()), masks.ravel(), region.ravel()
+    scores, labels, inside = finite(maps.ravel()), masks.ravel(), region.ravel()
     positives = np.sort(scores[labels & inside]), np.sort(scores[labels & ~inside])
     negatives = np.sort(scores[~labels & inside]), np.sort(scores[~labels & ~inside])
     whole = Ranking(np.sort(np.concatenate(positives)), negatives)
@@ -161,10 +160,8 @@ def pixel_metrics_ab(maps: np.ndarray, masks: np.ndarray, region: np.ndarray) ->
 
 def image_auroc(anomalous_scores: np.ndarray, normal_scores: np.ndarray) -> float:
     """ROC AUC of anomalous images (positives) against normal images (negatives); ``nan`` if either is empty."""
-    anomalous = np.asarray(anomalous_scores, dtype=np.float64).ravel()
-    normal = np.asarray(normal_scores, dtype=np.float64).ravel()
-    labels = np.r_[np.ones(anomalous.size, bool), np.zeros(normal.size, bool)]
-    return auroc_ap(np.r_[anomalous, normal], labels)[0]
+    anomalous, normal = (np.sort(finite(np.asarray(s, dtype=np.float64).ravel())) for s in (anomalous_scores, normal_scores))
+    return Ranking(anomalous, (normal,)).auroc_ap()[0]
 
 
 def best_dice(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[float, float]:
@@ -194,16 +191,15 @@ def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optio
 def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, percentile: float = 99.0) -> float:
     """A decision threshold from maps of *normal* images: the ``percentile`` of their (region) pixels.
 
-    At 99, about 1 % of normal pixels are flagged. ``nan`` when there is no pixel.
+    At 99, about 1 % of normal pixels are flagged. ``nan`` when there is no pixel; NumPy refuses a
+    ``percentile`` outside [0, 100] (ValueError).
     """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     values = np.asarray(maps)
     if region is not None:
         values = values[np.asarray(region, dtype=bool)]
     if values.size == 0:
         return NAN
-    return float(np.percentile(_finite(values.ravel()).astype(np.float64), percentile))
+    return float(np.percentile(finite(values.ravel()).astype(np.float64), percentile))
 
 
 def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:

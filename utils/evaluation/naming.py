@@ -15,7 +15,6 @@ from ..config import Settings
 RUN_NAME_VERSION = 3
 #: Settings that change neither the model nor any number in the results (excluded from the run name).
 RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension", "cpu_micro_batch", "cpu_channels_last")
-RUN_TIME_DATA_KEYS = ("num_workers",)
 
 
 def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
@@ -28,28 +27,18 @@ def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
     path and content hash, so replacing the file changes the name; so do images added to, removed
     from or rewritten in the data under the same config.
     """
-    identity = settings.to_dict()
-    for key in RUN_TIME_KEYS:
-        identity.pop(key, None)
+    identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
     data = identity["data"]
-    for key in RUN_TIME_DATA_KEYS:
-        data.pop(key, None)
+    data.pop("num_workers")
     data["root"] = os.path.normpath(data["root"])
     if data["format"] != "demo":
         data.pop("demo_seed", None)
     if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
-        identity["weights_sha256"] = _file_sha256(settings.weights)
+        with open(settings.weights, "rb") as handle:
+            identity["weights_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
     identity["data_fingerprint"] = data_fingerprint
     identity["run_name_version"] = RUN_NAME_VERSION
     return identity
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _slug(text: str) -> str:
@@ -69,7 +58,3 @@ def run_name(settings: Settings, data_fingerprint: str) -> str:
     prefix = f"{settings.data.format}-{settings.backbone}-{_slug(weights)[:24]}-{settings.input_size}px-d{settings.kept_channels}-seed{settings.seed}"
     return f"{prefix}-{digest}"
 
-
-def run_directory(settings: Settings, data_fingerprint: str) -> str:
-    """``<results_dir>/<run-name>`` (not created here)."""
-    return os.path.join(settings.results_dir, run_name(settings, data_fingerprint))

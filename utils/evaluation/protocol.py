@@ -8,8 +8,8 @@ github.com/ci-ber/RA, identical in these steps:
 
 - :func:`healthy_threshold`: the operating point from healthy maps (``thresholding``);
 - :func:`row_detections`: TP, FP, precision and F1 of each annotation (``object_localization``);
-- :func:`group_means`: a group's mean F1 and detection rate (mean TP);
-- :func:`pathology_mean`: the mean over the 13 pathologies of their table.
+- :func:`group_means`: a group's mean F1 and detection rate (mean TP); the mean over the 13
+  pathologies of their table is in the notes of :class:`utils.evaluation.images.ImageUnits`.
 
 docs/protocol.md says how the scale of the maps enters (theirs lie in [0, 1], ours are
 Mahalanobis distances) and what that means for the numbers.
@@ -18,11 +18,12 @@ Mahalanobis distances) and what that means for the numbers.
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from ..errors import DataError
+from .metrics import checked_mask, finite
 
 #: The healthy share of pixels left above the threshold (their "5 % FPR").
 HEALTHY_SHARE = 0.05
@@ -49,16 +50,7 @@ def _finite_maps(maps: np.ndarray) -> np.ndarray:
     maps = np.asarray(maps, dtype=np.float64)
     if maps.ndim != 3 or maps.shape[0] == 0:
         raise DataError(f"maps must be a non-empty (n, H, W) stack, got shape {maps.shape}")
-    if not np.isfinite(maps).all():
-        raise DataError("maps hold NaN or Inf values")
-    return maps
-
-
-def _same_shape(array: np.ndarray, shape: tuple, what: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.shape != shape:
-        raise DataError(f"{what} has shape {array.shape}, expected {shape}")
-    return array.astype(bool, copy=False)
+    return finite(maps, "maps")
 
 
 def healthy_threshold(maps: np.ndarray, regions: Optional[np.ndarray] = None, share: float = HEALTHY_SHARE,
@@ -86,7 +78,7 @@ def healthy_threshold(maps: np.ndarray, regions: Optional[np.ndarray] = None, sh
     maps = _finite_maps(maps)
     if not 0 < share < 1:
         raise DataError(f"share must lie in (0, 1), got {share}")
-    values = maps.ravel() if regions is None else maps[_same_shape(regions, maps.shape, "regions")]
+    values = maps.ravel() if regions is None else maps[checked_mask(regions, maps.shape, "regions")]
     values = np.sort(values)
     tried = np.unique(values) if candidates is None else np.sort(np.asarray(candidates, dtype=np.float64).ravel())
     above = values.size - np.searchsorted(values, tried, side="right")
@@ -121,8 +113,8 @@ def row_detections(maps: np.ndarray, row_image: np.ndarray, row_masks: np.ndarra
     if row_image.size and (row_image.min() < 0 or row_image.max() >= len(maps)):
         raise DataError(f"row_image indexes {int(row_image.min())}..{int(row_image.max())} outside the {len(maps)} maps")
     shape = (row_image.size, *maps.shape[1:])
-    boxes = _same_shape(row_masks, shape, "row_masks")
-    healthy = _same_shape(row_heads, shape, "row_heads") & ~boxes
+    boxes = checked_mask(row_masks, shape, "row_masks")
+    healthy = checked_mask(row_heads, shape, "row_heads") & ~boxes
     box_size = boxes.sum(axis=(1, 2))
     if (box_size == 0).any():
         raise DataError(f"row {int(np.argmin(box_size))} has an empty box")
@@ -130,10 +122,9 @@ def row_detections(maps: np.ndarray, row_image: np.ndarray, row_masks: np.ndarra
         raise DataError(f"threshold must be finite, got {threshold}")
     x = maps[row_image]
     x[x < threshold] = 0
-    covered = np.count_nonzero(x * boxes, axis=(1, 2))
-    tp = (covered > BOX_SHARE * box_size).astype(np.int64)
-    in_box = (x * boxes).sum(axis=(1, 2))
-    fp = np.trunc((x * healthy).sum(axis=(1, 2)) / np.maximum(in_box, 1)).astype(np.int64)
+    in_box = x * boxes
+    tp = (np.count_nonzero(in_box, axis=(1, 2)) > BOX_SHARE * box_size).astype(np.int64)
+    fp = np.trunc((x * healthy).sum(axis=(1, 2)) / np.maximum(in_box.sum(axis=(1, 2)), 1)).astype(np.int64)
     precision = tp / np.maximum(tp + fp, 1)
     return Detections(tp, fp, precision, 2 * precision * tp / (precision + tp + F1_EPSILON))
 
@@ -144,9 +135,3 @@ def group_means(detections: Detections) -> tuple[float, float]:
         return math.nan, math.nan
     return float(np.mean(detections.f1)), float(np.mean(detections.tp))
 
-
-def pathology_mean(values: Mapping[str, float], names: tuple[str, ...] = PATHOLOGIES) -> tuple[float, int]:
-    """The mean of ``values`` (group name -> number) over those of ``names`` that are present
-    with a finite value, and how many of ``names`` that is: ``(nan, 0)`` when none is."""
-    present = [float(values[name]) for name in names if name in values and math.isfinite(values[name])]
-    return (float(np.mean(present)) if present else math.nan), len(present)

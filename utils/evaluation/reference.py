@@ -29,14 +29,12 @@ class NormalReference:
     """
 
     source: str
-    n_images: int
     #: Where the heads of the reference images came from: given masks, estimated, whole image.
     region_kind: str
     percentile: float
     threshold: float
     vmin: float
     vmax: float
-    median: float
     field_threshold: float
 
     @classmethod
@@ -44,10 +42,8 @@ class NormalReference:
                   region_kind: str = "given") -> "NormalReference":
         values = np.asarray(maps, dtype=np.float32)[np.asarray(regions, dtype=bool)]
         threshold = normal_threshold(values, None, percentile)
-        low, median = (float(v) for v in np.percentile(values, [1.0, 50.0]))
-        high = max(threshold, low + 1e-6)
-        field = healthy_threshold(maps, regions)
-        return cls(source, int(len(maps)), region_kind, percentile, threshold, low, high, median, field)
+        low = float(np.percentile(values, 1.0))
+        return cls(source, region_kind, percentile, threshold, low, max(threshold, low + 1e-6), healthy_threshold(maps, regions))
 
 
 def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None) -> tuple[np.ndarray, np.ndarray]:

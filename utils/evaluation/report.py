@@ -32,16 +32,19 @@ def _label(row: pd.Series) -> str:
     return name + SMALL_MARK if row["small_group"] else name
 
 
+def _pipe_table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+    """The lines of a GitHub markdown table: ``header``, the alignment row (``---`` or ``---:`` per column), ``rows``."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The metrics table as GitHub markdown (columns without any value left out); small groups marked †,
     the ``mean`` and ``all`` rows in bold."""
     columns = [c for c in HEADERS if c in table and table[c].notna().any()]
-    headers = ["group", "images", "rows"] + [HEADERS[c] for c in columns]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    for _, row in table.iterrows():
-        cells = [_label(row), str(row["n_images"]), str(row["n_rows"])] + [_fmt(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["group", "images", "rows"] + [HEADERS[c] for c in columns]
+    rows = [[_label(row), str(row["n_images"]), str(row["n_rows"])] + [_fmt(row[c]) for c in columns]
+            for _, row in table.iterrows()]
+    return "\n".join(_pipe_table(header, rows, ["---"] + ["---:"] * (len(header) - 1)))
 
 
 def _settings_line(run) -> str:
@@ -51,12 +54,6 @@ def _settings_line(run) -> str:
             f"{s.input_size} px input, seed {s.seed}; {data}; model {run.model_source}.")
 
 
-def _unit_table_markdown(units: pd.DataFrame) -> list[str]:
-    shown = units.drop(columns=["best_threshold"])
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
-    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in shown.itertuples(index=False)] + [""]
-
-
 def markdown(run) -> str:
     """``metrics.md``: settings line, the tables, what every column means, notes."""
     ref, table = run.reference, run.table
@@ -64,7 +61,9 @@ def markdown(run) -> str:
              f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the head: "
              f"{ref.region_kind}).", ""]
     if run.unit_table is not None:
-        lines += _unit_table_markdown(run.unit_table)
+        units = run.unit_table.drop(columns=["best_threshold"])
+        lines += _pipe_table(list(units.columns), [[_fmt(v) for v in row] for row in units.itertuples(index=False)],
+                             ["---"] * units.shape[1]) + [""]
     lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes(run.settings)]
     lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
@@ -80,13 +79,12 @@ def summary(run) -> str:
     table = run.table
     if table is None:
         return f"run {run.name}: not evaluated yet"
-    number = lambda v: f"{v:.3f}"  # noqa: E731
     lines = [f"run {run.name}"]
     if run.unit_table is not None:
-        lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format=number), ""]
+        lines += [run.unit_table.drop(columns=["best_threshold"]).to_string(index=False, float_format="{:.3f}".format), ""]
     shown = table.drop(columns=["note", "best_threshold"]).dropna(axis=1, how="all").copy()
     shown.loc[shown["small_group"], "group"] = shown.loc[shown["small_group"], "group"] + SMALL_MARK
-    lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format=number, na_rep="–"))
+    lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format="{:.3f}".format, na_rep="–"))
     lines.append("† 1-2 scoring units: noise.  dice_best is optimistic (threshold chosen on the test group or volume).")
     lines += [f"note: {n}" for n in run.notes]
     t = run.timings

@@ -130,7 +130,7 @@ class Run:
         units = self.units.count(bundle)
         with tqdm(total=len(bundle.val) + units, desc="score", disable=not progress, unit="img", leave=False) as bar:
             self.reference = normal_reference(self.model, bundle.val, bundle.val_description, settings, bar)
-            self.notes += self.units.score(self.model, bundle, self.reference, bar)
+            self.units.score(self.model, bundle, self.reference, bar)
         seconds = time.perf_counter() - started
         self.timings.update({"score_s": round(seconds, 3), f"{self.units.unit}s_scored": units,
                              "units_per_second": round(units / max(seconds, 1e-9), 2)})
@@ -140,8 +140,8 @@ class Run:
         if self.reference is None:
             raise RuntimeError("call score() before compute_metrics()")
         started = time.perf_counter()
-        self.table, self.unit_table = self.units.table(self.reference)
-        self.notes += self.units.notes(self.table, self.reference)
+        self.table, self.unit_table, notes = self.units.table(self.reference)
+        self.notes += notes
         self.timings["metrics_s"] = round(time.perf_counter() - started, 3)
         return self.table
 
@@ -188,14 +188,13 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     paths written."""
     started = time.perf_counter()
     csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
-    config = f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)
+    texts = {"metrics.csv": run.table.to_csv(**csv), "metrics.md": markdown(run),
+             "config.yaml": f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)}
+    if run.unit_table is not None:
+        texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
     try:
         with staged_folder(run.directory) as folder:
-            names = [write_atomic(os.path.join(folder, "metrics.csv"), run.table.to_csv(**csv).encode()),
-                     write_atomic(os.path.join(folder, "metrics.md"), markdown(run).encode()),
-                     write_atomic(os.path.join(folder, "config.yaml"), config.encode())]
-            if run.unit_table is not None:
-                names.append(write_atomic(os.path.join(folder, f"{run.units.unit}s.csv"), run.unit_table.to_csv(**csv).encode()))
+            names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
             if save_model and run.model is not None:
                 names.append(run.model.save(os.path.join(folder, "model.pt")))
             if figures:

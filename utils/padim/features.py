@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import itertools
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def semi_orthogonal_projection(total: int, keep: int, seed: int) -> torch.Tensor
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-def channel_selection(settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+def channel_selection(settings: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(indices, projection)``: the backbone channels kept and, for ``channel_reduction:
     semi_orthogonal``, the projection of all of them to ``kept_channels`` (else None)."""
     total, kept = settings.total_channels, settings.kept_channels
@@ -81,45 +82,27 @@ class PatchEmbedder(nn.Module):
     grid and concatenated in stage order; with ``projection`` ``(selected, k)`` the result is
     projected on it. Selecting before upsampling saves work and memory.
 
-    On the CPU the network runs over micro-batches of ``micro_batch`` images in the memory format
-    of ``channels_last`` (None: the sweep's choice, :func:`cpu_forward`); on CUDA over
-    the whole batch in the contiguous format. The embeddings of an image do not depend on either.
+    The backbone, weights, layers and seed, and the channels (:func:`channel_selection`) come from
+    the settings. On the CPU the network runs over micro-batches of ``cpu_micro_batch`` images in
+    the memory format of ``cpu_channels_last`` (None: the sweep's choice, :func:`cpu_forward`); on
+    CUDA over the whole batch in the contiguous format. The embeddings of an image do not depend on either.
     """
 
-    def __init__(
-        self,
-        backbone: str,
-        weights: str,
-        layers: Sequence[int],
-        channel_indices: torch.Tensor,
-        stage_channels: Sequence[int],
-        seed: int = 0,
-        projection: torch.Tensor | None = None,
-        micro_batch: int | None = None,
-        channels_last: bool | None = None,
-    ):
+    def __init__(self, settings: Settings):
         super().__init__()
+        channel_indices, projection = channel_selection(settings)
         # Random weights must be reproducible: initialise under a fixed, local RNG state.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.extractor = build_backbone(backbone, weights, layers)
-        offsets = [0]
-        for layer in layers:
-            offsets.append(offsets[-1] + stage_channels[layer - 1])
+            torch.manual_seed(settings.seed)
+            self.extractor = build_backbone(settings.backbone, settings.weights, settings.layers)
+        stage_channels = BACKBONES[settings.backbone].stage_channels
+        offsets = list(itertools.accumulate((stage_channels[layer - 1] for layer in settings.layers), initial=0))
         for i, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
             selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
             self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
-        self.cpu_plan = cpu_forward(micro_batch, channels_last)
+        self.cpu_plan = cpu_forward(settings.cpu_micro_batch, settings.cpu_channels_last)
         self._weights_format = torch.contiguous_format
-
-    @classmethod
-    def for_settings(cls, settings: Settings, channel_indices: torch.Tensor, projection: torch.Tensor | None) -> "PatchEmbedder":
-        """The embedder of ``settings`` (backbone, weights, layers, seed, CPU forward) for the
-        channels of :func:`channel_selection`."""
-        s = settings
-        return cls(s.backbone, s.weights, s.layers, channel_indices, BACKBONES[s.backbone].stage_channels, seed=s.seed,
-                   projection=projection, micro_batch=s.cpu_micro_batch, channels_last=s.cpu_channels_last)
 
     def layout(self, images: torch.Tensor) -> tuple[int, torch.memory_format]:
         """``(images per network pass, memory format)`` for this batch on its device."""

@@ -54,19 +54,12 @@ def foreground_mask(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(region)
 
 
-def _input_luminance(image: torch.Tensor) -> np.ndarray:
-    """Network input ``(3, S, S)`` -> its gray luminance ``(S, S)`` in [0, 1] (for callers that
-    hold only the network input, e.g. :func:`head_masks` inside the model)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (image.cpu() * std + mean).clamp(0, 1)
-    return luminance(rgb).clamp(0, 1).numpy()
-
-
 def head_masks(images: torch.Tensor) -> torch.Tensor:
-    """``(N, S, S)`` bool: the head of each preprocessed image, estimated from the image alone
+    """``(N, S, S)`` bool: the head of each preprocessed image ``(N, 3, S, S)`` (the ImageNet
+    normalisation undone, then its gray luminance), estimated from the image alone
     (:func:`foreground_mask`; no annotation, so train, test and predict agree)."""
-    return torch.stack([foreground_mask(torch.from_numpy(_input_luminance(image))) for image in images])
+    rgb = (images.cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
+    return torch.stack([foreground_mask(luminance(image).clamp(0, 1)) for image in rgb])
 
 
 def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:

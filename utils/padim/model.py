@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from ..config import Settings
 from ..errors import DataError, ModelFileError
-from .model_file import ModelState, load_state, save_state
+from .model_file import ModelState, check_input_kind, load_state, save_state
 from .align import align_batch, from_canonical
-from .features import PatchEmbedder, channel_selection, exact_float32, resolve_device
+from .features import PatchEmbedder, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
 from .foreground import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
@@ -54,8 +54,7 @@ def batches(images: ImageSource, settings: Settings, desc: str, progress: bool) 
     in the data path, :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
     if isinstance(images, torch.Tensor):
         images = images.split(settings.batch_size)
-    total = len(images) if hasattr(images, "__len__") else None
-    for batch in tqdm(images, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
+    for batch in tqdm(images, desc=desc, disable=not progress, unit="batch", leave=False):
         heads = batch.get("foreground") if isinstance(batch, Mapping) else None
         batch = checked_batch(batch["image"] if isinstance(batch, Mapping) else batch, settings.input_size)
         if heads is None and settings.estimates_head:
@@ -74,8 +73,6 @@ class Padim:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
-        #: Channels taken from the backbone; with ``semi_orthogonal`` all of them, then projected to ``kept``.
-        self.channel_indices, self.projection = channel_selection(settings)
         self.mean: torch.Tensor | None = None
         #: ``(P, d, d)`` with ``W^T W`` the precision (inverse covariance) at each position;
         #: a fit stores the inverse lower Cholesky factor (see :func:`utils.padim.gaussian.regularised_whitening`).
@@ -93,7 +90,7 @@ class Padim:
     @property
     def embedder(self) -> PatchEmbedder:
         if self._embedder is None:
-            self._embedder = PatchEmbedder.for_settings(self.settings, self.channel_indices, self.projection).to(self.device)
+            self._embedder = PatchEmbedder(self.settings).to(self.device)
         return self._embedder
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,10 +143,6 @@ class Padim:
         """Fit the per-position Gaussians on normal images; returns ``self``."""
         return self.fit_statistics(self.accumulate(images, progress))
 
-    @property
-    def is_fitted(self) -> bool:
-        return self.whitening is not None
-
     # ------------------------------------------------------------------ scoring
     def distances(self, images: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distances on the patch grid ``(N, S/4, S/4)`` for one batch."""
@@ -185,8 +178,13 @@ class Padim:
         scores = image_scores(all_maps, self.settings.image_score, region)
         return ScoreResult(all_maps.numpy(), scores.numpy())
 
+    def check_input(self, volumes: bool) -> None:
+        """Refuse inputs of the other kind than this model was fitted on: ``volumes`` true for NIfTI
+        volumes, false for plain images (:func:`utils.padim.model_file.check_input_kind`)."""
+        check_input_kind(self.settings, volumes, "this model")
+
     def _require_fitted(self) -> None:
-        if not self.is_fitted:
+        if self.whitening is None:
             raise ModelFileError("this PaDiM model is not fitted: call fit() or Padim.load() first")
 
     # ------------------------------------------------------------------ persistence

@@ -31,11 +31,25 @@ MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "imag
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
 #: Data settings that change what the model sees, so they must match too.
 MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop", "align")
+#: The two kinds of input a model is fitted on, by whether ``data.format`` is ``nifti``.
+INPUT_KINDS = {False: "images (PNG, MVTec, demo)", True: "NIfTI volume slices"}
+
+
+def check_input_kind(stored: Settings, volumes: bool, what: str) -> None:
+    """Raise :class:`ModelFileError` when ``what`` (a model fitted with the settings ``stored``) is
+    used on inputs of the other kind: a model fitted on NIfTI volume slices (``data.format: nifti``)
+    scores no plain images (PNG, MVTec, demo), and the reverse. ``volumes``: the inputs are NIfTI."""
+    fitted = stored.data.format == "nifti"
+    if fitted != volumes:
+        raise ModelFileError(f"{what} was fitted on {INPUT_KINDS[fitted]} and cannot score {INPUT_KINDS[volumes]}: "
+                             f"fit a model on {INPUT_KINDS[volumes]} (`python -m utils fit` with their config)")
 
 
 def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
-    """Raise :class:`ModelFileError` naming every model-defining setting in which ``what`` (a model
-    file, a given model) differs from the requested settings."""
+    """Raise :class:`ModelFileError` when ``what`` (a model file, a given model) was fitted on the
+    other kind of input (:func:`check_input_kind`), or naming every model-defining setting in which
+    it differs from the requested settings."""
+    check_input_kind(stored, requested.data.format == "nifti", what)
     differences = [
         f"{key}: {getattr(stored, key)!r} vs config {getattr(requested, key)!r}"
         for key in MODEL_KEYS if getattr(stored, key) != getattr(requested, key)
@@ -74,31 +88,13 @@ def save_state(state: ModelState, path: str | os.PathLike) -> str:
         "train_fingerprint": state.train_fingerprint,
     }
     with atomic_writer(path, durable=True) as stream:
-        recording = _Recording(stream)
         try:
-            torch.save(payload, recording)
-        except RuntimeError:
-            if recording.error is not None:  # torch turns the stream's own error (a full disk) into a RuntimeError
-                raise recording.error from None
+            torch.save(payload, stream)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):  # torch turns the stream's own error (a full disk) into a RuntimeError
+                raise exc.__context__ from None
             raise
     return path
-
-
-class _Recording:
-    """A write stream that keeps the ``OSError`` its ``write`` raised."""
-
-    def __init__(self, stream):
-        self.stream, self.error = stream, None
-
-    def write(self, data) -> int:
-        try:
-            return self.stream.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
 
 
 def is_model_file(path: str) -> bool:
@@ -179,10 +175,6 @@ def load_state(path: str | os.PathLike, settings: Settings | None = None) -> Mod
         raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
     if not isinstance(fingerprint, str) or len(fingerprint) > 64:
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
-    return ModelState(
-        settings=stored,
-        mean=_tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path),
-        whitening=_tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path),
-        train_count=count,
-        train_fingerprint=fingerprint,
-    )
+    mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
+    whitening = _tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
+    return ModelState(stored, mean, whitening, count, fingerprint)

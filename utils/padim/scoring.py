@@ -32,45 +32,28 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
     return squared.sqrt().T.reshape(n, h, w)
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian of radius ``round(truncate * sigma)``, as scipy.ndimage uses."""
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+def _clipped_kernel(sigma: float, height: int, width: int) -> tuple[torch.Tensor, int]:
+    """The normalised 1-D Gaussian of radius ``round(4 sigma)`` that scipy.ndimage uses, its radius
+    clipped to ``min(height, width) - 1`` (renormalised) so that mirroring stays inside small maps,
+    and that radius: ``scipy.ndimage.gaussian_filter(m, sigma, mode="mirror", radius=...)``."""
+    full_radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-full_radius, full_radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, H, W)`` maps, mirrored at the border.
-
-    Same result as ``scipy.ndimage.gaussian_filter(m, sigma, mode='mirror')`` per map; the
-    kernel radius is clipped to the map size so small maps remain valid.
-    """
-    if sigma <= 0:
-        return maps
-    kernel, radius = _clipped_kernel(sigma, *maps.shape[-2:], maps.dtype, maps.device)
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
-
-
-def _clipped_kernel(sigma: float, height: int, width: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, int]:
-    """:func:`gaussian_kernel1d` with its radius clipped to ``min(height, width) - 1`` (renormalised), and that radius."""
-    kernel = gaussian_kernel1d(sigma)
-    full_radius = kernel.numel() // 2
+    kernel = kernel / kernel.sum()
     radius = min(full_radius, height - 1, width - 1)
     kernel = kernel[full_radius - radius : full_radius + radius + 1]
-    return (kernel / kernel.sum()).to(dtype=dtype, device=device), radius
+    return kernel / kernel.sum(), radius
 
 
 def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
     """Distances ``(N, h, w)`` on the patch grid -> smoothed maps ``(N, S, S)`` at image size ``S``.
 
-    Bilinear upsampling (``align_corners=False``) followed by :func:`gaussian_blur`, computed as
-    ``A_h @ D @ A_w^T``: both steps are linear and separable, so each axis is one small matrix
-    (``S x h``, built once by running ``F.interpolate`` and :func:`gaussian_blur` on unit
-    inputs in float64). Same maps as the two steps (to float rounding), ~10x faster on CPU.
+    Bilinear upsampling (``align_corners=False``) followed by a Gaussian blur mirrored at the
+    border (SciPy's ``gaussian_filter(mode="mirror")``, the kernel clipped to the map,
+    :func:`_clipped_kernel`), computed as ``A_h @ D @ A_w^T``: both steps are linear and separable,
+    so each axis is one small matrix (``S x h``, built once by running ``F.interpolate`` and the
+    1-D blur on unit inputs in float64). Same maps as the two steps (to float rounding), ~10x
+    faster on CPU.
     """
     h, w = distances.shape[-2:]
     rows = _map_operator(h, image_size, image_size, float(sigma), distances.dtype, distances.device, axis=0)
@@ -86,9 +69,8 @@ def _map_operator(cells: int, height: int, width: int, sigma: float, dtype: torc
     size = height if axis == 0 else width
     line = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # (cells, size)
     if sigma > 0:
-        # A map constant along the other axis: gaussian_blur acts along this one only (its other
-        # pass averages a constant), so the 1-D pass with the same clipped kernel is exact.
-        kernel, radius = _clipped_kernel(sigma, height, width, torch.float64, "cpu")
+        # The 2-D blur is separable: along this axis it is the 1-D pass with the clipped kernel.
+        kernel, radius = _clipped_kernel(sigma, height, width)
         line = F.conv1d(F.pad(line.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
     return line.T.to(dtype=dtype, device=device).contiguous()
 
