@@ -174,10 +174,8 @@ def _gone(pid: int) -> bool:
     try:
         if os.name == "posix":
             os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's process
-        return False
+    except OSError as exc:  # PermissionError: another user's process
+        return isinstance(exc, ProcessLookupError)
     return False
 
 
