@@ -33,10 +33,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: temporary files are removed on the way out
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)  # not the source line that raised it
 
@@ -48,7 +44,8 @@ def command_boundary() -> Iterator[types.SimpleNamespace]:
     The SIGTERM handler and the one-line warnings live only while the block runs."""
     outcome = types.SimpleNamespace(code=0)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # SIGTERM ends a run like Ctrl-C (KeyboardInterrupt): temporary files are removed on the way out
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         with warnings.catch_warnings():  # restores the warning printer afterwards
             warnings.showwarning = _one_line_warning

@@ -35,7 +35,6 @@ MAX_STRIDE = 16
 class BackboneSpec:
     """What a backbone offers: the channels of its stride-4/8/16 stages."""
 
-    name: str
     stage_channels: tuple[int, int, int]
 
     def channels(self, layers: Sequence[int]) -> int:
@@ -44,14 +43,11 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet18", (64, 128, 256)),
-        BackboneSpec("wide_resnet50_2", (256, 512, 1024)),
-        BackboneSpec("efficientnet_lite0", (24, 40, 112)),
-        BackboneSpec("efficientnet_lite1", (24, 40, 112)),
-        BackboneSpec("efficientnet_lite2", (24, 48, 120)),
-    )
+    "resnet18": BackboneSpec((64, 128, 256)),
+    "wide_resnet50_2": BackboneSpec((256, 512, 1024)),
+    "efficientnet_lite0": BackboneSpec((24, 40, 112)),
+    "efficientnet_lite1": BackboneSpec((24, 40, 112)),
+    "efficientnet_lite2": BackboneSpec((24, 48, 120)),
 }
 
 

@@ -74,9 +74,6 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world_size}" if self.is_distributed else "single process"
-
     @classmethod
     def from_settings(cls, settings: Settings) -> "DistributedContext":
         """Read the torchrun environment; the backend follows the device ``settings`` resolve to.
@@ -109,7 +106,7 @@ class DistributedContext:
                                     timeout=timedelta(seconds=self.timeout_s))
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(
-                f"{self.describe()}: could not join the process group ({self.backend}): {first_line(exc)}"
+                f"rank {self.rank} of {self.world_size}: could not join the process group ({self.backend}): {first_line(exc)}"
             ) from exc
         self.owns_group = True
         return self
@@ -154,7 +151,7 @@ class DistributedContext:
             if not _is_communication_error(exc):
                 raise
             raise DistributedError(
-                f"{self.describe()}: lost contact with the other ranks while {phase} (a peer crashed, was killed "
+                f"rank {self.rank} of {self.world_size}: lost contact with the other ranks while {phase} (a peer crashed, was killed "
                 f"or exceeded the {self.timeout_s:g} s timeout set by {TIMEOUT_ENV}): {first_line(exc)}; {consequence}"
             ) from exc
 
