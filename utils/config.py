@@ -310,8 +310,12 @@ def _check_ranges(s: Settings) -> None:
     """Each rule: the key, whether its value is allowed, and what is allowed; the model's stages
     come first (the channel counts below need them)."""
     nearest = difflib.get_close_matches(s.backbone, list(BACKBONES), n=1)
-    _check([("backbone", s.backbone in BACKBONES, ", ".join(BACKBONES) + (f" (did you mean {nearest[0]}?)" if nearest else "")),
-            ("layers", bool(s.layers) and s.layers == sorted(set(s.layers) & {1, 2, 3}), "a non-empty increasing subset of [1, 2, 3]")], s)
+    hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+    _check([
+        ("backbone", s.backbone in BACKBONES, ", ".join(BACKBONES) + hint),
+        ("layers", bool(s.layers) and s.layers == sorted(set(s.layers) & {1, 2, 3}),
+         "a non-empty increasing subset of [1, 2, 3]"),
+    ], s)
     total, stages, d = s.total_channels, f"{s.backbone} layers {s.layers}", s.data
     workers = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
     _check([
@@ -328,7 +332,8 @@ def _check_ranges(s: Settings) -> None:
         ("weights", s.weights in ("imagenet", "random") or s.weights.endswith(WEIGHT_SUFFIXES),
          f"imagenet, random, or a path to a state-dict file ({', '.join(WEIGHT_SUFFIXES)})"),
         ("batch_size", _within(s.batch_size, 1, MAX_BATCH), f"an integer >= 1, at most {MAX_BATCH} images"),
-        ("cpu_micro_batch", _within(s.cpu_micro_batch, 1, MAX_BATCH), f"null or an integer >= 1, at most {MAX_BATCH} images"),
+        ("cpu_micro_batch", _within(s.cpu_micro_batch, 1, MAX_BATCH),
+         f"null or an integer >= 1, at most {MAX_BATCH} images"),
         ("data.num_workers", _within(d.num_workers, 0, workers),
          f"an integer >= 0, at most {MAX_WORKERS_PER_CPU} per CPU ({workers} here)"),
         ("data.train_splits", d.train_splits != [], "a non-empty list of split CSV names"),
@@ -338,7 +343,8 @@ def _check_ranges(s: Settings) -> None:
         ("data.val_fraction", 0 <= d.val_fraction < 1, "0 <= value < 1"),
         ("data.min_brain_fraction", 0 <= d.min_brain_fraction < 1, "0 <= value < 1"),
         ("data.volume_index", _within(d.volume_index, 0, float("inf")), "null or an integer >= 0"),
-        ("data.format", d.format != "nifti" or d.manifest, "nifti only with `data.manifest`: the path of the volumes CSV"),
+        ("data.format", d.format != "nifti" or d.manifest,
+         "nifti only with `data.manifest`: the path of the volumes CSV"),
         ("data.demo_seed", d.demo_seed >= 0, "an integer >= 0"),
     ], s)
 

@@ -105,9 +105,8 @@ class DistributedContext:
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                     timeout=timedelta(seconds=self.timeout_s))
         except (RuntimeError, ValueError) as exc:
-            raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: could not join the process group ({self.backend}): {first_line(exc)}"
-            ) from exc
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: could not join the process group "
+                                   f"({self.backend}): {first_line(exc)}") from exc
         self.owns_group = True
         return self
 
@@ -139,7 +138,8 @@ class DistributedContext:
                 failed.setdefault(reason, []).append(rank)
         if not failed:
             return result  # type: ignore[return-value]
-        who = "; ".join(f"{_ranks(ranks)} of {self.world_size} failed while {phase}: {why}" for why, ranks in failed.items())
+        who = "; ".join(f"{_ranks(ranks)} of {self.world_size} failed while {phase}: {why}"
+                        for why, ranks in failed.items())
         raise DistributedError(f"{who}; the run was stopped on every rank and {consequence}") from error
 
     @contextlib.contextmanager
@@ -151,8 +151,9 @@ class DistributedContext:
             if not _is_communication_error(exc):
                 raise
             raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: lost contact with the other ranks while {phase} (a peer crashed, was killed "
-                f"or exceeded the {self.timeout_s:g} s timeout set by {TIMEOUT_ENV}): {first_line(exc)}; {consequence}"
+                f"rank {self.rank} of {self.world_size}: lost contact with the other ranks while {phase} (a peer "
+                f"crashed, was killed or exceeded the {self.timeout_s:g} s timeout set by {TIMEOUT_ENV}): "
+                f"{first_line(exc)}; {consequence}"
             ) from exc
 
 

@@ -170,7 +170,8 @@ def _sweep(parent: str) -> None:
 
 
 def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (signal 0 only asks; on Windows it would end the process: never swept there)."""
+    """Whether process ``pid`` has ended (signal 0 only asks; on Windows it would end the process:
+    nothing is swept there)."""
     try:
         if os.name == "posix":
             os.kill(pid, 0)
