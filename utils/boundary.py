@@ -16,11 +16,11 @@ import os
 import signal
 import sys
 import threading
+import types
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .errors import PadimError
+from .errors import PadimError, first_line
 
 #: Environment variable: when set, an unexpected exception prints its traceback instead of one line.
 DEBUG_ENV = "PADIM_DEBUG"
@@ -33,48 +33,37 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-@dataclass
-class Outcome:
-    """The exit code of a command run inside :func:`command_boundary`."""
-
-    code: int = 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: temporary files are removed on the way out
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)  # not the source line that raised it
 
 
 @contextlib.contextmanager
-def command_boundary() -> Iterator[Outcome]:
-    """Run the block as a command-line program; the yielded :class:`Outcome` holds its exit code
+def command_boundary() -> Iterator[types.SimpleNamespace]:
+    """Run the block as a command-line program; the yielded namespace's ``code`` is its exit code
     (set it in the block; 2 after a user's error, 130 after an interruption, printed as one line).
     The SIGTERM handler and the one-line warnings live only while the block runs."""
-    outcome = Outcome()
+    outcome = types.SimpleNamespace(code=0)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # SIGTERM ends a run like Ctrl-C (KeyboardInterrupt): temporary files are removed on the way out
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         with warnings.catch_warnings():  # restores the warning printer afterwards
             warnings.showwarning = _one_line_warning
             yield outcome
-    except PadimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        outcome.code = 2
-    except OSError as exc:  # any file-system failure: the path and what is wrong, not a traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        outcome.code = 2
     except KeyboardInterrupt:
         print("interrupted: no partial files were written", file=sys.stderr)
         outcome.code = 130
-    except Exception as exc:  # not the user's to fix, but still one line: PADIM_DEBUG=1 shows where it came from
-        if os.environ.get(DEBUG_ENV):
+    except Exception as exc:
+        if isinstance(exc, PadimError):
+            line = str(exc)
+        elif isinstance(exc, OSError):  # any file-system failure: the path and what is wrong, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            line = f"{where}{exc.strerror or exc}"
+        elif os.environ.get(DEBUG_ENV):  # not the user's to fix: PADIM_DEBUG=1 shows where it came from
             raise
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
-        print(f"error: {type(exc).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        else:
+            line = f"{type(exc).__name__}: {first_line(exc)} (set {DEBUG_ENV}=1 for the traceback)"
+        print(f"error: {line}", file=sys.stderr)
         outcome.code = 2
     finally:
         if previous is not None:

@@ -2,7 +2,8 @@
 
 Every user error (bad config, data, model file) ends with ``error: <one line>`` and exit code 2,
 never a traceback; Ctrl-C exits with 130 and leaves no partial model or results file
-(:mod:`utils.boundary`).
+(:mod:`utils.boundary`). Under ``torchrun`` ``fit`` and ``evaluate`` shard the fit (:mod:`utils.distributed`);
+``predict`` runs on rank 0 alone, as one process would, and the other ranks exit 0 at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 
 from .boundary import OneLineParser, run_command
 from .config import load_config
+from .distributed import DistributedContext
 from .errors import ConfigError
 from .evaluation import run_evaluation, run_fit
 from .files import writable_folder
@@ -91,6 +93,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
+    if not DistributedContext.from_settings(settings).is_main:  # under torchrun rank 0 predicts, as one process
+        return 0
     for line in predict(settings, args.model, args.input, args.output, progress=not args.quiet):
         print(f"{line} in {args.output}")
     return 0

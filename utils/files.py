@@ -5,6 +5,9 @@
 - :func:`staged_folder`: a whole folder (a results folder, predict's outputs, a generated data
   set), written beside the target and swapped in at the end, so the target holds the files of
   exactly one run, complete, or is left as it was.
+- :func:`folder_lock`: writers of one folder take turns (two ``evaluate`` runs into one results
+  folder, two ``predict`` runs into one output); the next writer sweeps the staging folders of
+  processes that were killed before they could remove them.
 - :func:`signals_deferred`: Ctrl-C and SIGTERM wait until a write is complete (torch's model writer
   turns an interruption inside it into a ``RuntimeError`` and a damaged archive), then interrupt.
 
@@ -16,12 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import warnings
 from typing import BinaryIO, Iterator
+
+from filelock import FileLock, Timeout
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
@@ -94,25 +103,81 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
 
     An existing ``target`` is replaced as a whole (``replace``) or must be empty, so old files
     never sit beside new ones; on any failure or interruption the temporary folder is removed and
-    ``target`` is left as it was.
+    ``target`` is left as it was. The block runs holding ``target``'s lock (:func:`folder_lock`):
+    two writers of one folder take turns, the later one's files win.
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            stack.enter_context(folder_lock(target))
+            staging = staging_folder(parent, name, "tmp")
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
+        try:
+            yield staging
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+            with signals_deferred():
+                _swap(staging, target, replace)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if renamed := _naming_target(exc, staging, target):
+                raise renamed from None
+            raise
+
+
+@contextlib.contextmanager
+def folder_lock(target: str) -> Iterator[None]:
+    """Hold the lock of the folder ``target`` (a :mod:`filelock` lock): a second writer waits until
+    the first is done, and says so once. Holding it, the writer sweeps the staging folders that
+    processes now gone left beside ``target`` (:func:`staging_folder`).
+
+    The lock files live in :data:`LOCKS` (this user's, in the system's temporary folder), one per
+    folder path, not beside ``target``: filelock keeps a lock file after its release (removing it
+    would let two writers lock two files of one name), and the user's folders stay as written.
+    """
+    os.makedirs(LOCKS, mode=0o700, exist_ok=True)
+    lock = FileLock(os.path.join(LOCKS, hashlib.sha256(os.path.realpath(target).encode()).hexdigest() + ".lock"))
     try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
+        held = lock.acquire(blocking=False)
+    except Timeout:
+        warnings.warn(f"waiting for another process that writes {target} to finish")
+        held = lock.acquire()
+    with held:  # releases it
+        _sweep(os.path.dirname(target))
+        yield
+
+
+#: The folder of the lock files of :func:`folder_lock`.
+LOCKS = os.path.join(tempfile.gettempdir(), f"padim-locks-{os.getuid() if hasattr(os, 'getuid') else 0}")
+#: A staging folder: ``.<name>.<kind>-<host>-<pid>-<random>`` (:func:`staging_folder`).
+STAGING = re.compile(r"\..+\.(?:tmp|old|maps)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+
+
+def staging_folder(parent: str, name: str, kind: str) -> str:
+    """A new hidden folder in ``parent`` for the files of ``<parent>/<name>`` (``kind``: tmp, old or
+    maps), named after this host and process: once the process is gone (killed before it could
+    clean up), the next writer in ``parent`` removes it."""
+    return tempfile.mkdtemp(prefix=f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=parent)
+
+
+def _sweep(parent: str) -> None:
+    for entry in os.scandir(parent):
+        found = STAGING.fullmatch(entry.name)
+        if found and found["host"] == socket.gethostname() and _gone(int(found["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (signal 0 only asks; on Windows it would end the process:
+    nothing is swept there)."""
     try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
-        with signals_deferred():
-            _swap(staging, target, replace)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if renamed := _naming_target(exc, staging, target):
-            raise renamed from None
-        raise
+        if os.name == "posix":
+            os.kill(pid, 0)
+    except OSError as exc:  # PermissionError: another user's process
+        return isinstance(exc, ProcessLookupError)
+    return False
 
 
 def _naming_target(exc: BaseException, temporary: str, target: str) -> OSError | None:
@@ -125,24 +190,22 @@ def _naming_target(exc: BaseException, temporary: str, target: str) -> OSError |
 
 
 def _swap(staging: str, target: str, replace: bool) -> None:
+    """Rename ``staging`` to ``target`` (the folder's lock is held: no other writer swaps meanwhile)."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
-    if replace and os.path.isdir(target) and os.listdir(target):
-        retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    if os.path.isdir(target) and os.listdir(target):
+        if not replace:
+            raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
+        retired = staging_folder(os.path.dirname(target), os.path.basename(target), "old")
         try:
-            os.replace(target, os.path.join(retired, "previous"))
+            os.replace(target, retired)  # POSIX: a folder replaces an empty one
         except OSError:
             os.rmdir(retired)  # the earlier folder cannot be moved (not ours to replace): it stays as it was
             raise
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
-        return
-    try:
-        os.rename(staging, target)  # POSIX: replaces an empty folder, refuses a non-empty one
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(errno.EEXIST, "exists and is not empty", target) from None
-        raise
+    else:
+        os.rename(staging, target)
 
 
 def file_problem(path: str | os.PathLike) -> str:

@@ -1,0 +1,121 @@
+"""Several writers of one folder (utils.files): they take turns on the folder's lock, the later one's
+files win, and the staging folders of processes that are gone are swept by the next writer."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+
+from utils.files import staged_folder  # the only import of the package here: spawned writers start fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HOLD_S = 2.0  # how long the first writer stays inside its folder
+
+
+def _first_writer(target: str, inside, finishing) -> None:
+    with staged_folder(target) as folder:
+        open(os.path.join(folder, "first.txt"), "w").close()
+        inside.set()
+        time.sleep(HOLD_S)
+        finishing.set()  # the last thing before the swap
+
+
+def _second_writer(target: str, inside, finishing, report) -> None:
+    inside.wait(60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with staged_folder(target) as folder:
+            report.put(finishing.is_set())  # entered only once the first writer is done
+            open(os.path.join(folder, "second.txt"), "w").close()
+    report.put([str(w.message) for w in caught])
+
+
+def test_two_writers_of_one_folder_take_turns_and_the_later_one_wins(tmp_path):
+    spawn = multiprocessing.get_context("spawn")
+    inside, finishing, report = spawn.Event(), spawn.Event(), spawn.Queue()
+    target = str(tmp_path / "results" / "run")
+    first = spawn.Process(target=_first_writer, args=(target, inside, finishing))
+    second = spawn.Process(target=_second_writer, args=(target, inside, finishing, report))
+    first.start()
+    second.start()
+    entered_after_first, messages = report.get(timeout=120), report.get(timeout=120)
+    first.join(60)
+    second.join(60)
+    assert (first.exitcode, second.exitcode) == (0, 0)
+    assert entered_after_first, "the second writer ran while the first one still wrote the folder"
+    assert len(messages) == 1 and "waiting for another process that writes" in messages[0] and target in messages[0]
+    assert os.listdir(target) == ["second.txt"]
+    assert os.listdir(tmp_path / "results") == ["run"]  # no staging folder left, no lock file
+
+
+def _ended_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("name, swept", [
+    (".run.tmp-{host}-{ended}-abc_1", True),
+    (".run.old-{host}-{ended}-xyz", True),
+    (".other-run.maps-{host}-{ended}-q0", True),  # any staging folder in the parent, not only the target's
+    (".run.tmp-{host}-{alive}-abc", False),  # its process still runs
+    (".run.tmp-elsewhere-{ended}-abc", False),  # another machine's process: not ours to judge
+    (".run.tmp-notes", False),  # not a staging folder
+    ("run.tmp-{host}-{ended}-abc", False),  # not hidden: a user's folder
+])
+def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, name, swept):
+    folder = tmp_path / name.format(host=socket.gethostname(), ended=_ended_pid(), alive=os.getpid())
+    (folder / "sub").mkdir(parents=True)
+    with staged_folder(tmp_path / "run") as staging:
+        open(os.path.join(staging, "new.txt"), "w").close()
+    assert folder.exists() != swept
+    assert os.listdir(tmp_path / "run") == ["new.txt"]
+
+
+def test_a_killed_writer_leaves_nothing_after_the_next_writer(tmp_path):
+    """SIGKILL inside the folder (no clean-up runs): its staging folder stays, the next writer takes
+    the lock at once (the kernel released it with the process) and sweeps the folder."""
+    target = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from utils.files import staged_folder
+        with staged_folder({str(target)!r}) as folder:
+            open(os.path.join(folder, "partial.txt"), "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert os.listdir(tmp_path)[0].startswith(".run.tmp-")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a lock left by a dead process is free: no waiting
+        with staged_folder(target) as staging:
+            open(os.path.join(staging, "new.txt"), "w").close()
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == ["new.txt"]
+
+
+@pytest.mark.parametrize("rank", ["1", "3"])
+def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, capsys, rank):
+    from utils.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    config = tmp_path / "c.yaml"
+    config.write_text("device: cpu\n")
+    output = tmp_path / "out"
+    argv = ["predict", "--config", str(config), "--model", str(tmp_path / "none.pt"), "--input", str(tmp_path),
+            "--output", str(output)]
+    assert main(argv) == 0
+    assert not output.exists() and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")  # rank 0 predicts: here it finds no model file
+    assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
