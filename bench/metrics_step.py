@@ -1,4 +1,4 @@
-"""The metrics step of an evaluation (``Evaluation.compute_metrics``) on its own, as ``evaluate``
+"""The metrics step of an evaluation (``Run.compute_metrics``) on its own, as ``evaluate``
 gets there: load, fit, score (not timed), then the metrics table ``--reps`` times (the median is
 reported), and each group's protocols (A) and (B) as two calls and as one (``pixel_metrics_ab``,
 where the tree has it). Nothing is written but the JSON line it prints.
@@ -49,26 +49,26 @@ def main() -> None:
     import torch
 
     from utils.config import load_config
-    from utils.evaluation import evaluation_for
+    from utils.evaluation import Run
 
     torch.set_num_threads(os.cpu_count())
     settings = load_config(args.config, results_dir=args.results)
     if args.root:
         settings = settings.replace(data={"root": os.path.abspath(args.root)})
-    evaluation = evaluation_for(settings)
-    evaluation.load_data()
-    evaluation.fit(progress=False)
-    evaluation.score(progress=False)
+    run = Run(settings)
+    run.load_data()
+    run.fit(progress=False)
+    run.score(progress=False)
     seconds = []
     for _ in range(args.reps):
-        evaluation.compute_metrics()
-        seconds.append(evaluation.timings["metrics_s"])
-    groups = evaluation.groups
+        run.compute_metrics()
+        seconds.append(run.timings["metrics_s"])
+    groups = run.units.groups  # image formats: one GroupScores per test group
     result = {"git": common.git_revision(), "config": args.config, "load_average": common.load_average(),
               "test_images": sum(g.n_images for g in groups.values()), "groups": len(groups),
               "pixels_per_image": int(next(iter(groups.values())).maps[0].size),
               "metrics_s": statistics.median(seconds), "metrics_runs_s": seconds,
-              "fit_s": evaluation.timings.get("fit_s"), "score_s": evaluation.timings.get("score_s"), **protocol_seconds(groups)}
+              "fit_s": run.timings.get("fit_s"), "score_s": run.timings.get("score_s"), **protocol_seconds(groups)}
     print(json.dumps(result))
 
 

@@ -206,8 +206,8 @@ def all_reduce_statistics(stats: GaussianStatistics) -> GaussianStatistics:
     - ``S = sum(S_r + n_r (m_r - m)(m_r - m)^T)`` - each rank adds its correction to its own
       scatter in place, then one ``all_reduce(SUM)``, in chunks; no second ``(P, d, d)`` buffer is allocated.
 
-    This is the same exact identity :meth:`GaussianStatistics.merge` uses, so the result equals a
-    single-process accumulation up to floating-point rounding. Ranks with no samples contribute
+    This is Chan et al.'s exact merge of the streaming update (:mod:`utils.padim.gaussian`), so the
+    result equals a single-process accumulation up to floating-point rounding. Ranks with no samples contribute
     nothing. The statistics live on the device the backend reduces on (the settings' device picks
     both). Modifies and returns ``stats``; without a process group it returns ``stats`` unchanged.
     """
