@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -26,6 +25,7 @@ from scipy import ndimage
 from ..config import Settings
 from ..data import DataBundle
 from ..data.volumes import VolumeEntry, read_volume, score_volume, write_map
+from ..files import staging_folder
 from ..padim import Padim
 from .metrics import NAN, auroc_ap, best_dice, dice_at, pixel_metrics_ab
 from .plotting import planes_figure, volume_planes
@@ -89,7 +89,7 @@ class VolumeUnits:
         """Score each test volume once (``bar``: the run's progress bar), staging its map; on any failure
         the staged maps are removed."""
         os.makedirs(self.settings.results_dir, exist_ok=True)
-        self._staging = tempfile.mkdtemp(prefix=f".{self.name}.maps-", dir=self.settings.results_dir)
+        self._staging = staging_folder(self.settings.results_dir, self.name, "maps")  # swept if this process dies
         self.rows, self.shown = [], []
         try:
             for name, group in bundle.test.items():
