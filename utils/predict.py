@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
+from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
 from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
@@ -39,7 +40,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     returns one line per kind of input saying what was written."""
     model = Padim.load(model_path, settings)
     files = _input_files(source, output)
-    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
+    volumes = [f for f in files if has_suffix(f, NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
     images = [f for f in files if f not in volumes]
     with staged_folder(_output_folder(output)) as staging:
         done = []
@@ -65,12 +66,7 @@ def _input_files(source: str, output: str) -> list[str]:
     if _inside(output, source):
         raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
                         "images; choose an output folder outside the input folder")
-    files = sorted(
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(source)
-        for name in names
-        if name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
-    )
+    files = listed(source, IMAGE_SUFFIXES + NIFTI_SUFFIXES, recursive=True)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
     return files

@@ -8,12 +8,9 @@ from ..config import Settings
 from ..errors import DataError
 from .demo import ensure_demo
 from .mvtec import MvtecLoader
-from .sets import DataBundle
+from .sets import SPLITS, DataBundle
 from .study import StudyLoader
 from .volumes import load_volume_data
-
-#: Splits :func:`load_data` can build.
-SPLITS = ("train", "val", "test")
 
 
 def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:

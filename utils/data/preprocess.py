@@ -14,10 +14,8 @@ a colour defect may differ in alone, is kept.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,43 +24,16 @@ from PIL import Image
 
 from ..config import Settings
 from ..errors import DataError
-from ..files import file_problem
 from ..padim.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..padim.foreground import foreground_mask, luminance
+from .listing import open_image, upright
 
-#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
-MAX_PIXELS = 64_000_000
 #: File name endings read as images (folders, MVTec layout, ``predict``).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: File name endings read as NIfTI volumes (:mod:`utils.data.volumes`, ``predict``).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Pillow modes that hold colour (everything else is read as one gray channel).
 COLOR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "RGBX", "HSV", "LAB")
-
-
-@contextlib.contextmanager
-def open_image(path: str) -> Iterator[Image.Image]:
-    """The opened (not yet decoded) image at ``path``: the one existence, empty-file and size check.
-
-    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
-    """
-    if problem := file_problem(path):
-        raise DataError(f"image file {problem}: {path}")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"image file is empty (0 bytes): {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise DataError(
-                        f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit"
-                    )
-                yield image
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
 
 
 def read_image(path: str, color: str = "auto") -> np.ndarray:
@@ -73,7 +44,7 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
     dropped) and palette images are accepted. Unreadable files raise :class:`DataError`.
     """
     with open_image(path) as image:
-        image.load()
+        image = upright(image)
         if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
             return _to_unit_gray(image)
         if image.mode not in COLOR_MODES:
@@ -108,7 +79,7 @@ def read_mask(path: str) -> np.ndarray:
     is every nonzero pixel; a mask where the two differ (a gradient, a probability map) is
     thresholded at half its range with a :class:`NonBinaryMaskWarning`."""
     with open_image(path) as image:
-        image.load()
+        image = upright(image)
         values = np.asarray(image) if image.mode in ("L", "1") else _to_unit_gray(image)  # 8/1-bit: no float conversion
     nonzero = values > 0
     half = values > (float(values.min()) + float(values.max())) / 2

@@ -26,6 +26,8 @@ from .preprocess import prepare, read_image, read_mask, resize_mask
 
 T = TypeVar("T")
 
+#: Splits :func:`utils.data.load_data` can build (and a NIfTI manifest's ``split`` values).
+SPLITS = ("train", "val", "test")
 #: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
 NORMAL = "normal"
 #: Names the metrics table gives rows of its own: no test group of any format may take them.
@@ -94,10 +96,6 @@ class ImageSet(Dataset):
     def __repr__(self) -> str:
         return f"ImageSet({self.name!r}, {self.summary()})"
 
-    def as_group(self, anomalous: bool) -> "ImageSet":
-        """The same images as a test group (``anomalous`` or normal)."""
-        return ImageSet(self.name, self.items, self.settings, anomalous, self.estimate_head)
-
     def summary(self) -> str:
         images = len(set(self.paths))
         return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")
@@ -143,6 +141,14 @@ def checked_groups(names: Sequence[str], where: str) -> list[str]:
         raise DataError(f"{where}: a test group is named {taken[0]!r}, a name the results table uses for its own row "
                         f"({', '.join(RESERVED_GROUPS)}); rename it")
     return list(names)
+
+
+def chosen_groups(requested: Optional[Sequence[str]], available: Sequence[str], where: str) -> list[str]:
+    """The test groups to load: ``data.test_groups`` (``requested``; each once, ``normal`` left to the
+    loader) or else every ``available`` group of ``where``; none reserved (:func:`checked_groups`)."""
+    if requested is None:
+        return checked_groups(available, where)
+    return checked_groups([group for group in dict.fromkeys(requested) if group != NORMAL], "data.test_groups")
 
 
 @dataclass
@@ -209,17 +215,8 @@ def hold_out_images(train: ImageSet, origin: str, estimate_head: bool) -> tuple[
 
 def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:
     """Batches of dicts in dataset order (``batch_size``, ``data.num_workers``, no shuffling)."""
-    workers = settings.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=workers,
-        worker_init_fn=_single_thread_worker if workers else None,
-        generator=torch.Generator().manual_seed(settings.seed),
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.data.num_workers,
+                      worker_init_fn=_single_thread_worker, generator=torch.Generator().manual_seed(settings.seed))
 
 
 def _single_thread_worker(_: int) -> None:

@@ -31,7 +31,6 @@ image's shape and affine (:func:`write_map`).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import os
 from dataclasses import dataclass
@@ -45,13 +44,13 @@ from torch.utils.data import Dataset, default_collate
 
 from ..config import Settings
 from ..errors import DataError
-from ..files import file_problem, not_utf8, write_atomic
+from ..files import file_problem, write_atomic
 from ..padim import Padim
 from ..padim.foreground import foreground_mask
+from .listing import has_suffix, read_table, resolved
 from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
-from .sets import DataBundle, checked_groups, counted, hold_out
+from .sets import SPLITS, DataBundle, checked_groups, counted, hold_out
 
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("split", "image")
 OPTIONAL_COLUMNS = ("label", "brain_mask", "group", "case")
 DEFAULT_GROUP = "test"
@@ -78,17 +77,14 @@ class VolumeEntry:
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
     name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
+    return name[: -len(".nii.gz")] if has_suffix(name, (".nii.gz",)) else os.path.splitext(name)[0]
 
 
 def _header(path: str, source: str) -> nib.Nifti1Image:
     """The NIfTI image at ``path`` (header read, data not loaded), or a one-line error."""
     if problem := file_problem(path):
         raise DataError(f"{source}: file {path} {problem}")
-    if not path.endswith(NIFTI_SUFFIXES):
+    if not has_suffix(path, NIFTI_SUFFIXES):
         raise DataError(f"{source}: {path} is not a NIfTI file (.nii or .nii.gz)")
     try:
         return nib.load(path)
@@ -128,27 +124,15 @@ def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeE
 
 def _manifest_entries(path: str) -> list[VolumeEntry]:
     """The rows of a manifest CSV (columns and splits checked; files not yet)."""
-    if problem := file_problem(path):
-        raise DataError(f"manifest {path} {problem} (data.manifest)")
+    columns, rows = read_table(path, "manifest")
+    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
     folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    try:
-        return _rows(path, folder, name)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"manifest {path} {not_utf8(exc)}: is it a CSV?") from None
-
-
-def _rows(path: str, folder: str, name: str) -> list[VolumeEntry]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-        if unknown:
-            raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
-        return [_entry(row, folder, f"{name} line {line}") for line, row in enumerate(reader, start=2)]
+    return [_entry(row, folder, source) for source, row in rows]
 
 
 def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
@@ -165,19 +149,17 @@ def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> 
     return entries
 
 
-def _entry(row: dict, folder: str, source: str) -> VolumeEntry:
+def _entry(row: dict[str, str], folder: str, source: str) -> VolumeEntry:
     def file(column: str) -> Optional[str]:
-        value = (row.get(column) or "").strip()
-        return os.path.normpath(os.path.join(folder, value)) if value else None
+        return resolved(os.path.normpath(os.path.join(folder, row[column]))) if row.get(column) else None
 
-    split = (row.get("split") or "").strip()
+    split = row.get("split", "")
     if split not in SPLITS:
         raise DataError(f"{source}: split is {split!r}; allowed: {', '.join(SPLITS)}")
     image = file("image")
     if image is None:
         raise DataError(f"{source}: the image column is empty")
-    group = (row.get("group") or "").strip() or DEFAULT_GROUP
-    case = (row.get("case") or "").strip() or case_name(image)
+    group, case = row.get("group") or DEFAULT_GROUP, row.get("case") or case_name(image)
     return VolumeEntry(split, image, file("label"), file("brain_mask"), group, case, source)
 
 
@@ -420,7 +402,7 @@ def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list
     and NIfTI files (brain estimated from each image), checked together (:func:`checked_entries`)."""
     entries = []
     for source in sources:
-        if source.endswith(".csv"):
+        if has_suffix(source, (".csv",)):
             entries += _manifest_entries(source)
         else:
             entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))

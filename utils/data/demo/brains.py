@@ -27,21 +27,23 @@ tissue aside, ringed by hypointense oedema). Everything is deterministic from th
 
 from __future__ import annotations
 
-import csv
-import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
 from ...files import staged_folder
 
 GENERATOR_VERSION = 1
-KINDS = ("hyperintense_lesion", "cyst", "mass_oedema")
+#: Lesion kinds and the range of their radius (pixels at 1 mm).
+RADII = {"hyperintense_lesion": (8, 13), "cyst": (10, 15), "mass_oedema": (9, 13)}
+KINDS = tuple(RADII)
 #: Axial template slices (1 mm MNI152, 189 slices) used: around the lateral ventricles.
 SLICE_RANGE = (80, 96)
 IXI_SHAPE = (233, 197)  # rows, columns, as the study's IXI PNGs (197x233)
@@ -62,18 +64,13 @@ class DemoCounts:
 
 
 # ---------------------------------------------------------------------------- template
-_TEMPLATE: Optional[np.ndarray] = None
-
-
+@functools.cache
 def _template() -> np.ndarray:
     """The 1 mm MNI152 T1 template as ``(slices, 233, 197)`` float32 axial images in [0, 1]."""
-    global _TEMPLATE
-    if _TEMPLATE is None:
-        from nilearn.datasets import load_mni152_template  # in the wheel; no download
+    from nilearn.datasets import load_mni152_template  # in the wheel; no download
 
-        volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
-        _TEMPLATE = np.ascontiguousarray(np.rot90(volume, axes=(0, 1)).transpose(2, 0, 1))
-    return _TEMPLATE
+    volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
+    return np.ascontiguousarray(np.rot90(volume, axes=(0, 1)).transpose(2, 0, 1))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -99,17 +96,14 @@ def _subject(rng: np.random.Generator, padding: int = 24) -> tuple[np.ndarray, n
     brain = ndimage.binary_opening(brain, iterations=1)
     outside = ndimage.distance_transform_edt(~brain) + 1.2 * _smooth_noise(rng, brain.shape, 12)
     outside[brain] = 0
-    csf, skull = rng.uniform(1.5, 3.0), rng.uniform(3.0, 5.0)
-    scalp = rng.uniform(3.5, 6.0)
+    edges = np.cumsum([0, rng.uniform(1.5, 3.0), rng.uniform(3.0, 5.0), rng.uniform(3.5, 6.0)])  # CSF, skull, scalp
+    layer = np.digitize(outside, edges, right=True)  # 1, 2, 3 in the CSF, skull and scalp rings
     image = np.where(brain, brain_image, 0).astype(np.float32)
-    layer_csf = (outside > 0) & (outside <= csf)
-    layer_skull = (outside > csf) & (outside <= csf + skull)
-    layer_scalp = (outside > csf + skull) & (outside <= csf + skull + scalp)
-    image[layer_csf] = 0.12
-    image[layer_skull] = 0.06
-    image[layer_scalp] = rng.uniform(0.8, 0.95) + 0.05 * _smooth_noise(rng, brain.shape, 3)[layer_scalp]
+    image[layer == 1] = 0.12
+    image[layer == 2] = 0.06
+    image[layer == 3] = rng.uniform(0.8, 0.95) + 0.05 * _smooth_noise(rng, brain.shape, 3)[layer == 3]
     image = ndimage.gaussian_filter(image, 0.6)
-    labels = np.where(brain, 2, np.where(outside <= csf + skull + scalp, 1, 0)).astype(np.uint8)
+    labels = np.where(brain, 2, outside <= edges[-1]).astype(np.uint8)
     return image, labels
 
 
@@ -171,14 +165,7 @@ def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, flo
 def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, kind: str, scale: float,
                 taken: list[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Paint one lesion of ``kind`` inside the brain; returns image, labels and its box mask."""
-    if kind == "hyperintense_lesion":
-        radius = rng.uniform(8, 13) * scale
-    elif kind == "cyst":
-        radius = rng.uniform(10, 15) * scale
-    elif kind == "mass_oedema":
-        radius = rng.uniform(9, 13) * scale
-    else:
-        raise ValueError(f"unknown lesion kind {kind!r}; allowed: {', '.join(KINDS)}")
+    radius = rng.uniform(*RADII[kind]) * scale
     extent = radius * (2.0 if kind == "mass_oedema" else 1.3)
     inside = ndimage.distance_transform_edt(labels == 2)
     candidates = np.argwhere(inside > extent + 3 * scale)
@@ -191,18 +178,12 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
         return image, labels, None
     taken.append((centre[0], centre[1], extent))
     shape = image.shape
-    brain = labels == 2
-    reference = float(np.median(image[brain]))
-    if kind == "hyperintense_lesion":
-        alpha = soft_blob(rng, shape, centre, radius, 0.08, 1.2 * scale)
-        value = reference * rng.uniform(1.45, 1.7)
-        image = image * (1 - alpha) + value * alpha
-        footprint = alpha
-    elif kind == "cyst":
-        alpha = soft_blob(rng, shape, centre, radius, 0.04, 0.4 * scale)
-        value = rng.uniform(0.08, 0.16)
-        image = image * (1 - alpha) + value * alpha
-        footprint = alpha
+    reference = float(np.median(image[labels == 2]))
+    if kind != "mass_oedema":  # a bright soft blob, or a cyst: sharp and CSF-dark
+        cyst = kind == "cyst"
+        footprint = soft_blob(rng, shape, centre, radius, 0.04 if cyst else 0.08, (0.4 if cyst else 1.2) * scale)
+        value = rng.uniform(0.08, 0.16) if cyst else reference * rng.uniform(1.45, 1.7)
+        image = image * (1 - footprint) + value * footprint
     else:
         image, labels = _mass_effect(image, labels, centre, radius, rng.uniform(0.35, 0.55))
         oedema = soft_blob(rng, shape, centre, radius * rng.uniform(1.6, 1.9), 0.15, 2.0 * scale) * (labels == 2)
@@ -254,13 +235,6 @@ def _save(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, optimize=False)
 
 
-def _write_csv(path: str, files: Sequence[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["filename"])
-        writer.writerows([f] for f in files)
-
-
 def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesion: float,
                     folders: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:
     """One slice with one or two lesions of ``kind``: its image, brain map, box masks and neg mask.
@@ -281,7 +255,7 @@ def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesio
     return [image_path] * len(boxes), box_paths, [neg_path] * len(boxes)
 
 
-def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str]) -> dict:
+def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     ixi_dir = os.path.join(folder, "data", "IXI")
     mid_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_png")
     pos_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_pos_png")
@@ -320,18 +294,18 @@ def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str])
     splits["normal_train"], _ = fastmri("normal_train", counts.fastmri_train)
     splits["normal_val"], _ = fastmri("normal_val", counts.val)
     splits["normal_test"], splits["normal_test_ann"] = fastmri("normal_test", counts.normal_test)
-    for kind in kinds:
+    for kind in KINDS:
         rows = [_write_lesioned(np.random.default_rng(next(streams)), kind, f"demo_brain_AXT1_{next(number):04d}",
                                 counts.second_lesion, (mid_dir, pos_dir, neg_dir)) for _ in range(counts.per_kind)]
         splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = (
             [rel(path) for per_slice in column for path in per_slice] for column in zip(*rows))
     for name, files in splits.items():
-        _write_csv(os.path.join(split_dir, name + ".csv"), files)
+        pd.DataFrame({"filename": files}).to_csv(os.path.join(split_dir, name + ".csv"), index=False, lineterminator="\n")
     manifest = {
         "generator": "utils.demo_data",
         "version": GENERATOR_VERSION,
         "seed": seed,
-        "kinds": list(kinds),
+        "kinds": list(KINDS),
         "counts": {name: len(files) for name, files in splits.items()},
     }
     with open(os.path.join(folder, "data", "demo.json"), "w", encoding="utf-8") as handle:
@@ -339,8 +313,7 @@ def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str])
     return manifest
 
 
-def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
-                  kinds: Sequence[str] = KINDS, overwrite: bool = False) -> str:
+def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(), overwrite: bool = False) -> str:
     """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
 
     Written into a temporary folder beside ``root`` and renamed into place
@@ -348,19 +321,10 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = D
     Raises ``FileExistsError`` if ``root`` is not empty (also when another process filled it meanwhile).
     """
     root = os.path.abspath(os.fspath(root))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"lesion kinds {list(kinds)!r}; allowed: a non-empty subset of {', '.join(KINDS)}")
-    small = [f"{f.name}={getattr(counts, f.name)}" for f in dataclasses.fields(counts)
-             if f.name != "second_lesion" and getattr(counts, f.name) < 1]
-    if small or not 0 <= counts.second_lesion <= 1:
-        raise ValueError(f"demo counts must be >= 1 and second_lesion in [0, 1], got {', '.join(small) or counts.second_lesion}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise FileExistsError(f"{root} exists and is not a folder")
     if os.path.isdir(root) and os.listdir(root) and not overwrite:
         raise FileExistsError(f"{root} exists and is not empty; choose another folder, or replace it (--force; overwrite=True)")
     with staged_folder(root, replace=overwrite) as temporary:
-        _write_set(temporary, int(seed), counts, kinds)
+        _write_set(temporary, seed, counts)
     return root
