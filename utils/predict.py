@@ -13,13 +13,12 @@ and an earlier run's files are replaced as a whole, never mixed with new ones.
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import json
 import os
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -107,16 +106,12 @@ def _output_folder(output: str) -> str:
 def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
     """NIfTI maps and previews (:func:`utils.predict.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
     rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
-    _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
-                  [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
+    _write_scores(os.path.join(output, "volume_scores.csv"), pd.DataFrame(rows, columns=["image", "score", "slice"]))
     return f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv"
 
 
-def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
-    with atomic_writer(path) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
-        writer = csv.writer(text)
-        writer.writerow(header)
-        writer.writerows(rows)
+def _write_scores(path: str, table: pd.DataFrame) -> None:
+    write_atomic(path, table.to_csv(index=False, float_format="%.6f").encode())
 
 
 #: What ``predict`` writes per image beside the image's relative path stem.
@@ -129,10 +124,9 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
     stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
-    outputs = [stem + suffix for stem in stems for suffix in (HEATMAP, ANOMALY_MAP)]
-    clashes = sorted(name for name, count in collections.Counter(outputs).items() if count > 1)
+    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
     if clashes:
-        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)} "
+        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
                         "(same name, other suffix); rename one")
     rows, settings = [], model.settings
     for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
@@ -146,7 +140,7 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
             save_heatmap(p.display.numpy(), heat, stems[start + k] + HEATMAP)
             _write_map(restore_geometry(heat, array.shape[:2], settings), stems[start + k] + ANOMALY_MAP)
             rows.append((relative[start + k], float(score)))
-    _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
+    _write_scores(os.path.join(output, "scores.csv"), pd.DataFrame(rows, columns=["image", "score"]))
     return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps, anomaly maps and scores.csv"
 
 

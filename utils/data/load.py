@@ -19,8 +19,6 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
     ``study``, ``mvtec`` or ``nifti`` (:mod:`utils.data.volumes`). Splits not requested are ``None``
     (``test``: empty dict). Without a validation split, ``val`` is held out of the training
     images (``data.val_fraction``, :func:`utils.data.sets.hold_out`)."""
-    if isinstance(splits, str):
-        splits = (splits,)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")

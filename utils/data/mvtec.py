@@ -51,12 +51,10 @@ class MvtecLoader:
 
     def load(self, splits: Sequence[str]) -> DataBundle:
         test = self.test() if "test" in splits else {}
-        if not {"train", "val"} & set(splits):
-            self.check.same_colour(list(test.values()), self.root, self.settings.data.color)
-            return DataBundle(None, None, test)
-        train = self._good("train", "train")
-        self.check.same_colour([train, *test.values()], self.root, self.settings.data.color)
-        train, val, description = hold_out_images(train, "train/good", estimate_head=False)
+        train, val, description = None, None, "no validation set requested"
+        if {"train", "val"} & set(splits):
+            train, val, description = hold_out_images(self._good("train", "train"), "train/good", estimate_head=False)
+        self.check.same_colour([train, val, *test.values()], self.root, self.settings.data.color)
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def test(self) -> dict[str, ImageSet]:

@@ -62,11 +62,8 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
         if not np.isfinite(array).all():
             raise DataError(f"image {getattr(image, 'filename', '') or 'file'} holds NaN or Inf values")
         return np.clip(array, 0, 1) if array.max() <= 1 else array / max(float(array.max()), 1e-12)
-    if image.mode in COLOR_MODES:
-        image = image.convert("RGB").convert("L")
-    elif image.mode != "L":
-        image = image.convert("L")
-    return np.asarray(image, dtype=np.float32) / 255.0
+    gray = image.convert("RGB").convert("L") if image.mode in COLOR_MODES else image.convert("L")
+    return np.asarray(gray, dtype=np.float32) / 255.0
 
 
 class NonBinaryMaskWarning(UserWarning):
@@ -197,6 +194,17 @@ class Prepared(NamedTuple):
     display: torch.Tensor
     #: bool ``(S, S)``: the head (estimated, or given) when asked for, else None.
     head: Optional[torch.Tensor]
+
+    def item(self, mask: torch.Tensor, head: torch.Tensor, shape: tuple[int, ...], path: str, settings: Settings,
+             **extra) -> dict:
+        """The data set item of every format (:class:`utils.data.ImageSet`): this image with its
+        ``mask`` and ``head`` ``(S, S)`` bool, the original ``shape`` ``(H, W, ...)``, its ``path``, the
+        ``extra`` keys, and ``foreground`` (this head) when the settings use it."""
+        entry = {"image": self.image, "display": self.display, "mask": mask, "head": head,
+                 "shape": torch.tensor(shape[:2]), "path": path, **extra}
+        if settings.estimates_head:
+            entry["foreground"] = self.head
+        return entry
 
 
 def prepare(array: np.ndarray, settings: Settings, head: Optional[torch.Tensor] = None,

@@ -93,27 +93,18 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __repr__(self) -> str:
-        return f"ImageSet({self.name!r}, {self.summary()})"
-
     def summary(self) -> str:
         images = len(set(self.paths))
         return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self.items):
-            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
         item = self.items[index]
         array = read_image(item.image, self.settings.data.color)
         prepared = prepare(array, self.settings, estimate_head=self.estimate_head)
         mask, head = self.masks(index)
         if item.head is None and self.estimate_head:
             head = prepared.head
-        entry = {"image": prepared.image, "display": prepared.display, "mask": mask, "head": head,
-                 "shape": torch.tensor(array.shape[:2]), "path": item.image, "index": index}
-        if self.settings.estimates_head:
-            entry["foreground"] = prepared.head
-        return entry
+        return prepared.item(mask, head, array.shape, item.image, self.settings, index=index)
 
     def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``index``'s anomaly and head masks ``(S, S)`` bool, without decoding the image (all

@@ -80,24 +80,21 @@ class StudyLoader:
         return listed_rows
 
     def load(self, splits: Sequence[str]) -> DataBundle:
-        bundle = self._sets(splits)
-        self.check.same_colour([bundle.train, bundle.val, *bundle.test.values()], self.root, self.settings.data.color)
-        return bundle
-
-    def _sets(self, splits: Sequence[str]) -> DataBundle:
         d = self.settings.data
         test = self.test() if "test" in splits else {}
+        train, val, description = None, None, "no validation set requested"
         if d.val_split:
-            val = self.validation(d.val_split, self.read_csv(d.val_split)) if "val" in splits else None
             train = self.train() if "train" in splits else None
-            description = f"{d.val_split} ({counted(len(val))})" if val is not None else "no validation set requested"
-            return DataBundle(train, val, test, description)
-        if not {"train", "val"} & set(splits):
-            return DataBundle(None, None, test)
-        train, val, description = hold_out_images(self.train(), "the training splits", estimate_head=True)
-        if val is not None:
-            val = self.validation("val", [(item.image, item.source) for item in val.items])
-        return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+            if "val" in splits:
+                val = self.validation(d.val_split, self.read_csv(d.val_split))
+                description = f"{d.val_split} ({counted(len(val))})"
+        elif {"train", "val"} & set(splits):
+            train, val, description = hold_out_images(self.train(), "the training splits", estimate_head=True)
+            if val is not None:  # the held-out images with their brain maps, where the layout has them
+                val = self.validation("val", [(item.image, item.source) for item in val.items])
+        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+        self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, d.color)
+        return bundle
 
     def train(self) -> ImageSet:
         rows: dict[str, str] = {}

@@ -106,8 +106,7 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
     linear = image.affine[:3, :3]
     if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
         raise DataError(f"{entry.source}: {entry.image} has no usable affine (singular or not finite): its orientation is unknown")
-    for kind in ("label", "brain_mask"):
-        path = getattr(entry, kind)
+    for kind, path in (("label", entry.label), ("brain_mask", entry.brain_mask)):
         if path is None:
             continue
         other = _header(path, entry.source)
@@ -242,81 +241,8 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), original.header)
 
 
-def training_slices(volume: Volume) -> list[int]:
-    """Kept slices of a training (or validation) volume; with a label, only those without lesion voxels."""
-    lesion_free = ~volume.label.any(axis=(0, 1))
-    return [int(z) for z in np.flatnonzero(volume.kept & lesion_free)]
-
-
-# ---------------------------------------------------------------------------- slice datasets
-class SliceSet(Dataset):
-    """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
-    ``case`` and ``slice``). Read in order, it holds one volume at a time."""
-
-    def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
-        self.name = name
-        self.entries = list(entries)
-        self.settings = settings
-        self.anomalous = False
-        self._cached: Optional[Volume] = None
-        #: (entry index, slice index) per item; reads every volume once to find its slices.
-        self.index = []
-        for number, entry in enumerate(self.entries):
-            self.index += [(number, z) for z in training_slices(self._volume(number))]
-        if self.entries and not self.index:
-            raise DataError(f"{name}: none of its {len(self.entries)} volumes has a slice with data.min_brain_fraction "
-                            f"{settings.data.min_brain_fraction} of brain (and no lesion)")
-
-    def _volume(self, number: int) -> Volume:
-        if self._cached is None or self._cached.entry is not self.entries[number]:
-            self._cached = read_volume(self.entries[number], self.settings)
-        return self._cached
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.entries[number].image for number, _ in self.index]
-
-    @property
-    def files(self) -> list[str]:
-        return [f for entry in self.entries for f in entry.files]
-
-    @property
-    def head_kinds(self) -> set[str]:
-        return {"brain mask"}
-
-    def summary(self) -> str:
-        return f"{len(self)} slices of {len(self.entries)} volumes"
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, item: int) -> dict:
-        number, z = self.index[item]
-        volume = self._volume(number)
-        return slice_item(volume, z, self.settings) | {"index": item}
-
-
-def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
-    """Axial slice ``z`` of ``volume`` as a dataset item; its head is the volume's brain slice
-    (given or estimated once per volume, :func:`read_volume`), for the model too."""
-    brain = resize_mask(volume.brain[:, :, z], settings)
-    prepared = prepare(volume.image[:, :, z], settings, head=brain)
-    item = {
-        "image": prepared.image,
-        "display": prepared.display,
-        "mask": resize_mask(volume.label[:, :, z], settings),
-        "head": brain,
-        "shape": torch.tensor(volume.image.shape[:2]),
-        "path": volume.entry.image,
-        "case": volume.entry.case,
-        "slice": z,
-    }
-    if settings.estimates_head:
-        item["foreground"] = brain
-    return item
-
-
-@dataclass
+# ---------------------------------------------------------------------------- data sets
+@dataclass(eq=False)  # compared and hashed by identity, as data sets are
 class VolumeSet:
     """A test group: its manifest entries (volumes are read one at a time when scored)."""
 
@@ -337,6 +263,57 @@ class VolumeSet:
 
     def summary(self) -> str:
         return counted(len(self), "volume")
+
+
+class SliceSet(VolumeSet, Dataset):
+    """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
+    ``case`` and ``slice``): every kept slice of each volume, and of a volume with a label only
+    the slices without lesion voxels. Read in order, it holds one volume at a time."""
+
+    def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
+        super().__init__(name, list(entries), anomalous=False)
+        self.settings = settings
+        self._cached: Optional[Volume] = None
+        #: (entry index, slice index) per item; reads every volume once to find its slices.
+        self.index = []
+        for number in range(len(self.entries)):
+            volume = self._volume(number)
+            self.index += [(number, int(z)) for z in np.flatnonzero(volume.kept & ~volume.label.any(axis=(0, 1)))]
+        if self.entries and not self.index:
+            raise DataError(f"{name}: none of its {len(self.entries)} volumes has a slice with data.min_brain_fraction "
+                            f"{settings.data.min_brain_fraction} of brain (and no lesion)")
+
+    def _volume(self, number: int) -> Volume:
+        if self._cached is None or self._cached.entry is not self.entries[number]:
+            self._cached = read_volume(self.entries[number], self.settings)
+        return self._cached
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.entries[number].image for number, _ in self.index]
+
+    @property
+    def head_kinds(self) -> set[str]:
+        return {"brain mask"}
+
+    def summary(self) -> str:
+        return f"{len(self)} slices of {len(self.entries)} volumes"
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict:
+        number, z = self.index[item]
+        return slice_item(self._volume(number), z, self.settings) | {"index": item}
+
+
+def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
+    """Axial slice ``z`` of ``volume`` as a dataset item; its head is the volume's brain slice
+    (given or estimated once per volume, :func:`read_volume`), for the model too."""
+    brain = resize_mask(volume.brain[:, :, z], settings)
+    prepared = prepare(volume.image[:, :, z], settings, head=brain)
+    label = resize_mask(volume.label[:, :, z], settings)
+    return prepared.item(label, brain, volume.image.shape, volume.entry.image, settings, case=volume.entry.case, slice=z)
 
 
 def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -376,17 +353,14 @@ def score_volume(model: Padim, volume: Volume, settings: Settings) -> np.ndarray
     return anomaly
 
 
-def to_original(anomaly: np.ndarray, volume: Volume) -> np.ndarray:
-    """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`).
+def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
+    """Write a RAS+ map as float32 NIfTI with the original image's shape and affine, atomically.
 
+    The map goes back to the original voxel order (undoing :func:`nibabel.as_closest_canonical`):
     ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
-    return apply_orientation(anomaly, ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine)))
-
-
-def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
-    """Write a RAS+ map as float32 NIfTI with the original image's shape and affine, atomically."""
-    data = to_original(anomaly, volume).astype(np.float32)
+    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine))
+    data = apply_orientation(anomaly, to_stored).astype(np.float32)
     if data.shape != volume.shape:  # a bug here, not user input
         raise AssertionError(f"restored map {data.shape} differs from the image {volume.shape}")
     image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes

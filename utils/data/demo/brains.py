@@ -28,6 +28,7 @@ tissue aside, ringed by hypointense oedema). Everything is deterministic from th
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -235,72 +236,43 @@ def _save(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, optimize=False)
 
 
-def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesion: float,
-                    folders: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:
-    """One slice with one or two lesions of ``kind``: its image, brain map, box masks and neg mask.
-    Returns the rows of the study's ``P.csv``, ``P_ann.csv`` and ``P_neg.csv`` (one per box)."""
-    mid_dir, pos_dir, neg_dir = folders
-    lesions = [kind] * (2 if rng.random() < second_lesion else 1)
-    pixels, head, boxes = _render(rng, "fastmri", lesions)
-    image_path, neg_path = os.path.join(mid_dir, stem + ".png"), os.path.join(neg_dir, stem + ".png")
-    _save(pixels, image_path)
-    _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
-    union = np.zeros_like(head)
-    box_paths = []
-    for k, box in enumerate(boxes):
-        box_paths.append(os.path.join(pos_dir, f"{stem}_{kind}_{k}.png"))
-        _save(box, box_paths[-1])
-        union |= box
-    _save(head & ~union, neg_path)
-    return [image_path] * len(boxes), box_paths, [neg_path] * len(boxes)
-
-
 def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
-    ixi_dir = os.path.join(folder, "data", "IXI")
-    mid_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_png")
-    pos_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_pos_png")
-    neg_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_neg_png")
-    split_dir = os.path.join(folder, "data", "splits")
-    for path in (ixi_dir, mid_dir, pos_dir, neg_dir, split_dir):
-        os.makedirs(path)
+    for sub in ("IXI", "fastMRI/brain_mid_png", "fastMRI/brain_mid_anno_pos_png", "fastMRI/brain_mid_anno_neg_png", "splits"):
+        os.makedirs(os.path.join(folder, "data", sub))
     # one independent stream per image: changing one count does not change the other images
     sequence = np.random.SeedSequence(seed)
-    streams = iter(lambda: sequence.spawn(1)[0], None)
+    rngs = (np.random.default_rng(stream) for stream in iter(lambda: sequence.spawn(1)[0], None))
+    stems = (f"./data/fastMRI/brain_mid_png/demo_brain_AXT1_{n:04d}" for n in itertools.count(1))
 
-    def rel(path: str) -> str:
-        return "./" + os.path.relpath(path, folder).replace(os.sep, "/")
+    def save(array: np.ndarray, path: str) -> str:
+        _save(array, os.path.join(folder, path))
+        return path  # as the study's CSVs list it, relative to the set's root
 
-    splits: dict[str, list[str]] = {}
-    names = []
-    for i in range(counts.ixi_train):
-        pixels, _, _ = _render(np.random.default_rng(next(streams)), "ixi")
-        path = os.path.join(ixi_dir, f"sub-DEMO{i:03d}_T1w.png")
-        _save(pixels, path)
-        names.append(rel(path))
-    splits["ixi_normal_train"] = names
-    number = iter(range(1, 100000))
-
-    def fastmri(split: str, count: int) -> tuple[list[str], list[str]]:
-        images, heads = [], []
+    ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
+    splits = {"ixi_normal_train": ixi}
+    for split, count in (("normal_train", counts.fastmri_train), ("normal_val", counts.val), ("normal_test", counts.normal_test)):
+        rows = []
         for _ in range(count):
-            pixels, head, _ = _render(np.random.default_rng(next(streams)), "fastmri")
-            stem = f"demo_brain_AXT1_{next(number):04d}"
-            _save(pixels, os.path.join(mid_dir, stem + ".png"))
-            _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
-            images.append(rel(os.path.join(mid_dir, stem + ".png")))
-            heads.append(rel(os.path.join(mid_dir, stem + "_brain_map_full.png")))
-        return images, heads
-
-    splits["normal_train"], _ = fastmri("normal_train", counts.fastmri_train)
-    splits["normal_val"], _ = fastmri("normal_val", counts.val)
-    splits["normal_test"], splits["normal_test_ann"] = fastmri("normal_test", counts.normal_test)
+            pixels, head, _ = _render(next(rngs), "fastmri")
+            stem = next(stems)
+            rows.append((save(pixels, stem + ".png"), save(head, stem + "_brain_map_full.png")))
+        splits[split] = [image for image, _ in rows]
+    splits["normal_test_ann"] = [head for _, head in rows]
     for kind in KINDS:
-        rows = [_write_lesioned(np.random.default_rng(next(streams)), kind, f"demo_brain_AXT1_{next(number):04d}",
-                                counts.second_lesion, (mid_dir, pos_dir, neg_dir)) for _ in range(counts.per_kind)]
-        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = (
-            [rel(path) for per_slice in column for path in per_slice] for column in zip(*rows))
+        rows = []  # one row per box, as the study's P.csv, P_ann.csv and P_neg.csv
+        for _ in range(counts.per_kind):
+            rng, stem = next(rngs), next(stems)
+            pixels, head, boxes = _render(rng, "fastmri", [kind] * (2 if rng.random() < counts.second_lesion else 1))
+            image = save(pixels, stem + ".png")
+            save(head, stem + "_brain_map_full.png")
+            annotation = stem.replace("brain_mid_png", "brain_mid_anno_pos_png")
+            box_paths = [save(box, f"{annotation}_{kind}_{k}.png") for k, box in enumerate(boxes)]
+            neg = save(head & ~np.logical_or.reduce(boxes), stem.replace("brain_mid_png", "brain_mid_anno_neg_png") + ".png")
+            rows += [(image, box, neg) for box in box_paths]
+        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = ([row[i] for row in rows] for i in range(3))
     for name, files in splits.items():
-        pd.DataFrame({"filename": files}).to_csv(os.path.join(split_dir, name + ".csv"), index=False, lineterminator="\n")
+        pd.DataFrame({"filename": files}).to_csv(os.path.join(folder, "data", "splits", name + ".csv"), index=False,
+                                                 lineterminator="\n")
     manifest = {
         "generator": "utils.demo_data",
         "version": GENERATOR_VERSION,
