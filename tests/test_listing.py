@@ -7,7 +7,9 @@ on (counted in the file's text), how an EXIF-rotated image looks (``np.rot90``).
 from __future__ import annotations
 
 import os
+import shutil
 import unicodedata
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +18,7 @@ from PIL import Image
 
 from utils.config import settings_from_dict
 from utils.data import load_data
+from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
@@ -95,9 +98,9 @@ def test_bad_csv_files_give_one_line_errors(tmp_path, raw, fragment):
 
 
 # ---------------------------------------------------------------------------- every format uses it
-def _volume(path):
+def _volume(path, seed=0):
     data = np.zeros((8, 8, 4), np.float32)
-    data[2:6, 2:6] = 1 + np.random.default_rng(0).random((4, 4, 4))
+    data[2:6, 2:6] = 1 + np.random.default_rng(seed).random((4, 4, 4))
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     return str(path)
 
@@ -174,3 +177,45 @@ def test_a_mask_of_an_exif_rotated_image_matches_its_upright_size(tmp_path):
     settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "mvtec", "root": root}})
     item = load_data(settings, ("test",)).test["color"][0]
     assert tuple(item["shape"].tolist()) == (32, 20)
+
+
+# ---------------------------------------------------------------------------- train/test overlap
+def _mvtec_overlap(tmp_path, how):
+    root = generate_mvtec(str(tmp_path / "cat"), size=32, n_train=3, n_good=2, n_per_defect=1)
+    train, test = os.path.join(root, "train", "good", "001.png"), os.path.join(root, "test", "good", "dup.png")
+    if how == "copy":
+        shutil.copyfile(train, test)
+    elif how == "link":
+        os.symlink(train, test)
+    elif how == "same size":  # the same number of bytes, other pixels: not the same content
+        pixels = np.asarray(Image.open(train))
+        Image.fromarray(pixels).save(train, compress_level=0)
+        Image.fromarray(255 - pixels).save(test, compress_level=0)
+        assert os.path.getsize(train) == os.path.getsize(test)
+    return {"format": "mvtec", "root": root}
+
+
+def _nifti_overlap(tmp_path, how):
+    _volume(tmp_path / "a.nii.gz")
+    if how == "copy":
+        shutil.copyfile(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
+    else:
+        _volume(tmp_path / "b.nii.gz", seed=1)
+    test = "a.nii.gz" if how == "same file" else "b.nii.gz"
+    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii.gz,a\ntest,{test},b\n")
+    return {"format": "nifti", "manifest": str(tmp_path / "v.csv"), "min_brain_fraction": 0.1}
+
+
+@pytest.mark.parametrize("make, how, warns", [
+    (_mvtec_overlap, "none", False), (_mvtec_overlap, "copy", True), (_mvtec_overlap, "link", True),
+    (_mvtec_overlap, "same size", False),
+    (_nifti_overlap, "other", False), (_nifti_overlap, "same file", True), (_nifti_overlap, "copy", True),
+])
+def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, make, how, warns):
+    data = make(tmp_path, how) | {"val_fraction": 0}
+    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": data})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_data(settings, ("train", "test"))
+    overlap = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
+    assert len(overlap) == warns and all("1 test file also in the training data" in m for m in overlap)

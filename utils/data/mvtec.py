@@ -16,7 +16,7 @@ from ..errors import DataError
 from .checks import Checker
 from .listing import listed, nfc, resolved
 from .preprocess import IMAGE_SUFFIXES
-from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, hold_out_images
+from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, hold_out
 
 
 def _stem(path: str) -> str:
@@ -53,7 +53,8 @@ class MvtecLoader:
         test = self.test() if "test" in splits else {}
         train, val, description = None, None, "no validation set requested"
         if {"train", "val"} & set(splits):
-            train, val, description = hold_out_images(self._good("train", "train"), "train/good", estimate_head=False)
+            kept, held, description = hold_out(self._good("train", "train").items, self.settings, "train/good")
+            train, val = ImageSet("train", kept, self.settings), ImageSet("val", held, self.settings) if held else None
         self.check.same_colour([train, val, *test.values()], self.root, self.settings.data.color)
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 

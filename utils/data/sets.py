@@ -196,14 +196,6 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
-def hold_out_images(train: ImageSet, origin: str, estimate_head: bool) -> tuple[ImageSet, Optional[ImageSet], str]:
-    """:func:`hold_out` for a training set: ``(kept, validation set or None, description)``; the
-    validation set estimates its images' heads with ``estimate_head`` (brain images, not MVTec)."""
-    kept, held, description = hold_out(train.items, train.settings, origin)
-    val = ImageSet("val", held, train.settings, estimate_head=estimate_head) if held else None
-    return ImageSet(train.name, kept, train.settings), val, description
-
-
 def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:
     """Batches of dicts in dataset order (``batch_size``, ``data.num_workers``, no shuffling)."""
     return DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.data.num_workers,

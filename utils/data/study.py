@@ -22,7 +22,7 @@ from ..config import Settings
 from ..errors import DataError
 from .checks import Checker
 from .listing import listed, nfc, read_table, resolved
-from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, counted, hold_out_images
+from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, counted, hold_out
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
@@ -89,9 +89,9 @@ class StudyLoader:
                 val = self.validation(d.val_split, self.read_csv(d.val_split))
                 description = f"{d.val_split} ({counted(len(val))})"
         elif {"train", "val"} & set(splits):
-            train, val, description = hold_out_images(self.train(), "the training splits", estimate_head=True)
-            if val is not None:  # the held-out images with their brain maps, where the layout has them
-                val = self.validation("val", [(item.image, item.source) for item in val.items])
+            kept, held, description = hold_out(self.train().items, self.settings, "the training splits")
+            train = ImageSet("train", kept, self.settings)
+            val = self.validation("val", [(item.image, item.source) for item in held]) if held else None
         bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
         self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, d.color)
         return bundle

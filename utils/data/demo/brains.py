@@ -143,9 +143,7 @@ def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[fl
     rotated_r = dr * np.cos(tilt) - dc * np.sin(tilt)
     rotated_c = dr * np.sin(tilt) + dc * np.cos(tilt)
     distance = np.hypot(rotated_r * aspect, rotated_c / aspect)
-    wobble = sum(
-        irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6)
-    )
+    wobble = sum(irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
     edge = radius * (1 + wobble)
     return (1 / (1 + np.exp((distance - edge) / max(softness, 1e-3)))).astype(np.float32)
 
