@@ -27,8 +27,6 @@ from ..files import file_problem, not_utf8
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
-#: EXIF orientations that turn the image by 90 degrees (width and height swap).
-_SIDEWAYS = (5, 6, 7, 8)
 
 
 def nfc(name: str) -> str:
@@ -126,4 +124,5 @@ def upright(image: Image.Image) -> Image.Image:
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of :func:`upright` ``(image)``, from the header alone."""
-    return image.size[::-1] if image.getexif().get(0x0112, 1) in _SIDEWAYS else image.size
+    sideways = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
+    return image.size[::-1] if sideways else image.size

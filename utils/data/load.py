@@ -57,8 +57,9 @@ def warn_overlap(bundle: DataBundle) -> None:
     same = [path for path in test if path in train
             or any(digest(path) == digest(other) for other in by_size.get(os.path.getsize(path), ()))]
     if same:
-        warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same content), "
-                      f"e.g. {same[0]}: their scores measure memory, not detection", TrainTestOverlapWarning, stacklevel=2)
+        warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
+                      f"content), e.g. {same[0]}: their scores measure memory, not detection",
+                      TrainTestOverlapWarning, stacklevel=2)
 
 
 def _digest(path: str) -> str:

@@ -87,6 +87,7 @@ class MvtecLoader:
         for image in images:
             mask = masks.get(_stem(image) + "_mask")
             if mask is None:
-                raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, _stem(image))}_mask.png")
+                expected = os.path.join(masks_dir, _stem(image) + "_mask.png")
+                raise DataError(f"no ground-truth mask for {image}: expected {expected}")
             items.append(Item(image, (mask,), None, image))
         return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

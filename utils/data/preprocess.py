@@ -100,27 +100,25 @@ def _crop_offset(settings: Settings) -> int:
     return (settings.image_size - settings.input_size) // 2
 
 
-def _centre_crop(x: torch.Tensor, settings: Settings) -> torch.Tensor:
-    start, side = _crop_offset(settings), settings.input_size
-    return x[..., start : start + side, start : start + side]
+def _to_grid(x: torch.Tensor, settings: Settings, mode: str) -> torch.Tensor:
+    """``(1, C, H, W)`` float -> ``(C, S, S)``: square, resized to ``image_size`` (``bilinear`` with
+    antialiasing, or ``nearest``), centre crop to ``input_size``."""
+    size, start, side = settings.image_size, _crop_offset(settings), settings.input_size
+    smooth = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    x = F.interpolate(to_square(x, settings.data.resize), size=(size, size), mode=mode, **smooth)
+    return x[0, :, start : start + side, start : start + side]
 
 
 def resize_image(array: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` or ``(H, W, 3)`` float -> ``(C, S, S)`` float (C = 1 or 3): square, bilinear
     resize with antialiasing to ``image_size``, centre crop to ``input_size``."""
     x = torch.from_numpy(np.ascontiguousarray(array))
-    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-    x = to_square(x, settings.data.resize)
-    size = settings.image_size
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return _centre_crop(x[0], settings).clamp_(0, 1)
+    return _to_grid(x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None], settings, "bilinear").clamp_(0, 1)
 
 
 def resize_mask(mask: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, the geometry of :func:`resize_image`."""
-    x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings.data.resize)
-    size = settings.image_size
-    return _centre_crop(F.interpolate(x, size=(size, size), mode="nearest")[0, 0], settings) > 0.5
+    return _to_grid(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings, "nearest")[0] > 0.5
 
 
 def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Settings) -> np.ndarray:

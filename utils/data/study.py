@@ -72,7 +72,8 @@ class StudyLoader:
         header, rows = read_table(path, "split CSV")
         column = header[0] if header else ""
         if column.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
-            raise DataError(f"{path}: expected a header with column `filename`, found {','.join(header)[:80] or '(empty file)'!r}")
+            found = ",".join(header)[:80] or "(empty file)"
+            raise DataError(f"{path}: expected a header with column `filename`, found {found!r}")
         listed_rows = [(resolved(os.path.normpath(os.path.join(self.root, row[column]))), source)
                        for source, row in rows if row[column]]
         if not listed_rows:
@@ -126,11 +127,14 @@ class StudyLoader:
                     f"data.test_groups names {group!r} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                     f"missing in {self.split_dir}; available groups: {', '.join(available) or 'none'}"
                 )
-        # a group listed by <group>.csv alone (no boxes, e.g. global findings) is scored for image AUROC only
-        test = {group: self.pathology(group) if group in available else self.validation(group, self.read_csv(group), True)
-                for group in groups}
+        test = {group: self.pathology(group) if group in available else self.image_level(group) for group in groups}
         test[NORMAL] = self.normal_test()
         return test
+
+    def image_level(self, group: str) -> ImageSet:
+        """A group listed by ``<group>.csv`` alone (no boxes, e.g. the slices with global findings):
+        scored for image AUROC only, each image inside its brain mask where the layout has one."""
+        return self.validation(group, self.read_csv(group), anomalous=True)
 
     def _aligned(self, names: Sequence[str]) -> list[list[tuple[str, str]]]:
         tables = [self.read_csv(name) for name in names]
@@ -144,7 +148,8 @@ class StudyLoader:
         """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``: each image with its box (the anomaly) and its
         head, box ∪ neg; one check covers a row's image and masks, so a skipped image drops its masks too."""
         images, boxes, negs = self._aligned([group, group + "_ann", group + "_neg"])
-        items = [Item(image, (box,), (box, neg), source) for (image, source), (box, _), (neg, _) in zip(images, boxes, negs)]
+        rows = zip(images, boxes, negs)
+        items = [Item(image, (box,), (box, neg), source) for (image, source), (box, _), (neg, _) in rows]
         return ImageSet(group, self.check.kept(group, items), self.settings, anomalous=True)
 
     def normal_test(self) -> ImageSet:

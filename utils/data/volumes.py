@@ -69,10 +69,6 @@ class VolumeEntry:
     case: str
     source: str  # "volumes.csv line 3", for messages
 
-    @property
-    def files(self) -> list[str]:
-        return [f for f in (self.image, self.label, self.brain_mask) if f]
-
 
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
@@ -259,7 +255,7 @@ class VolumeSet:
 
     @property
     def files(self) -> list[str]:
-        return [f for entry in self.entries for f in entry.files]
+        return [f for entry in self.entries for f in (entry.image, entry.label, entry.brain_mask) if f]
 
     def summary(self) -> str:
         return counted(len(self), "volume")
@@ -269,6 +265,9 @@ class SliceSet(VolumeSet, Dataset):
     """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
     ``case`` and ``slice``): every kept slice of each volume, and of a volume with a label only
     the slices without lesion voxels. Read in order, it holds one volume at a time."""
+
+    #: Where the slices' heads come from (see :attr:`utils.data.ImageSet.head_kinds`).
+    head_kinds = {"brain mask"}
 
     def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
         super().__init__(name, list(entries), anomalous=False)
@@ -291,10 +290,6 @@ class SliceSet(VolumeSet, Dataset):
     @property
     def paths(self) -> list[str]:
         return [self.entries[number].image for number, _ in self.index]
-
-    @property
-    def head_kinds(self) -> set[str]:
-        return {"brain mask"}
 
     def summary(self) -> str:
         return f"{len(self)} slices of {len(self.entries)} volumes"
@@ -331,11 +326,9 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
         train_entries, val_entries, description = hold_out(train_entries, settings, "the train volumes", unit="volume")
     train = SliceSet("train", train_entries, settings) if "train" in splits else None
     val = SliceSet("val", val_entries, settings) if "val" in splits and val_entries else None
-    test: dict[str, VolumeSet] = {}
-    if "test" in splits:
-        checked_groups(sorted({entry.group for entry in by_split["test"]}), manifest)
-        for entry in by_split["test"]:
-            test.setdefault(entry.group, VolumeSet(entry.group, [])).entries.append(entry)
+    test_entries = by_split["test"] if "test" in splits else []
+    groups = checked_groups(list(dict.fromkeys(entry.group for entry in test_entries)), manifest)
+    test = {group: VolumeSet(group, [entry for entry in test_entries if entry.group == group]) for group in groups}
     return DataBundle(train, val, test, description)
 
 
@@ -354,20 +347,18 @@ def score_volume(model: Padim, volume: Volume, settings: Settings) -> np.ndarray
 
 
 def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
-    """Write a RAS+ map as float32 NIfTI with the original image's shape and affine, atomically.
+    """Write a RAS+ map as gzip-compressed float32 NIfTI (``.nii.gz``) with the original image's
+    shape and affine, atomically.
 
     The map goes back to the original voxel order (undoing :func:`nibabel.as_closest_canonical`):
     ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
     to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine))
     data = apply_orientation(anomaly, to_stored).astype(np.float32)
-    if data.shape != volume.shape:  # a bug here, not user input
-        raise AssertionError(f"restored map {data.shape} differs from the image {volume.shape}")
     image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
-    payload = image.to_bytes()
-    return write_atomic(path, gzip.compress(payload, mtime=0) if path.endswith(".gz") else payload)
+    return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))
 
 
 # ---------------------------------------------------------------------------- predict

@@ -235,7 +235,7 @@ def _save(array: np.ndarray, path: str) -> None:
 
 
 def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
-    for sub in ("IXI", "fastMRI/brain_mid_png", "fastMRI/brain_mid_anno_pos_png", "fastMRI/brain_mid_anno_neg_png", "splits"):
+    for sub in ("IXI", "splits", *(f"fastMRI/brain_mid_{kind}png" for kind in ("", "anno_pos_", "anno_neg_"))):
         os.makedirs(os.path.join(folder, "data", sub))
     # one independent stream per image: changing one count does not change the other images
     sequence = np.random.SeedSequence(seed)
@@ -248,7 +248,8 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
 
     ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
     splits = {"ixi_normal_train": ixi}
-    for split, count in (("normal_train", counts.fastmri_train), ("normal_val", counts.val), ("normal_test", counts.normal_test)):
+    normal = {"normal_train": counts.fastmri_train, "normal_val": counts.val, "normal_test": counts.normal_test}
+    for split, count in normal.items():
         rows = []
         for _ in range(count):
             pixels, head, _ = _render(next(rngs), "fastmri")
@@ -265,7 +266,8 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
             save(head, stem + "_brain_map_full.png")
             annotation = stem.replace("brain_mid_png", "brain_mid_anno_pos_png")
             box_paths = [save(box, f"{annotation}_{kind}_{k}.png") for k, box in enumerate(boxes)]
-            neg = save(head & ~np.logical_or.reduce(boxes), stem.replace("brain_mid_png", "brain_mid_anno_neg_png") + ".png")
+            neg_path = stem.replace("brain_mid_png", "brain_mid_anno_neg_png") + ".png"
+            neg = save(head & ~np.logical_or.reduce(boxes), neg_path)  # the head minus every box of the slice
             rows += [(image, box, neg) for box in box_paths]
         splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = ([row[i] for row in rows] for i in range(3))
     for name, files in splits.items():
@@ -283,7 +285,8 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     return manifest
 
 
-def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(), overwrite: bool = False) -> str:
+def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
+                  overwrite: bool = False) -> str:
     """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
 
     Written into a temporary folder beside ``root`` and renamed into place

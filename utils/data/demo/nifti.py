@@ -120,7 +120,8 @@ def _write_set(folder: str, seed: int) -> list[dict]:
             row["label"] = f"labels/{case}_label.nii.gz"
             write_atomic(os.path.join(folder, row["label"]), _store(label, affine, np.uint8, oblique))
         rows.append(row)
-    write_atomic(os.path.join(folder, "volumes.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n").encode())
+    manifest = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
+    write_atomic(os.path.join(folder, "volumes.csv"), manifest.encode())
     return rows
 
 
