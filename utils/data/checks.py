@@ -69,12 +69,13 @@ class Checker:
     def kept(self, name: str, items: Iterable[Item]) -> list[Item]:
         """The ``items`` whose image and mask files pass the checks, each mask of its image's size;
         bad rows are skipped (skip mode) or refused. An error if no item is left."""
-        kept = [item for item in items if self._row(item)]
+        kept = [item for item in items if self.row(item)]
         if not kept:
             raise DataError(f"{name}: every image was skipped as unreadable; nothing is left to load")
         return kept
 
-    def _row(self, item: Item) -> bool:
+    def row(self, item: Item) -> bool:
+        """Whether the item's image and masks pass (False: skipped); one call per listed row."""
         size = self.size(item.image, item.source)
         if size is None:
             return False
