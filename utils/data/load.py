@@ -59,7 +59,7 @@ def warn_overlap(bundle: DataBundle) -> None:
     if same:
         warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
                       f"content), e.g. {same[0]}: their scores measure memory, not detection",
-                      TrainTestOverlapWarning, stacklevel=2)
+                      TrainTestOverlapWarning, stacklevel=3)
 
 
 def _digest(path: str) -> str:

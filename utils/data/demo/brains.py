@@ -126,9 +126,8 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
     src_c += amplitude * _smooth_noise(rng, shape, 16 * zoom)
     centre = (np.array(image.shape, dtype=np.float32) - 1) / 2
     coords = np.stack([src_r + centre[0], src_c + centre[1]])
-    warped = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
-    warped_labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
-    return warped.astype(np.float32), warped_labels
+    return (ndimage.map_coordinates(image, coords, order=1, mode="constant").astype(np.float32),
+            ndimage.map_coordinates(labels, coords, order=0, mode="constant"))
 
 
 # ---------------------------------------------------------------------------- pathologies
@@ -156,9 +155,8 @@ def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, flo
     distance = np.hypot(dr, dc) + 1e-3
     push = strength * radius * np.exp(-((distance / (2.5 * radius)) ** 2))
     coords = np.stack([rows - push * dr / distance, cols - push * dc / distance])
-    moved = ndimage.map_coordinates(image, coords, order=1, mode="nearest")
-    moved_labels = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
-    return moved.astype(np.float32), moved_labels
+    return (ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(np.float32),
+            ndimage.map_coordinates(labels, coords, order=0, mode="nearest"))
 
 
 def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, kind: str, scale: float,
@@ -201,11 +199,9 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
 def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ()):
     """One slice: (uint8 image, head mask, [box masks])."""
     image, labels = _subject(rng)
-    if scanner == "ixi":
-        shape, zoom = IXI_SHAPE, 1.0
-    else:
-        shape = FASTMRI_SHAPES[int(rng.random() < 0.25)]
-        zoom = rng.uniform(1.15, 1.3)
+    ixi = scanner == "ixi"
+    shape = IXI_SHAPE if ixi else FASTMRI_SHAPES[int(rng.random() < 0.25)]
+    zoom = 1.0 if ixi else rng.uniform(1.15, 1.3)
     image, labels = _warp(rng, image, labels, shape, zoom)
     boxes, taken = [], []
     for kind in lesions:
@@ -215,7 +211,7 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
     head = labels > 0
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)  # contrast
     image *= np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, shape, 60 * zoom))  # bias field
-    if scanner == "ixi":
+    if ixi:
         image *= rng.uniform(0.72, 0.82) / max(float(np.median(image[labels == 2])), 1e-6)
         image += rng.normal(0, rng.uniform(0.008, 0.015), shape) * head
         image = np.where(head, image, 0.0)

@@ -106,9 +106,7 @@ def _write_set(folder: str, seed: int) -> list[dict]:
     for number, (split, kind) in enumerate(plan):
         case = f"{split}_{number:02d}" + ("" if kind == "healthy" else f"_{kind}")
         image, brain = _subject(rng, template, template_brain)
-        label = None
-        if kind != "healthy":
-            image, label = _lesion(rng, image, brain, kind)
+        image, label = _lesion(rng, image, brain, kind) if kind != "healthy" else (image, None)
         gain = rng.uniform(500, 1500)
         noisy = np.abs(image + 0.03 * rng.standard_normal(image.shape) + 0.03j * rng.standard_normal(image.shape))
         oblique = number % 2 == 1
