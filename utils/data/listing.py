@@ -116,8 +116,7 @@ def open_image(path: str) -> Iterator[Image.Image]:
 
 
 def upright(image: Image.Image) -> Image.Image:
-    """``image``, decoded and turned as its EXIF orientation says (a photo taken sideways)."""
-    image.load()
+    """``image`` turned as its EXIF orientation says (a photo taken sideways)."""
     ImageOps.exif_transpose(image, in_place=True)
     return image
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import warnings
@@ -49,13 +48,10 @@ def warn_overlap(bundle: DataBundle) -> None:
     if bundle.train is None:
         return
     train = {os.path.realpath(path) for path in bundle.train.paths}
-    by_size: dict[int, list[str]] = {}
-    for path in train:
-        by_size.setdefault(os.path.getsize(path), []).append(path)
     test = dict.fromkeys(os.path.realpath(path) for group in bundle.test.values() for path in group.paths)
-    digest = functools.cache(_digest)  # each file hashed once, in this call only (files may change between calls)
-    same = [path for path in test if path in train
-            or any(digest(path) == digest(other) for other in by_size.get(os.path.getsize(path), ()))]
+    shared = {os.path.getsize(path) for path in train} & {os.path.getsize(path) for path in test}
+    hashed = {_digest(path) for path in train if os.path.getsize(path) in shared}
+    same = [path for path in test if path in train or os.path.getsize(path) in shared and _digest(path) in hashed]
     if same:
         warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
                       f"content), e.g. {same[0]}: their scores measure memory, not detection",
