@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import ROOT
 from utils.config import Settings, settings_from_dict
 from utils.errors import ConfigError, DataError
-from utils.data.preprocess import MAX_PIXELS, read_image, read_mask
+from utils.data.listing import MAX_PIXELS
+from utils.data.preprocess import read_image, read_mask
 
 
 def _gradient(h=20, w=30):

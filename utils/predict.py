@@ -13,18 +13,18 @@ and an earlier run's files are replaced as a whole, never mixed with new ones.
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import json
 import os
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
+from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
 from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
@@ -39,7 +39,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     returns one line per kind of input saying what was written."""
     model = Padim.load(model_path, settings)
     files = _input_files(source, output)
-    volumes = [f for f in files if f.lower().endswith(NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
+    volumes = [f for f in files if has_suffix(f, NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
     images = [f for f in files if f not in volumes]
     with staged_folder(_output_folder(output)) as staging:
         done = []
@@ -65,12 +65,7 @@ def _input_files(source: str, output: str) -> list[str]:
     if _inside(output, source):
         raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
                         "images; choose an output folder outside the input folder")
-    files = sorted(
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(source)
-        for name in names
-        if name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
-    )
+    files = listed(source, IMAGE_SUFFIXES + NIFTI_SUFFIXES, recursive=True)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
     return files
@@ -111,16 +106,12 @@ def _output_folder(output: str) -> str:
 def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
     """NIfTI maps and previews (:func:`utils.predict.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
     rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
-    _write_scores(os.path.join(output, "volume_scores.csv"), ["image", "score", "slice"],
-                  [(r["image"], f"{r['score']:.6f}", r["slice"]) for r in rows])
+    _write_scores(os.path.join(output, "volume_scores.csv"), pd.DataFrame(rows, columns=["image", "score", "slice"]))
     return f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv"
 
 
-def _write_scores(path: str, header: list[str], rows: list[tuple]) -> None:
-    with atomic_writer(path) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
-        writer = csv.writer(text)
-        writer.writerow(header)
-        writer.writerows(rows)
+def _write_scores(path: str, table: pd.DataFrame) -> None:
+    write_atomic(path, table.to_csv(index=False, float_format="%.6f").encode())
 
 
 #: What ``predict`` writes per image beside the image's relative path stem.
@@ -133,10 +124,9 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
     stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
-    outputs = [stem + suffix for stem in stems for suffix in (HEATMAP, ANOMALY_MAP)]
-    clashes = sorted(name for name, count in collections.Counter(outputs).items() if count > 1)
+    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
     if clashes:
-        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)} "
+        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
                         "(same name, other suffix); rename one")
     rows, settings = [], model.settings
     for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
@@ -150,7 +140,7 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
             save_heatmap(p.display.numpy(), heat, stems[start + k] + HEATMAP)
             _write_map(restore_geometry(heat, array.shape[:2], settings), stems[start + k] + ANOMALY_MAP)
             rows.append((relative[start + k], float(score)))
-    _write_scores(os.path.join(output, "scores.csv"), ["image", "score"], [(name, f"{score:.6f}") for name, score in rows])
+    _write_scores(os.path.join(output, "scores.csv"), pd.DataFrame(rows, columns=["image", "score"]))
     return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps, anomaly maps and scores.csv"
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ..errors import DataError
 from ..files import file_problem
-from .preprocess import COLOR_MODES, open_image
+from .listing import open_image, upright_size
+from .preprocess import COLOR_MODES
 from .sets import ImageSet, Item
 
 
@@ -45,9 +46,9 @@ class Checker:
     def _inspect(self, path: str) -> tuple[tuple[int, int], bool] | DataError:
         try:
             with open_image(path) as image:
-                found = image.size, image.mode in COLOR_MODES
                 image.load() if self.skip_bad else image.verify()
-            return found
+            with open_image(path) as image:  # verify() leaves the image unusable: the header is read again
+                return upright_size(image), image.mode in COLOR_MODES
         except DataError as exc:
             return exc
 
@@ -65,25 +66,24 @@ class Checker:
                 f"{', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}); set data.color: gray or rgb to read them alike"
             )
 
-    def row(self, source: str, image: str, masks: Sequence[str]) -> bool:
-        """Check an image and its masks; False if the row is skipped (bad file, skip mode)."""
-        size = self.size(image, source)
+    def kept(self, name: str, items: Iterable[Item]) -> list[Item]:
+        """The ``items`` whose image and mask files pass the checks, each mask of its image's size;
+        bad rows are skipped (skip mode) or refused. An error if no item is left."""
+        kept = [item for item in items if self.row(item)]
+        if not kept:
+            raise DataError(f"{name}: every image was skipped as unreadable; nothing is left to load")
+        return kept
+
+    def row(self, item: Item) -> bool:
+        """Whether the item's image and masks pass (False: skipped); one call per listed row."""
+        size = self.size(item.image, item.source)
         if size is None:
             return False
-        for mask in masks:
-            mask_size = self.size(mask, source)
+        for mask in dict.fromkeys((*item.anomaly, *(item.head or ()))):
+            mask_size = self.size(mask, item.source)
             if mask_size is None:
                 return False
             if mask_size != size:
-                raise DataError(
-                    f"{source}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {image} is {size[0]}x{size[1]}"
-                )
+                raise DataError(f"{item.source}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {item.image} "
+                                f"is {size[0]}x{size[1]}")
         return True
-
-
-def usable(groups_name: str, items: list[Item]) -> list[Item]:
-    if not items:
-        raise DataError(f"{groups_name}: every image was skipped as unreadable; nothing is left to load")
-    return items
-
-

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 from typing import Sequence
 
 from ..config import Settings
 from ..errors import DataError
 from .demo import ensure_demo
 from .mvtec import MvtecLoader
-from .sets import DataBundle
+from .sets import SPLITS, DataBundle, counted
 from .study import StudyLoader
 from .volumes import load_volume_data
 
-#: Splits :func:`load_data` can build.
-SPLITS = ("train", "val", "test")
+
+class TrainTestOverlapWarning(UserWarning):
+    """A test image or volume is also a training file (the same file, or one with the same content)."""
 
 
 def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -21,16 +25,39 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
     ``demo`` (study layout at ``data.root``, generated there if absent, :func:`utils.data.demo.ensure_demo`),
     ``study``, ``mvtec`` or ``nifti`` (:mod:`utils.data.volumes`). Splits not requested are ``None``
     (``test``: empty dict). Without a validation split, ``val`` is held out of the training
-    images (``data.val_fraction``, :func:`utils.data.sets.hold_out`)."""
-    if isinstance(splits, str):
-        splits = (splits,)
+    images (``data.val_fraction``, :func:`utils.data.sets.hold_out`). Test files that are also
+    training files are named in a :class:`TrainTestOverlapWarning`."""
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")
     ensure_demo(settings)
     fmt = settings.data.format
     if fmt == "nifti":
-        return load_volume_data(settings, splits)
-    if fmt in ("demo", "study"):
-        return StudyLoader(settings).load(splits)
-    return MvtecLoader(settings).load(splits)
+        bundle = load_volume_data(settings, splits)
+    elif fmt in ("demo", "study"):
+        bundle = StudyLoader(settings).load(splits)
+    else:
+        bundle = MvtecLoader(settings).load(splits)
+    warn_overlap(bundle)
+    return bundle
+
+
+def warn_overlap(bundle: DataBundle) -> None:
+    """Warn when a test file is also a training file: the same file (links resolved), or the same
+    bytes (hashed only where a test and a training file have the same size)."""
+    if bundle.train is None:
+        return
+    train = {os.path.realpath(path) for path in bundle.train.paths}
+    test = dict.fromkeys(os.path.realpath(path) for group in bundle.test.values() for path in group.paths)
+    shared = {os.path.getsize(path) for path in train} & {os.path.getsize(path) for path in test}
+    hashed = {_digest(path) for path in train if os.path.getsize(path) in shared}
+    same = [path for path in test if path in train or os.path.getsize(path) in shared and _digest(path) in hashed]
+    if same:
+        warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
+                      f"content), e.g. {same[0]}: their scores measure memory, not detection",
+                      TrainTestOverlapWarning, stacklevel=3)
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

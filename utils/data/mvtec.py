@@ -13,9 +13,14 @@ from typing import Sequence
 
 from ..config import Settings
 from ..errors import DataError
-from .checks import Checker, usable
+from .checks import Checker
+from .listing import listed, nfc, resolved
 from .preprocess import IMAGE_SUFFIXES
-from .sets import NORMAL, DataBundle, ImageSet, Item, checked_groups, hold_out_images
+from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, hold_out
+
+
+def _stem(path: str) -> str:
+    return nfc(os.path.splitext(os.path.basename(path))[0])
 
 
 class MvtecLoader:
@@ -34,68 +39,55 @@ class MvtecLoader:
     def _images(self, folder: str) -> list[str]:
         if not os.path.isdir(folder):
             raise DataError(f"MVTec folder not found: {folder} (expected {self.root}/train/good and {self.root}/test/<defect>)")
-        files = sorted(
-            os.path.join(folder, f) for f in os.listdir(folder)
-            if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
-        )
+        files = listed(folder, IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) (empty split)")
         return files
 
+    def _good(self, name: str, *parts: str) -> ImageSet:
+        folder = os.path.join(self.root, *parts, "good")
+        items = [Item(path, source=folder) for path in self._images(folder)]
+        return ImageSet(name, self.check.kept(folder, items), self.settings)
+
     def load(self, splits: Sequence[str]) -> DataBundle:
         test = self.test() if "test" in splits else {}
-        if not {"train", "val"} & set(splits):
-            self.check.same_colour(list(test.values()), self.root, self.settings.data.color)
-            return DataBundle(None, None, test)
-        folder = os.path.join(self.root, "train", "good")
-        items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
-        train = ImageSet("train", usable(folder, items), self.settings)
-        self.check.same_colour([train, *test.values()], self.root, self.settings.data.color)
-        train, val, description = hold_out_images(train, "train/good", estimate_head=False)
+        train, val, description = None, None, "no validation set requested"
+        if {"train", "val"} & set(splits):
+            kept, held, description = hold_out(self._good("train", "train").items, self.settings, "train/good")
+            train, val = ImageSet("train", kept, self.settings), ImageSet("val", held, self.settings) if held else None
+        self.check.same_colour([train, val, *test.values()], self.root, self.settings.data.color)
         return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
 
     def test(self) -> dict[str, ImageSet]:
         test_dir = os.path.join(self.root, "test")
         if not os.path.isdir(test_dir):
             raise DataError(f"MVTec folder not found: {test_dir} (expected {self.root}/test/<defect> and test/good)")
-        available = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)) and d != "good")
+        available = {_stem(folder): folder for folder in listed(test_dir, folders=True) if _stem(folder) != "good"}
         requested = self.settings.data.test_groups
-        if requested is None:
-            defects = checked_groups(available, test_dir)
-        else:
-            defects = checked_groups([g for g in dict.fromkeys(requested) if g != NORMAL], "data.test_groups")
-            for defect in defects:
-                if defect not in available:
-                    raise DataError(
-                        f"data.test_groups names {defect!r} but {test_dir}/{defect} does not exist; "
-                        f"available defects: {', '.join(available) or 'none'}"
-                    )
-        test = {defect: self.defect(defect) for defect in defects}
-        folder = os.path.join(test_dir, "good")
-        items = [Item(p, (), None, folder) for p in self._images(folder) if self.check.row(folder, p, ())]
-        test[NORMAL] = ImageSet(NORMAL, usable(folder, items), self.settings)
+        defects = chosen_groups(requested, list(available), test_dir)
+        for defect in defects:
+            if defect not in available:
+                raise DataError(f"data.test_groups names {defect!r} but {test_dir}/{defect} does not exist; "
+                                f"available defects: {', '.join(available) or 'none'}")
+        test = {defect: self.defect(defect, available[defect]) for defect in defects}
+        test[NORMAL] = self._good(NORMAL, "test")
         return test
 
-    def defect(self, defect: str) -> ImageSet:
+    def defect(self, defect: str, folder: str) -> ImageSet:
         """``test/<defect>``, each image with its ``ground_truth/<defect>/<name>_mask.png``."""
-        folder = os.path.join(self.root, "test", defect)
-        masks_dir = os.path.join(self.root, "ground_truth", defect)
+        masks_dir = resolved(os.path.join(self.root, "ground_truth", os.path.basename(folder)))
         images = self._images(folder)
         if not os.path.isdir(masks_dir):
             raise DataError(f"defect folder {folder} has no masks: {masks_dir} not found (MVTec keeps them in ground_truth/<defect>)")
-        stems = {os.path.splitext(os.path.basename(p))[0] for p in images}
-        for name in sorted(os.listdir(masks_dir)):
-            stem = os.path.splitext(name)[0]
-            if not name.startswith(".") and (not stem.endswith("_mask") or stem[: -len("_mask")] not in stems):
-                raise DataError(
-                    f"mask {os.path.join(masks_dir, name)} matches no image in {folder} "
-                    f"(expected <image name>_mask.png for an image <image name>.png there)"
-                )
+        masks = {_stem(mask): mask for mask in listed(masks_dir, IMAGE_SUFFIXES)}
+        for stem in sorted(masks.keys() - {_stem(image) + "_mask" for image in images}):
+            raise DataError(f"mask {masks[stem]} matches no image in {folder} "
+                            f"(expected <image name>_mask.png for an image <image name>.png there)")
         items = []
         for image in images:
-            mask = os.path.join(masks_dir, os.path.splitext(os.path.basename(image))[0] + "_mask.png")
-            if not os.path.isfile(mask):
-                raise DataError(f"no ground-truth mask for {image}: expected {mask}")
-            if self.check.row(image, image, (mask,)):
-                items.append(Item(image, (mask,), None, folder))
-        return ImageSet(defect, usable(folder, items), self.settings, anomalous=True)
+            mask = masks.get(_stem(image) + "_mask")
+            if mask is None:
+                expected = os.path.join(masks_dir, _stem(image) + "_mask.png")
+                raise DataError(f"no ground-truth mask for {image}: expected {expected}")
+            items.append(Item(image, (mask,), None, image))
+        return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

@@ -14,10 +14,8 @@ a colour defect may differ in alone, is kept.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,43 +24,16 @@ from PIL import Image
 
 from ..config import Settings
 from ..errors import DataError
-from ..files import file_problem
 from ..padim.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..padim.foreground import foreground_mask, luminance
+from .listing import open_image, upright
 
-#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
-MAX_PIXELS = 64_000_000
 #: File name endings read as images (folders, MVTec layout, ``predict``).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: File name endings read as NIfTI volumes (:mod:`utils.data.volumes`, ``predict``).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Pillow modes that hold colour (everything else is read as one gray channel).
 COLOR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "RGBX", "HSV", "LAB")
-
-
-@contextlib.contextmanager
-def open_image(path: str) -> Iterator[Image.Image]:
-    """The opened (not yet decoded) image at ``path``: the one existence, empty-file and size check.
-
-    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
-    """
-    if problem := file_problem(path):
-        raise DataError(f"image file {problem}: {path}")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"image file is empty (0 bytes): {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise DataError(
-                        f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit"
-                    )
-                yield image
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
 
 
 def read_image(path: str, color: str = "auto") -> np.ndarray:
@@ -73,7 +44,7 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
     dropped) and palette images are accepted. Unreadable files raise :class:`DataError`.
     """
     with open_image(path) as image:
-        image.load()
+        image = upright(image)
         if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
             return _to_unit_gray(image)
         if image.mode not in COLOR_MODES:
@@ -91,11 +62,8 @@ def _to_unit_gray(image: Image.Image) -> np.ndarray:
         if not np.isfinite(array).all():
             raise DataError(f"image {getattr(image, 'filename', '') or 'file'} holds NaN or Inf values")
         return np.clip(array, 0, 1) if array.max() <= 1 else array / max(float(array.max()), 1e-12)
-    if image.mode in COLOR_MODES:
-        image = image.convert("RGB").convert("L")
-    elif image.mode != "L":
-        image = image.convert("L")
-    return np.asarray(image, dtype=np.float32) / 255.0
+    gray = image.convert("RGB").convert("L") if image.mode in COLOR_MODES else image.convert("L")
+    return np.asarray(gray, dtype=np.float32) / 255.0
 
 
 class NonBinaryMaskWarning(UserWarning):
@@ -108,7 +76,7 @@ def read_mask(path: str) -> np.ndarray:
     is every nonzero pixel; a mask where the two differ (a gradient, a probability map) is
     thresholded at half its range with a :class:`NonBinaryMaskWarning`."""
     with open_image(path) as image:
-        image.load()
+        image = upright(image)
         values = np.asarray(image) if image.mode in ("L", "1") else _to_unit_gray(image)  # 8/1-bit: no float conversion
     nonzero = values > 0
     half = values > (float(values.min()) + float(values.max())) / 2
@@ -132,27 +100,25 @@ def _crop_offset(settings: Settings) -> int:
     return (settings.image_size - settings.input_size) // 2
 
 
-def _centre_crop(x: torch.Tensor, settings: Settings) -> torch.Tensor:
-    start, side = _crop_offset(settings), settings.input_size
-    return x[..., start : start + side, start : start + side]
+def _to_grid(x: torch.Tensor, settings: Settings, mode: str) -> torch.Tensor:
+    """``(1, C, H, W)`` float -> ``(C, S, S)``: square, resized to ``image_size`` (``bilinear`` with
+    antialiasing, or ``nearest``), centre crop to ``input_size``."""
+    size, start, side = settings.image_size, _crop_offset(settings), settings.input_size
+    smooth = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    x = F.interpolate(to_square(x, settings.data.resize), size=(size, size), mode=mode, **smooth)
+    return x[0, :, start : start + side, start : start + side]
 
 
 def resize_image(array: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` or ``(H, W, 3)`` float -> ``(C, S, S)`` float (C = 1 or 3): square, bilinear
     resize with antialiasing to ``image_size``, centre crop to ``input_size``."""
     x = torch.from_numpy(np.ascontiguousarray(array))
-    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-    x = to_square(x, settings.data.resize)
-    size = settings.image_size
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return _centre_crop(x[0], settings).clamp_(0, 1)
+    return _to_grid(x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None], settings, "bilinear").clamp_(0, 1)
 
 
 def resize_mask(mask: np.ndarray, settings: Settings) -> torch.Tensor:
     """``(H, W)`` bool -> ``(S, S)`` bool, nearest-neighbour, the geometry of :func:`resize_image`."""
-    x = to_square(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings.data.resize)
-    size = settings.image_size
-    return _centre_crop(F.interpolate(x, size=(size, size), mode="nearest")[0, 0], settings) > 0.5
+    return _to_grid(torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None], settings, "nearest")[0] > 0.5
 
 
 def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Settings) -> np.ndarray:
@@ -226,6 +192,17 @@ class Prepared(NamedTuple):
     display: torch.Tensor
     #: bool ``(S, S)``: the head (estimated, or given) when asked for, else None.
     head: Optional[torch.Tensor]
+
+    def item(self, mask: torch.Tensor, head: torch.Tensor, shape: tuple[int, ...], path: str, settings: Settings,
+             **extra) -> dict:
+        """The data set item of every format (:class:`utils.data.ImageSet`): this image with its
+        ``mask`` and ``head`` ``(S, S)`` bool, the original ``shape`` ``(H, W, ...)``, its ``path``, the
+        ``extra`` keys, and ``foreground`` (this head) when the settings use it."""
+        entry = {"image": self.image, "display": self.display, "mask": mask, "head": head,
+                 "shape": torch.tensor(shape[:2]), "path": path, **extra}
+        if settings.estimates_head:
+            entry["foreground"] = self.head
+        return entry
 
 
 def prepare(array: np.ndarray, settings: Settings, head: Optional[torch.Tensor] = None,

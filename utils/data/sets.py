@@ -26,6 +26,8 @@ from .preprocess import prepare, read_image, read_mask, resize_mask
 
 T = TypeVar("T")
 
+#: Splits :func:`utils.data.load_data` can build (and a NIfTI manifest's ``split`` values).
+SPLITS = ("train", "val", "test")
 #: Group key of the normal test images (study: ``normal_test``; MVTec: ``test/good``).
 NORMAL = "normal"
 #: Names the metrics table gives rows of its own: no test group of any format may take them.
@@ -91,31 +93,18 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __repr__(self) -> str:
-        return f"ImageSet({self.name!r}, {self.summary()})"
-
-    def as_group(self, anomalous: bool) -> "ImageSet":
-        """The same images as a test group (``anomalous`` or normal)."""
-        return ImageSet(self.name, self.items, self.settings, anomalous, self.estimate_head)
-
     def summary(self) -> str:
         images = len(set(self.paths))
         return counted(images) + (f" ({len(self)} rows)" if len(self) != images else "")
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self.items):
-            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self.items) - 1}")
         item = self.items[index]
         array = read_image(item.image, self.settings.data.color)
         prepared = prepare(array, self.settings, estimate_head=self.estimate_head)
         mask, head = self.masks(index)
         if item.head is None and self.estimate_head:
             head = prepared.head
-        entry = {"image": prepared.image, "display": prepared.display, "mask": mask, "head": head,
-                 "shape": torch.tensor(array.shape[:2]), "path": item.image, "index": index}
-        if self.settings.estimates_head:
-            entry["foreground"] = prepared.head
-        return entry
+        return prepared.item(mask, head, array.shape, item.image, self.settings, index=index)
 
     def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``index``'s anomaly and head masks ``(S, S)`` bool, without decoding the image (all
@@ -143,6 +132,14 @@ def checked_groups(names: Sequence[str], where: str) -> list[str]:
         raise DataError(f"{where}: a test group is named {taken[0]!r}, a name the results table uses for its own row "
                         f"({', '.join(RESERVED_GROUPS)}); rename it")
     return list(names)
+
+
+def chosen_groups(requested: Optional[Sequence[str]], available: Sequence[str], where: str) -> list[str]:
+    """The test groups to load: ``data.test_groups`` (``requested``; each once, ``normal`` left to the
+    loader) or else every ``available`` group of ``where``; none reserved (:func:`checked_groups`)."""
+    if requested is None:
+        return checked_groups(available, where)
+    return checked_groups([group for group in dict.fromkeys(requested) if group != NORMAL], "data.test_groups")
 
 
 @dataclass
@@ -199,27 +196,10 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
-def hold_out_images(train: ImageSet, origin: str, estimate_head: bool) -> tuple[ImageSet, Optional[ImageSet], str]:
-    """:func:`hold_out` for a training set: ``(kept, validation set or None, description)``; the
-    validation set estimates its images' heads with ``estimate_head`` (brain images, not MVTec)."""
-    kept, held, description = hold_out(train.items, train.settings, origin)
-    val = ImageSet("val", held, train.settings, estimate_head=estimate_head) if held else None
-    return ImageSet(train.name, kept, train.settings), val, description
-
-
 def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:
     """Batches of dicts in dataset order (``batch_size``, ``data.num_workers``, no shuffling)."""
-    workers = settings.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=workers,
-        worker_init_fn=_single_thread_worker if workers else None,
-        generator=torch.Generator().manual_seed(settings.seed),
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.data.num_workers,
+                      worker_init_fn=_single_thread_worker, generator=torch.Generator().manual_seed(settings.seed))
 
 
 def _single_thread_worker(_: int) -> None:

@@ -15,15 +15,14 @@ line or file, not mid-run.
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Sequence
 
 from ..config import Settings
 from ..errors import DataError
-from ..files import file_problem
-from .checks import Checker, usable
-from .sets import NORMAL, DataBundle, ImageSet, Item, checked_groups, counted, hold_out_images
+from .checks import Checker
+from .listing import listed, nfc, read_table, resolved
+from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, counted, hold_out
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
@@ -44,6 +43,8 @@ class StudyLoader:
         self.split_dir = os.path.join(self.root, "data", "splits")
         self.check = Checker(settings.data.skip_bad_images)
         self._check_root()
+        #: The split CSVs by name (``mass`` for ``mass.csv``).
+        self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
     def _check_root(self) -> None:
         root = self.root
@@ -56,86 +57,84 @@ class StudyLoader:
             raise DataError(f"data.root {root} is the data/ folder itself; set data.root to its parent, {parent}")
         raise DataError(f"data.root {root} has no data/splits folder: " + STUDY_DOWNLOAD_HINT.format(root=root))
 
-    def csv_path(self, name: str) -> str:
-        return os.path.join(self.split_dir, name + ".csv")
-
     def available_groups(self) -> list[str]:
         """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv (not normal_*), sorted."""
-        names = {f[: -len("_ann.csv")] for f in os.listdir(self.split_dir) if f.endswith("_ann.csv")}
-        return sorted(
-            n for n in names
-            if not n.startswith("normal") and os.path.isfile(self.csv_path(n)) and os.path.isfile(self.csv_path(n + "_neg"))
-        )
+        groups = [name[: -len("_ann")] for name in self.csvs if name.endswith("_ann")]
+        return sorted(g for g in groups if not g.startswith("normal") and {g, g + "_neg"} <= self.csvs.keys())
 
     def read_csv(self, name: str) -> list[tuple[str, str]]:
-        """Rows of ``<name>.csv`` as (resolved path, "name.csv line N") (:func:`read_split`)."""
-        path = self.csv_path(name)
-        if problem := file_problem(path):
-            available = sorted(f[:-4] for f in os.listdir(self.split_dir) if f.endswith(".csv") and os.path.isfile(os.path.join(self.split_dir, f)))
-            raise DataError(f"split CSV {problem}: {path}; available: {', '.join(available) or 'none'}")
-        return read_split(path, self.root)
+        """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as
+        (resolved path, "name.csv line N"); errors on a missing, unreadable or empty CSV."""
+        if nfc(name) not in self.csvs:
+            raise DataError(f"split CSV not found: {os.path.join(self.split_dir, name)}.csv; "
+                            f"available: {', '.join(self.csvs) or 'none'}")
+        path = self.csvs[nfc(name)]
+        header, rows = read_table(path, "split CSV")
+        column = header[0] if header else ""
+        if column.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
+            found = ",".join(header)[:80] or "(empty file)"
+            raise DataError(f"{path}: expected a header with column `filename`, found {found!r}")
+        listed_rows = [(resolved(os.path.normpath(os.path.join(self.root, row[column]))), source)
+                       for source, row in rows if row[column]]
+        if not listed_rows:
+            raise DataError(f"{path} lists no images (empty split)")
+        return listed_rows
 
     def load(self, splits: Sequence[str]) -> DataBundle:
-        bundle = self._sets(splits)
-        self.check.same_colour([bundle.train, bundle.val, *bundle.test.values()], self.root, self.settings.data.color)
-        return bundle
-
-    def _sets(self, splits: Sequence[str]) -> DataBundle:
         d = self.settings.data
         test = self.test() if "test" in splits else {}
+        train, val, description = None, None, "no validation set requested"
         if d.val_split:
-            val = self.validation(d.val_split, self.read_csv(d.val_split)) if "val" in splits else None
             train = self.train() if "train" in splits else None
-            description = f"{d.val_split} ({counted(len(val))})" if val is not None else "no validation set requested"
-            return DataBundle(train, val, test, description)
-        if not {"train", "val"} & set(splits):
-            return DataBundle(None, None, test)
-        train, val, description = hold_out_images(self.train(), "the training splits", estimate_head=True)
-        if val is not None:
-            val = self.validation("val", [(item.image, item.source) for item in val.items])
-        return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+            if "val" in splits:
+                val = self.validation(d.val_split, self.read_csv(d.val_split))
+                description = f"{d.val_split} ({counted(len(val))})"
+        elif {"train", "val"} & set(splits):
+            kept, held, description = hold_out(self.train().items, self.settings, "the training splits")
+            train = ImageSet("train", kept, self.settings)
+            val = self.validation("val", [(item.image, item.source) for item in held]) if held else None
+        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+        self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, d.color)
+        return bundle
 
     def train(self) -> ImageSet:
-        seen, items = set(), []
+        rows: dict[str, str] = {}
         for split in self.settings.data.train_splits:
             for path, source in self.read_csv(split):
-                if path in seen:
-                    continue
-                seen.add(path)
-                if self.check.row(source, path, ()):
-                    items.append(Item(path, (), None, source))
-        return ImageSet("train", usable("training splits " + "+".join(self.settings.data.train_splits), items), self.settings)
+                rows.setdefault(path, source)
+        items = [Item(path, source=source) for path, source in rows.items()]
+        name = "training splits " + "+".join(self.settings.data.train_splits)
+        return ImageSet("train", self.check.kept(name, items), self.settings)
 
-    def validation(self, name: str, rows: Sequence[tuple[str, str]]) -> ImageSet:
-        """Normal validation images (path, source), each with its brain mask as its head where the
-        study layout has one beside it (``<stem>_brain_map_full.png``), else the head estimated from
-        the image: the region whose pixels set the threshold."""
+    def validation(self, name: str, rows: Sequence[tuple[str, str]], anomalous: bool = False) -> ImageSet:
+        """Images (path, source), each with its brain mask as its head where the study layout has one
+        beside it (``<stem>_brain_map_full.png``), else the head estimated from the image: normal
+        validation images (the region whose pixels set the threshold), or an image-level test group."""
         items = []
         for path, source in rows:
-            brain_map = os.path.splitext(path)[0] + BRAIN_MAP_SUFFIX
-            head = (brain_map,) if os.path.isfile(brain_map) else None
-            if self.check.row(source, path, head or ()):
-                items.append(Item(path, (), head, source))
-        return ImageSet(name, usable(name, items), self.settings, estimate_head=True)
+            brain_map = resolved(os.path.splitext(path)[0] + BRAIN_MAP_SUFFIX)
+            items.append(Item(path, (), (brain_map,) if os.path.isfile(brain_map) else None, source))
+        return ImageSet(name, self.check.kept(name, items), self.settings, anomalous, estimate_head=True)
 
     def test(self) -> dict[str, ImageSet]:
-        requested = self.settings.data.test_groups
         available = self.available_groups()
-        if requested is None:
-            groups = checked_groups([g for g in available if g not in EXCLUDED_GROUPS], self.split_dir)
-        else:
-            groups = checked_groups([g for g in dict.fromkeys(requested) if g != NORMAL], "data.test_groups")
-            for group in groups:
-                missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if not os.path.isfile(self.csv_path(n))]
-                if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level
-                    raise DataError(
-                        f"data.test_groups names {group!r} but {', '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} missing in {self.split_dir}; "
-                        f"available groups: {', '.join(available) or 'none'}"
-                    )
+        requested = self.settings.data.test_groups
+        groups = chosen_groups(requested, [g for g in available if g not in EXCLUDED_GROUPS], self.split_dir)
+        for group in groups if requested is not None else ():
+            missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if nfc(n) not in self.csvs]
+            if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level
+                raise DataError(
+                    f"data.test_groups names {group!r} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                    f"missing in {self.split_dir}; available groups: {', '.join(available) or 'none'}"
+                )
         test = {group: self.pathology(group) if group in available else self.image_level(group) for group in groups}
         test[NORMAL] = self.normal_test()
         return test
+
+    def image_level(self, group: str) -> ImageSet:
+        """A group listed by ``<group>.csv`` alone (no boxes, e.g. the slices with global findings):
+        scored for image AUROC only, each image inside its brain mask where the layout has one."""
+        return self.validation(group, self.read_csv(group), anomalous=True)
 
     def _aligned(self, names: Sequence[str]) -> list[list[tuple[str, str]]]:
         tables = [self.read_csv(name) for name in names]
@@ -146,46 +145,14 @@ class StudyLoader:
         return tables
 
     def pathology(self, group: str) -> ImageSet:
+        """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``: each image with its box (the anomaly) and its
+        head, box ∪ neg; one check covers a row's image and masks, so a skipped image drops its masks too."""
         images, boxes, negs = self._aligned([group, group + "_ann", group + "_neg"])
-        items = []
-        for (image, source), (box, _), (neg, _) in zip(images, boxes, negs):
-            # one check covers the image row and its mask rows, so a skipped image drops its masks too
-            if self.check.row(f"{source} (with {group}_ann/_neg)", image, (box, neg)):
-                items.append(Item(image, (box,), (box, neg), source))
-        return ImageSet(group, usable(group, items), self.settings, anomalous=True)
-
-    def image_level(self, group: str) -> ImageSet:
-        """A group listed by ``<group>.csv`` alone (no boxes, e.g. the slices with global findings):
-        scored for image AUROC only, each image inside its brain mask where the layout has one."""
-        return self.validation(group, self.read_csv(group)).as_group(anomalous=True)
+        rows = zip(images, boxes, negs)
+        items = [Item(image, (box,), (box, neg), source) for (image, source), (box, _), (neg, _) in rows]
+        return ImageSet(group, self.check.kept(group, items), self.settings, anomalous=True)
 
     def normal_test(self) -> ImageSet:
         images, heads = self._aligned(["normal_test", "normal_test_ann"])
-        items = [
-            Item(image, (), (head,), source)
-            for (image, source), (head, _) in zip(images, heads)
-            if self.check.row(f"{source} (with normal_test_ann)", image, (head,))
-        ]
-        return ImageSet(NORMAL, usable("normal_test", items), self.settings)
-
-
-def read_split(path: str, root: str) -> list[tuple[str, str]]:
-    """Rows of a split CSV (header ``filename``; paths relative to ``root``) as (resolved path,
-    "name.csv line N"); errors on an unreadable or empty CSV."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            lines = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read split CSV {path}: {exc}") from None
-    first = lines[0][0].strip() if lines and lines[0] else ""
-    if first.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
-        header = ",".join(lines[0]) if lines else "(empty file)"
-        raise DataError(f"{path}: expected a header with column `filename`, found {header[:80]!r}")
-    label, rows = os.path.basename(path), []
-    for number, line in enumerate(lines[1:], start=2):
-        if line and line[0].strip():
-            value = line[0].strip()
-            rows.append((value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value)), f"{label} line {number}"))
-    if not rows:
-        raise DataError(f"{path} lists no images (empty split)")
-    return rows
+        items = [Item(image, (), (head,), source) for (image, source), (head, _) in zip(images, heads)]
+        return ImageSet(NORMAL, self.check.kept("normal_test", items), self.settings)

@@ -31,7 +31,6 @@ image's shape and affine (:func:`write_map`).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import os
 from dataclasses import dataclass
@@ -45,13 +44,13 @@ from torch.utils.data import Dataset, default_collate
 
 from ..config import Settings
 from ..errors import DataError
-from ..files import file_problem, not_utf8, write_atomic
+from ..files import file_problem, write_atomic
 from ..padim import Padim
 from ..padim.foreground import foreground_mask
+from .listing import has_suffix, read_table, resolved
 from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
-from .sets import DataBundle, checked_groups, counted, hold_out
+from .sets import SPLITS, DataBundle, checked_groups, counted, hold_out
 
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("split", "image")
 OPTIONAL_COLUMNS = ("label", "brain_mask", "group", "case")
 DEFAULT_GROUP = "test"
@@ -70,25 +69,18 @@ class VolumeEntry:
     case: str
     source: str  # "volumes.csv line 3", for messages
 
-    @property
-    def files(self) -> list[str]:
-        return [f for f in (self.image, self.label, self.brain_mask) if f]
-
 
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
     name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
+    return name[: -len(".nii.gz")] if has_suffix(name, (".nii.gz",)) else os.path.splitext(name)[0]
 
 
 def _header(path: str, source: str) -> nib.Nifti1Image:
     """The NIfTI image at ``path`` (header read, data not loaded), or a one-line error."""
     if problem := file_problem(path):
         raise DataError(f"{source}: file {path} {problem}")
-    if not path.endswith(NIFTI_SUFFIXES):
+    if not has_suffix(path, NIFTI_SUFFIXES):
         raise DataError(f"{source}: {path} is not a NIfTI file (.nii or .nii.gz)")
     try:
         return nib.load(path)
@@ -110,8 +102,7 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
     linear = image.affine[:3, :3]
     if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
         raise DataError(f"{entry.source}: {entry.image} has no usable affine (singular or not finite): its orientation is unknown")
-    for kind in ("label", "brain_mask"):
-        path = getattr(entry, kind)
+    for kind, path in (("label", entry.label), ("brain_mask", entry.brain_mask)):
         if path is None:
             continue
         other = _header(path, entry.source)
@@ -128,27 +119,15 @@ def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeE
 
 def _manifest_entries(path: str) -> list[VolumeEntry]:
     """The rows of a manifest CSV (columns and splits checked; files not yet)."""
-    if problem := file_problem(path):
-        raise DataError(f"manifest {path} {problem} (data.manifest)")
+    columns, rows = read_table(path, "manifest")
+    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
     folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    try:
-        return _rows(path, folder, name)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"manifest {path} {not_utf8(exc)}: is it a CSV?") from None
-
-
-def _rows(path: str, folder: str, name: str) -> list[VolumeEntry]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-        if unknown:
-            raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
-        return [_entry(row, folder, f"{name} line {line}") for line, row in enumerate(reader, start=2)]
+    return [_entry(row, folder, source) for source, row in rows]
 
 
 def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
@@ -165,19 +144,17 @@ def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> 
     return entries
 
 
-def _entry(row: dict, folder: str, source: str) -> VolumeEntry:
+def _entry(row: dict[str, str], folder: str, source: str) -> VolumeEntry:
     def file(column: str) -> Optional[str]:
-        value = (row.get(column) or "").strip()
-        return os.path.normpath(os.path.join(folder, value)) if value else None
+        return resolved(os.path.normpath(os.path.join(folder, row[column]))) if row.get(column) else None
 
-    split = (row.get("split") or "").strip()
+    split = row.get("split", "")
     if split not in SPLITS:
         raise DataError(f"{source}: split is {split!r}; allowed: {', '.join(SPLITS)}")
     image = file("image")
     if image is None:
         raise DataError(f"{source}: the image column is empty")
-    group = (row.get("group") or "").strip() or DEFAULT_GROUP
-    case = (row.get("case") or "").strip() or case_name(image)
+    group, case = row.get("group") or DEFAULT_GROUP, row.get("case") or case_name(image)
     return VolumeEntry(split, image, file("label"), file("brain_mask"), group, case, source)
 
 
@@ -260,81 +237,8 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), original.header)
 
 
-def training_slices(volume: Volume) -> list[int]:
-    """Kept slices of a training (or validation) volume; with a label, only those without lesion voxels."""
-    lesion_free = ~volume.label.any(axis=(0, 1))
-    return [int(z) for z in np.flatnonzero(volume.kept & lesion_free)]
-
-
-# ---------------------------------------------------------------------------- slice datasets
-class SliceSet(Dataset):
-    """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
-    ``case`` and ``slice``). Read in order, it holds one volume at a time."""
-
-    def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
-        self.name = name
-        self.entries = list(entries)
-        self.settings = settings
-        self.anomalous = False
-        self._cached: Optional[Volume] = None
-        #: (entry index, slice index) per item; reads every volume once to find its slices.
-        self.index = []
-        for number, entry in enumerate(self.entries):
-            self.index += [(number, z) for z in training_slices(self._volume(number))]
-        if self.entries and not self.index:
-            raise DataError(f"{name}: none of its {len(self.entries)} volumes has a slice with data.min_brain_fraction "
-                            f"{settings.data.min_brain_fraction} of brain (and no lesion)")
-
-    def _volume(self, number: int) -> Volume:
-        if self._cached is None or self._cached.entry is not self.entries[number]:
-            self._cached = read_volume(self.entries[number], self.settings)
-        return self._cached
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.entries[number].image for number, _ in self.index]
-
-    @property
-    def files(self) -> list[str]:
-        return [f for entry in self.entries for f in entry.files]
-
-    @property
-    def head_kinds(self) -> set[str]:
-        return {"brain mask"}
-
-    def summary(self) -> str:
-        return f"{len(self)} slices of {len(self.entries)} volumes"
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, item: int) -> dict:
-        number, z = self.index[item]
-        volume = self._volume(number)
-        return slice_item(volume, z, self.settings) | {"index": item}
-
-
-def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
-    """Axial slice ``z`` of ``volume`` as a dataset item; its head is the volume's brain slice
-    (given or estimated once per volume, :func:`read_volume`), for the model too."""
-    brain = resize_mask(volume.brain[:, :, z], settings)
-    prepared = prepare(volume.image[:, :, z], settings, head=brain)
-    item = {
-        "image": prepared.image,
-        "display": prepared.display,
-        "mask": resize_mask(volume.label[:, :, z], settings),
-        "head": brain,
-        "shape": torch.tensor(volume.image.shape[:2]),
-        "path": volume.entry.image,
-        "case": volume.entry.case,
-        "slice": z,
-    }
-    if settings.estimates_head:
-        item["foreground"] = brain
-    return item
-
-
-@dataclass
+# ---------------------------------------------------------------------------- data sets
+@dataclass(eq=False)  # compared and hashed by identity, as data sets are
 class VolumeSet:
     """A test group: its manifest entries (volumes are read one at a time when scored)."""
 
@@ -351,10 +255,60 @@ class VolumeSet:
 
     @property
     def files(self) -> list[str]:
-        return [f for entry in self.entries for f in entry.files]
+        return [f for entry in self.entries for f in (entry.image, entry.label, entry.brain_mask) if f]
 
     def summary(self) -> str:
         return counted(len(self), "volume")
+
+
+class SliceSet(VolumeSet, Dataset):
+    """Axial slices of volumes, as dataset items (the keys of :class:`utils.data.ImageSet` plus
+    ``case`` and ``slice``): every kept slice of each volume, and of a volume with a label only
+    the slices without lesion voxels. Read in order, it holds one volume at a time."""
+
+    #: Where the slices' heads come from (see :attr:`utils.data.ImageSet.head_kinds`).
+    head_kinds = {"brain mask"}
+
+    def __init__(self, name: str, entries: Sequence[VolumeEntry], settings: Settings):
+        super().__init__(name, list(entries), anomalous=False)
+        self.settings = settings
+        self._cached: Optional[Volume] = None
+        #: (entry index, slice index) per item; reads every volume once to find its slices.
+        self.index = []
+        for number in range(len(self.entries)):
+            volume = self._volume(number)
+            self.index += [(number, int(z)) for z in np.flatnonzero(volume.kept & ~volume.label.any(axis=(0, 1)))]
+        if self.entries and not self.index:
+            raise DataError(f"{name}: none of its {len(self.entries)} volumes has a slice with data.min_brain_fraction "
+                            f"{settings.data.min_brain_fraction} of brain (and no lesion)")
+
+    def _volume(self, number: int) -> Volume:
+        if self._cached is None or self._cached.entry is not self.entries[number]:
+            self._cached = read_volume(self.entries[number], self.settings)
+        return self._cached
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.entries[number].image for number, _ in self.index]
+
+    def summary(self) -> str:
+        return f"{len(self)} slices of {len(self.entries)} volumes"
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict:
+        number, z = self.index[item]
+        return slice_item(self._volume(number), z, self.settings) | {"index": item}
+
+
+def slice_item(volume: Volume, z: int, settings: Settings) -> dict:
+    """Axial slice ``z`` of ``volume`` as a dataset item; its head is the volume's brain slice
+    (given or estimated once per volume, :func:`read_volume`), for the model too."""
+    brain = resize_mask(volume.brain[:, :, z], settings)
+    prepared = prepare(volume.image[:, :, z], settings, head=brain)
+    label = resize_mask(volume.label[:, :, z], settings)
+    return prepared.item(label, brain, volume.image.shape, volume.entry.image, settings, case=volume.entry.case, slice=z)
 
 
 def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -372,11 +326,9 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
         train_entries, val_entries, description = hold_out(train_entries, settings, "the train volumes", unit="volume")
     train = SliceSet("train", train_entries, settings) if "train" in splits else None
     val = SliceSet("val", val_entries, settings) if "val" in splits and val_entries else None
-    test: dict[str, VolumeSet] = {}
-    if "test" in splits:
-        checked_groups(sorted({entry.group for entry in by_split["test"]}), manifest)
-        for entry in by_split["test"]:
-            test.setdefault(entry.group, VolumeSet(entry.group, [])).entries.append(entry)
+    test_entries = by_split["test"] if "test" in splits else []
+    groups = checked_groups(list(dict.fromkeys(entry.group for entry in test_entries)), manifest)
+    test = {group: VolumeSet(group, [entry for entry in test_entries if entry.group == group]) for group in groups}
     return DataBundle(train, val, test, description)
 
 
@@ -394,24 +346,19 @@ def score_volume(model: Padim, volume: Volume, settings: Settings) -> np.ndarray
     return anomaly
 
 
-def to_original(anomaly: np.ndarray, volume: Volume) -> np.ndarray:
-    """A RAS+ map back in the original voxel order (undoes :func:`nibabel.as_closest_canonical`).
+def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
+    """Write a RAS+ map as gzip-compressed float32 NIfTI (``.nii.gz``) with the original image's
+    shape and affine, atomically.
 
+    The map goes back to the original voxel order (undoing :func:`nibabel.as_closest_canonical`):
     ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
-    return apply_orientation(anomaly, ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine)))
-
-
-def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
-    """Write a RAS+ map as float32 NIfTI with the original image's shape and affine, atomically."""
-    data = to_original(anomaly, volume).astype(np.float32)
-    if data.shape != volume.shape:  # a bug here, not user input
-        raise AssertionError(f"restored map {data.shape} differs from the image {volume.shape}")
+    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine))
+    data = apply_orientation(anomaly, to_stored).astype(np.float32)
     image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
-    payload = image.to_bytes()
-    return write_atomic(path, gzip.compress(payload, mtime=0) if path.endswith(".gz") else payload)
+    return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))
 
 
 # ---------------------------------------------------------------------------- predict
@@ -420,7 +367,7 @@ def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list
     and NIfTI files (brain estimated from each image), checked together (:func:`checked_entries`)."""
     entries = []
     for source in sources:
-        if source.endswith(".csv"):
+        if has_suffix(source, (".csv",)):
             entries += _manifest_entries(source)
         else:
             entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))

@@ -27,21 +27,24 @@ tissue aside, ringed by hypointense oedema). Everything is deterministic from th
 
 from __future__ import annotations
 
-import csv
-import dataclasses
+import functools
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
 from ...files import staged_folder
 
 GENERATOR_VERSION = 1
-KINDS = ("hyperintense_lesion", "cyst", "mass_oedema")
+#: Lesion kinds and the range of their radius (pixels at 1 mm).
+RADII = {"hyperintense_lesion": (8, 13), "cyst": (10, 15), "mass_oedema": (9, 13)}
+KINDS = tuple(RADII)
 #: Axial template slices (1 mm MNI152, 189 slices) used: around the lateral ventricles.
 SLICE_RANGE = (80, 96)
 IXI_SHAPE = (233, 197)  # rows, columns, as the study's IXI PNGs (197x233)
@@ -62,18 +65,13 @@ class DemoCounts:
 
 
 # ---------------------------------------------------------------------------- template
-_TEMPLATE: Optional[np.ndarray] = None
-
-
+@functools.cache
 def _template() -> np.ndarray:
     """The 1 mm MNI152 T1 template as ``(slices, 233, 197)`` float32 axial images in [0, 1]."""
-    global _TEMPLATE
-    if _TEMPLATE is None:
-        from nilearn.datasets import load_mni152_template  # in the wheel; no download
+    from nilearn.datasets import load_mni152_template  # in the wheel; no download
 
-        volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
-        _TEMPLATE = np.ascontiguousarray(np.rot90(volume, axes=(0, 1)).transpose(2, 0, 1))
-    return _TEMPLATE
+    volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
+    return np.ascontiguousarray(np.rot90(volume, axes=(0, 1)).transpose(2, 0, 1))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -99,17 +97,14 @@ def _subject(rng: np.random.Generator, padding: int = 24) -> tuple[np.ndarray, n
     brain = ndimage.binary_opening(brain, iterations=1)
     outside = ndimage.distance_transform_edt(~brain) + 1.2 * _smooth_noise(rng, brain.shape, 12)
     outside[brain] = 0
-    csf, skull = rng.uniform(1.5, 3.0), rng.uniform(3.0, 5.0)
-    scalp = rng.uniform(3.5, 6.0)
+    edges = np.cumsum([0, rng.uniform(1.5, 3.0), rng.uniform(3.0, 5.0), rng.uniform(3.5, 6.0)])  # CSF, skull, scalp
+    layer = np.digitize(outside, edges, right=True)  # 1, 2, 3 in the CSF, skull and scalp rings
     image = np.where(brain, brain_image, 0).astype(np.float32)
-    layer_csf = (outside > 0) & (outside <= csf)
-    layer_skull = (outside > csf) & (outside <= csf + skull)
-    layer_scalp = (outside > csf + skull) & (outside <= csf + skull + scalp)
-    image[layer_csf] = 0.12
-    image[layer_skull] = 0.06
-    image[layer_scalp] = rng.uniform(0.8, 0.95) + 0.05 * _smooth_noise(rng, brain.shape, 3)[layer_scalp]
+    image[layer == 1] = 0.12
+    image[layer == 2] = 0.06
+    image[layer == 3] = rng.uniform(0.8, 0.95) + 0.05 * _smooth_noise(rng, brain.shape, 3)[layer == 3]
     image = ndimage.gaussian_filter(image, 0.6)
-    labels = np.where(brain, 2, np.where(outside <= csf + skull + scalp, 1, 0)).astype(np.uint8)
+    labels = np.where(brain, 2, outside <= edges[-1]).astype(np.uint8)
     return image, labels
 
 
@@ -131,9 +126,8 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
     src_c += amplitude * _smooth_noise(rng, shape, 16 * zoom)
     centre = (np.array(image.shape, dtype=np.float32) - 1) / 2
     coords = np.stack([src_r + centre[0], src_c + centre[1]])
-    warped = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
-    warped_labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
-    return warped.astype(np.float32), warped_labels
+    return (ndimage.map_coordinates(image, coords, order=1, mode="constant").astype(np.float32),
+            ndimage.map_coordinates(labels, coords, order=0, mode="constant"))
 
 
 # ---------------------------------------------------------------------------- pathologies
@@ -148,9 +142,7 @@ def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[fl
     rotated_r = dr * np.cos(tilt) - dc * np.sin(tilt)
     rotated_c = dr * np.sin(tilt) + dc * np.cos(tilt)
     distance = np.hypot(rotated_r * aspect, rotated_c / aspect)
-    wobble = sum(
-        irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6)
-    )
+    wobble = sum(irregularity * rng.normal() / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
     edge = radius * (1 + wobble)
     return (1 / (1 + np.exp((distance - edge) / max(softness, 1e-3)))).astype(np.float32)
 
@@ -163,22 +155,14 @@ def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, flo
     distance = np.hypot(dr, dc) + 1e-3
     push = strength * radius * np.exp(-((distance / (2.5 * radius)) ** 2))
     coords = np.stack([rows - push * dr / distance, cols - push * dc / distance])
-    moved = ndimage.map_coordinates(image, coords, order=1, mode="nearest")
-    moved_labels = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
-    return moved.astype(np.float32), moved_labels
+    return (ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(np.float32),
+            ndimage.map_coordinates(labels, coords, order=0, mode="nearest"))
 
 
 def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, kind: str, scale: float,
                 taken: list[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Paint one lesion of ``kind`` inside the brain; returns image, labels and its box mask."""
-    if kind == "hyperintense_lesion":
-        radius = rng.uniform(8, 13) * scale
-    elif kind == "cyst":
-        radius = rng.uniform(10, 15) * scale
-    elif kind == "mass_oedema":
-        radius = rng.uniform(9, 13) * scale
-    else:
-        raise ValueError(f"unknown lesion kind {kind!r}; allowed: {', '.join(KINDS)}")
+    radius = rng.uniform(*RADII[kind]) * scale
     extent = radius * (2.0 if kind == "mass_oedema" else 1.3)
     inside = ndimage.distance_transform_edt(labels == 2)
     candidates = np.argwhere(inside > extent + 3 * scale)
@@ -191,18 +175,12 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
         return image, labels, None
     taken.append((centre[0], centre[1], extent))
     shape = image.shape
-    brain = labels == 2
-    reference = float(np.median(image[brain]))
-    if kind == "hyperintense_lesion":
-        alpha = soft_blob(rng, shape, centre, radius, 0.08, 1.2 * scale)
-        value = reference * rng.uniform(1.45, 1.7)
-        image = image * (1 - alpha) + value * alpha
-        footprint = alpha
-    elif kind == "cyst":
-        alpha = soft_blob(rng, shape, centre, radius, 0.04, 0.4 * scale)
-        value = rng.uniform(0.08, 0.16)
-        image = image * (1 - alpha) + value * alpha
-        footprint = alpha
+    reference = float(np.median(image[labels == 2]))
+    if kind != "mass_oedema":  # a bright soft blob, or a cyst: sharp and CSF-dark
+        cyst = kind == "cyst"
+        footprint = soft_blob(rng, shape, centre, radius, 0.04 if cyst else 0.08, (0.4 if cyst else 1.2) * scale)
+        value = rng.uniform(0.08, 0.16) if cyst else reference * rng.uniform(1.45, 1.7)
+        image = image * (1 - footprint) + value * footprint
     else:
         image, labels = _mass_effect(image, labels, centre, radius, rng.uniform(0.35, 0.55))
         oedema = soft_blob(rng, shape, centre, radius * rng.uniform(1.6, 1.9), 0.15, 2.0 * scale) * (labels == 2)
@@ -221,11 +199,9 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
 def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ()):
     """One slice: (uint8 image, head mask, [box masks])."""
     image, labels = _subject(rng)
-    if scanner == "ixi":
-        shape, zoom = IXI_SHAPE, 1.0
-    else:
-        shape = FASTMRI_SHAPES[int(rng.random() < 0.25)]
-        zoom = rng.uniform(1.15, 1.3)
+    ixi = scanner == "ixi"
+    shape = IXI_SHAPE if ixi else FASTMRI_SHAPES[int(rng.random() < 0.25)]
+    zoom = 1.0 if ixi else rng.uniform(1.15, 1.3)
     image, labels = _warp(rng, image, labels, shape, zoom)
     boxes, taken = [], []
     for kind in lesions:
@@ -235,7 +211,7 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
     head = labels > 0
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)  # contrast
     image *= np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, shape, 60 * zoom))  # bias field
-    if scanner == "ixi":
+    if ixi:
         image *= rng.uniform(0.72, 0.82) / max(float(np.median(image[labels == 2])), 1e-6)
         image += rng.normal(0, rng.uniform(0.008, 0.015), shape) * head
         image = np.where(head, image, 0.0)
@@ -254,84 +230,50 @@ def _save(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, optimize=False)
 
 
-def _write_csv(path: str, files: Sequence[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["filename"])
-        writer.writerows([f] for f in files)
-
-
-def _write_lesioned(rng: np.random.Generator, kind: str, stem: str, second_lesion: float,
-                    folders: tuple[str, str, str]) -> tuple[list[str], list[str], list[str]]:
-    """One slice with one or two lesions of ``kind``: its image, brain map, box masks and neg mask.
-    Returns the rows of the study's ``P.csv``, ``P_ann.csv`` and ``P_neg.csv`` (one per box)."""
-    mid_dir, pos_dir, neg_dir = folders
-    lesions = [kind] * (2 if rng.random() < second_lesion else 1)
-    pixels, head, boxes = _render(rng, "fastmri", lesions)
-    image_path, neg_path = os.path.join(mid_dir, stem + ".png"), os.path.join(neg_dir, stem + ".png")
-    _save(pixels, image_path)
-    _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
-    union = np.zeros_like(head)
-    box_paths = []
-    for k, box in enumerate(boxes):
-        box_paths.append(os.path.join(pos_dir, f"{stem}_{kind}_{k}.png"))
-        _save(box, box_paths[-1])
-        union |= box
-    _save(head & ~union, neg_path)
-    return [image_path] * len(boxes), box_paths, [neg_path] * len(boxes)
-
-
-def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str]) -> dict:
-    ixi_dir = os.path.join(folder, "data", "IXI")
-    mid_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_png")
-    pos_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_pos_png")
-    neg_dir = os.path.join(folder, "data", "fastMRI", "brain_mid_anno_neg_png")
-    split_dir = os.path.join(folder, "data", "splits")
-    for path in (ixi_dir, mid_dir, pos_dir, neg_dir, split_dir):
-        os.makedirs(path)
+def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
+    for sub in ("IXI", "splits", *(f"fastMRI/brain_mid_{kind}png" for kind in ("", "anno_pos_", "anno_neg_"))):
+        os.makedirs(os.path.join(folder, "data", sub))
     # one independent stream per image: changing one count does not change the other images
     sequence = np.random.SeedSequence(seed)
-    streams = iter(lambda: sequence.spawn(1)[0], None)
+    rngs = (np.random.default_rng(stream) for stream in iter(lambda: sequence.spawn(1)[0], None))
+    stems = (f"./data/fastMRI/brain_mid_png/demo_brain_AXT1_{n:04d}" for n in itertools.count(1))
 
-    def rel(path: str) -> str:
-        return "./" + os.path.relpath(path, folder).replace(os.sep, "/")
+    def save(array: np.ndarray, path: str) -> str:
+        _save(array, os.path.join(folder, path))
+        return path  # as the study's CSVs list it, relative to the set's root
 
-    splits: dict[str, list[str]] = {}
-    names = []
-    for i in range(counts.ixi_train):
-        pixels, _, _ = _render(np.random.default_rng(next(streams)), "ixi")
-        path = os.path.join(ixi_dir, f"sub-DEMO{i:03d}_T1w.png")
-        _save(pixels, path)
-        names.append(rel(path))
-    splits["ixi_normal_train"] = names
-    number = iter(range(1, 100000))
-
-    def fastmri(split: str, count: int) -> tuple[list[str], list[str]]:
-        images, heads = [], []
+    ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
+    splits = {"ixi_normal_train": ixi}
+    normal = {"normal_train": counts.fastmri_train, "normal_val": counts.val, "normal_test": counts.normal_test}
+    for split, count in normal.items():
+        rows = []
         for _ in range(count):
-            pixels, head, _ = _render(np.random.default_rng(next(streams)), "fastmri")
-            stem = f"demo_brain_AXT1_{next(number):04d}"
-            _save(pixels, os.path.join(mid_dir, stem + ".png"))
-            _save(head, os.path.join(mid_dir, stem + "_brain_map_full.png"))
-            images.append(rel(os.path.join(mid_dir, stem + ".png")))
-            heads.append(rel(os.path.join(mid_dir, stem + "_brain_map_full.png")))
-        return images, heads
-
-    splits["normal_train"], _ = fastmri("normal_train", counts.fastmri_train)
-    splits["normal_val"], _ = fastmri("normal_val", counts.val)
-    splits["normal_test"], splits["normal_test_ann"] = fastmri("normal_test", counts.normal_test)
-    for kind in kinds:
-        rows = [_write_lesioned(np.random.default_rng(next(streams)), kind, f"demo_brain_AXT1_{next(number):04d}",
-                                counts.second_lesion, (mid_dir, pos_dir, neg_dir)) for _ in range(counts.per_kind)]
-        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = (
-            [rel(path) for per_slice in column for path in per_slice] for column in zip(*rows))
+            pixels, head, _ = _render(next(rngs), "fastmri")
+            stem = next(stems)
+            rows.append((save(pixels, stem + ".png"), save(head, stem + "_brain_map_full.png")))
+        splits[split] = [image for image, _ in rows]
+    splits["normal_test_ann"] = [head for _, head in rows]
+    for kind in KINDS:
+        rows = []  # one row per box, as the study's P.csv, P_ann.csv and P_neg.csv
+        for _ in range(counts.per_kind):
+            rng, stem = next(rngs), next(stems)
+            pixels, head, boxes = _render(rng, "fastmri", [kind] * (2 if rng.random() < counts.second_lesion else 1))
+            image = save(pixels, stem + ".png")
+            save(head, stem + "_brain_map_full.png")
+            annotation = stem.replace("brain_mid_png", "brain_mid_anno_pos_png")
+            box_paths = [save(box, f"{annotation}_{kind}_{k}.png") for k, box in enumerate(boxes)]
+            neg_path = stem.replace("brain_mid_png", "brain_mid_anno_neg_png") + ".png"
+            neg = save(head & ~np.logical_or.reduce(boxes), neg_path)  # the head minus every box of the slice
+            rows += [(image, box, neg) for box in box_paths]
+        splits[kind], splits[kind + "_ann"], splits[kind + "_neg"] = ([row[i] for row in rows] for i in range(3))
     for name, files in splits.items():
-        _write_csv(os.path.join(split_dir, name + ".csv"), files)
+        pd.DataFrame({"filename": files}).to_csv(os.path.join(folder, "data", "splits", name + ".csv"), index=False,
+                                                 lineterminator="\n")
     manifest = {
         "generator": "utils.demo_data",
         "version": GENERATOR_VERSION,
         "seed": seed,
-        "kinds": list(kinds),
+        "kinds": list(KINDS),
         "counts": {name: len(files) for name, files in splits.items()},
     }
     with open(os.path.join(folder, "data", "demo.json"), "w", encoding="utf-8") as handle:
@@ -340,7 +282,7 @@ def _write_set(folder: str, seed: int, counts: DemoCounts, kinds: Sequence[str])
 
 
 def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
-                  kinds: Sequence[str] = KINDS, overwrite: bool = False) -> str:
+                  overwrite: bool = False) -> str:
     """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
 
     Written into a temporary folder beside ``root`` and renamed into place
@@ -348,19 +290,10 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = D
     Raises ``FileExistsError`` if ``root`` is not empty (also when another process filled it meanwhile).
     """
     root = os.path.abspath(os.fspath(root))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"lesion kinds {list(kinds)!r}; allowed: a non-empty subset of {', '.join(KINDS)}")
-    small = [f"{f.name}={getattr(counts, f.name)}" for f in dataclasses.fields(counts)
-             if f.name != "second_lesion" and getattr(counts, f.name) < 1]
-    if small or not 0 <= counts.second_lesion <= 1:
-        raise ValueError(f"demo counts must be >= 1 and second_lesion in [0, 1], got {', '.join(small) or counts.second_lesion}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise FileExistsError(f"{root} exists and is not a folder")
     if os.path.isdir(root) and os.listdir(root) and not overwrite:
         raise FileExistsError(f"{root} exists and is not empty; choose another folder, or replace it (--force; overwrite=True)")
     with staged_folder(root, replace=overwrite) as temporary:
-        _write_set(temporary, int(seed), counts, kinds)
+        _write_set(temporary, seed, counts)
     return root

@@ -90,23 +90,22 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def _save(array: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
 def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40, n_good: int = 10,
                    n_per_defect: int = 8) -> str:
     """Write the synthetic category to ``root`` (which must not exist yet); returns ``root``."""
     with staged_folder(root, replace=False) as temporary:
         rng = np.random.default_rng(seed)
         for split, count in (("train", n_train), ("test", n_good)):
-            folder = os.path.join(temporary, split, "good")
-            os.makedirs(folder)
             for index in range(count):
-                Image.fromarray(_to_uint8(_scene(rng, size)[0])).save(os.path.join(folder, f"{index:03d}.png"))
+                _save(_to_uint8(_scene(rng, size)[0]), os.path.join(temporary, split, "good", f"{index:03d}.png"))
         for defect in DEFECTS:
-            images = os.path.join(temporary, "test", defect)
-            masks = os.path.join(temporary, "ground_truth", defect)
-            os.makedirs(images)
-            os.makedirs(masks)
             for index in range(n_per_defect):
                 image, mask = defect_image(rng, size, defect)
-                Image.fromarray(image).save(os.path.join(images, f"{index:03d}.png"))
-                Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(masks, f"{index:03d}_mask.png"))
+                _save(image, os.path.join(temporary, "test", defect, f"{index:03d}.png"))
+                _save(mask.astype(np.uint8) * 255, os.path.join(temporary, "ground_truth", defect, f"{index:03d}_mask.png"))
     return root

@@ -19,13 +19,12 @@ from the seed (bit-identical files); written into a temporary folder renamed int
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import os
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
@@ -107,9 +106,7 @@ def _write_set(folder: str, seed: int) -> list[dict]:
     for number, (split, kind) in enumerate(plan):
         case = f"{split}_{number:02d}" + ("" if kind == "healthy" else f"_{kind}")
         image, brain = _subject(rng, template, template_brain)
-        label = None
-        if kind != "healthy":
-            image, label = _lesion(rng, image, brain, kind)
+        image, label = _lesion(rng, image, brain, kind) if kind != "healthy" else (image, None)
         gain = rng.uniform(500, 1500)
         noisy = np.abs(image + 0.03 * rng.standard_normal(image.shape) + 0.03j * rng.standard_normal(image.shape))
         oblique = number % 2 == 1
@@ -121,22 +118,17 @@ def _write_set(folder: str, seed: int) -> list[dict]:
             row["label"] = f"labels/{case}_label.nii.gz"
             write_atomic(os.path.join(folder, row["label"]), _store(label, affine, np.uint8, oblique))
         rows.append(row)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(folder, "volumes.csv"), text.getvalue().encode())
+    manifest = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
+    write_atomic(os.path.join(folder, "volumes.csv"), manifest.encode())
     return rows
 
 
 def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
     """Write the NIfTI demo set to ``root`` (absent or empty); returns ``root``.
-    Raises ``FileExistsError`` if ``root`` holds files, ``ValueError`` for a bad seed."""
+    Raises ``FileExistsError`` if ``root`` holds files."""
     root = os.path.abspath(os.fspath(root))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(f"{root} exists and is not an empty folder; choose another folder")
     with staged_folder(root, replace=False) as temporary:
-        _write_set(temporary, int(seed))
+        _write_set(temporary, seed)
     return root

@@ -1,0 +1,127 @@
+"""How every loader lists and opens its inputs (study split CSVs, MVTec folders, NIfTI manifests,
+``predict``'s files and folders), so that one rule holds for all of them:
+
+- hidden files and folders (names starting with ``.``: macOS ``._x.png``, ``.ipynb_checkpoints``)
+  are not inputs;
+- suffixes match in any case (``SCAN.NII.GZ`` is a NIfTI file, ``X.PNG`` an image);
+- names match in NFC and NFD spelling alike (macOS may store a name typed as ``é`` as ``e`` + accent);
+- CSV files are UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), blank rows are
+  skipped, a header repeated as a row is refused, and messages name the line in the file;
+- images are opened once, through one size and decoding guard, turned upright by their EXIF
+  orientation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import unicodedata
+import warnings
+from typing import Iterator
+
+from PIL import Image, ImageOps
+
+from ..errors import DataError
+from ..files import file_problem, not_utf8
+
+#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
+MAX_PIXELS = 64_000_000
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` ends in one of ``suffixes`` (lower case), in any case."""
+    return path.lower().endswith(suffixes)
+
+
+def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
+    """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
+    in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name."""
+    if recursive:
+        found = []
+        for parent, children, names in os.walk(folder):
+            children[:] = [c for c in children if not c.startswith(".")]
+            found += [os.path.join(parent, name) for name in names]
+    else:
+        found = [os.path.join(folder, name) for name in os.listdir(folder)]
+    return sorted(
+        (path for path in found if not os.path.basename(path).startswith(".")
+         and (os.path.isdir(path) if folders else not os.path.isdir(path) and has_suffix(path, suffixes))),
+        key=nfc,
+    )
+
+
+def resolved(path: str) -> str:
+    """``path``, or the same path with each name that is not found replaced by the one in its folder
+    that is equal once NFC-normalised (one file name in another Unicode spelling)."""
+    if not path or os.path.lexists(path):
+        return path
+    folder, name = os.path.split(path)
+    folder = resolved(folder) if folder != path else folder
+    with contextlib.suppress(OSError):
+        for candidate in os.listdir(folder or "."):
+            if nfc(candidate) == nfc(name):
+                return os.path.join(folder, candidate)
+    return os.path.join(folder, name)
+
+
+def read_table(path: str, what: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """The header (stripped) and the non-blank rows of the CSV file at ``path`` (``what`` it is, for
+    messages), each row as ``(source, {column: stripped value})`` with ``source`` = ``"name.csv line N"``."""
+    if problem := file_problem(path):
+        raise DataError(f"{what} {path} {problem}")
+    name, rows = os.path.basename(path), []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [cell.strip() for cell in next(reader, [])]
+            for row in reader:
+                cells = [cell.strip() for cell in row]
+                if cells == header:
+                    raise DataError(f"{name} line {reader.line_num}: the header row again; remove the repeated header")
+                if any(cells):
+                    rows.append((f"{name} line {reader.line_num}", dict(zip(header, cells))))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} {not_utf8(exc)}: is it a CSV?") from None
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+    return header, rows
+
+
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """The opened (not yet decoded) image at ``path``: the one existence, empty-file and size check.
+
+    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
+    """
+    if problem := file_problem(path):
+        raise DataError(f"image file {problem}: {path}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise DataError(f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit")
+                yield image
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (a photo taken sideways)."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(image)``, from the header alone."""
+    sideways = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
+    return image.size[::-1] if sideways else image.size
