@@ -85,6 +85,11 @@ class ImageSet(Dataset):
         return [f for item in self.items for f in (item.image, *item.anomaly, *(item.head or ()))]
 
     @property
+    def rows(self) -> list[tuple]:
+        """Per item: the image, its anomaly mask files and its head mask files (None: not given)."""
+        return [(item.image, item.anomaly, item.head) for item in self.items]
+
+    @property
     def head_kinds(self) -> set[str]:
         """Where the items' heads come from: ``given mask``, ``estimated`` or ``whole image``."""
         unknown = "estimated" if self.estimate_head else "whole image"
@@ -159,18 +164,32 @@ class DataBundle:
         return ", ".join(f"{name} {group.summary()}" for name, group in named if group is not None)
 
 
-def fingerprint(sets: Iterable) -> str:
+def fingerprint(sets: Iterable, layout: bool = False) -> str:
     """A 12-hex-digit hash of the files ``sets`` read (each set's ``files``): their paths relative
     to the folder they share, their sizes and modification times (whole seconds). Images added,
     removed, renamed or rewritten change it; moving the data set, or copying it with its times
-    (``cp -p``, ``rsync -a``), does not."""
-    files = sorted({os.path.abspath(f) for s in sets if s is not None for f in s.files})
+    (``cp -p``, ``rsync -a``), does not. With ``layout`` it also covers what the split lists and
+    manifests define (each set's name and ``rows``): a case moved to another group, or a mask paired
+    with another image, changes it too."""
+    named = [s for s in sets if s is not None]
+    files = sorted({os.path.abspath(f) for s in named for f in s.files})
     if not files:
         return "no-files"
     base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
     stats = [os.stat(f) for f in files]
-    listing = "".join(f"{os.path.relpath(f, base)}\t{st.st_size}\t{int(st.st_mtime)}\n" for f, st in zip(files, stats))
+    lines = [f"{os.path.relpath(f, base)}\t{st.st_size}\t{int(st.st_mtime)}" for f, st in zip(files, stats)]
+    if layout:
+        lines += [s.name + "".join(f"\t{_relative(field, base)}" for field in row) for s in named for row in s.rows]
+    listing = "".join(line + "\n" for line in lines)
     return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:12]  # any file name
+
+
+def _relative(field: str | tuple[str, ...] | None, base: str) -> str:
+    """A row's field (a path, several paths, or None) as paths relative to ``base``."""
+    if field is None:
+        return "-"
+    paths = (field,) if isinstance(field, str) else field
+    return ";".join(os.path.relpath(os.path.abspath(path), base) for path in paths)
 
 
 def counted(count: int, unit: str = "image") -> str:

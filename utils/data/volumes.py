@@ -257,6 +257,11 @@ class VolumeSet:
     def files(self) -> list[str]:
         return [f for entry in self.entries for f in (entry.image, entry.label, entry.brain_mask) if f]
 
+    @property
+    def rows(self) -> list[tuple]:
+        """Per volume: the image, its label and its brain mask (None: not given)."""
+        return [(entry.image, entry.label, entry.brain_mask) for entry in self.entries]
+
     def summary(self) -> str:
         return counted(len(self), "volume")
 

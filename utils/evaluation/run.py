@@ -70,6 +70,9 @@ class Run:
     written: list[str] = field(default_factory=list)
     #: :func:`utils.data.fingerprint` of the training files (set with the data).
     train_fingerprint: str = ""
+    #: :func:`utils.data.fingerprint` of every file the run reads and of the groups and pairs the split lists
+    #: define (set with the data; part of the run name, checked again before the results are swapped in).
+    data_fingerprint: str = ""
 
     def load_data(self, splits: Sequence[str] = SPLITS) -> DataBundle:
         """The data ``splits`` (every rank generates a demo set it needs first); names the run after
@@ -81,13 +84,17 @@ class Run:
             raise DataError("no validation images for the threshold and colour scale: set data.val_split (NIfTI: val rows "
                             "in the manifest), or data.val_fraction > 0 to hold out part of the training images")
         self.train_fingerprint = fingerprint([self.bundle.train])
-        self.name = run_name(self.settings, fingerprint([self.bundle.train, self.bundle.val, *self.bundle.test.values()]))
+        self.data_fingerprint = self._data_fingerprint()
+        self.name = run_name(self.settings, self.data_fingerprint)
         self.directory = os.path.join(self.settings.results_dir, self.name)
         volumes = self.settings.data.format == "nifti"
         self.units = VolumeUnits(self.settings, self.name) if volumes else ImageUnits(self.settings)
         self.timings["load_data_s"] = round(time.perf_counter() - started, 3)
         self.notes.append(f"data: {self.bundle.summary()}; threshold from {self.bundle.val_description}")
         return self.bundle
+
+    def _data_fingerprint(self) -> str:
+        return fingerprint([self.bundle.train, self.bundle.val, *self.bundle.test.values()], layout=True)
 
     def fit(self, progress: bool = True, model_path: Optional[str] = None, model: Optional[Padim] = None) -> Optional[Padim]:
         """Fit PaDiM on the training set (sharded across the ranks under torchrun: the model on rank 0,
@@ -202,6 +209,9 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
             names.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(_timings(run), indent=2).encode()))
+            if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
+                raise DataError(f"the data changed while run {run.name} ran (files rewritten, added or removed, or a "
+                                "split list edited): nothing was written; run it again on the data as they are now")
     finally:
         run.units.discard()
     return [os.path.join(run.directory, os.path.relpath(name, folder)) for name in names]

@@ -11,6 +11,7 @@ is generated on first use, once.
 
 from __future__ import annotations
 
+import json
 import os
 
 from ...config import Settings
@@ -24,19 +25,36 @@ DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
 
 def ensure_demo(settings: Settings) -> None:
     """Generate the demo set ``settings`` read, unless it is there already: the brain slices at
-    ``data.root`` (format demo), or the NIfTI demo when ``data.manifest`` is :data:`DEMO_MANIFEST`."""
+    ``data.root`` (format demo), or the NIfTI demo when ``data.manifest`` is :data:`DEMO_MANIFEST`.
+    A set that is there was generated with the seed its ``demo.json`` records: another
+    ``data.demo_seed`` is refused (its files would be read under the new seed's name)."""
     d = settings.data
     if d.format == "demo":
-        _generate(f"data.root {d.root}", d.root, os.path.join(d.root, "data", "splits"), lambda: generate_demo(d.root, seed=d.demo_seed))
+        _ensure(f"data.root {d.root}", d.root, os.path.join(d.root, "data"), os.path.join(d.root, "data", "splits"),
+                d.demo_seed, lambda: generate_demo(d.root, seed=d.demo_seed))
     elif d.format == "nifti" and os.path.normpath(d.manifest) == os.path.normpath(DEMO_MANIFEST):
         root = os.path.dirname(DEMO_MANIFEST)
-        _generate(f"the NIfTI demo folder {root}", root, DEMO_MANIFEST, lambda: generate_nifti_demo(root, seed=d.demo_seed))
+        _ensure(f"the NIfTI demo folder {root}", root, root, DEMO_MANIFEST, d.demo_seed,
+                lambda: generate_nifti_demo(root, seed=d.demo_seed))
+
+
+def _ensure(name: str, root: str, record: str, marker: str, seed: int, generate) -> None:
+    """``generate()`` the set at ``root`` (``name`` in messages) unless ``marker``, a file or folder it
+    writes, exists; then its ``record`` folder's demo.json must name ``seed``."""
+    if not os.path.exists(marker):
+        _generate(name, root, marker, generate)
+    try:
+        with open(os.path.join(record, "demo.json"), encoding="utf-8") as handle:
+            recorded = json.load(handle).get("seed")
+    except (OSError, ValueError, AttributeError):
+        recorded = "unknown"
+    if recorded != seed:
+        raise DataError(f"{name} holds the demo set of seed {recorded}, not data.demo_seed {seed}: delete it, or point the "
+                        f"config at an absent or empty folder, to generate the set of seed {seed}")
 
 
 def _generate(name: str, root: str, marker: str, generate) -> None:
-    """``generate()`` the set at ``root`` (``name`` in messages) unless ``marker``, a file or folder it writes, exists."""
-    if os.path.exists(marker):
-        return
+    """``generate()`` the set at ``root``, which must be absent or empty (another process may fill it meanwhile)."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"{name} is a file; point the config at an absent or empty folder to generate the demo set there")
     if os.path.isdir(root) and os.listdir(root):

@@ -20,6 +20,7 @@ from the seed (bit-identical files); written into a temporary folder renamed int
 from __future__ import annotations
 
 import gzip
+import json
 import os
 
 import nibabel as nib
@@ -120,6 +121,7 @@ def _write_set(folder: str, seed: int) -> list[dict]:
         rows.append(row)
     manifest = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
     write_atomic(os.path.join(folder, "volumes.csv"), manifest.encode())
+    write_atomic(os.path.join(folder, "demo.json"), json.dumps({"seed": seed}).encode())  # checked by ensure_demo
     return rows
 
 

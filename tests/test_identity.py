@@ -1,0 +1,138 @@
+"""A run's name describes the run (issue 26, class 2): it covers what the split lists and manifests
+define, is checked again before the results are swapped in, and a demo set answers only to its seed."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from utils.config import settings_from_dict
+from utils.data.demo.brains import DemoCounts, generate_demo
+from utils.data.demo.nifti import generate_nifti_demo
+from utils.errors import DataError
+from utils.evaluation import Run
+
+COUNTS = DemoCounts(ixi_train=4, fastmri_train=4, val=2, per_kind=2, normal_test=2)
+
+
+def _splits(root):
+    return os.path.join(root, "data", "splits")
+
+
+def _rewrite(path, frame):
+    frame.to_csv(path, index=False, lineterminator="\n")
+    later = os.stat(path).st_mtime + 100  # whole seconds enter the fingerprint: make the edit visible to it
+    os.utime(path, (later, later))
+
+
+def move_row_to_another_group(root):
+    """The last cyst row (image, box, brain-minus-box) becomes a hyperintense_lesion row."""
+    for suffix in ("", "_ann", "_neg"):
+        source, target = (os.path.join(_splits(root), f"{g}{suffix}.csv") for g in ("cyst", "hyperintense_lesion"))
+        rows, others = pd.read_csv(source), pd.read_csv(target)
+        _rewrite(target, pd.concat([others, rows.tail(1)]))
+        _rewrite(source, rows.head(-1))
+
+
+def pair_boxes_with_other_images(root):
+    path = os.path.join(_splits(root), "cyst_ann.csv")
+    _rewrite(path, pd.read_csv(path).iloc[::-1])
+
+
+def rewrite_a_list_unchanged(root):
+    path = os.path.join(_splits(root), "cyst.csv")
+    _rewrite(path, pd.read_csv(path))
+
+
+def move_volume_to_another_group(root):
+    path = os.path.join(root, "volumes.csv")
+    manifest = pd.read_csv(path, keep_default_na=False)
+    test = manifest.index[manifest["split"] == "test"]
+    manifest.loc[test[0], "group"] = manifest.loc[test[-1], "group"]
+    _rewrite(path, manifest)
+
+
+def pair_labels_with_other_volumes(root):
+    path = os.path.join(root, "volumes.csv")
+    manifest = pd.read_csv(path, keep_default_na=False)
+    first, third = manifest.index[manifest["label"] != ""][[0, 2]]  # every other volume is stored oblique: same grids
+    manifest.loc[[first, third], "label"] = manifest.loc[[third, first], "label"].to_numpy()
+    _rewrite(path, manifest)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return str(generate_demo(tmp_path_factory.mktemp("identity") / "demo", counts=COUNTS))
+
+
+@pytest.fixture(scope="module")
+def nifti(tmp_path_factory):
+    return str(generate_nifti_demo(tmp_path_factory.mktemp("identity") / "nifti"))
+
+
+def _copy(source, target):
+    import shutil
+
+    return shutil.copytree(source, target, copy_function=shutil.copy2)  # times kept: the same fingerprint
+
+
+def _settings(root, fmt, results):
+    data = {"format": "demo", "root": root} if fmt == "demo" else {"format": "nifti", "manifest": os.path.join(root, "volumes.csv")}
+    return settings_from_dict({"image_size": 64, "output_dimension": 16, "device": "cpu", "results_dir": results, "data": data})
+
+
+def _name(root, fmt, results):
+    run = Run(_settings(root, fmt, results))
+    run.load_data()
+    return run.name
+
+
+@pytest.mark.parametrize("fmt, edit, changes", [
+    ("demo", move_row_to_another_group, True),
+    ("demo", pair_boxes_with_other_images, True),
+    ("demo", rewrite_a_list_unchanged, False),
+    ("nifti", move_volume_to_another_group, True),
+    ("nifti", pair_labels_with_other_volumes, True),
+])
+def test_the_run_name_follows_what_the_lists_define(demo, nifti, tmp_path, fmt, edit, changes):
+    root = _copy(demo if fmt == "demo" else nifti, tmp_path / "data")
+    before = _name(str(root), fmt, str(tmp_path / "results"))
+    edit(str(root))
+    after = _name(str(root), fmt, str(tmp_path / "results"))
+    assert (after != before) == changes
+
+
+def test_data_changed_during_the_run_writes_nothing(demo, tmp_path):
+    root = _copy(demo, tmp_path / "data")
+    run = Run(_settings(str(root), "demo", str(tmp_path / "results")))
+    run.load_data()
+    run.fit(progress=False)
+    run.score(progress=False)
+    run.compute_metrics()
+    image = run.bundle.test["cyst"].paths[0]
+    later = os.stat(image).st_mtime + 100
+    os.utime(image, (later, later))  # rewritten while the run was scoring
+    with pytest.raises(DataError, match="the data changed while run"):
+        run.save(figures=False)
+    assert not os.path.exists(run.directory)
+    assert not os.listdir(tmp_path / "results"), "no staging folder left behind"
+
+
+@pytest.mark.parametrize("recorded, wanted, error", [
+    (0, 0, None),
+    (0, 7, "holds the demo set of seed 0, not data.demo_seed 7"),
+    (None, 0, "holds the demo set of seed unknown"),
+])
+def test_a_demo_set_answers_only_to_its_seed(demo, tmp_path, recorded, wanted, error):
+    root = _copy(demo, tmp_path / "demo")
+    if recorded is None:
+        os.remove(os.path.join(root, "data", "demo.json"))
+    settings = _settings(str(root), "demo", str(tmp_path / "results")).replace(data={"demo_seed": wanted})
+    run = Run(settings)
+    if error is None:
+        assert run.load_data().train is not None
+    else:
+        with pytest.raises(DataError, match=error):
+            run.load_data()
