@@ -32,8 +32,19 @@ def colour_bars(figure):
     return [ax for ax in figure.get_axes() if ax.get_ylabel() == "Mahalanobis distance"]
 
 
-def heat_axes_images(ax):
-    return [image for image in ax.get_images() if image.get_cmap().name == P.HEAT_CMAP]
+def mosaic(figure):
+    """The RGB array of the figure's panels (its first axes) and the gap between panels of S pixels."""
+    array = np.asarray(figure.get_axes()[0].get_images()[0].get_array())
+    columns = round(array.shape[1] / S)
+    return array, (array.shape[1] - columns * S) // max(1, columns - 1)
+
+
+def panel(figure, row, column):
+    array, gap = mosaic(figure)
+    return array[row * (S + gap):row * (S + gap) + S, column * (S + gap):column * (S + gap) + S]
+
+
+JET_BOTTOM, JET_TOP = (0.0, 0.0, 0.5), (0.5, 0.0, 0.0)  # jet's ends: dark blue, dark red
 
 
 def test_example_figure_has_five_panels_per_row_one_scale_and_one_colour_bar():
@@ -41,65 +52,77 @@ def test_example_figure_has_five_panels_per_row_one_scale_and_one_colour_bar():
     figure = P.example_figure(displays, masks, maps, threshold=4.0, vmin=0.5, vmax=6.0, heads=heads,
                               labels=["a.png", "b.png", "c.png"], title="demo")
     assert isinstance(figure, Figure)
-    axes = figure.get_axes()
-    assert len(axes) == 3 * 5 + 1  # the panels and one colour bar
+    array, gap = mosaic(figure)
+    assert array.shape == (3 * S + 2 * gap, 5 * S + 4 * gap, 3) and gap > 0
+    assert (array[S:S + gap] == 1).all() and (array[:, S:S + gap] == 1).all()  # white between the panels
     bars = colour_bars(figure)
-    assert len(bars) == 1 and bars[0].get_ylim() == (0.5, 6.0)
-    heat = [image for ax in axes for image in heat_axes_images(ax)]
-    assert len(heat) == 3 * 2  # heat-map and overlay of every row
-    assert all(image.get_clim() == (0.5, 6.0) for image in heat)
+    assert len(figure.get_axes()) == 2 and len(bars) == 1 and bars[0].get_ylim() == (0.5, 6.0)
+    for r in range(3):  # the one scale 0.5..6: below it jet's bottom colour, above it its top
+        heat = panel(figure, r, 2)
+        np.testing.assert_allclose(heat[maps[r] <= 0.5], np.broadcast_to(JET_BOTTOM, heat[maps[r] <= 0.5].shape))
+        np.testing.assert_allclose(heat[maps[r] >= 6.0], np.broadcast_to(JET_TOP, heat[maps[r] >= 6.0].shape))
+        for column in (0, 1):
+            np.testing.assert_allclose(panel(figure, r, column), np.repeat(displays[r][..., None], 3, axis=2))
     assert figure.get_suptitle() == "demo"
-    assert [t.get_text() for t in axes[0].texts] == ["a.png"]
+    texts = [t.get_text() for t in figure.get_axes()[0].texts]
+    assert texts[:4] == list(P.COLUMN_TITLES) and texts[-3:] == ["a.png", "b.png", "c.png"]
 
 
-def test_ground_truth_is_outlined_by_a_contour_of_the_mask():
+def test_ground_truth_is_outlined_by_a_contour_of_the_mask_in_three_panels():
     displays, masks, maps, heads = example_inputs(rows=1)
     figure = P.example_figure(displays, masks, maps, 4.0, 0.0, 7.0, heads)
-    outline = figure.get_axes()[1]
-    vertices = np.concatenate([path.vertices for c in outline.collections for path in c.get_paths()])
-    # a contour at 0.5 of the mask runs half a pixel outside the mask's pixel centres
+    ax, (_, gap) = figure.get_axes()[0], mosaic(figure)
+    vertices = np.concatenate([path.vertices for c in ax.collections for path in c.get_paths()])
     rows, columns = np.nonzero(masks[0])
-    assert vertices[:, 0].min() == pytest.approx(columns.min() - 0.5) and vertices[:, 0].max() == pytest.approx(columns.max() + 0.5)
-    assert vertices[:, 1].min() == pytest.approx(rows.min() - 0.5) and vertices[:, 1].max() == pytest.approx(rows.max() + 0.5)
+    # a contour at 0.5 of the mask runs half a pixel outside the mask's pixel centres
+    assert vertices[:, 1].min() == pytest.approx(rows.min() - 0.5)
+    assert vertices[:, 1].max() == pytest.approx(rows.max() + 0.5)
+    outlined = sorted({int(x // (S + gap)) for x in vertices[:, 0]})
+    assert outlined == [1, 3, 4]  # ground truth, overlay, thresholded map
+    for c in outlined:
+        x = vertices[(vertices[:, 0] >= c * (S + gap)) & (vertices[:, 0] < (c + 1) * (S + gap)), 0] - c * (S + gap)
+        assert x.min() == pytest.approx(columns.min() - 0.5) and x.max() == pytest.approx(columns.max() + 0.5)
     empty = P.example_figure(displays, np.zeros_like(masks), maps, 4.0, 0.0, 7.0, heads)
-    assert not empty.get_axes()[1].collections  # no outline without ground truth
+    assert not empty.get_axes()[0].collections  # no outline without ground truth
 
 
 def test_thresholded_panel_highlights_exactly_the_map_at_or_above_threshold_in_the_head():
     displays, masks, maps, heads = example_inputs(rows=2, seed=3)
-    threshold = float(np.median(maps))
+    threshold = float(maps[0, 10, 10])  # a value in the head: a pixel at the threshold counts
     figure = P.example_figure(displays, masks, maps, threshold, 0.0, 7.0, heads)
     for r in range(2):
-        highlighted = figure.get_axes()[5 * r + 4].get_images()[-1].get_array()
+        image = panel(figure, r, 0)
         expected = (maps[r] >= threshold) & heads[r]
-        np.testing.assert_array_equal(~np.ma.getmaskarray(highlighted), expected)
-        overlay = heat_axes_images(figure.get_axes()[5 * r + 3])[0].get_array()
-        np.testing.assert_array_equal(~np.ma.getmaskarray(overlay), heads[r])
+        np.testing.assert_array_equal((panel(figure, r, 4) != image).any(axis=2), expected)
+        yellow = 0.4 * image[expected] + 0.6 * np.array([1.0, 1.0, 0.0])  # yellow at alpha 0.6
+        np.testing.assert_allclose(panel(figure, r, 4)[expected], yellow, atol=1e-6)
+        np.testing.assert_array_equal((panel(figure, r, 3) != image).any(axis=2), heads[r])  # overlay: head only
 
 
 def test_rgb_displays_are_shown_in_colour_and_gray_ones_in_gray():
     displays, masks, maps, heads = example_inputs(rows=1, rgb=True)
     figure = P.example_figure(displays, masks, maps, 4.0, 0.0, 7.0)
-    shown = figure.get_axes()[0].get_images()[0]
-    np.testing.assert_allclose(shown.get_array(), displays[0])
-    assert shown.get_array().shape == (S, S, 3)
-    gray = P.example_figure(*example_inputs(rows=1)[:3], 4.0, 0.0, 7.0)
-    image = gray.get_axes()[0].get_images()[0]
-    assert image.get_array().ndim == 2 and image.get_cmap().name == "gray" and image.get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(panel(figure, 0, 0), displays[0])
+    gray, _, gray_maps, _ = example_inputs(rows=1)
+    shown = panel(P.example_figure(gray, masks, gray_maps, 4.0, 0.0, 7.0), 0, 0)
+    assert all(np.array_equal(shown[..., k], gray[0]) for k in range(3))
 
 
 def test_row_labels_stay_beside_their_own_row_and_the_bar_legend_inside_the_figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     displays, masks, maps, heads = example_inputs(rows=3)
-    names = ["fastmri_file_brain_AXT2_200_6002_1.png"[:28], "demo_brain_AXT1_0049.png", "a-very-long-name-without-breaks"]
+    names = ["fastmri_file_brain_AXT2_200_6002_1.png"[:28], "demo_brain_AXT1_0049.png",
+             "a-very-long-name-without-breaks"]
     figure = P.example_figure(displays, masks, maps, 4.0, 0.0, 7.0, heads, labels=names)
     renderer = FigureCanvasAgg(figure).get_renderer()
-    for r in range(3):
-        panel = figure.get_axes()[5 * r]
-        label, box = panel.texts[0].get_window_extent(renderer), panel.get_window_extent(renderer)
-        assert box.y0 <= label.y0 and label.y1 <= box.y1 and 0 <= label.x0 and label.x1 <= box.x0
-    table = pd.DataFrame({"group": ["hyperintense_lesion", "mean"], "A_auroc": [0.9, 0.9], "B_auroc": [0.8, 0.8], "C_auroc": [0.7, 0.7]})
+    ax, (_, gap) = figure.get_axes()[0], mosaic(figure)
+    for r, text in enumerate(ax.texts[-3:]):
+        label = text.get_window_extent(renderer)
+        (x0, y0), (_, y1) = ax.transData.transform([(-0.5, r * (S + gap) + S - 0.5), (S - 0.5, r * (S + gap) - 0.5)])
+        assert y0 <= label.y0 and label.y1 <= y1 and 0 <= label.x0 and label.x1 <= x0
+    table = pd.DataFrame({"group": ["hyperintense_lesion", "mean"], "A_auroc": [0.9, 0.9], "B_auroc": [0.8, 0.8],
+                          "C_auroc": [0.7, 0.7]})
     bars = P.auroc_bar_plot(table)
     legend = bars.legends[0].get_window_extent(FigureCanvasAgg(bars).get_renderer())
     assert [t.get_text() for t in bars.legends[0].get_texts()] == list(P.PROTOCOL_NAMES.values())
@@ -130,10 +153,10 @@ def test_auroc_bar_plot_draws_one_bar_per_finite_value_and_a_chance_line():
 def test_heatmap_figure_uses_the_given_scale_or_zero_to_max():
     displays, _, maps, _ = example_inputs(rows=1)
     fixed = P.heatmap_figure(displays[0], maps[0], vmin=1.0, vmax=3.0)
-    assert [i.get_clim() for ax in fixed.get_axes() for i in heat_axes_images(ax)] == [(1.0, 3.0)]
+    assert [ax.get_ylim() for ax in colour_bars(fixed)] == [(1.0, 3.0)]
+    np.testing.assert_allclose(panel(fixed, 0, 0), np.repeat(displays[0][..., None], 3, axis=2))
     default = P.heatmap_figure(displays[0], maps[0])
-    clim = [i.get_clim() for ax in default.get_axes() for i in heat_axes_images(ax)]
-    assert clim == [(0.0, pytest.approx(float(maps[0].max())))]
+    assert [ax.get_ylim() for ax in colour_bars(default)] == [(0.0, pytest.approx(float(maps[0].max())))]
 
 
 MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF", ".svg": b"<?xml"}
@@ -178,20 +201,30 @@ def test_volume_views_cut_three_planes_through_the_centre_upright():
     volume, anomaly = volume_case()
     label = anomaly > 0.9
     planes, gray = P.volume_planes(volume, anomaly, label, (7, 3, 6))
-    figure = P.planes_figure(planes, (7, 3, 6), gray, (0.0, 4.0), threshold=0.95, title="case 1")
-    views = [ax for ax in figure.get_axes() if ax not in colour_bars(figure)]
-    assert len(views) == 3 and len(colour_bars(figure)) == 1
+    figure = P.planes_figure(planes, (7, 3, 6), gray, (10.0, 20.0), threshold=0.95, title="case 1")
+    assert len(figure.get_axes()) == 2 and [ax.get_ylim() for ax in colour_bars(figure)] == [(10.0, 20.0)]
     x, y, z = 7, 3, 6
-    # axial: rows y (anterior up with origin lower), columns x; coronal: rows z, columns x; sagittal: rows z, columns y
-    expected = [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
-    for ax, plane, index in zip(views, expected, (z, y, x)):
-        gray, heat = ax.get_images()
-        np.testing.assert_array_equal(gray.get_array(), plane)
-        assert gray.origin == "lower" and heat.origin == "lower"
-        assert heat.get_clim() == (0.0, 4.0)
-        assert str(index) in ax.get_title()
-    np.testing.assert_array_equal(views[2].get_images()[1].get_array(), anomaly[x, :, :].T)
+    # axial: rows y (anterior up), columns x; coronal: rows z (superior up), columns x; sagittal: rows z, columns y
+    expected = [volume[:, :, z].T[::-1], volume[:, y, :].T[::-1], volume[x, :, :].T[::-1]]
+    array = np.asarray(figure.get_axes()[0].get_images()[0].get_array())
+    gap = (array.shape[1] - sum(e.shape[1] for e in expected)) // 2
+    start = 0
+    for plane, index, text in zip(expected, (z, y, x), figure.get_axes()[0].texts):
+        shown = array[:plane.shape[0], start:start + plane.shape[1]]
+        start += plane.shape[1] + gap
+        # the map is below the scale everywhere: jet's bottom colour (0, 0, 0.5) at alpha 0.45 leaves red to the image
+        shade = np.clip((plane - gray[0]) / (gray[1] - gray[0]), 0, 1)
+        np.testing.assert_allclose(shown[..., 0] / 0.55, shade, atol=1e-5)
+        assert str(index) in text.get_text()
     assert figure.get_suptitle() == "case 1"
+    # only the maximum (7, 3, 6) reaches 1.5: a yellow outline around it, upright, in every view
+    marked = P.planes_figure(planes, (7, 3, 6), gray, (10.0, 20.0), threshold=1.5)
+    yellow = [c for c in marked.get_axes()[0].collections if np.allclose(c.get_edgecolor()[0], (1, 1, 0, 1))]
+    vertices = np.concatenate([path.vertices for c in yellow for path in c.get_paths()])
+    starts = np.cumsum([0] + [e.shape[1] + gap for e in expected])
+    for start, end, centre in zip(starts, starts[1:], [(x, 13 - y), (x, 9 - z), (y, 9 - z)]):
+        shown = vertices[(vertices[:, 0] >= start) & (vertices[:, 0] < end)]
+        np.testing.assert_allclose(shown.mean(axis=0), (start + centre[0], centre[1]), atol=0.1)
 
 
 def test_importing_plotting_does_not_import_pyplot():
