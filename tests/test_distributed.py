@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from utils.distributed import DistributedContext, shard_indices
+from utils.distributed import DistributedContext, shard_dataset
 from utils.evaluation import run_fit
 from utils.errors import DistributedError
 from utils.padim.gaussian import GaussianStatistics
@@ -175,10 +175,10 @@ def demo_config(tmp_path_factory):
 def test_shards_cover_every_index_exactly_once():
     for n in (0, 1, 5, 19, 64):
         for world in (1, 2, 3, 8):
-            shards = [shard_indices(n, rank, world) for rank in range(world)]
+            shards = [list(shard_dataset(list(range(n)), DistributedContext(rank, world))) for rank in range(world)]
             assert sorted(i for shard in shards for i in shard) == list(range(n))
             assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    assert shard_indices(5, 1, 2) == [1, 3]
+    assert list(shard_dataset(list(range(5)), DistributedContext(1, 2))) == [1, 3]
 
 
 def test_single_process_context_is_a_no_op(small_settings, monkeypatch):

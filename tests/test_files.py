@@ -66,7 +66,7 @@ def _ended_pid() -> int:
 
 @pytest.mark.parametrize("name, swept", [
     (".run.tmp-{host}-{ended}-abc_1", True),
-    (".run.old-{host}-{ended}-xyz", True),
+    (".run.tmp-{host}-{ended}-xyz_old", True),  # an earlier folder moved aside for the swap
     (".other-run.maps-{host}-{ended}-q0", True),  # any staging folder in the parent, not only the target's
     (".run.tmp-{host}-{alive}-abc", False),  # its process still runs
     (".run.tmp-elsewhere-{ended}-abc", False),  # another machine's process: not ours to judge

@@ -8,8 +8,6 @@ temporary files removed on the way out (:mod:`utils.files`). Only the standard l
 imported (which takes seconds).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os

@@ -6,8 +6,6 @@ never a traceback; Ctrl-C exits with 130 and leaves no partial model or results 
 ``predict`` runs on rank 0 alone, as one process would, and the other ranks exit 0 at once.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import time
@@ -26,24 +24,22 @@ from .predict import predict
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m utils", description="PaDiM anomaly detection")
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # the options of every command
+    common.add_argument("--config", default="config.yaml", help="YAML settings file (default: config.yaml)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", default="config.yaml", help="YAML settings file (default: config.yaml)")
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    fit = commands.add_parser("fit", help="fit PaDiM on the training images and save the model")
-    common(fit)
+    fit = commands.add_parser("fit", parents=[common], help="fit PaDiM on the training images and save the model")
     fit.add_argument("--output", help="model file to write (default: <results_dir>/<run-name>/model.pt)")
 
-    evaluate = commands.add_parser("evaluate", help="fit (or load) and score every test group; write metrics")
-    common(evaluate)
+    evaluate = commands.add_parser("evaluate", parents=[common],
+                                   help="fit (or load) and score every test group; write metrics")
     evaluate.add_argument("--model", help="use this fitted model file instead of fitting")
     evaluate.add_argument("--no-figures", action="store_true", help="skip the figures (faster; metrics files only)")
     evaluate.add_argument("--no-save-model", action="store_true", help="do not write model.pt into the results folder")
     evaluate.add_argument("--no-maps", action="store_true", help="NIfTI volumes: do not write the anomaly map volumes")
 
-    predict = commands.add_parser("predict", help="heat-maps and image scores for images, or NIfTI anomaly maps for volumes")
-    common(predict)
+    predict = commands.add_parser("predict", parents=[common],
+                                  help="heat-maps and image scores for images, or NIfTI anomaly maps for volumes")
     predict.add_argument("--model", required=True, help="fitted model file (from `fit`)")
     predict.add_argument("--input", required=True,
                          help="an image or NIfTI file, a folder of them (searched recursively), or a NIfTI manifest .csv")

@@ -5,13 +5,10 @@ range raises one :class:`~utils.errors.ConfigError` that names the key, the bad 
 is allowed. Downstream code can trust a :class:`Settings` object.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import difflib
 import os
-import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -214,10 +211,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
         raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict | None):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
-    return settings_from_dict(raw | overrides)
+    return settings_from_dict((raw or {}) | overrides)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -251,13 +247,7 @@ def settings_from_dict(raw: dict[str, Any]) -> Settings:
     """Validate a plain mapping (as read from YAML) and build :class:`Settings`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"settings must be a mapping, not {type(raw).__name__}")
-    raw = dict(raw)
-    data_raw = raw.pop("data", None)
-    data_raw = {} if data_raw is None else data_raw
-    if not isinstance(data_raw, dict):
-        raise ConfigError(f"`data` must be a mapping of data keys, got {data_raw!r}")
-    data = DataSettings(**_typed_fields(DataSettings, data_raw, prefix="data."))
-    settings = Settings(data=data, **_typed_fields(Settings, raw, prefix=""))
+    settings = Settings(**_typed_fields(Settings, raw, prefix=""))
     _check_ranges(settings)
     return settings
 
@@ -267,13 +257,12 @@ PATH_KEYS = ("results_dir", "weights", "root", "manifest")
 
 
 def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "data"]
+    hints = get_type_hints(cls)  # every field's type, by name
     values = {}
     for key, value in raw.items():
-        if key not in names:
-            nearest = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean `{prefix}{nearest[0]}`?" if nearest else f"; valid keys: {', '.join(names)}"
+        if key not in hints:
+            nearest = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"; did you mean `{prefix}{nearest[0]}`?" if nearest else f"; valid keys: {', '.join(hints)}"
             raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
         values[key] = _coerce(prefix + key, value, hints[key])
         if key in PATH_KEYS and values[key] is not None:
@@ -283,8 +272,12 @@ def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):  # Optional[X]: null, or an X
+    if origin is Union:  # Optional[X]: null, or an X
         return None if value is None else _coerce(key, value, args[0])
+    if dataclasses.is_dataclass(hint):  # `data:`, a mapping of its own keys (empty: the defaults)
+        if not isinstance(value, dict | None):
+            raise ConfigError(f"`{key}` must be a mapping of {key} keys, got {value!r}")
+        return hint(**_typed_fields(hint, value or {}, prefix=f"{key}."))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"`{key}` is {value!r}; allowed: {', '.join(map(str, args))}")

@@ -1,8 +1,6 @@
 """``python -m utils.demo_data DIR [--seed N] [--force]``: write the demo set of brain slices
 (:mod:`utils.data.demo.brains`); ``--nifti DIR``: the NIfTI volume demo (:mod:`utils.data.demo.nifti`)."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys
@@ -18,15 +16,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m utils.demo_data",
         description="Write the small synthetic brain-MRI demo set (study layout) to DIR.",
     )
-    parser.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
-    parser.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
+    where.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    if (args.directory is None) == (args.nifti is None):
-        parser.error("give either DIR (the PNG demo set) or --nifti DIR (the NIfTI volume demo)")
     if args.nifti is not None and args.force:
         parser.error("--force replaces the PNG demo set only; remove the NIfTI demo folder by hand")
 

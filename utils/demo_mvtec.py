@@ -1,8 +1,6 @@
 """``python -m utils.demo_mvtec DIR [--seed N]``: write a synthetic category in the MVTec AD
 layout (:mod:`utils.data.demo.mvtec`)."""
 
-from __future__ import annotations
-
 import os
 
 from .boundary import OneLineParser, run_command

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=K -m utils fit|evaluate --config config.yaml`` starts ``K`` processes; each
 one reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment (:class:`DistributedContext`),
-fits on its share of the training list (:func:`shard_indices`), and the per-rank streaming
+fits on its share of the training list (:func:`shard_dataset`), and the per-rank streaming
 statistics are summed exactly with ``all_reduce`` (:func:`all_reduce_statistics`). Rank 0 then
 inverts the covariances and writes the model (``evaluate``: scores the test set and writes the
 results folder); the other ranks write nothing. Without ``torchrun``
@@ -18,8 +18,6 @@ collective agreement on success. If any rank failed, *every* rank raises
 file is written: the model is only built after all ranks reported complete statistics.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from torch.utils.data import Dataset, Subset
 from .config import Settings
 from .data import make_loader
 from .data.demo import ensure_demo
-from .errors import DataError, DistributedError, PadimError, first_line
+from .errors import DistributedError, PadimError, first_line
 from .padim import Padim
 from .padim.features import resolve_device
 from .padim.gaussian import GaussianStatistics
@@ -88,18 +86,12 @@ class DistributedContext:
                    _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float))
 
     def __enter__(self) -> "DistributedContext":
-        if not self.is_distributed:
-            return self
-        if not dist.is_available():
-            raise DistributedError("this PyTorch build has no torch.distributed support; run a single process")
-        if dist.is_initialized():
+        if not self.is_distributed or dist.is_initialized():
             return self
         if self.backend == "nccl":
             if self.local_rank >= (count := torch.cuda.device_count()):
-                raise DistributedError(
-                    f"LOCAL_RANK {self.local_rank} but only {count} CUDA device(s) are visible; "
-                    f"start at most {count} processes per node (--nproc_per_node)"
-                )
+                raise DistributedError(f"LOCAL_RANK {self.local_rank} but only {count} CUDA device(s) are visible; "
+                                       f"start at most {count} processes per node (--nproc_per_node)")
             torch.cuda.set_device(self.local_rank)
         try:
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
@@ -115,7 +107,7 @@ class DistributedContext:
             dist.destroy_process_group()
         self.owns_group = False
 
-    def agree(self, phase: str, action: Callable[[], T], consequence: str = "no model was written") -> T:
+    def agree(self, phase: str, action: Callable[[], T]) -> T:
         """Run ``action`` here, then make every rank learn whether all ranks succeeded.
 
         Single process: ``action``'s own exception propagates unchanged. Several processes: if any
@@ -130,31 +122,27 @@ class DistributedContext:
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         reasons: list[Any] = [None] * self.world_size
-        with self.collective(phase, consequence):
+        with self.collective(phase):
             dist.all_gather_object(reasons, None if error is None else f"{type(error).__name__}: {first_line(error)}")
-        failed: dict[str, list[int]] = {}
-        for rank, reason in enumerate(reasons):  # ranks that failed alike (e.g. a missing CSV) are named once
-            if reason is not None:
-                failed.setdefault(reason, []).append(rank)
-        if not failed:
+        if not any(reasons):
             return result  # type: ignore[return-value]
-        who = "; ".join(f"{_ranks(ranks)} of {self.world_size} failed while {phase}: {why}"
-                        for why, ranks in failed.items())
-        raise DistributedError(f"{who}; the run was stopped on every rank and {consequence}") from error
+        # ranks that failed alike (e.g. a missing CSV) are named once
+        failed = {why: [rank for rank, other in enumerate(reasons) if other == why] for why in reasons if why}
+        who = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} of {self.world_size} "
+                        f"failed while {phase}: {why}" for why, ranks in failed.items())
+        raise DistributedError(f"{who}; the run was stopped on every rank and no model was written") from error
 
     @contextlib.contextmanager
-    def collective(self, phase: str, consequence: str = "no model was written") -> Iterator[None]:
+    def collective(self, phase: str) -> Iterator[None]:
         """Turns a backend failure in a collective (a peer died, timed out) into a DistributedError."""
         try:
             yield
         except RuntimeError as exc:
             if not _is_communication_error(exc):
                 raise
-            raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: lost contact with the other ranks while {phase} (a peer "
-                f"crashed, was killed or exceeded the {self.timeout_s:g} s timeout set by {TIMEOUT_ENV}): "
-                f"{first_line(exc)}; {consequence}"
-            ) from exc
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: lost contact with the other ranks while "
+                                   f"{phase} (a peer crashed, was killed or exceeded the {self.timeout_s:g} s timeout "
+                                   f"set by {TIMEOUT_ENV}): {first_line(exc)}; no model was written") from exc
 
 
 def _is_communication_error(exc: RuntimeError) -> bool:
@@ -165,36 +153,23 @@ def _is_communication_error(exc: RuntimeError) -> bool:
     return isinstance(exc, dist.DistError) or (not isinstance(exc, PadimError) and any(word in text for word in words))
 
 
-def _ranks(ranks: list[int]) -> str:
-    return f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}"
-
-
 def _env_number(name: str, default: float, kind: type = int) -> Any:
-    """The environment variable ``name`` as a ``kind`` (:data:`WANTED`), ``default`` when it is not set."""
+    """The environment variable ``name`` (``default`` when it is not set): an integer >= 0, or with
+    ``kind`` float a number of seconds > 0."""
     raw = os.environ.get(name) or str(default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or value < 0 or (kind is float and not value > 0):
-        raise DistributedError(f"environment variable {name}={raw!r}; allowed: {WANTED[kind]}")
-    return value
-
-
-#: What the torchrun variables (integers) and the timeout (seconds) must be.
-WANTED = {int: "an integer >= 0", float: "a number of seconds > 0"}
-
-
-def shard_indices(n: int, rank: int, world: int) -> list[int]:
-    """Indices of ``range(n)`` that ``rank`` of ``world`` handles: ``rank, rank + world, ...``, so
-    every index is on exactly one rank and shares stay balanced when the list is ordered by source
-    (e.g. IXI then fastMRI slices, whose files differ in size). Ranks beyond ``n`` get an empty shard."""
-    return list(range(rank, n, world))
+    with contextlib.suppress(ValueError):
+        if (value := kind(raw)) > 0 or (value == 0 and kind is int):
+            return value
+    allowed = "an integer >= 0" if kind is int else "a number of seconds > 0"
+    raise DistributedError(f"environment variable {name}={raw!r}; allowed: {allowed}")
 
 
 def shard_dataset(dataset: Dataset, ctx: DistributedContext) -> Dataset:
-    """This rank's :class:`~torch.utils.data.Subset` of ``dataset`` (``dataset`` itself when alone)."""
-    return Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size)) if ctx.is_distributed else dataset
+    """This rank's :class:`~torch.utils.data.Subset` of ``dataset`` (``dataset`` itself when alone):
+    items ``rank, rank + world, ...``, so every item is on exactly one rank and shares stay balanced
+    when the list is ordered by source (e.g. IXI then fastMRI slices, whose files differ in size).
+    Ranks beyond the length get an empty shard."""
+    return Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.is_distributed else dataset
 
 
 def all_reduce_statistics(stats: GaussianStatistics) -> GaussianStatistics:
@@ -209,10 +184,8 @@ def all_reduce_statistics(stats: GaussianStatistics) -> GaussianStatistics:
     This is Chan et al.'s exact merge of the streaming update (:mod:`utils.padim.gaussian`), so the
     result equals a single-process accumulation up to floating-point rounding. Ranks with no samples contribute
     nothing. The statistics live on the device the backend reduces on (the settings' device picks
-    both). Modifies and returns ``stats``; without a process group it returns ``stats`` unchanged.
+    both). Needs the process group; modifies and returns ``stats``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return stats
     with torch.inference_mode():  # accumulate() returns inference tensors; update them in place
         local = int(stats.count)
         count = torch.tensor([local], dtype=torch.int64, device=stats.mean.device)
@@ -238,22 +211,18 @@ def distributed_fit(model: Padim, dataset: Dataset, settings: Settings, ctx: Dis
     :meth:`Padim.save`) and ``None`` on the other ranks. If any rank fails while accumulating,
     every rank raises :class:`DistributedError` and no model is returned anywhere.
     """
-    shard = shard_dataset(dataset, ctx)
-    stats = ctx.agree(
-        "accumulating the training statistics",
-        lambda: model.accumulate(make_loader(shard, settings), progress=progress and ctx.is_main),
-    )
+    loader = make_loader(shard_dataset(dataset, ctx), settings)
+    shown = progress and ctx.is_main
+    stats = ctx.agree("accumulating the training statistics", lambda: model.accumulate(loader, progress=shown))
     if ctx.is_distributed:
         with ctx.collective("summing the training statistics"):
             all_reduce_statistics(stats)
-        if stats.count == 0:  # every rank knows the global count: all raise alike
-            raise DataError("cannot fit PaDiM: the training set is empty")
-    return model.fit_statistics(stats) if ctx.is_main else None
+    # every rank knows the global count: an empty training set fails in fit_statistics on all ranks alike
+    return model.fit_statistics(stats) if ctx.is_main or stats.count == 0 else None
 
 
 def prepare_demo(settings: Settings, ctx: DistributedContext) -> None:
     """Generate the demo set once per folder before any rank reads it: rank 0 first, then the first
     process of every other node (whose ``data.root`` may not be shared), with an agreement after each."""
     ctx.agree("generating the demo set", lambda: ctx.rank == 0 and ensure_demo(settings))
-    if ctx.is_distributed:
-        ctx.agree("generating the demo set", lambda: ctx.local_rank == 0 and ensure_demo(settings))
+    ctx.agree("generating the demo set", lambda: ctx.local_rank == 0 and ensure_demo(settings))  # alone: finds it

@@ -15,8 +15,6 @@ Temporary files and folders are removed on every exit path: errors, Ctrl-C and S
 command line turns into ``KeyboardInterrupt``, :func:`utils.boundary.run_command`).
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import hashlib
@@ -48,11 +46,9 @@ def signals_deferred() -> Iterator[None]:
     Only the main thread can set signal handlers; elsewhere the block runs unprotected. The
     previous handlers are restored on the way out.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    main = threading.current_thread() is threading.main_thread()
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in INTERRUPTS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in INTERRUPTS if main}
     try:
         yield
     finally:
@@ -74,7 +70,7 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
+    with _removed_on_failure(temporary, path):
         with signals_deferred(), os.fdopen(handle, "wb") as stream:
             yield stream
             if durable:
@@ -82,12 +78,6 @@ def atomic_writer(path: str | os.PathLike, durable: bool = False) -> Iterator[Bi
                 os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)
-    except BaseException as exc:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        if renamed := _naming_target(exc, temporary, path):  # e.g. a full disk
-            raise renamed from None
-        raise
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> str:
@@ -115,16 +105,11 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
             staging = staging_folder(parent, name, "tmp")
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
-        try:
+        with _removed_on_failure(staging, target):
             yield staging
             os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
             with signals_deferred():
                 _swap(staging, target, replace)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if renamed := _naming_target(exc, staging, target):
-                raise renamed from None
-            raise
 
 
 @contextlib.contextmanager
@@ -152,11 +137,11 @@ def folder_lock(target: str) -> Iterator[None]:
 #: The folder of the lock files of :func:`folder_lock`.
 LOCKS = os.path.join(tempfile.gettempdir(), f"padim-locks-{os.getuid() if hasattr(os, 'getuid') else 0}")
 #: A staging folder: ``.<name>.<kind>-<host>-<pid>-<random>`` (:func:`staging_folder`).
-STAGING = re.compile(r"\..+\.(?:tmp|old|maps)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+STAGING = re.compile(r"\..+\.(?:tmp|maps)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
 
 
 def staging_folder(parent: str, name: str, kind: str) -> str:
-    """A new hidden folder in ``parent`` for the files of ``<parent>/<name>`` (``kind``: tmp, old or
+    """A new hidden folder in ``parent`` for the files of ``<parent>/<name>`` (``kind``: tmp or
     maps), named after this host and process: once the process is gone (killed before it could
     clean up), the next writer in ``parent`` removes it."""
     return tempfile.mkdtemp(prefix=f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=parent)
@@ -180,32 +165,35 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def _naming_target(exc: BaseException, temporary: str, target: str) -> OSError | None:
-    """For an ``OSError`` that names a temporary path (or no path), the same error naming the
-    matching path under ``target``: the one the user knows. Else None."""
-    if not isinstance(exc, OSError) or not (exc.filename is None or str(exc.filename).startswith(temporary)):
-        return None
-    inside = str(exc.filename)[len(temporary):] if exc.filename is not None else ""
-    return OSError(exc.errno, exc.strerror or str(exc), target + inside)
+@contextlib.contextmanager
+def _removed_on_failure(temporary: str, target: str) -> Iterator[None]:
+    """On any failure of the block, remove the file or folder ``temporary`` and re-raise; an ``OSError``
+    that names a path under ``temporary`` (or no path: a full disk) is raised as the same error
+    naming the matching path under ``target``: the one the user knows."""
+    try:
+        yield
+    except BaseException as exc:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.lexists(temporary):
+            os.unlink(temporary)
+        if not isinstance(exc, OSError) or not (exc.filename is None or str(exc.filename).startswith(temporary)):
+            raise
+        inside = str(exc.filename)[len(temporary):] if exc.filename is not None else ""
+        raise OSError(exc.errno, exc.strerror or str(exc), target + inside) from None
 
 
 def _swap(staging: str, target: str, replace: bool) -> None:
     """Rename ``staging`` to ``target`` (the folder's lock is held: no other writer swaps meanwhile)."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
-    if os.path.isdir(target) and os.listdir(target):
-        if not replace:
-            raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
-        retired = staging_folder(os.path.dirname(target), os.path.basename(target), "old")
-        try:
-            os.replace(target, retired)  # POSIX: a folder replaces an empty one
-        except OSError:
-            os.rmdir(retired)  # the earlier folder cannot be moved (not ours to replace): it stays as it was
-            raise
-        os.rename(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, target)
+    if os.path.isdir(target) and os.listdir(target) and not replace:
+        raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
+    retired = staging + "_old"  # named like a staging folder: swept if this process dies before removing it
+    if os.path.isdir(target):
+        os.rename(target, retired)  # when the earlier folder cannot be moved (not ours to replace), it stays as it was
+    os.rename(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def file_problem(path: str | os.PathLike) -> str:
@@ -225,14 +213,13 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     return f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
-def writable_folder(folder: str | os.PathLike) -> str:
+def writable_folder(folder: str | os.PathLike) -> None:
     """Check, before any work is done, that ``folder`` can be created (or exists) and written to.
 
     Nothing is created here, so a run that fails later (bad data) leaves no empty folder behind.
     Raises the ``OSError`` that writing would raise later (not a directory, permission denied),
     naming the path; the command line prints it as one ``error:`` line.
     """
-    folder = os.fspath(folder)
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -240,4 +227,3 @@ def writable_folder(folder: str | os.PathLike) -> str:
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", existing)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, "no permission to write there", existing)
-    return folder
