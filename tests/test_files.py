@@ -119,3 +119,21 @@ def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, caps
     assert not output.exists() and capsys.readouterr() == ("", "")
     monkeypatch.setenv("RANK", "0")  # rank 0 predicts: here it finds no model file
     assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
+
+
+def test_a_swap_that_fails_leaves_the_earlier_folder_in_place(tmp_path, monkeypatch):
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "earlier.txt").write_text("kept")
+    rename = os.rename
+
+    def failing(source, destination):
+        if os.fspath(destination) == os.fspath(target) and "new.txt" in os.listdir(source):
+            raise OSError(28, "No space left on device")  # the new folder cannot take the target's place
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError):
+        with staged_folder(target) as folder:
+            open(os.path.join(folder, "new.txt"), "w").close()
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == ["earlier.txt"]

@@ -192,7 +192,12 @@ def _swap(staging: str, target: str, replace: bool) -> None:
     retired = staging + "_old"  # named like a staging folder: swept if this process dies before removing it
     if os.path.isdir(target):
         os.rename(target, retired)  # when the earlier folder cannot be moved (not ours to replace), it stays as it was
-    os.rename(staging, target)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if os.path.isdir(retired):
+            os.rename(retired, target)  # the earlier folder is back where it was, never left to the sweep
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
