@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import time
 
 import nibabel as nib
@@ -265,7 +266,10 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
         assert saved.shape == image.shape and np.allclose(saved.affine, image.affine)
     assert set(evaluation.unit_table["case"]) == {e.case for g in evaluation.bundle.test.values() for e in g.entries}
     assert all(os.path.isfile(os.path.join(folder, f)) for f in ("volumes.csv", "metrics.csv", "metrics.md"))
-    assert not [f for f in os.listdir(folder) if f.startswith(".maps-")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], "no staging folder left in results_dir"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(os.path.join(folder, "maps")).st_mode) == 0o777 & ~umask, "a folder like any other"
     assert evaluation.figures and torch.get_num_threads() >= 1
     # predict on the manifest (its brain masks) gives the evaluation's map of a test volume
     model_path = evaluation.model.save(os.path.join(tmp_path, "model.pt"))

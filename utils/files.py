@@ -107,7 +107,6 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
             raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
         with _removed_on_failure(staging, target):
             yield staging
-            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
             with signals_deferred():
                 _swap(staging, target, replace)
 
@@ -144,7 +143,9 @@ def staging_folder(parent: str, name: str, kind: str) -> str:
     """A new hidden folder in ``parent`` for the files of ``<parent>/<name>`` (``kind``: tmp or
     maps), named after this host and process: once the process is gone (killed before it could
     clean up), the next writer in ``parent`` removes it."""
-    return tempfile.mkdtemp(prefix=f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=parent)
+    folder = tempfile.mkdtemp(prefix=f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=parent)
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes 0700: the folder becomes a results folder
+    return folder
 
 
 def _sweep(parent: str) -> None:
