@@ -159,7 +159,7 @@ def test_a_4d_image_with_volume_index_uses_that_volume(small_set):
     four = _save(folder, "four.nii.gz", np.stack([np.zeros(SHAPE, np.float32), image], axis=-1))
     entries = read_manifest(_manifest(folder, [{"split": "train", "image": four}]), volume_index=1)
     volume = read_volume(entries[0], _settings("unused.csv", volume_index=1))
-    assert volume.image.max() == 1.0 and volume.shape == SHAPE
+    assert volume.image.max() == 1.0 and volume.scan.shape == SHAPE
 
 
 class IntensityModel:

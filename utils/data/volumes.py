@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,8 +73,7 @@ class VolumeEntry:
 
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
-    name = os.path.basename(path)
-    return name[: -len(".nii.gz")] if has_suffix(name, (".nii.gz",)) else os.path.splitext(name)[0]
+    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path), flags=re.IGNORECASE)
 
 
 def _header(path: str, source: str) -> nib.Nifti1Image:
@@ -163,16 +163,14 @@ def _entry(row: dict[str, str], folder: str, source: str) -> VolumeEntry:
 class Volume:
     """One volume in RAS+ voxel order: ``image`` (X, Y, Z) float32 in [0, 1] (normalised),
     ``brain`` and ``label`` (X, Y, Z) bool (label all False when unknown), ``kept`` (Z,) bool
-    slices, and the original grid: ``affine``, ``shape`` and ``header``."""
+    slices, and the ``scan`` as stored (3-D; header only): the original grid's shape, affine and header."""
 
     entry: VolumeEntry
     image: np.ndarray
     brain: np.ndarray
     label: np.ndarray
     kept: np.ndarray
-    affine: np.ndarray
-    shape: tuple[int, ...]
-    header: nib.Nifti1Header
+    scan: nib.Nifti1Image
 
 
 def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -234,7 +232,7 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
-    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), original.header)
+    return Volume(entry, image, brain, label, kept, original)
 
 
 # ---------------------------------------------------------------------------- data sets
@@ -286,10 +284,6 @@ class SliceSet(VolumeSet, Dataset):
         if self._cached is None or self._cached.entry is not self.entries[number]:
             self._cached = read_volume(self.entries[number], self.settings)
         return self._cached
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.entries[number].image for number, _ in self.index]
 
     def summary(self) -> str:
         return f"{len(self)} slices of {len(self.entries)} volumes"
@@ -353,9 +347,9 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     The map goes back to the original voxel order (undoing :func:`nibabel.as_closest_canonical`):
     ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
-    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine))
+    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.scan.affine))
     data = apply_orientation(anomaly, to_stored).astype(np.float32)
-    image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes
+    image = nib.Nifti1Image(data, volume.scan.affine, header=volume.scan.header)  # keeps the scan's qform/sform codes
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
     return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))

@@ -112,10 +112,9 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
           zoom: float) -> tuple[np.ndarray, np.ndarray]:
     """Resample the padded subject onto an output canvas of ``shape``: random affine (rotation,
     anisotropic scale, shift) and smooth elastic displacement, magnified by ``zoom``."""
-    rows, cols = shape
-    out_r, out_c = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
-    out_r -= (rows - 1) / 2 + rng.uniform(-4, 4)
-    out_c -= (cols - 1) / 2 + rng.uniform(-4, 4)
+    out_r, out_c = np.indices(shape, dtype=np.float32)
+    out_r -= (shape[0] - 1) / 2 + rng.uniform(-4, 4)
+    out_c -= (shape[1] - 1) / 2 + rng.uniform(-4, 4)
     angle = np.deg2rad(rng.uniform(-7, 7))
     scale_r, scale_c = rng.uniform(0.93, 1.07, size=2) * zoom
     cos, sin = np.cos(angle), np.sin(angle)
@@ -150,7 +149,7 @@ def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[fl
 def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, float], radius: float,
                  strength: float) -> tuple[np.ndarray, np.ndarray]:
     """Push tissue radially away from ``centre`` (displacement fading with distance)."""
-    rows, cols = np.meshgrid(np.arange(image.shape[0], dtype=np.float32), np.arange(image.shape[1], dtype=np.float32), indexing="ij")
+    rows, cols = np.indices(image.shape, dtype=np.float32)
     dr, dc = rows - centre[0], cols - centre[1]
     distance = np.hypot(dr, dc) + 1e-3
     push = strength * radius * np.exp(-((distance / (2.5 * radius)) ** 2))
@@ -166,11 +165,9 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     extent = radius * (2.0 if kind == "mass_oedema" else 1.3)
     inside = ndimage.distance_transform_edt(labels == 2)
     candidates = np.argwhere(inside > extent + 3 * scale)
-    centre = None
-    for r, c in candidates[rng.integers(0, len(candidates), size=min(200, len(candidates)))]:
-        if all(np.hypot(r - tr, c - tc) > extent + te + 4 for tr, tc, te in taken):
-            centre = (float(r), float(c))
-            break
+    picks = candidates[rng.integers(0, len(candidates), size=min(200, len(candidates)))]
+    centre = next(((float(r), float(c)) for r, c in picks  # the first one clear of the slice's other lesions
+                   if all(np.hypot(r - tr, c - tc) > extent + te + 4 for tr, tc, te in taken)), None)
     if centre is None:
         return image, labels, None
     taken.append((centre[0], centre[1], extent))
@@ -224,13 +221,7 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
 
 
 # ---------------------------------------------------------------------------- writing
-def _save(array: np.ndarray, path: str) -> None:
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    Image.fromarray(array).save(path, optimize=False)
-
-
-def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
+def _write_set(folder: str, seed: int, counts: DemoCounts) -> None:
     for sub in ("IXI", "splits", *(f"fastMRI/brain_mid_{kind}png" for kind in ("", "anno_pos_", "anno_neg_"))):
         os.makedirs(os.path.join(folder, "data", sub))
     # one independent stream per image: changing one count does not change the other images
@@ -239,7 +230,9 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     stems = (f"./data/fastMRI/brain_mid_png/demo_brain_AXT1_{n:04d}" for n in itertools.count(1))
 
     def save(array: np.ndarray, path: str) -> str:
-        _save(array, os.path.join(folder, path))
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        Image.fromarray(array).save(os.path.join(folder, path), optimize=False)
         return path  # as the study's CSVs list it, relative to the set's root
 
     ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
@@ -278,7 +271,6 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     }
     with open(os.path.join(folder, "data", "demo.json"), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
-    return manifest
 
 
 def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),

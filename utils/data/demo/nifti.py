@@ -25,6 +25,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.affines import from_matvec
+from nibabel.eulerangles import euler2mat
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
@@ -47,7 +49,8 @@ def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, brain, affine
 
 
-def _smooth(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """White noise blurred by ``sigma``, scaled to a largest magnitude of 1."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return field / max(float(np.abs(field).max()), 1e-9)
 
@@ -55,10 +58,10 @@ def _smooth(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
 def _subject(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A healthy subject: smooth deformation (about 2 voxels), bias field, gamma contrast."""
     grid = np.indices(image.shape, dtype=np.float32)
-    coords = [g + 2.0 * _smooth(rng, image.shape, 6.0) for g in grid]
+    coords = [g + 2.0 * smooth_field(rng, image.shape, 6.0) for g in grid]
     warped = ndimage.map_coordinates(image, coords, order=1)
     warped_brain = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1) > 0.5
-    bias = np.exp(0.2 * _smooth(rng, image.shape, 12.0))
+    bias = np.exp(0.2 * smooth_field(rng, image.shape, 12.0))
     gamma = rng.uniform(0.8, 1.25)
     return np.clip(warped, 0, None) ** gamma * bias, warped_brain
 
@@ -80,7 +83,7 @@ def _lesion(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, kind
     elif kind == "cyst":
         image = np.where(label, 0.08 * tissue, image)
     else:  # mass: textured, a darker core in a brighter rim
-        texture = 1.0 + 0.5 * _smooth(rng, image.shape, 1.0)
+        texture = 1.0 + 0.5 * smooth_field(rng, image.shape, 1.0)
         image = np.where(label, tissue * np.where(distance < 0.6, 0.5, 1.1) * texture, image)
     return image, label
 
@@ -90,9 +93,7 @@ def _store(array: np.ndarray, affine: np.ndarray, dtype, oblique: bool) -> bytes
     image = nib.Nifti1Image(array.astype(dtype), affine)
     if oblique:
         image = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LIP")))
-        angle = np.deg2rad(OBLIQUE_DEGREES)
-        rotation = np.eye(4)
-        rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        rotation = from_matvec(euler2mat(x=np.deg2rad(OBLIQUE_DEGREES)))  # about the left-right axis
         image = nib.Nifti1Image(np.asanyarray(image.dataobj), rotation @ image.affine)
     return gzip.compress(image.to_bytes(), mtime=0)
 
