@@ -24,7 +24,7 @@ from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
-from utils.data.volumes import SliceSet, load_volume_data, predict_entries, read_manifest, read_volume
+from utils.data.volumes import SliceSet, load_volume_data, volume_entries, read_manifest, read_volume
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
 
@@ -199,7 +199,7 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     path = os.path.join(tmp_path, "scan.nii.gz")
     nib.save(nib.Nifti1Image(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
-    rows = predict_volumes(model, predict_entries([path], None), str(tmp_path / "out"), progress=False)
+    rows = predict_volumes(model, volume_entries([path], None), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)

@@ -26,7 +26,7 @@ from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
-from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
+from .data.volumes import VolumeEntry, volume_entries, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
 from .evaluation.volumes import slice_scores
@@ -44,7 +44,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     with staged_folder(_output_folder(output)) as staging:
         done = []
         if volumes:
-            rows = predict_volumes(model, predict_entries(volumes, model.settings.data.volume_index), staging, progress)
+            rows = predict_volumes(model, volume_entries(volumes, model.settings.data.volume_index), staging, progress)
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
@@ -98,8 +98,7 @@ def _output_folder(output: str) -> str:
             listed = set(json.load(handle)["files"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
-    others = [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]
-    if others:
+    if others := [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]:
         raise ConfigError(f"--output {output} holds files an earlier predict did not write ({others[0]}); give a new or empty folder")
     return output
 
@@ -118,8 +117,7 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
     stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
-    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
-    if clashes:
+    if clashes := sorted(stem for stem, count in collections.Counter(stems).items() if count > 1):
         raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
                         "(same name, other suffix); rename one")
     rows, settings = [], model.settings

@@ -52,11 +52,9 @@ class Checker:
     def same_colour(self, groups: Sequence[Optional["ImageSet"]], root: str, color: str) -> None:
         """With ``data.color: auto`` every checked image of a data set must be colour, or every one
         gray (a batch cannot hold both)."""
-        if color != "auto":
-            return
         checked = [(p, self._found[p]) for g in groups if g is not None for p in g.paths if isinstance(self._found.get(p), tuple)]
         colour, gray = [p for p, (_, c) in checked if c], [p for p, (_, c) in checked if not c]
-        if colour and gray:
+        if color == "auto" and colour and gray:
             fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
             raise DataError(
                 f"{root} mixes colour and gray images ({len(colour)} colour, {len(gray)} gray; {kind}: "

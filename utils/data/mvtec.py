@@ -63,8 +63,7 @@ class MvtecLoader:
         if not os.path.isdir(test_dir):
             raise DataError(f"MVTec folder not found: {test_dir} (expected {self.root}/test/<defect> and test/good)")
         available = {_stem(folder): folder for folder in listed(test_dir, folders=True) if _stem(folder) != "good"}
-        requested = self.settings.data.test_groups
-        defects = chosen_groups(requested, list(available), test_dir)
+        defects = chosen_groups(self.settings.data.test_groups, list(available), test_dir)
         for defect in defects:
             if defect not in available:
                 raise DataError(f"data.test_groups names {defect!r} but {test_dir}/{defect} does not exist; "
@@ -87,7 +86,6 @@ class MvtecLoader:
         for image in images:
             mask = masks.get(_stem(image) + "_mask")
             if mask is None:
-                expected = os.path.join(masks_dir, _stem(image) + "_mask.png")
-                raise DataError(f"no ground-truth mask for {image}: expected {expected}")
+                raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, _stem(image))}_mask.png")
             items.append(Item(image, (mask,), None, image))
         return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

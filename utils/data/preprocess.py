@@ -86,14 +86,14 @@ def read_mask(path: str) -> np.ndarray:
     return nonzero
 
 
-def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
-    """Zero-pad ``(..., H, W)`` symmetrically to a square (``pad``) or leave it (``stretch``)."""
-    if mode == "stretch":
-        return array
-    h, w = array.shape[-2:]
+def _padding(h: int, w: int, settings: Settings) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)``: the zeros that make an ``(h, w)`` image square, symmetrically
+    (``data.resize: pad``), or none (``stretch``)."""
+    if settings.data.resize == "stretch":
+        return 0, 0, 0, 0
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    return F.pad(array, (left, side - w - left, top, side - h - top))
+    return left, side - w - left, top, side - h - top
 
 
 def _crop_offset(settings: Settings) -> int:
@@ -105,7 +105,8 @@ def _to_grid(x: torch.Tensor, settings: Settings, mode: str) -> torch.Tensor:
     antialiasing, or ``nearest``), centre crop to ``input_size``."""
     size, start, side = settings.image_size, _crop_offset(settings), settings.input_size
     smooth = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    x = F.interpolate(to_square(x, settings.data.resize), size=(size, size), mode=mode, **smooth)
+    x = F.pad(x, _padding(*x.shape[-2:], settings))
+    x = F.interpolate(x, size=(size, size), mode=mode, **smooth)
     return x[0, :, start : start + side, start : start + side]
 
 
@@ -138,12 +139,9 @@ def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Setting
     end = settings.image_size - settings.input_size - start
     x = F.pad(x, (start, end, start, end), mode="replicate")
     h, w = int(shape[0]), int(shape[1])
-    side = max(h, w) if settings.data.resize == "pad" else None
-    x = F.interpolate(x, size=(side, side) if side else (h, w), mode="bilinear", align_corners=False, antialias=True)
-    if side:
-        top, left = (side - h) // 2, (side - w) // 2
-        x = x[..., top : top + h, left : left + w]
-    return x.numpy().reshape(*maps.shape[:-2], h, w)
+    left, right, top, bottom = _padding(h, w, settings)
+    x = F.interpolate(x, size=(top + h + bottom, left + w + right), mode="bilinear", align_corners=False, antialias=True)
+    return x[..., top : top + h, left : left + w].numpy().reshape(*maps.shape[:-2], h, w)
 
 
 def standardise_intensity(image: torch.Tensor, mode: str, region: Optional[torch.Tensor]) -> torch.Tensor:

@@ -114,20 +114,26 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
 
 def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeEntry]:
     """Read and check a manifest CSV (columns, splits, files, headers, unique case names)."""
-    return checked_entries(_manifest_entries(path), volume_index)
+    return volume_entries([path], volume_index)
 
 
-def _manifest_entries(path: str) -> list[VolumeEntry]:
-    """The rows of a manifest CSV (columns and splits checked; files not yet)."""
-    columns, rows = read_table(path, "manifest")
-    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-    if unknown:
-        raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
-    folder = os.path.dirname(os.path.abspath(path))
-    return [_entry(row, folder, source) for source, row in rows]
+def volume_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
+    """The volumes ``sources`` name, checked together (:func:`checked_entries`): every row of a manifest
+    CSV (columns and splits checked here), and a NIfTI file as a test volume without brain mask or label
+    (what ``predict --input`` names: its brain is estimated from the image)."""
+    entries = []
+    for path in sources:
+        if not has_suffix(path, (".csv",)):
+            entries.append(VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path))
+            continue
+        columns, rows = read_table(path, "manifest")
+        if unknown := [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]:
+            raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+        if missing := [c for c in REQUIRED_COLUMNS if c not in columns]:
+            raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
+        folder = os.path.dirname(os.path.abspath(path))
+        entries += [_entry(row, folder, source) for source, row in rows]
+    return checked_entries(entries, volume_index)
 
 
 def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
@@ -214,18 +220,14 @@ def normalise_volume(image: np.ndarray, brain: np.ndarray, mode: str) -> np.ndar
 
 def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     """Read, reorient, mask and normalise one manifest entry (see the module docstring)."""
-    index = settings.data.volume_index
-    data, original = _canonical_data(entry.image, entry.source, index)
+    data, original = _canonical_data(entry.image, entry.source, settings.data.volume_index)
     finite = np.isfinite(data)
     if not finite.any():
         raise DataError(f"{entry.source}: {entry.image} has no finite voxel (all NaN or Inf)")
     data = np.where(finite, data, 0).astype(np.float32)
     if np.ptp(data) == 0:
         raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}): no contrast to fit or score")
-    if entry.brain_mask is not None:
-        brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0
-    else:
-        brain = estimate_brain(data)
+    brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0 if entry.brain_mask else estimate_brain(data)
     brain &= finite
     if brain.sum() < 16:
         raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels; check brain_mask")
@@ -353,16 +355,3 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
     return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))
-
-
-# ---------------------------------------------------------------------------- predict
-def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
-    """What ``predict --input`` names: manifest CSVs (every row; the ``brain_mask`` column is used)
-    and NIfTI files (brain estimated from each image), checked together (:func:`checked_entries`)."""
-    entries = []
-    for source in sources:
-        if has_suffix(source, (".csv",)):
-            entries += _manifest_entries(source)
-        else:
-            entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))
-    return checked_entries(entries, volume_index)

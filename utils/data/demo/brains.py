@@ -133,8 +133,7 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
 def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
           irregularity: float, softness: float) -> np.ndarray:
     """Soft ellipse-like blob in [0, 1] with a randomly wobbling boundary."""
-    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    dr, dc = rows - centre[0], cols - centre[1]
+    dr, dc = np.indices(shape) - np.reshape(centre, (2, 1, 1))  # offsets from the centre
     angle = np.arctan2(dr, dc)
     aspect = rng.uniform(0.75, 1.25)
     tilt = rng.uniform(0, np.pi)
@@ -208,12 +207,12 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
     head = labels > 0
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)  # contrast
     image *= np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, shape, 60 * zoom))  # bias field
+    brain_level = rng.uniform(*((0.72, 0.82) if ixi else (0.55, 0.65)))  # IXI-like brains are brighter
+    image *= brain_level / max(float(np.median(image[labels == 2])), 1e-6)
     if ixi:
-        image *= rng.uniform(0.72, 0.82) / max(float(np.median(image[labels == 2])), 1e-6)
         image += rng.normal(0, rng.uniform(0.008, 0.015), shape) * head
         image = np.where(head, image, 0.0)
     else:
-        image *= rng.uniform(0.55, 0.65) / max(float(np.median(image[labels == 2])), 1e-6)
         background = rng.uniform(0.09, 0.16)
         image = np.where(head, image, background) + rng.normal(0, rng.uniform(0.02, 0.03), shape)
     pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)

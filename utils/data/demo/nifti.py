@@ -62,8 +62,7 @@ def _subject(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray) -> 
     warped = ndimage.map_coordinates(image, coords, order=1)
     warped_brain = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1) > 0.5
     bias = np.exp(0.2 * smooth_field(rng, image.shape, 12.0))
-    gamma = rng.uniform(0.8, 1.25)
-    return np.clip(warped, 0, None) ** gamma * bias, warped_brain
+    return np.clip(warped, 0, None) ** rng.uniform(0.8, 1.25) * bias, warped_brain  # gamma contrast, bias field
 
 
 def _lesion(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +97,7 @@ def _store(array: np.ndarray, affine: np.ndarray, dtype, oblique: bool) -> bytes
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
-def _write_set(folder: str, seed: int) -> list[dict]:
+def _write_set(folder: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     template, template_brain, affine = _template()
     plan = [("train", "healthy")] * COUNTS["train"] + [("val", "healthy")] * COUNTS["val"]
@@ -121,7 +120,6 @@ def _write_set(folder: str, seed: int) -> list[dict]:
         rows.append(row)
     manifest = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
     write_atomic(os.path.join(folder, "volumes.csv"), manifest.encode())
-    return rows
 
 
 def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
