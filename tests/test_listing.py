@@ -22,7 +22,7 @@ from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
-from utils.data.volumes import volume_entries, read_manifest
+from utils.data.volumes import read_manifest, volume_entries
 from utils.errors import DataError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")

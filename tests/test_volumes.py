@@ -24,7 +24,7 @@ from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
-from utils.data.volumes import SliceSet, load_volume_data, volume_entries, read_manifest, read_volume
+from utils.data.volumes import SliceSet, load_volume_data, read_manifest, read_volume, volume_entries
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
 

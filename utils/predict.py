@@ -26,7 +26,7 @@ from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
-from .data.volumes import VolumeEntry, volume_entries, read_volume, score_volume, write_map
+from .data.volumes import VolumeEntry, read_volume, score_volume, volume_entries, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
 from .evaluation.volumes import slice_scores

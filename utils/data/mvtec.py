@@ -82,10 +82,8 @@ class MvtecLoader:
         for stem in sorted(masks.keys() - {_stem(image) + "_mask" for image in images}):
             raise DataError(f"mask {masks[stem]} matches no image in {folder} "
                             f"(expected <image name>_mask.png for an image <image name>.png there)")
-        items = []
         for image in images:
-            mask = masks.get(_stem(image) + "_mask")
-            if mask is None:
+            if _stem(image) + "_mask" not in masks:
                 raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, _stem(image))}_mask.png")
-            items.append(Item(image, (mask,), None, image))
+        items = [Item(image, (masks[_stem(image) + "_mask"],), None, image) for image in images]
         return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

@@ -47,9 +47,9 @@ class StudyLoader:
         self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
     def _check_root(self) -> None:
+        root = self.root
         if os.path.isdir(self.split_dir):
             return
-        root = self.root
         if not os.path.isdir(root):
             raise DataError(f"data.root {root} not found: " + STUDY_DOWNLOAD_HINT.format(root=root))
         if os.path.isdir(os.path.join(root, "splits")):
