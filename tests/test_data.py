@@ -404,11 +404,12 @@ def test_intensity_standardisation_removes_scanner_gain_and_offset(mode):
     a, disc = _scan(gain=0.95, offset=0.0, noise=0.0, seed=1)  # IXI-like: zero background, bright
     b, _ = _scan(gain=0.7, offset=0.13, noise=0.0, seed=1)  # fastMRI-like: darker, grey background
     raw_gap = abs(np.median(a[disc]) - np.median(b[disc]))
-    sa = standardise_intensity(torch.from_numpy(a), mode).numpy()
-    sb = standardise_intensity(torch.from_numpy(b), mode).numpy()
+    head = torch.from_numpy(disc)
+    sa = standardise_intensity(torch.from_numpy(a), mode, head).numpy()
+    sb = standardise_intensity(torch.from_numpy(b), mode, head).numpy()
     assert raw_gap > 0.1
     assert np.abs(sa[disc] - sb[disc]).mean() < 0.02
-    assert np.array_equal(standardise_intensity(torch.from_numpy(a), "none").numpy(), a)
+    assert np.array_equal(standardise_intensity(torch.from_numpy(a), "none", None).numpy(), a)
 
 
 def test_intensity_setting_reaches_the_items(tmp_path):

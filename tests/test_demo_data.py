@@ -157,15 +157,15 @@ def test_refuses_a_non_empty_folder_and_fills_an_empty_one(tmp_path):
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_save = brains._save
+    real_render = brains._render
 
-    def save_then_interrupt(array, path):
+    def render_then_interrupt(*args):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        real_save(array, path)
+        return real_render(*args)
 
-    monkeypatch.setattr(brains, "_save", save_then_interrupt)
+    monkeypatch.setattr(brains, "_render", render_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         generate_demo(tmp_path / "demo", counts=TINY)
     assert os.listdir(tmp_path) == []  # neither the set nor its temporary folder

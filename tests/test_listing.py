@@ -22,7 +22,7 @@ from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
-from utils.data.volumes import predict_entries, read_manifest
+from utils.data.volumes import read_manifest, volume_entries
 from utils.errors import DataError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
@@ -113,7 +113,7 @@ def test_a_manifest_from_excel_with_upper_case_and_nfd_names_is_read(tmp_path):
     entries = read_manifest(str(manifest))
     assert [(e.case, e.source) for e in entries] == [("SCAN", "volumes.csv line 3"), (CAFE_NFD, "volumes.csv line 4")]
     assert entries[1].image == str(tmp_path / f"{CAFE_NFD}.nii.gz")
-    assert [e.case for e in predict_entries([str(tmp_path / "SCAN.NII.GZ")], None)] == ["SCAN"]
+    assert [e.case for e in volume_entries([str(tmp_path / "SCAN.NII.GZ")], None)] == ["SCAN"]
 
 
 def test_a_manifest_error_names_the_line_after_blank_lines(tmp_path):

@@ -25,7 +25,7 @@ from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
-from utils.data.volumes import SliceSet, load_volume_data, predict_entries, read_manifest, read_volume
+from utils.data.volumes import SliceSet, load_volume_data, read_manifest, read_volume, volume_entries
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
 
@@ -160,7 +160,7 @@ def test_a_4d_image_with_volume_index_uses_that_volume(small_set):
     four = _save(folder, "four.nii.gz", np.stack([np.zeros(SHAPE, np.float32), image], axis=-1))
     entries = read_manifest(_manifest(folder, [{"split": "train", "image": four}]), volume_index=1)
     volume = read_volume(entries[0], _settings("unused.csv", volume_index=1))
-    assert volume.image.max() == 1.0 and volume.shape == SHAPE
+    assert volume.image.max() == 1.0 and volume.scan.shape == SHAPE
 
 
 class IntensityModel:
@@ -200,7 +200,7 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     path = os.path.join(tmp_path, "scan.nii.gz")
     nib.save(nib.Nifti1Image(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
-    rows = predict_volumes(model, predict_entries([path], None), str(tmp_path / "out"), progress=False)
+    rows = predict_volumes(model, volume_entries([path], None), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)

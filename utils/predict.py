@@ -26,7 +26,7 @@ from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
-from .data.volumes import VolumeEntry, predict_entries, read_volume, score_volume, write_map
+from .data.volumes import VolumeEntry, read_volume, score_volume, volume_entries, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
 from .evaluation.volumes import slice_scores
@@ -44,7 +44,8 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     with staged_folder(_output_folder(output)) as staging:
         done = []
         if volumes:
-            done.append(_predict_volumes(model, volumes, staging, progress))
+            rows = predict_volumes(model, volume_entries(volumes, model.settings.data.volume_index), staging, progress)
+            done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
         write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": _files_below(staging)}, indent=1).encode())
@@ -97,17 +98,9 @@ def _output_folder(output: str) -> str:
             listed = set(json.load(handle)["files"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
-    others = [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]
-    if others:
+    if others := [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]:
         raise ConfigError(f"--output {output} holds files an earlier predict did not write ({others[0]}); give a new or empty folder")
     return output
-
-
-def _predict_volumes(model, sources: list[str], output: str, progress: bool) -> str:
-    """NIfTI maps and previews (:func:`utils.predict.predict_volumes`) and ``volume_scores.csv``; returns what was done."""
-    rows = predict_volumes(model, predict_entries(sources, model.settings.data.volume_index), output, progress=progress)
-    _write_scores(os.path.join(output, "volume_scores.csv"), pd.DataFrame(rows, columns=["image", "score", "slice"]))
-    return f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv"
 
 
 def _write_scores(path: str, table: pd.DataFrame) -> None:
@@ -119,13 +112,12 @@ HEATMAP, ANOMALY_MAP = "_heatmap.png", "_anomaly.npy"
 
 
 def _predict_images(model, files: list[str], source: str, output: str, progress: bool) -> str:
-    """Per image a heat-map PNG and its anomaly map (:func:`_write_map`), and ``scores.csv``
+    """Per image a heat-map PNG and its anomaly map (on the image's grid), and ``scores.csv``
     (image, score) in ``output``; returns what was done."""
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
     stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
-    clashes = sorted(stem for stem, count in collections.Counter(stems).items() if count > 1)
-    if clashes:
+    if clashes := sorted(stem for stem, count in collections.Counter(stems).items() if count > 1):
         raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
                         "(same name, other suffix); rename one")
     rows, settings = [], model.settings
@@ -138,23 +130,18 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
         result = model.score([batch], progress=False)
         for k, (p, array, heat, score) in enumerate(zip(prepared, arrays, result.maps, result.scores)):
             save_heatmap(p.display.numpy(), heat, stems[start + k] + HEATMAP)
-            _write_map(restore_geometry(heat, array.shape[:2], settings), stems[start + k] + ANOMALY_MAP)
+            with atomic_writer(stems[start + k] + ANOMALY_MAP) as stream:  # float32 .npy, np.load reads it
+                np.save(stream, restore_geometry(heat, array.shape[:2], settings))
             rows.append((relative[start + k], float(score)))
     _write_scores(os.path.join(output, "scores.csv"), pd.DataFrame(rows, columns=["image", "score"]))
     return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps, anomaly maps and scores.csv"
 
 
-def _write_map(anomaly: np.ndarray, path: str) -> None:
-    """The map as float32 ``.npy`` (``np.load`` reads it), written atomically."""
-    with atomic_writer(path) as stream:
-        np.save(stream, anomaly.astype(np.float32, copy=False))
-
-
 def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:
     """Score each volume: ``<case>_anomaly.nii.gz`` (the input's shape and affine) and
     ``<case>_anomaly.png`` (the axial slice with the highest score inside the brain, RAS+ index)
-    in ``output_dir``. Returns one dict per volume: ``image``, ``score`` (the map's maximum
-    inside the brain), ``slice``.
+    in ``output_dir``, and ``volume_scores.csv``. Returns its rows, one dict per volume: ``image``,
+    ``score`` (the map's maximum inside the brain), ``slice``.
 
     The brain comes from the entry's ``brain_mask``, else it is estimated from the image: a model
     fitted on given brain masks should be given them here too (a manifest CSV), since the brain
@@ -171,4 +158,5 @@ def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, prog
         write_map(anomaly, volume, stem + ".nii.gz")
         save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up
         rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
+    _write_scores(os.path.join(output_dir, "volume_scores.csv"), pd.DataFrame(rows, columns=["image", "score", "slice"]))
     return rows

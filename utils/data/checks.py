@@ -32,7 +32,13 @@ class Checker:
     def size(self, path: str, source: str) -> Optional[tuple[int, int]]:
         """``(width, height)``; ``None`` if the file is bad and may be skipped (a warning is issued)."""
         if path not in self._found:
-            self._found[path] = self._inspect(path)
+            try:
+                with open_image(path) as image:
+                    image.load() if self.skip_bad else image.verify()
+                with open_image(path) as image:  # verify() leaves the image unusable: the header is read again
+                    self._found[path] = upright_size(image), image.mode in COLOR_MODES
+            except DataError as exc:
+                self._found[path] = exc
         result = self._found[path]
         if isinstance(result, tuple):
             return result[0]
@@ -43,23 +49,12 @@ class Checker:
             return None
         raise DataError(f"{source}: {result}; fix or remove it, or set data.skip_bad_images: true to skip it")
 
-    def _inspect(self, path: str) -> tuple[tuple[int, int], bool] | DataError:
-        try:
-            with open_image(path) as image:
-                image.load() if self.skip_bad else image.verify()
-            with open_image(path) as image:  # verify() leaves the image unusable: the header is read again
-                return upright_size(image), image.mode in COLOR_MODES
-        except DataError as exc:
-            return exc
-
     def same_colour(self, groups: Sequence[Optional["ImageSet"]], root: str, color: str) -> None:
         """With ``data.color: auto`` every checked image of a data set must be colour, or every one
         gray (a batch cannot hold both)."""
-        if color != "auto":
-            return
         checked = [(p, self._found[p]) for g in groups if g is not None for p in g.paths if isinstance(self._found.get(p), tuple)]
         colour, gray = [p for p, (_, c) in checked if c], [p for p, (_, c) in checked if not c]
-        if colour and gray:
+        if color == "auto" and colour and gray:
             fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
             raise DataError(
                 f"{root} mixes colour and gray images ({len(colour)} colour, {len(gray)} gray; {kind}: "

@@ -7,8 +7,8 @@
 - names match in NFC and NFD spelling alike (macOS may store a name typed as ``é`` as ``e`` + accent);
 - CSV files are UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), blank rows are
   skipped, a header repeated as a row is refused, and messages name the line in the file;
-- images are opened once, through one size and decoding guard, turned upright by their EXIF
-  orientation.
+- images are opened once, through one size and decoding guard; their size is the one after the
+  turn their EXIF orientation asks for (the readers of :mod:`utils.data.preprocess` turn them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import unicodedata
 import warnings
 from typing import Iterator
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import DataError
 from ..files import file_problem, not_utf8
@@ -41,18 +41,13 @@ def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
 def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
     """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
     in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name."""
-    if recursive:
-        found = []
-        for parent, children, names in os.walk(folder):
-            children[:] = [c for c in children if not c.startswith(".")]
-            found += [os.path.join(parent, name) for name in names]
-    else:
-        found = [os.path.join(folder, name) for name in os.listdir(folder)]
-    return sorted(
-        (path for path in found if not os.path.basename(path).startswith(".")
-         and (os.path.isdir(path) if folders else not os.path.isdir(path) and has_suffix(path, suffixes))),
-        key=nfc,
-    )
+    found = []
+    for parent, children, names in os.walk(folder):
+        children[:] = [name for name in children if not name.startswith(".")]
+        found += [os.path.join(parent, name) for name in (children if folders else names) if not name.startswith(".")]
+        if not recursive:
+            break
+    return sorted((path for path in found if folders or has_suffix(path, suffixes)), key=nfc)
 
 
 def resolved(path: str) -> str:
@@ -115,13 +110,8 @@ def open_image(path: str) -> Iterator[Image.Image]:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF orientation says (a photo taken sideways)."""
-    ImageOps.exif_transpose(image, in_place=True)
-    return image
-
-
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of :func:`upright` ``(image)``, from the header alone."""
+    """``(width, height)`` of ``image`` turned as its EXIF orientation says (as the readers of
+    :mod:`utils.data.preprocess` turn it), from the header alone."""
     sideways = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
     return image.size[::-1] if sideways else image.size

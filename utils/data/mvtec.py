@@ -63,8 +63,7 @@ class MvtecLoader:
         if not os.path.isdir(test_dir):
             raise DataError(f"MVTec folder not found: {test_dir} (expected {self.root}/test/<defect> and test/good)")
         available = {_stem(folder): folder for folder in listed(test_dir, folders=True) if _stem(folder) != "good"}
-        requested = self.settings.data.test_groups
-        defects = chosen_groups(requested, list(available), test_dir)
+        defects = chosen_groups(self.settings.data.test_groups, list(available), test_dir)
         for defect in defects:
             if defect not in available:
                 raise DataError(f"data.test_groups names {defect!r} but {test_dir}/{defect} does not exist; "
@@ -83,11 +82,8 @@ class MvtecLoader:
         for stem in sorted(masks.keys() - {_stem(image) + "_mask" for image in images}):
             raise DataError(f"mask {masks[stem]} matches no image in {folder} "
                             f"(expected <image name>_mask.png for an image <image name>.png there)")
-        items = []
         for image in images:
-            mask = masks.get(_stem(image) + "_mask")
-            if mask is None:
-                expected = os.path.join(masks_dir, _stem(image) + "_mask.png")
-                raise DataError(f"no ground-truth mask for {image}: expected {expected}")
-            items.append(Item(image, (mask,), None, image))
+            if _stem(image) + "_mask" not in masks:
+                raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, _stem(image))}_mask.png")
+        items = [Item(image, (masks[_stem(image) + "_mask"],), None, image) for image in images]
         return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

@@ -20,13 +20,13 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..config import Settings
 from ..errors import DataError
 from ..padim.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..padim.foreground import foreground_mask, luminance
-from .listing import open_image, upright
+from .listing import open_image
 
 #: File name endings read as images (folders, MVTec layout, ``predict``).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -44,7 +44,7 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
     dropped) and palette images are accepted. Unreadable files raise :class:`DataError`.
     """
     with open_image(path) as image:
-        image = upright(image)
+        ImageOps.exif_transpose(image, in_place=True)  # a photo taken sideways
         if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
             return _to_unit_gray(image)
         if image.mode not in COLOR_MODES:
@@ -76,7 +76,7 @@ def read_mask(path: str) -> np.ndarray:
     is every nonzero pixel; a mask where the two differ (a gradient, a probability map) is
     thresholded at half its range with a :class:`NonBinaryMaskWarning`."""
     with open_image(path) as image:
-        image = upright(image)
+        ImageOps.exif_transpose(image, in_place=True)
         values = np.asarray(image) if image.mode in ("L", "1") else _to_unit_gray(image)  # 8/1-bit: no float conversion
     nonzero = values > 0
     half = values > (float(values.min()) + float(values.max())) / 2
@@ -86,14 +86,14 @@ def read_mask(path: str) -> np.ndarray:
     return nonzero
 
 
-def to_square(array: torch.Tensor, mode: str) -> torch.Tensor:
-    """Zero-pad ``(..., H, W)`` symmetrically to a square (``pad``) or leave it (``stretch``)."""
-    if mode == "stretch":
-        return array
-    h, w = array.shape[-2:]
+def _padding(h: int, w: int, settings: Settings) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)``: the zeros that make an ``(h, w)`` image square, symmetrically
+    (``data.resize: pad``), or none (``stretch``)."""
+    if settings.data.resize == "stretch":
+        return 0, 0, 0, 0
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    return F.pad(array, (left, side - w - left, top, side - h - top))
+    return left, side - w - left, top, side - h - top
 
 
 def _crop_offset(settings: Settings) -> int:
@@ -105,7 +105,8 @@ def _to_grid(x: torch.Tensor, settings: Settings, mode: str) -> torch.Tensor:
     antialiasing, or ``nearest``), centre crop to ``input_size``."""
     size, start, side = settings.image_size, _crop_offset(settings), settings.input_size
     smooth = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    x = F.interpolate(to_square(x, settings.data.resize), size=(size, size), mode=mode, **smooth)
+    x = F.pad(x, _padding(*x.shape[-2:], settings))
+    x = F.interpolate(x, size=(size, size), mode=mode, **smooth)
     return x[0, :, start : start + side, start : start + side]
 
 
@@ -132,29 +133,23 @@ def restore_geometry(maps: np.ndarray, shape: tuple[int, int], settings: Setting
         ``(N, H, W)`` or ``(H, W)`` float32: the crop undone (pixels cropped away take the
         nearest map value), resized bilinearly, the padding removed.
     """
-    x = torch.as_tensor(np.asarray(maps, dtype=np.float32))
-    single = x.ndim == 2
-    x = x.reshape(-1, 1, *x.shape[-2:])
+    maps = np.asarray(maps, dtype=np.float32)
+    x = torch.as_tensor(maps).reshape(-1, 1, *maps.shape[-2:])
     start = _crop_offset(settings)
     end = settings.image_size - settings.input_size - start
-    if start or end:
-        x = F.pad(x, (start, end, start, end), mode="replicate")
+    x = F.pad(x, (start, end, start, end), mode="replicate")
     h, w = int(shape[0]), int(shape[1])
-    side = max(h, w) if settings.data.resize == "pad" else None
-    x = F.interpolate(x, size=(side, side) if side else (h, w), mode="bilinear", align_corners=False, antialias=True)
-    if side:
-        top, left = (side - h) // 2, (side - w) // 2
-        x = x[..., top : top + h, left : left + w]
-    x = x[:, 0].numpy()
-    return x[0] if single else x
+    left, right, top, bottom = _padding(h, w, settings)
+    x = F.interpolate(x, size=(top + h + bottom, left + w + right), mode="bilinear", align_corners=False, antialias=True)
+    return x[..., top : top + h, left : left + w].numpy().reshape(*maps.shape[:-2], h, w)
 
 
-def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor | None = None) -> torch.Tensor:
+def standardise_intensity(image: torch.Tensor, mode: str, region: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-image intensity standardisation of an ``(S, S)`` or ``(C, S, S)`` image in [0, 1].
 
     Statistics come from the luminance inside ``region`` (``(S, S)`` bool; the whole image when it
-    holds fewer than 16 pixels), by default :func:`utils.padim.foreground.foreground_mask` (the
-    head estimated from the image itself, identical for training and test images).
+    holds fewer than 16 pixels): the head, given or estimated once in :func:`prepare` (the settings
+    estimate it whenever ``mode`` is not ``none``).
     ``zscore``: (x - mean) / std inside the region, mapped back to [0, 1] as 0.5 + 0.15 z
     (clipped). ``percentile``: the region's 1st-99th percentile range mapped to [0, 1]
     (clipped). Both remove per-scanner gain and offset: an image and ``a * image + b`` (a > 0)
@@ -163,8 +158,6 @@ def standardise_intensity(image: torch.Tensor, mode: str, region: torch.Tensor |
     if mode == "none":
         return image
     gray = image if image.ndim == 2 else luminance(image)
-    if region is None:
-        region = foreground_mask(gray)
     if int(region.sum()) < 16:
         region = torch.ones_like(gray, dtype=torch.bool)
     values = gray[region].double()

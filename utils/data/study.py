@@ -128,7 +128,7 @@ class StudyLoader:
                     f"missing in {self.split_dir}; available groups: {', '.join(available) or 'none'}"
                 )
         test = {group: self.pathology(group) if group in available else self.image_level(group) for group in groups}
-        test[NORMAL] = self.normal_test()
+        test[NORMAL] = self.pathology(NORMAL, anomalous=False)
         return test
 
     def image_level(self, group: str) -> ImageSet:
@@ -136,23 +136,18 @@ class StudyLoader:
         scored for image AUROC only, each image inside its brain mask where the layout has one."""
         return self.validation(group, self.read_csv(group), anomalous=True)
 
-    def _aligned(self, names: Sequence[str]) -> list[list[tuple[str, str]]]:
+    def pathology(self, group: str, anomalous: bool = True) -> ImageSet:
+        """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``, aligned row by row: each image with its box (the
+        anomaly) and its head, box ∪ neg; for the normal test images (not ``anomalous``),
+        ``normal_test.csv`` and its head masks ``normal_test_ann.csv``. One check covers a row's image
+        and masks, so a skipped image drops its masks too."""
+        names = [group, group + "_ann", group + "_neg"] if anomalous else ["normal_test", "normal_test_ann"]
         tables = [self.read_csv(name) for name in names]
-        counts = [len(t) for t in tables]
-        if len(set(counts)) > 1:
-            listing = ", ".join(f"{n}.csv has {c}" for n, c in zip(names, counts))
+        if len({len(table) for table in tables}) > 1:
+            listing = ", ".join(f"{name}.csv has {len(table)}" for name, table in zip(names, tables))
             raise DataError(f"split CSVs must align row by row but {listing} rows")
-        return tables
-
-    def pathology(self, group: str) -> ImageSet:
-        """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``: each image with its box (the anomaly) and its
-        head, box ∪ neg; one check covers a row's image and masks, so a skipped image drops its masks too."""
-        images, boxes, negs = self._aligned([group, group + "_ann", group + "_neg"])
-        rows = zip(images, boxes, negs)
-        items = [Item(image, (box,), (box, neg), source) for (image, source), (box, _), (neg, _) in rows]
-        return ImageSet(group, self.check.kept(group, items), self.settings, anomalous=True)
-
-    def normal_test(self) -> ImageSet:
-        images, heads = self._aligned(["normal_test", "normal_test_ann"])
-        items = [Item(image, (), (head,), source) for (image, source), (head, _) in zip(images, heads)]
-        return ImageSet(NORMAL, self.check.kept("normal_test", items), self.settings)
+        items = []
+        for (image, source), *rows in zip(*tables):
+            masks = tuple(mask for mask, _ in rows)
+            items.append(Item(image, masks[:1] if anomalous else (), masks, source))
+        return ImageSet(group, self.check.kept(names[0], items), self.settings, anomalous=anomalous)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,8 +73,7 @@ class VolumeEntry:
 
 def case_name(path: str) -> str:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
-    name = os.path.basename(path)
-    return name[: -len(".nii.gz")] if has_suffix(name, (".nii.gz",)) else os.path.splitext(name)[0]
+    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path), flags=re.IGNORECASE)
 
 
 def _header(path: str, source: str) -> nib.Nifti1Image:
@@ -114,20 +114,26 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> None:
 
 def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeEntry]:
     """Read and check a manifest CSV (columns, splits, files, headers, unique case names)."""
-    return checked_entries(_manifest_entries(path), volume_index)
+    return volume_entries([path], volume_index)
 
 
-def _manifest_entries(path: str) -> list[VolumeEntry]:
-    """The rows of a manifest CSV (columns and splits checked; files not yet)."""
-    columns, rows = read_table(path, "manifest")
-    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-    if unknown:
-        raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
-    folder = os.path.dirname(os.path.abspath(path))
-    return [_entry(row, folder, source) for source, row in rows]
+def volume_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
+    """The volumes ``sources`` name, checked together (:func:`checked_entries`): every row of a manifest
+    CSV (columns and splits checked here), and a NIfTI file as a test volume without brain mask or label
+    (what ``predict --input`` names: its brain is estimated from the image)."""
+    entries = []
+    for path in sources:
+        if not has_suffix(path, (".csv",)):
+            entries.append(VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path))
+            continue
+        columns, rows = read_table(path, "manifest")
+        if unknown := [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]:
+            raise DataError(f"{path}: unknown column {unknown[0]!r}; allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+        if missing := [c for c in REQUIRED_COLUMNS if c not in columns]:
+            raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
+        folder = os.path.dirname(os.path.abspath(path))
+        entries += [_entry(row, folder, source) for source, row in rows]
+    return checked_entries(entries, volume_index)
 
 
 def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
@@ -163,16 +169,14 @@ def _entry(row: dict[str, str], folder: str, source: str) -> VolumeEntry:
 class Volume:
     """One volume in RAS+ voxel order: ``image`` (X, Y, Z) float32 in [0, 1] (normalised),
     ``brain`` and ``label`` (X, Y, Z) bool (label all False when unknown), ``kept`` (Z,) bool
-    slices, and the original grid: ``affine``, ``shape`` and ``header``."""
+    slices, and the ``scan`` as stored (3-D; header only): the original grid's shape, affine and header."""
 
     entry: VolumeEntry
     image: np.ndarray
     brain: np.ndarray
     label: np.ndarray
     kept: np.ndarray
-    affine: np.ndarray
-    shape: tuple[int, ...]
-    header: nib.Nifti1Header
+    scan: nib.Nifti1Image
 
 
 def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -216,25 +220,21 @@ def normalise_volume(image: np.ndarray, brain: np.ndarray, mode: str) -> np.ndar
 
 def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     """Read, reorient, mask and normalise one manifest entry (see the module docstring)."""
-    index = settings.data.volume_index
-    data, original = _canonical_data(entry.image, entry.source, index)
+    data, original = _canonical_data(entry.image, entry.source, settings.data.volume_index)
     finite = np.isfinite(data)
     if not finite.any():
         raise DataError(f"{entry.source}: {entry.image} has no finite voxel (all NaN or Inf)")
     data = np.where(finite, data, 0).astype(np.float32)
     if np.ptp(data) == 0:
         raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}): no contrast to fit or score")
-    if entry.brain_mask is not None:
-        brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0
-    else:
-        brain = estimate_brain(data)
+    brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0 if entry.brain_mask else estimate_brain(data)
     brain &= finite
     if brain.sum() < 16:
         raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels; check brain_mask")
     label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
-    return Volume(entry, image, brain, label, kept, original.affine, tuple(original.shape[:3]), original.header)
+    return Volume(entry, image, brain, label, kept, original)
 
 
 # ---------------------------------------------------------------------------- data sets
@@ -291,10 +291,6 @@ class SliceSet(VolumeSet, Dataset):
         if self._cached is None or self._cached.entry is not self.entries[number]:
             self._cached = read_volume(self.entries[number], self.settings)
         return self._cached
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.entries[number].image for number, _ in self.index]
 
     def summary(self) -> str:
         return f"{len(self)} slices of {len(self.entries)} volumes"
@@ -358,22 +354,9 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     The map goes back to the original voxel order (undoing :func:`nibabel.as_closest_canonical`):
     ``io_orientation(affine)`` takes the stored axes to RAS+; its inverse is the transform from RAS+
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
-    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.affine))
+    to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.scan.affine))
     data = apply_orientation(anomaly, to_stored).astype(np.float32)
-    image = nib.Nifti1Image(data, volume.affine, header=volume.header)  # keeps the scan's qform/sform codes
+    image = nib.Nifti1Image(data, volume.scan.affine, header=volume.scan.header)  # keeps the scan's qform/sform codes
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
     return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))
-
-
-# ---------------------------------------------------------------------------- predict
-def predict_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
-    """What ``predict --input`` names: manifest CSVs (every row; the ``brain_mask`` column is used)
-    and NIfTI files (brain estimated from each image), checked together (:func:`checked_entries`)."""
-    entries = []
-    for source in sources:
-        if has_suffix(source, (".csv",)):
-            entries += _manifest_entries(source)
-        else:
-            entries.append(VolumeEntry("test", source, None, None, DEFAULT_GROUP, case_name(source), source))
-    return checked_entries(entries, volume_index)

@@ -112,10 +112,9 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
           zoom: float) -> tuple[np.ndarray, np.ndarray]:
     """Resample the padded subject onto an output canvas of ``shape``: random affine (rotation,
     anisotropic scale, shift) and smooth elastic displacement, magnified by ``zoom``."""
-    rows, cols = shape
-    out_r, out_c = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
-    out_r -= (rows - 1) / 2 + rng.uniform(-4, 4)
-    out_c -= (cols - 1) / 2 + rng.uniform(-4, 4)
+    out_r, out_c = np.indices(shape, dtype=np.float32)
+    out_r -= (shape[0] - 1) / 2 + rng.uniform(-4, 4)
+    out_c -= (shape[1] - 1) / 2 + rng.uniform(-4, 4)
     angle = np.deg2rad(rng.uniform(-7, 7))
     scale_r, scale_c = rng.uniform(0.93, 1.07, size=2) * zoom
     cos, sin = np.cos(angle), np.sin(angle)
@@ -134,8 +133,7 @@ def _warp(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, shape
 def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
           irregularity: float, softness: float) -> np.ndarray:
     """Soft ellipse-like blob in [0, 1] with a randomly wobbling boundary."""
-    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    dr, dc = rows - centre[0], cols - centre[1]
+    dr, dc = np.indices(shape) - np.reshape(centre, (2, 1, 1))  # offsets from the centre
     angle = np.arctan2(dr, dc)
     aspect = rng.uniform(0.75, 1.25)
     tilt = rng.uniform(0, np.pi)
@@ -150,7 +148,7 @@ def soft_blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[fl
 def _mass_effect(image: np.ndarray, labels: np.ndarray, centre: tuple[float, float], radius: float,
                  strength: float) -> tuple[np.ndarray, np.ndarray]:
     """Push tissue radially away from ``centre`` (displacement fading with distance)."""
-    rows, cols = np.meshgrid(np.arange(image.shape[0], dtype=np.float32), np.arange(image.shape[1], dtype=np.float32), indexing="ij")
+    rows, cols = np.indices(image.shape, dtype=np.float32)
     dr, dc = rows - centre[0], cols - centre[1]
     distance = np.hypot(dr, dc) + 1e-3
     push = strength * radius * np.exp(-((distance / (2.5 * radius)) ** 2))
@@ -166,11 +164,9 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     extent = radius * (2.0 if kind == "mass_oedema" else 1.3)
     inside = ndimage.distance_transform_edt(labels == 2)
     candidates = np.argwhere(inside > extent + 3 * scale)
-    centre = None
-    for r, c in candidates[rng.integers(0, len(candidates), size=min(200, len(candidates)))]:
-        if all(np.hypot(r - tr, c - tc) > extent + te + 4 for tr, tc, te in taken):
-            centre = (float(r), float(c))
-            break
+    picks = candidates[rng.integers(0, len(candidates), size=min(200, len(candidates)))]
+    centre = next(((float(r), float(c)) for r, c in picks  # the first one clear of the slice's other lesions
+                   if all(np.hypot(r - tr, c - tc) > extent + te + 4 for tr, tc, te in taken)), None)
     if centre is None:
         return image, labels, None
     taken.append((centre[0], centre[1], extent))
@@ -211,12 +207,12 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
     head = labels > 0
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)  # contrast
     image *= np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, shape, 60 * zoom))  # bias field
+    brain_level = rng.uniform(*((0.72, 0.82) if ixi else (0.55, 0.65)))  # IXI-like brains are brighter
+    image *= brain_level / max(float(np.median(image[labels == 2])), 1e-6)
     if ixi:
-        image *= rng.uniform(0.72, 0.82) / max(float(np.median(image[labels == 2])), 1e-6)
         image += rng.normal(0, rng.uniform(0.008, 0.015), shape) * head
         image = np.where(head, image, 0.0)
     else:
-        image *= rng.uniform(0.55, 0.65) / max(float(np.median(image[labels == 2])), 1e-6)
         background = rng.uniform(0.09, 0.16)
         image = np.where(head, image, background) + rng.normal(0, rng.uniform(0.02, 0.03), shape)
     pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
@@ -224,13 +220,7 @@ def _render(rng: np.random.Generator, scanner: str, lesions: Sequence[str] = ())
 
 
 # ---------------------------------------------------------------------------- writing
-def _save(array: np.ndarray, path: str) -> None:
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    Image.fromarray(array).save(path, optimize=False)
-
-
-def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
+def _write_set(folder: str, seed: int, counts: DemoCounts) -> None:
     for sub in ("IXI", "splits", *(f"fastMRI/brain_mid_{kind}png" for kind in ("", "anno_pos_", "anno_neg_"))):
         os.makedirs(os.path.join(folder, "data", sub))
     # one independent stream per image: changing one count does not change the other images
@@ -239,7 +229,9 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     stems = (f"./data/fastMRI/brain_mid_png/demo_brain_AXT1_{n:04d}" for n in itertools.count(1))
 
     def save(array: np.ndarray, path: str) -> str:
-        _save(array, os.path.join(folder, path))
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        Image.fromarray(array).save(os.path.join(folder, path), optimize=False)
         return path  # as the study's CSVs list it, relative to the set's root
 
     ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
@@ -278,7 +270,6 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> dict:
     }
     with open(os.path.join(folder, "data", "demo.json"), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
-    return manifest
 
 
 def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),

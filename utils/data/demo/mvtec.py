@@ -23,6 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ...files import staged_folder
+from .nifti import smooth_field
 
 DEFECTS = ("color", "scratch")
 _DISC = np.array([200.0, 60.0, 50.0])  # red
@@ -36,19 +37,13 @@ def equal_luma_colour(colour: np.ndarray, red: float = 40.0, blue: float = 220.0
     return np.array([red, green, blue])
 
 
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """``(size, size)`` gain around 1: smooth noise plus fine grain, the same on every channel."""
-    smooth = ndimage.gaussian_filter(rng.standard_normal((size, size)), size / 16)
-    smooth /= max(float(np.abs(smooth).max()), 1e-9)
-    return 0.9 + 0.08 * smooth + 0.02 * rng.standard_normal((size, size))
-
-
 def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A normal image ``(size, size, 3)`` float in 0..255, its disc mask and the texture gain."""
     yy, xx = np.mgrid[:size, :size].astype(np.float64)
     centre = size / 2 + rng.uniform(-0.04, 0.04, 2) * size
     disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= (0.32 * size) ** 2
-    gain = _texture(rng, size)
+    # the texture: a gain around 1, smooth noise plus fine grain, the same on every channel
+    gain = 0.9 + 0.08 * smooth_field(rng, (size, size), size / 16) + 0.02 * rng.standard_normal((size, size))
     colour = np.where(disc[..., None], _DISC, _BACKGROUND)
     return colour * gain[..., None], disc, gain
 
@@ -78,11 +73,9 @@ def defect_image(rng: np.random.Generator, size: int, defect: str) -> tuple[np.n
     if defect == "color":
         mask = _blob(rng, disc, size)
         image[mask] = equal_luma_colour(_DISC) * gain[mask][:, None]
-    elif defect == "scratch":
+    else:  # scratch
         mask = _scratch(rng, disc, size)
         image[mask] *= 0.35
-    else:
-        raise ValueError(f"unknown defect {defect!r}; allowed: {', '.join(DEFECTS)}")
     return _to_uint8(image), mask
 
 

@@ -26,6 +26,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.affines import from_matvec
+from nibabel.eulerangles import euler2mat
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
@@ -48,7 +50,8 @@ def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, brain, affine
 
 
-def _smooth(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """White noise blurred by ``sigma``, scaled to a largest magnitude of 1."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return field / max(float(np.abs(field).max()), 1e-9)
 
@@ -56,12 +59,11 @@ def _smooth(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
 def _subject(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A healthy subject: smooth deformation (about 2 voxels), bias field, gamma contrast."""
     grid = np.indices(image.shape, dtype=np.float32)
-    coords = [g + 2.0 * _smooth(rng, image.shape, 6.0) for g in grid]
+    coords = [g + 2.0 * smooth_field(rng, image.shape, 6.0) for g in grid]
     warped = ndimage.map_coordinates(image, coords, order=1)
     warped_brain = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1) > 0.5
-    bias = np.exp(0.2 * _smooth(rng, image.shape, 12.0))
-    gamma = rng.uniform(0.8, 1.25)
-    return np.clip(warped, 0, None) ** gamma * bias, warped_brain
+    bias = np.exp(0.2 * smooth_field(rng, image.shape, 12.0))
+    return np.clip(warped, 0, None) ** rng.uniform(0.8, 1.25) * bias, warped_brain  # gamma contrast, bias field
 
 
 def _lesion(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +83,7 @@ def _lesion(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, kind
     elif kind == "cyst":
         image = np.where(label, 0.08 * tissue, image)
     else:  # mass: textured, a darker core in a brighter rim
-        texture = 1.0 + 0.5 * _smooth(rng, image.shape, 1.0)
+        texture = 1.0 + 0.5 * smooth_field(rng, image.shape, 1.0)
         image = np.where(label, tissue * np.where(distance < 0.6, 0.5, 1.1) * texture, image)
     return image, label
 
@@ -91,14 +93,12 @@ def _store(array: np.ndarray, affine: np.ndarray, dtype, oblique: bool) -> bytes
     image = nib.Nifti1Image(array.astype(dtype), affine)
     if oblique:
         image = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LIP")))
-        angle = np.deg2rad(OBLIQUE_DEGREES)
-        rotation = np.eye(4)
-        rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        rotation = from_matvec(euler2mat(x=np.deg2rad(OBLIQUE_DEGREES)))  # about the left-right axis
         image = nib.Nifti1Image(np.asanyarray(image.dataobj), rotation @ image.affine)
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
-def _write_set(folder: str, seed: int) -> list[dict]:
+def _write_set(folder: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     template, template_brain, affine = _template()
     plan = [("train", "healthy")] * COUNTS["train"] + [("val", "healthy")] * COUNTS["val"]
@@ -122,7 +122,6 @@ def _write_set(folder: str, seed: int) -> list[dict]:
     manifest = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
     write_atomic(os.path.join(folder, "volumes.csv"), manifest.encode())
     write_atomic(os.path.join(folder, "demo.json"), json.dumps({"seed": seed}).encode())  # checked by ensure_demo
-    return rows
 
 
 def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
