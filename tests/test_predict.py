@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import smooth_textures, to_batch
 from utils.config import settings_from_dict
 from utils.data.preprocess import load_image, restore_geometry
-from utils.errors import DataError
+from utils.errors import DataError, ModelFileError
 from utils.padim.model import Padim
 from utils.predict import predict
 
@@ -59,5 +59,21 @@ def test_two_inputs_that_would_write_the_same_map_are_refused(tiny, tmp_path):
     for suffix in (".png", ".jpg"):
         Image.fromarray(np.full((32, 32), 120, np.uint8)).save(tmp_path / "in" / f"x{suffix}")
     with pytest.raises(DataError, match=r"would write the same x_anomaly\.npy \(same name, other suffix\)"):
+        predict(settings, model_path, str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files", [["scan.nii.gz"], ["a.png", "scan.nii.gz"]])
+def test_a_model_fitted_on_images_refuses_nifti_inputs(tiny, tmp_path, files):
+    nib = pytest.importorskip("nibabel")
+    settings, model_path = tiny
+    (tmp_path / "in").mkdir()
+    for name in files:
+        if name.endswith(".png"):
+            Image.fromarray(np.full((32, 32), 120, np.uint8)).save(tmp_path / "in" / name)
+        else:
+            volume = smooth_textures(1, 32, seed=2)[0][:, :, None].repeat(8, axis=2)
+            nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), str(tmp_path / "in" / name))
+    with pytest.raises(ModelFileError, match="was fitted on .* and cannot score NIfTI"):
         predict(settings, model_path, str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()

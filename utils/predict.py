@@ -41,6 +41,9 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     files = _input_files(source, output)
     volumes = [f for f in files if has_suffix(f, NIFTI_SUFFIXES + (".csv",))]  # a .csv: a NIfTI manifest
     images = [f for f in files if f not in volumes]
+    for kind, inputs in ((True, volumes), (False, images)):
+        if inputs:
+            model.check_input(volumes=kind)  # a model scores only the kind of input it was fitted on
     with staged_folder(_output_folder(output)) as staging:
         done = []
         if volumes:
