@@ -7,6 +7,7 @@ import csv
 import os
 import stat
 import time
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from nibabel.affines import apply_affine
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import yaml
@@ -25,7 +27,7 @@ from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
-from utils.data.volumes import SliceSet, load_volume_data, read_manifest, read_volume, volume_entries
+from utils.data.volumes import ObliqueVolumeWarning, SliceSet, load_volume_data, read_manifest, read_volume, volume_entries
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
 
@@ -327,3 +329,21 @@ def test_a_volume_without_a_scored_slice_has_no_metrics_and_says_why():
     row = volume_metrics(np.zeros((4, 4, 3), np.float32), label, np.ones((4, 4, 3), bool), np.zeros(3, bool), threshold=1.0)
     assert row["slices_scored"] == 0 and "no slice scored" in row["note"]
     assert all(np.isnan(row[c]) for c in ("A_auroc", "B_auroc", "C_auroc", "dice_val_threshold", "dice_best_optimistic"))
+
+
+@pytest.mark.parametrize("degrees, warned", [((0, 0), False), ((12, 0), False), ((30, 0), False), ((0, 40), True),
+                                             ((45, 45), True)])
+def test_strongly_oblique_volumes_are_named_in_one_warning(tmp_path, degrees, warned):
+    """The angle a rotation about the x and then the y axis gives the grid, against scipy's rotation."""
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xy", degrees, degrees=True).as_matrix() * 1.5  # 1.5 mm voxels
+    paths = [str(tmp_path / f"{k}.nii.gz") for k in range(2)]
+    for path in paths:
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume_entries(paths, None)
+    named = [w for w in caught if issubclass(w.category, ObliqueVolumeWarning)]
+    assert len(named) == (1 if warned else 0)
+    if warned:
+        assert str(named[0].message).startswith("2 volumes strongly oblique") and paths[0] in str(named[0].message)
