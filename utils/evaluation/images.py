@@ -36,7 +36,7 @@ from ..config import Settings
 from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
 from ..errors import DataError
 from ..padim import Padim
-from .metrics import NAN, aupro, best_dice, degenerate_reason, dice_at, image_auroc, pixel_metrics_ab
+from .metrics import NAN, aupro, degenerate_reason, image_auroc, localisation
 from .protocol import PATHOLOGIES, group_means, row_detections
 from .plotting import example_figure
 from .reference import NormalReference
@@ -77,13 +77,6 @@ class GroupScores:
         return len(self.row_image)
 
 
-def _distinct(keys: list[str]) -> tuple[list[str], np.ndarray]:
-    """The distinct ``keys`` in first-appearance order, and the index among them of every key."""
-    distinct = list(dict.fromkeys(keys))
-    index_of = {key: index for index, key in enumerate(distinct)}
-    return distinct, np.asarray([index_of[key] for key in keys], dtype=np.int64)
-
-
 def _union(index: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Per distinct ``index``, the union (logical or) of the ``values`` with that index."""
     union = np.zeros((int(index.max()) + 1,) + values.shape[1:], dtype=bool)
@@ -100,7 +93,7 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     """
     if not dataset.items:
         raise DataError(f"test group {dataset.name!r} holds no images")
-    paths, row_image = _distinct(dataset.paths)
+    row_image, paths = pd.Series(dataset.paths).factorize()  # the distinct paths, in first-appearance order
     row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
     row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
     row_heads = np.stack([head.numpy() for _, head in row_pairs])
@@ -116,19 +109,10 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
         if bar is not None:
             bar.update(len(batch["image"]))
     return GroupScores(
-        name=dataset.name, anomalous=dataset.anomalous, paths=paths, maps=np.concatenate(maps), masks=masks, heads=heads,
-        scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
+        name=dataset.name, anomalous=dataset.anomalous, paths=paths.tolist(), maps=np.concatenate(maps),
+        masks=masks, heads=heads, scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
         row_image=row_image, row_masks=row_masks, row_heads=row_heads,
     )
-
-
-def _localisation(threshold: float, maps: np.ndarray, masks: np.ndarray, heads: np.ndarray, row_maps: np.ndarray,
-                  row_masks: np.ndarray, row_heads: np.ndarray) -> dict[str, float]:
-    """(A) and (B) over the rows (one per annotation), the Dice columns over the distinct images."""
-    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(row_maps, row_masks, row_heads)
-    dice_best, best_threshold = best_dice(maps, masks, heads)
-    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "dice_best": dice_best,
-            "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold}
 
 
 def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
@@ -147,8 +131,8 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
            "small_group": group.n_images <= SMALL_GROUP,
            "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
            "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
-    row |= _localisation(threshold, group.maps, group.masks, group.heads, group.maps[group.row_image], group.row_masks,
-                         group.row_heads)
+    row |= localisation(threshold, group.maps, group.masks, group.heads,
+                        rows=(group.maps[group.row_image], group.row_masks, group.row_heads))
     row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
     if normal is None:
         notes.append("C: no normal test images")
@@ -170,7 +154,7 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
     """The row ``all``: every distinct test image once (normal ones included; an image in two
     groups with the union of its masks), pooled."""
     parts = list(groups.values())
-    paths, image = _distinct([path for group in parts for path in group.paths])
+    image, paths = pd.Series([path for group in parts for path in group.paths]).factorize()
     first = np.unique(image, return_index=True)[1]
     maps, heads, scores = (np.concatenate([getattr(g, name) for g in parts])[first] for name in ("maps", "heads", "scores"))
     masks = _union(image, np.concatenate([group.masks for group in parts]))
@@ -179,7 +163,7 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
         "group": "all", "n_images": len(paths), "n_rows": int(sum(g.n_rows for g in parts)), "small_group": False,
         "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps, masks),
         "field_f1": NAN, "field_detection": NAN, "note": "whole test set, every distinct image once (normal images included)",
-    } | _localisation(threshold, maps, masks, heads, maps, masks, heads)
+    } | localisation(threshold, maps, masks, heads)
 
 
 def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = NAN) -> pd.DataFrame:
