@@ -34,7 +34,6 @@ from matplotlib.figure import Figure
 
 from ..config import Settings
 from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
-from ..errors import DataError
 from ..padim import Padim
 from .metrics import NAN, aupro, degenerate_reason, image_auroc, localisation
 from .protocol import PATHOLOGIES, group_means, row_detections
@@ -91,8 +90,6 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     are the unions of its rows', and its
     image score is taken inside its head (the whole image where the head mask is empty).
     """
-    if not dataset.items:
-        raise DataError(f"test group {dataset.name!r} holds no images")
     row_image, paths = pd.Series(dataset.paths).factorize()  # the distinct paths, in first-appearance order
     row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
     row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
@@ -118,7 +115,9 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
 def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
                   field_threshold: float = NAN) -> dict[str, Any]:
     """One table row for a pathology group (see the module docstring for the protocols). A group
-    without masks (image level, e.g. the study's ``global`` slices) has image AUROC only."""
+    without masks (image level, e.g. the study's ``global`` slices) has image AUROC only. The field's
+    F1 and detection rate (:mod:`utils.evaluation.protocol`) need ``field_threshold`` and a box in
+    every row; columns left out are NaN in :func:`metrics_table`."""
     notes = [] if group.masks.any() else ["image-level group (no masks): (C) only"]
     reason = degenerate_reason(group.row_masks)
     if reason and group.masks.any():
@@ -133,21 +132,15 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
            "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
     row |= localisation(threshold, group.maps, group.masks, group.heads,
                         rows=(group.maps[group.row_image], group.row_masks, group.row_heads))
-    row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
+    if math.isfinite(field_threshold) and group.row_masks.any(axis=(1, 2)).all():  # the field's protocol: a box per row
+        detections = row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, field_threshold)
+        row["field_f1"], row["field_detection"] = group_means(detections)
     if normal is None:
         notes.append("C: no normal test images")
     if row["small_group"]:
         notes.append(f"only {counted(group.n_images)}: noise")
     row["note"] = "; ".join(notes)
     return row
-
-
-def _field_metrics(group: GroupScores, threshold: float) -> tuple[float, float]:
-    """The field's mean F1 and detection rate over the group's rows (:mod:`utils.evaluation.protocol`);
-    NaN without a threshold or when a row has no box (image-level groups)."""
-    if not math.isfinite(threshold) or not group.row_masks.any(axis=(1, 2)).all():
-        return NAN, NAN
-    return group_means(row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, threshold))
 
 
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
@@ -212,13 +205,13 @@ class ImageUnits:
                          f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
         return table, None, notes
 
-    def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
+    def figures(self, reference: NormalReference) -> dict[str, Figure]:
         """``examples_<group>``: a few images of each pathology group with their maps."""
         figures = {}
         for name, group in self.groups.items():
             if name == NORMAL:
                 continue
-            chosen = ([i for i in range(group.n_images) if group.masks[i].any()] or list(range(group.n_images)))[:examples]
+            chosen = ([i for i in range(group.n_images) if group.masks[i].any()] or list(range(group.n_images)))[:EXAMPLES_PER_GROUP]
             figures[f"examples_{name}"] = example_figure(
                 group.display[chosen].astype(np.float32), group.masks[chosen], group.maps[chosen],
                 threshold=reference.threshold, vmin=reference.vmin, vmax=reference.vmax, heads=group.heads[chosen],
@@ -234,14 +227,13 @@ class ImageUnits:
     def discard(self) -> None:
         """Nothing is staged for images."""
 
-    @staticmethod
-    def column_notes(settings: Settings) -> list[str]:
+    def column_notes(self) -> list[str]:
         """What the columns of ``metrics.md`` mean."""
         return [
             "(A) pixel AUROC / average precision (scikit-learn) over all pixels of the group's rows (one per "
             "annotation), whole image. (B) the same, only pixels inside the head mask.",
             f"(C) image AUROC: the group's distinct images against the normal test images; image score: "
-            f"`{settings.image_score}` of the map inside the head.",
+            f"`{self.settings.image_score}` of the map inside the head.",
             "AUPRO@0.3: per-region overlap integrated up to a false-positive rate of 0.3, normalised to [0, 1], "
             "over the group's images and the normal test images.",
             "Dice over the group's distinct images (union of boxes), inside the head. *Dice best is optimistic*: "

@@ -72,13 +72,8 @@ def finite(scores: np.ndarray, what: str = "scores") -> np.ndarray:
 def degenerate_reason(labels: np.ndarray) -> Optional[str]:
     """Why a ranking metric is undefined on the pixels' ``labels`` (bool), or ``None`` when it is defined."""
     labels = np.asarray(labels, dtype=bool)
-    if labels.size == 0:
-        return "no pixels"
-    if not labels.any():
-        return "no anomalous pixels"
-    if labels.all():
-        return "no normal pixels"
-    return None
+    reasons = (("no pixels", labels.size == 0), ("no anomalous pixels", not labels.any()), ("no normal pixels", labels.all()))
+    return next((reason for reason, undefined in reasons if undefined), None)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def markdown(run) -> str:
         units = run.unit_table.drop(columns=["best_threshold"])
         lines += _pipe_table(list(units.columns), [[_fmt(v) for v in row] for row in units.itertuples(index=False)],
                              ["---"] * units.shape[1]) + [""]
-    lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes(run.settings)]
+    lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes()]
     lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
              if row["note"] and row["group"] not in SUMMARY_ROWS and not str(row["note"]).startswith(("only ", "mean over"))]

@@ -145,8 +145,7 @@ class VolumeUnits:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
-    @staticmethod
-    def column_notes(settings: Settings) -> list[str]:
+    def column_notes(self) -> list[str]:
         return [
             "A: voxel AUROC / AP over the whole volume; B: inside the brain; C: slice level (slices with lesion voxels "
             "against slices without, slice score = the map's maximum inside the brain).",

@@ -118,9 +118,8 @@ class Padim:
             raise DataError("cannot fit PaDiM: the training set is empty")
         with torch.inference_mode():
             self.train_count = stats.count
-            if self.settings.spatial_pooling:
-                grid = self.settings.feature_size
-                stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)
+            grid = self.settings.feature_size
+            stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)  # radius 0: stats as they are
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
                 shrinkage = ledoit_wolf_shrinkage(stats, self._moments)
