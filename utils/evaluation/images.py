@@ -71,10 +71,6 @@ class GroupScores:
     def n_images(self) -> int:
         return len(self.paths)
 
-    @property
-    def n_rows(self) -> int:
-        return len(self.row_image)
-
 
 def _union(index: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Per distinct ``index``, the union (logical or) of the ``values`` with that index."""
@@ -91,9 +87,8 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     image score is taken inside its head (the whole image where the head mask is empty).
     """
     row_image, paths = pd.Series(dataset.paths).factorize()  # the distinct paths, in first-appearance order
-    row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
-    row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
-    row_heads = np.stack([head.numpy() for _, head in row_pairs])
+    pairs = [dataset.masks(row) for row in range(len(dataset.items))]  # (box, head) of every row
+    row_masks, row_heads = (torch.stack(part).numpy() for part in zip(*pairs))
     masks, heads = _union(row_image, row_masks), _union(row_image, row_heads)
     heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
     images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
@@ -126,7 +121,7 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if reason_b and not reason:
         notes.append(f"B: {reason_b} inside the head")
     pooled = [group] if normal is None else [group, normal]  # AUPRO: the group's images and the normal ones
-    row = {"group": group.name, "n_images": group.n_images, "n_rows": group.n_rows,
+    row = {"group": group.name, "n_images": group.n_images, "n_rows": len(group.row_image),
            "small_group": group.n_images <= SMALL_GROUP,
            "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
            "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
@@ -153,7 +148,7 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
     masks = _union(image, np.concatenate([group.masks for group in parts]))
     anomalous = _union(image, np.repeat([group.anomalous for group in parts], [group.n_images for group in parts]))
     return {
-        "group": "all", "n_images": len(paths), "n_rows": int(sum(g.n_rows for g in parts)), "small_group": False,
+        "group": "all", "n_images": len(paths), "n_rows": sum(len(g.row_image) for g in parts), "small_group": False,
         "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps, masks),
         "field_f1": NAN, "field_detection": NAN, "note": "whole test set, every distinct image once (normal images included)",
     } | localisation(threshold, maps, masks, heads)

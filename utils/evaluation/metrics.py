@@ -35,8 +35,6 @@ from scipy import ndimage
 from ..errors import DataError
 
 NAN = float("nan")
-#: Ground-truth regions are 8-connected, as in the MVTec AD evaluation code and anomalib.
-REGION_STRUCTURE = np.ones((3, 3), dtype=int)
 
 
 def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,11 +207,9 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per pixel of ``masks`` ``(N, H, W)`` (flattened), ``1 / (|k| * regions)`` for a pixel of
     region ``k`` (else 0), and the number of regions: PRO(t) is the sum over pixels >= t."""
     stack = np.zeros((3, 3, 3), dtype=int)
-    stack[1] = REGION_STRUCTURE  # 8-connected within an image, never across images
+    stack[1] = 1  # regions 8-connected within an image (as the MVTec AD evaluation code and anomalib), never across
     regions, count = ndimage.label(masks, structure=stack)
     regions = regions.ravel()
-    if count == 0:
-        return np.zeros(regions.size), 0
     return np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions], count
 
 

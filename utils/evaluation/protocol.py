@@ -78,8 +78,7 @@ def healthy_threshold(maps: np.ndarray, regions: Optional[np.ndarray] = None, sh
     maps = _finite_maps(maps)
     if not 0 < share < 1:
         raise DataError(f"share must lie in (0, 1), got {share}")
-    values = maps.ravel() if regions is None else maps[checked_mask(regions, maps.shape, "regions")]
-    values = np.sort(values)
+    values = np.sort(maps.ravel() if regions is None else maps[checked_mask(regions, maps.shape, "regions")])
     tried = np.unique(values) if candidates is None else np.sort(np.asarray(candidates, dtype=np.float64).ravel())
     above = values.size - np.searchsorted(values, tried, side="right")
     allowed = np.flatnonzero(above / maps.size <= share)

@@ -63,11 +63,9 @@ def exact_float32(device: torch.device) -> Iterator[None]:
     and the fitted covariances' inverses by 8 %; without TF32 the difference was 4e-6 (bench/results-cuda.json).
     The user's global flags are restored on exit.
     """
-    if device.type != "cuda":
-        yield
-        return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:

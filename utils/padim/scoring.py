@@ -83,6 +83,5 @@ def image_scores(maps: torch.Tensor, method: str = "max", region: torch.Tensor |
         flat = flat.masked_fill(~region.flatten(1).bool(), float("-inf"))
     if method == "max":
         return flat.max(dim=1).values
-    counts = flat.isfinite().sum(dim=1) if region is not None else torch.full((flat.shape[0],), flat.shape[1])
-    k = max(1, math.ceil(0.01 * int(counts.min())))
+    k = max(1, math.ceil(0.01 * int(flat.isfinite().sum(dim=1).min())))  # 1 % of the smallest region's pixels
     return flat.topk(k, dim=1).values.mean(dim=1)
