@@ -195,7 +195,8 @@ def test_a_model_scores_only_the_kind_of_input_it_was_fitted_on(small_settings, 
     model.train_count = 1
     path = model.save(tmp_path / "m.pt")
     settings, volumes = small_settings.replace(data={"format": used, **FORMATS[used]}), used == "nifti"
-    for use in (lambda: Padim.load(path, settings), lambda: check_input_kind(Padim.load(path).settings, volumes, "this model"),
+    for use in (lambda: Padim.load(path, settings),
+                lambda: check_input_kind(Padim.load(path).settings, volumes, "this model"),
                 lambda: check_input_kind(model.settings, volumes, "this model")):
         if refused is None:
             use()

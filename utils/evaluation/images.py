@@ -206,7 +206,8 @@ class ImageUnits:
         for name, group in self.groups.items():
             if name == NORMAL:
                 continue
-            chosen = ([i for i in range(group.n_images) if group.masks[i].any()] or list(range(group.n_images)))[:EXAMPLES_PER_GROUP]
+            masked = [i for i in range(group.n_images) if group.masks[i].any()]
+            chosen = (masked or list(range(group.n_images)))[:EXAMPLES_PER_GROUP]
             figures[f"examples_{name}"] = example_figure(
                 group.display[chosen].astype(np.float32), group.masks[chosen], group.maps[chosen],
                 threshold=reference.threshold, vmin=reference.vmin, vmax=reference.vmax, heads=group.heads[chosen],

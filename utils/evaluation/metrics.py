@@ -70,8 +70,8 @@ def finite(scores: np.ndarray, what: str = "scores") -> np.ndarray:
 def degenerate_reason(labels: np.ndarray) -> Optional[str]:
     """Why a ranking metric is undefined on the pixels' ``labels`` (bool), or ``None`` when it is defined."""
     labels = np.asarray(labels, dtype=bool)
-    reasons = (("no pixels", labels.size == 0), ("no anomalous pixels", not labels.any()), ("no normal pixels", labels.all()))
-    return next((reason for reason, undefined in reasons if undefined), None)
+    reasons = {"no pixels": labels.size == 0, "no anomalous pixels": not labels.any(), "no normal pixels": labels.all()}
+    return next((reason for reason, undefined in reasons.items() if undefined), None)
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per pixel of ``masks`` ``(N, H, W)`` (flattened), ``1 / (|k| * regions)`` for a pixel of
     region ``k`` (else 0), and the number of regions: PRO(t) is the sum over pixels >= t."""
     stack = np.zeros((3, 3, 3), dtype=int)
-    stack[1] = 1  # regions 8-connected within an image (as the MVTec AD evaluation code and anomalib), never across
+    stack[1] = 1  # 8-connected within an image (as MVTec AD's evaluation code, anomalib), never across images
     regions, count = ndimage.label(masks, structure=stack)
     regions = regions.ravel()
     return np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions], count
