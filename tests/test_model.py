@@ -12,6 +12,7 @@ from utils.padim.backbones import build_backbone
 from utils.errors import BackboneError, DataError, ModelFileError
 from utils.padim.features import PatchEmbedder, channel_selection, random_channel_indices
 from utils.padim.model import Padim
+from utils.padim.model_file import check_input_kind
 
 
 def _blob_set(size=64, count=6, seed=100):
@@ -194,7 +195,9 @@ def test_a_model_scores_only_the_kind_of_input_it_was_fitted_on(small_settings, 
     model.train_count = 1
     path = model.save(tmp_path / "m.pt")
     settings, volumes = small_settings.replace(data={"format": used, **FORMATS[used]}), used == "nifti"
-    for use in (lambda: Padim.load(path, settings), lambda: Padim.load(path).check_input(volumes), lambda: model.check_input(volumes)):
+    for use in (lambda: Padim.load(path, settings),
+                lambda: check_input_kind(Padim.load(path).settings, volumes, "this model"),
+                lambda: check_input_kind(model.settings, volumes, "this model")):
         if refused is None:
             use()
         else:

@@ -32,6 +32,7 @@ from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
 from .evaluation.volumes import slice_scores
 from .files import atomic_writer, staged_folder, writable_folder, write_atomic
 from .padim import Padim
+from .padim.model_file import check_input_kind
 
 
 def predict(settings: Settings, model_path: str, source: str, output: str, progress: bool = True) -> list[str]:
@@ -43,7 +44,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     images = [f for f in files if f not in volumes]
     for kind, inputs in ((True, volumes), (False, images)):
         if inputs:
-            model.check_input(volumes=kind)  # a model scores only the kind of input it was fitted on
+            check_input_kind(model.settings, kind, f"model {model_path}")  # only the kind it was fitted on
     with staged_folder(_output_folder(output)) as staging:
         done = []
         if volumes:

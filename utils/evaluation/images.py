@@ -34,9 +34,8 @@ from matplotlib.figure import Figure
 
 from ..config import Settings
 from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
-from ..errors import DataError
 from ..padim import Padim
-from .metrics import NAN, aupro, best_dice, degenerate_reason, dice_at, image_auroc, pixel_metrics_ab
+from .metrics import NAN, aupro, degenerate_reason, image_auroc, localisation
 from .protocol import PATHOLOGIES, group_means, row_detections
 from .plotting import example_figure
 from .reference import NormalReference
@@ -72,17 +71,6 @@ class GroupScores:
     def n_images(self) -> int:
         return len(self.paths)
 
-    @property
-    def n_rows(self) -> int:
-        return len(self.row_image)
-
-
-def _distinct(keys: list[str]) -> tuple[list[str], np.ndarray]:
-    """The distinct ``keys`` in first-appearance order, and the index among them of every key."""
-    distinct = list(dict.fromkeys(keys))
-    index_of = {key: index for index, key in enumerate(distinct)}
-    return distinct, np.asarray([index_of[key] for key in keys], dtype=np.int64)
-
 
 def _union(index: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Per distinct ``index``, the union (logical or) of the ``values`` with that index."""
@@ -98,12 +86,9 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     are the unions of its rows', and its
     image score is taken inside its head (the whole image where the head mask is empty).
     """
-    if not dataset.items:
-        raise DataError(f"test group {dataset.name!r} holds no images")
-    paths, row_image = _distinct(dataset.paths)
-    row_pairs = [dataset.masks(row) for row in range(len(dataset.items))]
-    row_masks = np.stack([mask.numpy() for mask, _ in row_pairs])
-    row_heads = np.stack([head.numpy() for _, head in row_pairs])
+    row_image, paths = pd.Series(dataset.paths).factorize()  # the distinct paths, in first-appearance order
+    pairs = [dataset.masks(row) for row in range(len(dataset.items))]  # (box, head) of every row
+    row_masks, row_heads = (torch.stack(part).numpy() for part in zip(*pairs))
     masks, heads = _union(row_image, row_masks), _union(row_image, row_heads)
     heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
     images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
@@ -116,25 +101,18 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
         if bar is not None:
             bar.update(len(batch["image"]))
     return GroupScores(
-        name=dataset.name, anomalous=dataset.anomalous, paths=paths, maps=np.concatenate(maps), masks=masks, heads=heads,
-        scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
+        name=dataset.name, anomalous=dataset.anomalous, paths=paths.tolist(), maps=np.concatenate(maps),
+        masks=masks, heads=heads, scores=np.concatenate(scores).astype(np.float64), display=np.concatenate(display),
         row_image=row_image, row_masks=row_masks, row_heads=row_heads,
     )
-
-
-def _localisation(threshold: float, maps: np.ndarray, masks: np.ndarray, heads: np.ndarray, row_maps: np.ndarray,
-                  row_masks: np.ndarray, row_heads: np.ndarray) -> dict[str, float]:
-    """(A) and (B) over the rows (one per annotation), the Dice columns over the distinct images."""
-    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(row_maps, row_masks, row_heads)
-    dice_best, best_threshold = best_dice(maps, masks, heads)
-    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "dice_best": dice_best,
-            "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold}
 
 
 def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: float,
                   field_threshold: float = NAN) -> dict[str, Any]:
     """One table row for a pathology group (see the module docstring for the protocols). A group
-    without masks (image level, e.g. the study's ``global`` slices) has image AUROC only."""
+    without masks (image level, e.g. the study's ``global`` slices) has image AUROC only. The field's
+    F1 and detection rate (:mod:`utils.evaluation.protocol`) need ``field_threshold`` and a box in
+    every row; columns left out are NaN in :func:`metrics_table`."""
     notes = [] if group.masks.any() else ["image-level group (no masks): (C) only"]
     reason = degenerate_reason(group.row_masks)
     if reason and group.masks.any():
@@ -143,13 +121,15 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if reason_b and not reason:
         notes.append(f"B: {reason_b} inside the head")
     pooled = [group] if normal is None else [group, normal]  # AUPRO: the group's images and the normal ones
-    row = {"group": group.name, "n_images": group.n_images, "n_rows": group.n_rows,
+    row = {"group": group.name, "n_images": group.n_images, "n_rows": len(group.row_image),
            "small_group": group.n_images <= SMALL_GROUP,
            "C_auroc": image_auroc(group.scores, normal.scores) if normal is not None else NAN,
            "aupro": aupro(np.concatenate([g.maps for g in pooled]), np.concatenate([g.masks for g in pooled]))}
-    row |= _localisation(threshold, group.maps, group.masks, group.heads, group.maps[group.row_image], group.row_masks,
-                         group.row_heads)
-    row["field_f1"], row["field_detection"] = _field_metrics(group, field_threshold)
+    row |= localisation(threshold, group.maps, group.masks, group.heads,
+                        rows=(group.maps[group.row_image], group.row_masks, group.row_heads))
+    if math.isfinite(field_threshold) and group.row_masks.any(axis=(1, 2)).all():  # the field's protocol: a box per row
+        detections = row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, field_threshold)
+        row["field_f1"], row["field_detection"] = group_means(detections)
     if normal is None:
         notes.append("C: no normal test images")
     if row["small_group"]:
@@ -158,28 +138,20 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     return row
 
 
-def _field_metrics(group: GroupScores, threshold: float) -> tuple[float, float]:
-    """The field's mean F1 and detection rate over the group's rows (:mod:`utils.evaluation.protocol`);
-    NaN without a threshold or when a row has no box (image-level groups)."""
-    if not math.isfinite(threshold) or not group.row_masks.any(axis=(1, 2)).all():
-        return NAN, NAN
-    return group_means(row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, threshold))
-
-
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
     """The row ``all``: every distinct test image once (normal ones included; an image in two
     groups with the union of its masks), pooled."""
     parts = list(groups.values())
-    paths, image = _distinct([path for group in parts for path in group.paths])
+    image, paths = pd.Series([path for group in parts for path in group.paths]).factorize()
     first = np.unique(image, return_index=True)[1]
     maps, heads, scores = (np.concatenate([getattr(g, name) for g in parts])[first] for name in ("maps", "heads", "scores"))
     masks = _union(image, np.concatenate([group.masks for group in parts]))
     anomalous = _union(image, np.repeat([group.anomalous for group in parts], [group.n_images for group in parts]))
     return {
-        "group": "all", "n_images": len(paths), "n_rows": int(sum(g.n_rows for g in parts)), "small_group": False,
+        "group": "all", "n_images": len(paths), "n_rows": sum(len(g.row_image) for g in parts), "small_group": False,
         "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps, masks),
         "field_f1": NAN, "field_detection": NAN, "note": "whole test set, every distinct image once (normal images included)",
-    } | _localisation(threshold, maps, masks, heads, maps, masks, heads)
+    } | localisation(threshold, maps, masks, heads)
 
 
 def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = NAN) -> pd.DataFrame:
@@ -228,13 +200,14 @@ class ImageUnits:
                          f"mean F1 {chosen['field_f1'].mean():.3f}, detection rate over their rows {rate:.3f}")
         return table, None, notes
 
-    def figures(self, reference: NormalReference, examples: int = EXAMPLES_PER_GROUP) -> dict[str, Figure]:
+    def figures(self, reference: NormalReference) -> dict[str, Figure]:
         """``examples_<group>``: a few images of each pathology group with their maps."""
         figures = {}
         for name, group in self.groups.items():
             if name == NORMAL:
                 continue
-            chosen = ([i for i in range(group.n_images) if group.masks[i].any()] or list(range(group.n_images)))[:examples]
+            masked = [i for i in range(group.n_images) if group.masks[i].any()]
+            chosen = (masked or list(range(group.n_images)))[:EXAMPLES_PER_GROUP]
             figures[f"examples_{name}"] = example_figure(
                 group.display[chosen].astype(np.float32), group.masks[chosen], group.maps[chosen],
                 threshold=reference.threshold, vmin=reference.vmin, vmax=reference.vmax, heads=group.heads[chosen],
@@ -250,14 +223,13 @@ class ImageUnits:
     def discard(self) -> None:
         """Nothing is staged for images."""
 
-    @staticmethod
-    def column_notes(settings: Settings) -> list[str]:
+    def column_notes(self) -> list[str]:
         """What the columns of ``metrics.md`` mean."""
         return [
             "(A) pixel AUROC / average precision (scikit-learn) over all pixels of the group's rows (one per "
             "annotation), whole image. (B) the same, only pixels inside the head mask.",
             f"(C) image AUROC: the group's distinct images against the normal test images; image score: "
-            f"`{settings.image_score}` of the map inside the head.",
+            f"`{self.settings.image_score}` of the map inside the head.",
             "AUPRO@0.3: per-region overlap integrated up to a false-positive rate of 0.3, normalised to [0, 1], "
             "over the group's images and the normal test images.",
             "Dice over the group's distinct images (union of boxes), inside the head. *Dice best is optimistic*: "

@@ -18,6 +18,7 @@ that differ, NaN or Inf scores) are one :class:`utils.errors.DataError` line (:f
   precision-recall curve). Chosen on the very pixels it is scored on, so it is optimistic.
 - :func:`normal_threshold`, :func:`dice_at`: a threshold from normal (validation) maps, a high
   percentile of their pixels, and the pooled Dice at a given threshold: an honest Dice.
+- :func:`localisation`: the columns (A), (B) and Dice of a table row, for images and volumes alike.
 - :func:`aupro`: the area under the per-region-overlap curve up to a false-positive rate of 0.3,
   as reported on MVTec AD (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021).
 """
@@ -34,16 +35,16 @@ from scipy import ndimage
 from ..errors import DataError
 
 NAN = float("nan")
-#: Ground-truth regions are 8-connected, as in the MVTec AD evaluation code and anomalib.
-REGION_STRUCTURE = np.ones((3, 3), dtype=int)
 
 
 def pixels(maps: np.ndarray, masks: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Flatten ``maps`` and ``masks`` (same shape) to 1-D finite scores and bool labels, keeping
     only the pixels where ``region`` is true (all pixels when ``region`` is None). Float scores keep
     their dtype: float32 maps sort in the order of their float64 values, without the copy."""
-    maps, masks, region = _checked(maps, masks, region)
+    maps = np.asarray(maps)
+    masks = checked_mask(masks, maps.shape, "masks")
     if region is not None:
+        region = checked_mask(region, maps.shape, "region")
         maps, masks = maps[region], masks[region]
     return finite(maps.ravel()), masks.ravel()
 
@@ -66,22 +67,11 @@ def finite(scores: np.ndarray, what: str = "scores") -> np.ndarray:
     return scores
 
 
-def _checked(maps, masks, region) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    maps = np.asarray(maps)
-    region = None if region is None else checked_mask(region, maps.shape, "region")
-    return maps, checked_mask(masks, maps.shape, "masks"), region
-
-
 def degenerate_reason(labels: np.ndarray) -> Optional[str]:
     """Why a ranking metric is undefined on the pixels' ``labels`` (bool), or ``None`` when it is defined."""
     labels = np.asarray(labels, dtype=bool)
-    if labels.size == 0:
-        return "no pixels"
-    if not labels.any():
-        return "no anomalous pixels"
-    if labels.all():
-        return "no normal pixels"
-    return None
+    reasons = {"no pixels": labels.size == 0, "no anomalous pixels": not labels.any(), "no normal pixels": labels.all()}
+    return next((reason for reason, undefined in reasons.items() if undefined), None)
 
 
 @dataclass(frozen=True)
@@ -150,8 +140,8 @@ def pixel_metrics_ab(maps: np.ndarray, masks: np.ndarray, region: np.ndarray) ->
     Each class is sorted in two disjoint parts, inside and outside ``region``: (B) reads the
     parts inside, (A) all of them.
     """
-    maps, masks, region = _checked(maps, masks, region)
-    scores, labels, inside = finite(maps.ravel()), masks.ravel(), region.ravel()
+    scores, labels = pixels(maps, masks)
+    inside = checked_mask(region, np.shape(maps), "region").ravel()
     positives = np.sort(scores[labels & inside]), np.sort(scores[labels & ~inside])
     negatives = np.sort(scores[~labels & inside]), np.sort(scores[~labels & ~inside])
     whole = Ranking(np.sort(np.concatenate(positives)), negatives)
@@ -188,6 +178,17 @@ def dice_at(maps: np.ndarray, masks: np.ndarray, threshold: float, region: Optio
     return 2.0 * int((predicted & labels).sum()) / (int(predicted.sum()) + positives)
 
 
+def localisation(threshold: float, maps: np.ndarray, masks: np.ndarray, heads: np.ndarray,
+                 rows: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> dict[str, float]:
+    """The localisation columns of a table row: (A) and (B) (:func:`pixel_metrics_ab`) over ``rows``
+    (maps, masks and heads with one entry per annotation; None: ``maps``, ``masks``, ``heads``), and
+    over ``maps`` inside ``heads`` the best Dice with its threshold and the Dice at ``threshold``."""
+    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(*(rows or (maps, masks, heads)))
+    dice_best, best_threshold = best_dice(maps, masks, heads)
+    return {"A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "dice_best": dice_best,
+            "dice_val_threshold": dice_at(maps, masks, threshold, heads), "best_threshold": best_threshold}
+
+
 def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, percentile: float = 99.0) -> float:
     """A decision threshold from maps of *normal* images: the ``percentile`` of their (region) pixels.
 
@@ -206,11 +207,9 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per pixel of ``masks`` ``(N, H, W)`` (flattened), ``1 / (|k| * regions)`` for a pixel of
     region ``k`` (else 0), and the number of regions: PRO(t) is the sum over pixels >= t."""
     stack = np.zeros((3, 3, 3), dtype=int)
-    stack[1] = REGION_STRUCTURE  # 8-connected within an image, never across images
+    stack[1] = 1  # 8-connected within an image (as MVTec AD's evaluation code, anomalib), never across images
     regions, count = ndimage.label(masks, structure=stack)
     regions = regions.ravel()
-    if count == 0:
-        return np.zeros(regions.size), 0
     return np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions], count
 
 

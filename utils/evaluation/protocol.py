@@ -78,8 +78,7 @@ def healthy_threshold(maps: np.ndarray, regions: Optional[np.ndarray] = None, sh
     maps = _finite_maps(maps)
     if not 0 < share < 1:
         raise DataError(f"share must lie in (0, 1), got {share}")
-    values = maps.ravel() if regions is None else maps[checked_mask(regions, maps.shape, "regions")]
-    values = np.sort(values)
+    values = np.sort(maps.ravel() if regions is None else maps[checked_mask(regions, maps.shape, "regions")])
     tried = np.unique(values) if candidates is None else np.sort(np.asarray(candidates, dtype=np.float64).ravel())
     above = values.size - np.searchsorted(values, tried, side="right")
     allowed = np.flatnonzero(above / maps.size <= share)
@@ -108,10 +107,8 @@ def row_detections(maps: np.ndarray, row_image: np.ndarray, row_masks: np.ndarra
     """
     maps = _finite_maps(maps)
     row_image = np.asarray(row_image)
-    if row_image.ndim != 1 or not np.issubdtype(row_image.dtype, np.integer):
-        raise DataError(f"row_image must be a 1-D integer index, got {row_image.dtype} of shape {row_image.shape}")
-    if row_image.size and (row_image.min() < 0 or row_image.max() >= len(maps)):
-        raise DataError(f"row_image indexes {int(row_image.min())}..{int(row_image.max())} outside the {len(maps)} maps")
+    if row_image.ndim != 1 or row_image.dtype.kind not in "iu" or not np.isin(row_image, range(len(maps))).all():
+        raise DataError(f"row_image must be a 1-D integer index into the {len(maps)} maps, got {row_image!r:.80}")
     shape = (row_image.size, *maps.shape[1:])
     boxes = checked_mask(row_masks, shape, "row_masks")
     healthy = checked_mask(row_heads, shape, "row_heads") & ~boxes

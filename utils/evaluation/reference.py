@@ -38,12 +38,13 @@ class NormalReference:
     field_threshold: float
 
     @classmethod
-    def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, percentile: float = VAL_PERCENTILE,
-                  region_kind: str = "given") -> "NormalReference":
-        values = np.asarray(maps, dtype=np.float32)[np.asarray(regions, dtype=bool)]
-        threshold = normal_threshold(values, None, percentile)
+    def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, region_kind: str) -> "NormalReference":
+        """From float32 ``maps`` ``(n, S, S)`` and their bool head ``regions``."""
+        values = maps[regions]
+        threshold = normal_threshold(values, None, VAL_PERCENTILE)
         low = float(np.percentile(values, 1.0))
-        return cls(source, region_kind, percentile, threshold, low, max(threshold, low + 1e-6), healthy_threshold(maps, regions))
+        return cls(source, region_kind, VAL_PERCENTILE, threshold, low, max(threshold, low + 1e-6),
+                   healthy_threshold(maps, regions))
 
 
 def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,4 +63,4 @@ def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None)
 def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:
     """:class:`NormalReference` of the normal validation ``dataset`` (:func:`reference_maps`)."""
     maps, regions = reference_maps(model, dataset, settings, bar)
-    return NormalReference.from_maps(maps, regions, source, region_kind="+".join(sorted(dataset.head_kinds)))
+    return NormalReference.from_maps(maps, regions, source, "+".join(sorted(dataset.head_kinds)))

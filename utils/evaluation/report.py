@@ -47,24 +47,20 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(_pipe_table(header, rows, ["---"] + ["---:"] * (len(header) - 1)))
 
 
-def _settings_line(run) -> str:
-    s = run.settings
-    data = f"manifest `{s.data.manifest}`" if s.data.format == "nifti" else f"data `{s.data.format}` at `{s.data.root}`"
-    return (f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
-            f"{s.input_size} px input, seed {s.seed}; {data}; model {run.model_source}.")
-
-
 def markdown(run) -> str:
     """``metrics.md``: settings line, the tables, what every column means, notes."""
-    ref, table = run.reference, run.table
-    lines = [f"# PaDiM evaluation `{run.name}`", "", _settings_line(run),
+    ref, table, s = run.reference, run.table, run.settings
+    data = f"manifest `{s.data.manifest}`" if s.data.format == "nifti" else f"data `{s.data.format}` at `{s.data.root}`"
+    lines = [f"# PaDiM evaluation `{run.name}`", "",
+             f"Backbone `{s.backbone}`, weights `{s.weights}`, layers {s.layers}, {s.kept_channels} channels, "
+             f"{s.input_size} px input, seed {s.seed}; {data}; model {run.model_source}.",
              f"Validation threshold {ref.threshold:.4g} ({ref.percentile:g}th percentile of {ref.source}, inside the head: "
              f"{ref.region_kind}).", ""]
     if run.unit_table is not None:
         units = run.unit_table.drop(columns=["best_threshold"])
         lines += _pipe_table(list(units.columns), [[_fmt(v) for v in row] for row in units.itertuples(index=False)],
                              ["---"] * units.shape[1]) + [""]
-    lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes(run.settings)]
+    lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes()]
     lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
              if row["note"] and row["group"] not in SUMMARY_ROWS and not str(row["note"]).startswith(("only ", "mean over"))]

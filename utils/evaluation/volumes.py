@@ -27,13 +27,15 @@ from ..data import DataBundle
 from ..data.volumes import VolumeEntry, read_volume, score_volume, write_map
 from ..files import staging_folder
 from ..padim import Padim
-from .metrics import NAN, auroc_ap, best_dice, dice_at, pixel_metrics_ab
+from .metrics import NAN, auroc_ap, localisation
 from .plotting import planes_figure, volume_planes
 from .reference import NormalReference
 from .table import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, with_mean_row
 
 #: Test volumes shown in the figures.
 FIGURE_VOLUMES = 3
+#: A test volume's metrics, in the order of volumes.csv (where ``dice_best`` is ``dice_best_optimistic``).
+VOLUME_METRICS = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_val_threshold", "dice_best", "best_threshold")
 
 
 def slice_scores(anomaly: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -50,23 +52,18 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
     - ``C_auroc``: slice level over the kept slices, slices with lesion voxels against slices
       without, slice score = max of the map inside the brain;
     - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
-    - ``dice_best_optimistic``: the best Dice over all thresholds, chosen on this volume itself.
+    - ``dice_best`` (with its ``best_threshold``): the best Dice over all thresholds, chosen on this volume itself.
 
     A volume none of whose slices was scored has no metric: NaN, and a ``note`` that says why.
     """
     counts = {"lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum())}
     if not kept.any():
-        names = ("A_auroc", "A_ap", "B_auroc", "B_ap", "C_auroc", "dice_val_threshold", "dice_best_optimistic", "best_threshold")
-        return counts | dict.fromkeys(names, NAN) | {"note": "no slice scored: none has data.min_brain_fraction of brain"}
-    a_auroc, a_ap, b_auroc, b_ap = pixel_metrics_ab(anomaly, label, brain)
+        note = "no slice scored: none has data.min_brain_fraction of brain"
+        return counts | dict.fromkeys(VOLUME_METRICS, NAN) | {"note": note}
+    found = localisation(threshold, anomaly, label, brain)
     slices = np.flatnonzero(kept)
-    c_auroc = auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
-    dice_best, best_threshold = best_dice(anomaly, label, brain)
-    return counts | {
-        "A_auroc": a_auroc, "A_ap": a_ap, "B_auroc": b_auroc, "B_ap": b_ap, "C_auroc": c_auroc,
-        "dice_val_threshold": dice_at(anomaly, label, threshold, brain),
-        "dice_best_optimistic": dice_best, "best_threshold": best_threshold, "note": "",
-    }
+    found["C_auroc"] = auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
+    return counts | {name: found[name] for name in VOLUME_METRICS} | {"note": ""}
 
 
 class VolumeUnits:
@@ -114,13 +111,14 @@ class VolumeUnits:
         and no notes: AUPRO and the field's protocol (2-D slices with boxes) are not computed for volumes."""
         volumes = pd.DataFrame(self.rows)
         groups = []
-        for name, part in volumes.rename(columns={"dice_best_optimistic": "dice_best"}).groupby("group", sort=False):
+        for name, part in volumes.groupby("group", sort=False):
             unscored = int(part["A_auroc"].isna().sum())
             left_out = f" ({unscored} without a scored slice: left out of the means)" if unscored else ""
             groups.append({column: float(part[column].mean()) for column in METRIC_COLUMNS if column in part} | {
                 "group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
                 "small_group": len(part) <= SMALL_GROUP, "note": f"mean over {len(part)} volumes{left_out}"})
-        return with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS))), volumes, []
+        table = with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS)))
+        return table, volumes.rename(columns={"dice_best": "dice_best_optimistic"}), []
 
     def figures(self, reference: NormalReference) -> dict[str, Figure]:
         """``volume_<case>``: three orthogonal views through the lesion (its centre of mass) of the first
@@ -147,8 +145,7 @@ class VolumeUnits:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
-    @staticmethod
-    def column_notes(settings: Settings) -> list[str]:
+    def column_notes(self) -> list[str]:
         return [
             "A: voxel AUROC / AP over the whole volume; B: inside the brain; C: slice level (slices with lesion voxels "
             "against slices without, slice score = the map's maximum inside the brain).",

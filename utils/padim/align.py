@@ -108,11 +108,10 @@ def to_canonical(images: torch.Tensor, masks: torch.Tensor, similarity: bool = T
 def _background(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``(N, C, 1, 1)``: per image and channel, the median outside the head (of the whole image
     when the head covers it)."""
-    values = []
-    for image, mask in zip(images, masks.to(images.device)):
-        outside = ~mask if bool((~mask).any()) else torch.ones_like(mask)
-        values.append(image[:, outside].median(dim=1).values)
-    return torch.stack(values)[:, :, None, None]
+    masks = masks.to(images.device)
+    outside = ~masks | masks.flatten(1).all(dim=1)[:, None, None]
+    values = images.masked_fill(~outside.unsqueeze(1), float("nan")).flatten(2).nanmedian(dim=2).values
+    return values[:, :, None, None]
 
 
 def from_canonical(maps: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:

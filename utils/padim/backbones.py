@@ -46,10 +46,6 @@ class CpuForward:
     channels_last: bool = True
     pixels: int = 8 * 128 * 128
 
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
     def micro_batch(self, size: Sequence[int]) -> int:
         """Images per network pass for images of ``size`` (height, width)."""
         return self.images or max(1, self.pixels // (size[0] * size[1]))

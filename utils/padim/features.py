@@ -63,11 +63,9 @@ def exact_float32(device: torch.device) -> Iterator[None]:
     and the fitted covariances' inverses by 8 %; without TF32 the difference was 4e-6 (bench/results-cuda.json).
     The user's global flags are restored on exit.
     """
-    if device.type != "cuda":
-        yield
-        return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
@@ -102,21 +100,19 @@ class PatchEmbedder(nn.Module):
             self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
         self.cpu_plan = cpu_forward(settings.cpu_micro_batch, settings.cpu_channels_last)
-        self._weights_format = torch.contiguous_format
 
     def layout(self, images: torch.Tensor) -> tuple[int, torch.memory_format]:
         """``(images per network pass, memory format)`` for this batch on its device."""
         if images.device.type != "cpu":
             return max(1, len(images)), torch.contiguous_format
-        return self.cpu_plan.micro_batch(images.shape[-2:]), self.cpu_plan.memory_format
+        memory_format = torch.channels_last if self.cpu_plan.channels_last else torch.contiguous_format
+        return self.cpu_plan.micro_batch(images.shape[-2:]), memory_format
 
     def chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """``images`` as the network sees them: micro-batches in the chosen memory format (the
         network's weights are moved to that format too)."""
         size, memory_format = self.layout(images)
-        if memory_format != self._weights_format:
-            self.extractor.to(memory_format=memory_format)
-            self._weights_format = memory_format
+        self.extractor.to(memory_format=memory_format)  # no copy when the weights are in that format already
         for chunk in images.split(size):
             yield chunk.contiguous(memory_format=memory_format)
 

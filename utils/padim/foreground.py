@@ -44,10 +44,8 @@ def foreground_mask(image: torch.Tensor) -> torch.Tensor:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (total_mean * weight - total * mean) ** 2 / (weight * (total - weight))
     threshold = centres[int(np.nanargmax(between[:-1]))]
-    labels, count = ndimage.label(array > threshold)
-    if count == 0:
-        return torch.ones(image.shape, dtype=torch.bool)
-    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))))
+    labels = ndimage.label(array > threshold)[0]  # never empty: the brightest pixel lies above the threshold
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     region = ndimage.binary_fill_holes(labels == largest)
     if region.sum() < 0.01 * region.size:
         return torch.ones(image.shape, dtype=torch.bool)

@@ -82,8 +82,6 @@ def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radi
     if radius <= 0:
         return stats
     positions, dim = stats.mean.shape
-    if positions != height * width:
-        raise PadimError(f"statistics hold {positions} positions, not a {height} x {width} grid")
     n = stats.count
     means = stats.mean.view(height, width, dim)
     scatters = stats.scatter.view(height, width, dim, dim)
@@ -129,29 +127,27 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     buffer receives the result (the fit's peak memory stays at one ``(P, d, d)`` buffer) and
     ``stats`` is consumed.
     """
-    if stats.count == 0:
-        raise PadimError("no training samples were accumulated: the training set is empty")
-    if stats.count < 0:
-        raise PadimError("these statistics were consumed by an in-place regularised_whitening")
+    count = stats.count
+    if count <= 0:
+        raise PadimError("these statistics were consumed by an in-place regularised_whitening" if count < 0
+                         else "no training samples were accumulated: the training set is empty")
+    if in_place:
+        stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
     positions, dim, _ = stats.scatter.shape
     out = stats.scatter if in_place else torch.empty_like(stats.scatter)
-    work_dtype = torch.float64 if stats.count - 1 < dim else stats.scatter.dtype
+    work_dtype = torch.float64 if count - 1 < dim else stats.scatter.dtype
     identity = torch.eye(dim, dtype=work_dtype, device=out.device)
     for start in range(0, positions, chunk):
-        covariance = stats.scatter[start : start + chunk].to(work_dtype) / max(stats.count - 1, 1)
+        covariance = stats.scatter[start : start + chunk].to(work_dtype) / max(count - 1, 1)
         covariance.diagonal(dim1=1, dim2=2).add_(epsilon)
         factor, info = torch.linalg.cholesky_ex(covariance)
         if bool((info != 0).any()):
-            if in_place:
-                stats.count = -1  # part of the scatter is overwritten already
             bad = start + int(torch.nonzero(info)[0])
             raise PadimError(
                 f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
                 "(non-finite features?); check the input images or raise `epsilon`"
             )
         out[start : start + chunk] = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
-    if in_place:
-        stats.count = -1  # the scatter is gone: guard against reuse
     return out
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import Settings
 from ..errors import DataError, ModelFileError
-from .model_file import ModelState, check_input_kind, load_state, save_state
+from .model_file import ModelState, load_state, save_state
 from .align import align_batch, from_canonical
 from .features import PatchEmbedder, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
@@ -36,27 +36,22 @@ class ScoreResult:
     scores: np.ndarray
 
 
-def checked_batch(batch: Any, size: int) -> torch.Tensor:
-    """``batch`` if it is a finite float tensor ``(N, 3, size, size)``, else one :class:`DataError`."""
-    if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise DataError(f"expected preprocessed images of shape (N, 3, {size}, {size}), got {shape}")
-    if not batch.is_floating_point():
-        raise DataError(f"expected float images (preprocessed), got dtype {batch.dtype}")
-    if not bool(torch.isfinite(batch).all()):
-        raise DataError("input images contain NaN or Inf values")
-    return batch
-
-
 def batches(images: ImageSource, settings: Settings, desc: str, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(images (N, 3, S, S), heads (N, S, S) bool or None)`` per batch. The heads are needed only
-    for alignment and background masking: taken from the batch's ``foreground`` (estimated once
-    in the data path, :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
+    """``(images (N, 3, S, S), heads (N, S, S) bool or None)`` per batch, each batch a finite float
+    tensor of that shape (else one :class:`DataError`). The heads are needed only for alignment and
+    background masking: taken from the batch's ``foreground`` (estimated once in the data path,
+    :func:`utils.data.preprocess.prepare`), else estimated here from the input."""
     if isinstance(images, torch.Tensor):
         images = images.split(settings.batch_size)
+    size = settings.input_size
     for batch in tqdm(images, desc=desc, disable=not progress, unit="batch", leave=False):
         heads = batch.get("foreground") if isinstance(batch, Mapping) else None
-        batch = checked_batch(batch["image"] if isinstance(batch, Mapping) else batch, settings.input_size)
+        batch = batch["image"] if isinstance(batch, Mapping) else batch
+        if not isinstance(batch, torch.Tensor) or batch.shape[1:] != (3, size, size) or not batch.is_floating_point():
+            got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise DataError(f"expected preprocessed float images of shape (N, 3, {size}, {size}), got {got}")
+        if not bool(torch.isfinite(batch).all()):
+            raise DataError("input images contain NaN or Inf values")
         if heads is None and settings.estimates_head:
             heads = head_masks(batch)
         yield batch, heads
@@ -123,13 +118,10 @@ class Padim:
             raise DataError("cannot fit PaDiM: the training set is empty")
         with torch.inference_mode():
             self.train_count = stats.count
-            if self.settings.spatial_pooling:
-                grid = self.settings.feature_size
-                stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)
+            grid = self.settings.feature_size
+            stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)  # radius 0: stats as they are
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
-                if self._moments is None:
-                    raise DataError("covariance_shrinkage ledoit_wolf needs the fit's moments: fit with fit() or accumulate()")
                 shrinkage = ledoit_wolf_shrinkage(stats, self._moments)
                 shrink_scatter(stats, shrinkage)
                 self.shrinkage = float(shrinkage.mean())
@@ -177,11 +169,6 @@ class Padim:
             raise DataError(f"region shape {tuple(region.shape)} does not match maps {tuple(all_maps.shape)}")
         scores = image_scores(all_maps, self.settings.image_score, region)
         return ScoreResult(all_maps.numpy(), scores.numpy())
-
-    def check_input(self, volumes: bool) -> None:
-        """Refuse inputs of the other kind than this model was fitted on: ``volumes`` true for NIfTI
-        volumes, false for plain images (:func:`utils.padim.model_file.check_input_kind`)."""
-        check_input_kind(self.settings, volumes, "this model")
 
     def _require_fitted(self) -> None:
         if self.whitening is None:

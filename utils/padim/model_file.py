@@ -13,6 +13,7 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -50,13 +51,9 @@ def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
     other kind of input (:func:`check_input_kind`), or naming every model-defining setting in which
     it differs from the requested settings."""
     check_input_kind(stored, requested.data.format == "nifti", what)
-    differences = [
-        f"{key}: {getattr(stored, key)!r} vs config {getattr(requested, key)!r}"
-        for key in MODEL_KEYS if getattr(stored, key) != getattr(requested, key)
-    ] + [
-        f"data.{key}: {getattr(stored.data, key)!r} vs config {getattr(requested.data, key)!r}"
-        for key in MODEL_DATA_KEYS if getattr(stored.data, key) != getattr(requested.data, key)
-    ]
+    keys = MODEL_KEYS + tuple(f"data.{key}" for key in MODEL_DATA_KEYS)
+    values = {key: (attrgetter(key)(stored), attrgetter(key)(requested)) for key in keys}
+    differences = [f"{key}: {old!r} vs config {new!r}" for key, (old, new) in values.items() if old != new]
     if differences:
         raise ModelFileError(f"{what} was fitted with other settings ({'; '.join(differences)}); refit or fix the config")
 
@@ -162,9 +159,7 @@ def load_state(path: str | os.PathLike, settings: Settings | None = None) -> Mod
         raise ModelFileError(f"{path} is damaged: its settings cannot be read ({str(exc).splitlines()[0][:200]})") from None
     if settings is not None:
         check_compatible(stored, settings, path)
-        run_time = {k: v for k, v in settings.to_dict().items() if k not in MODEL_KEYS}
-        run_time["data"] = {**run_time["data"], **{k: getattr(stored.data, k) for k in MODEL_DATA_KEYS}}
-        stored = stored.replace(**run_time)
+        stored = settings  # equal in every model-defining key; the run-time keys are the request's
     positions, dim = stored.feature_size**2, stored.kept_channels
     expected = channel_selection(stored)[0]
     indices = _tensor(payload, "channel_indices", tuple(expected.shape), (torch.int64,), path)

@@ -32,15 +32,15 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
     return squared.sqrt().T.reshape(n, h, w)
 
 
-def _clipped_kernel(sigma: float, height: int, width: int) -> tuple[torch.Tensor, int]:
+def _clipped_kernel(sigma: float, size: int) -> tuple[torch.Tensor, int]:
     """The normalised 1-D Gaussian of radius ``round(4 sigma)`` that scipy.ndimage uses, its radius
-    clipped to ``min(height, width) - 1`` (renormalised) so that mirroring stays inside small maps,
+    clipped to ``size - 1`` (renormalised) so that mirroring stays inside small ``size x size`` maps,
     and that radius: ``scipy.ndimage.gaussian_filter(m, sigma, mode="mirror", radius=...)``."""
     full_radius = int(4.0 * sigma + 0.5)
     x = torch.arange(-full_radius, full_radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    radius = min(full_radius, height - 1, width - 1)
+    radius = min(full_radius, size - 1)
     kernel = kernel[full_radius - radius : full_radius + radius + 1]
     return kernel / kernel.sum(), radius
 
@@ -55,22 +55,19 @@ def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torc
     1-D blur on unit inputs in float64). Same maps as the two steps (to float rounding), ~10x
     faster on CPU.
     """
-    h, w = distances.shape[-2:]
-    rows = _map_operator(h, image_size, image_size, float(sigma), distances.dtype, distances.device, axis=0)
-    cols = _map_operator(w, image_size, image_size, float(sigma), distances.dtype, distances.device, axis=1)
+    rows, cols = (_map_operator(cells, image_size, float(sigma), distances.dtype, distances.device)
+                  for cells in distances.shape[-2:])
     return torch.matmul(torch.matmul(rows, distances), cols.T)
 
 
-def _map_operator(cells: int, height: int, width: int, sigma: float, dtype: torch.dtype, device: torch.device,
-                  axis: int) -> torch.Tensor:
-    """``(size, cells)`` matrix of upsampling + blur along ``axis`` (0: rows, 1: columns) of an
-    ``height x width`` map, from the reference operations applied to unit inputs."""
+def _map_operator(cells: int, size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(size, cells)`` matrix of upsampling + blur along one axis of a ``size x size`` map, from
+    the reference operations applied to unit inputs."""
     units = torch.eye(cells, dtype=torch.float64).view(cells, 1, cells, 1)  # unit i along this axis
-    size = height if axis == 0 else width
     line = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # (cells, size)
     if sigma > 0:
         # The 2-D blur is separable: along this axis it is the 1-D pass with the clipped kernel.
-        kernel, radius = _clipped_kernel(sigma, height, width)
+        kernel, radius = _clipped_kernel(sigma, size)
         line = F.conv1d(F.pad(line.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
     return line.T.to(dtype=dtype, device=device).contiguous()
 
@@ -86,6 +83,5 @@ def image_scores(maps: torch.Tensor, method: str = "max", region: torch.Tensor |
         flat = flat.masked_fill(~region.flatten(1).bool(), float("-inf"))
     if method == "max":
         return flat.max(dim=1).values
-    counts = flat.isfinite().sum(dim=1) if region is not None else torch.full((flat.shape[0],), flat.shape[1])
-    k = max(1, math.ceil(0.01 * int(counts.min())))
+    k = max(1, math.ceil(0.01 * int(flat.isfinite().sum(dim=1).min())))  # 1 % of the smallest region's pixels
     return flat.topk(k, dim=1).values.mean(dim=1)

@@ -57,17 +57,18 @@ class FourthMoments:
         return self.sum_a2 - 4 * (u * self.sum_ay).sum(dim=1) + 4 * quadratic + 2 * c * self.sum_a + self.count * c.square()
 
 
-def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments) -> torch.Tensor:
+def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments | None) -> torch.Tensor:
     """``(P,)`` Ledoit-Wolf shrinkage coefficients in [0, 1], as ``sklearn.covariance.ledoit_wolf_shrinkage``
     computes them on each position's samples (centred, biased covariance ``S = scatter / n``)::
 
         mu = tr S / d,  delta = ||S - mu I||_F^2 / d,
         beta = min(delta, (sum_k ||x_k - mean||^4 / n - ||S||_F^2) / (d n)),  a = beta / delta
     """
-    if moments.count != stats.count or moments.shift is None:
+    held = 0 if moments is None else moments.count
+    if held != stats.count or not held:
         raise DataError(
-            f"Ledoit-Wolf shrinkage needs the moments of all {stats.count} training samples, but they hold "
-            f"{moments.count}: covariance_shrinkage ledoit_wolf is supported in single-process fits only"
+            f"Ledoit-Wolf shrinkage needs the moments of all {stats.count} training samples, but they hold {held}: "
+            "covariance_shrinkage ledoit_wolf is supported in single-process fits (accumulate() or fit()) only"
         )
     n, dim = stats.count, stats.mean.shape[1]
     trace = torch.empty(len(stats.mean), dtype=torch.float64, device=stats.mean.device)
