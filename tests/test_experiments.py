@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from experiments import image_score_probe, synthetic_val, threshold_probe
+from experiments import global_probe, image_score_probe, synthetic_val, threshold_probe
 from utils.data.demo.brains import DemoCounts, generate_demo
 
 EXPERIMENTS = pathlib.Path(ROOT) / "experiments"
@@ -91,6 +91,17 @@ def test_image_score_probe_prints_every_score_as_an_auroc(demo_config, capsys):
     expected = ["max", *(f"top{p:g}" for p in image_score_probe.TOP_PERCENT), "gauss", "max+gauss"]
     assert [line.split("\t")[0] for line in lines] == expected
     assert all(_unit(_numbers(line, "val C") + _numbers(line, "(C) mean")) for line in lines), lines
+
+
+def test_global_probe_prints_an_auroc_per_change_and_finds_a_ghost(demo_config, capsys):
+    global_probe.main([demo_config])  # the demo set has no global test groups: validation only
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["max", *(f"top{p:g}" for p in image_score_probe.TOP_PERCENT),
+                                                       "gauss", "max+gauss"]
+    for line in lines:
+        values = [_numbers(line, name)[0] for name in global_probe.CHANGES]
+        assert _unit(values) and _numbers(line, "mean")[0] == pytest.approx(np.mean(values), abs=1e-3), line
+    assert _numbers(lines[0], "ghost")[0] > 0.5, "a ghost copy of the head raises the map's maximum"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
