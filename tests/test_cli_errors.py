@@ -94,11 +94,11 @@ def test_sigterm_is_a_clean_interruption(tmp_path):
         import os, signal, sys, threading
         sys.path.insert(0, {ROOT!r})
         import utils.cli as cli
-        def slow(args):
+        def slow(args, settings):
             threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
             threading.Event().wait(30)
         cli.COMMANDS["fit"] = slow
-        sys.exit(cli.main(["fit"]))
+        sys.exit(cli.main(["fit", "--config", os.path.join({ROOT!r}, "config.yaml")]))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130, done.stderr

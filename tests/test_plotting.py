@@ -150,13 +150,13 @@ def test_auroc_bar_plot_draws_one_bar_per_finite_value_and_a_chance_line():
     assert ax.get_title() == "bars"
 
 
-def test_heatmap_figure_uses_the_given_scale_or_zero_to_max():
+@pytest.mark.parametrize("scale", [1.0, 0.0])
+def test_heatmap_figure_scales_from_zero_to_the_maximum_of_its_map(scale):
     displays, _, maps, _ = example_inputs(rows=1)
-    fixed = P.heatmap_figure(displays[0], maps[0], vmin=1.0, vmax=3.0)
-    assert [ax.get_ylim() for ax in colour_bars(fixed)] == [(1.0, 3.0)]
-    np.testing.assert_allclose(panel(fixed, 0, 0), np.repeat(displays[0][..., None], 3, axis=2))
-    default = P.heatmap_figure(displays[0], maps[0])
-    assert [ax.get_ylim() for ax in colour_bars(default)] == [(0.0, pytest.approx(float(maps[0].max())))]
+    figure = P.heatmap_figure(displays[0], maps[0] * scale)
+    np.testing.assert_allclose(panel(figure, 0, 0), np.repeat(displays[0][..., None], 3, axis=2))
+    top = float(maps[0].max()) if scale else 1.0  # a flat map: a unit scale, not an empty one
+    assert [ax.get_ylim() for ax in colour_bars(figure)] == [(0.0, pytest.approx(top))]
 
 
 MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF", ".svg": b"<?xml"}

@@ -160,7 +160,7 @@ class Interrupting:
 real_save = torch.save
 model_file.torch.save = lambda payload, stream: real_save(payload, Interrupting(stream))
 
-def fit(args):
+def fit(args, settings):
     settings = Settings(image_size=64, output_dimension=None, device="cpu")
     model = Padim(settings)
     model.mean = torch.zeros(settings.feature_size ** 2, settings.kept_channels)
@@ -170,7 +170,7 @@ def fit(args):
     return 0
 
 cli.COMMANDS["fit"] = fit
-sys.exit(cli.main(["fit"]))
+sys.exit(cli.main(["fit", "--config", os.path.join({root!r}, "config.yaml")]))
 """
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Sequence
 
 from .boundary import OneLineParser, run_command
-from .config import load_config
+from .config import Settings, load_config
 from .distributed import DistributedContext
 from .errors import ConfigError
 from .evaluation import run_evaluation, run_fit
@@ -49,8 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit(args: argparse.Namespace) -> int:
-    settings = load_config(args.config)
+def _fit(args: argparse.Namespace, settings: Settings) -> int:
     output = args.output
     if output == "":
         raise ConfigError("--output is empty; give the model file's path, e.g. model.pt")
@@ -77,8 +76,7 @@ def _writable_results(folder: str) -> None:
         raise ConfigError(f"results_dir {folder}{where}: {exc.strerror}") from None
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    settings = load_config(args.config)
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     _writable_results(settings.results_dir)  # before the work, not after it
     run = run_evaluation(settings, model_path=args.model, progress=not args.quiet,
                          figures=not args.no_figures, save_model=not args.no_save_model, maps=not args.no_maps)
@@ -87,8 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    settings = load_config(args.config)
+def _predict(args: argparse.Namespace, settings: Settings) -> int:
     if not DistributedContext.from_settings(settings).is_main:  # under torchrun rank 0 predicts, as one process
         return 0
     for line in predict(settings, args.model, args.input, args.output, progress=not args.quiet):
@@ -101,4 +98,4 @@ COMMANDS = {"fit": _fit, "evaluate": _evaluate, "predict": _predict}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return run_command(lambda: COMMANDS[args.command](args))
+    return run_command(lambda: COMMANDS[args.command](args, load_config(args.config)))

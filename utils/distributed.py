@@ -77,7 +77,7 @@ class DistributedContext:
         """Read the torchrun environment; the backend follows the device ``settings`` resolve to.
         Nothing is initialised until the context is entered (``with``)."""
         world, rank = _env_number("WORLD_SIZE", 1), _env_number("RANK", 0)
-        if world < 1 or not 0 <= rank < world:
+        if rank >= world:  # both are integers >= 0 (_env_number): this also refuses WORLD_SIZE=0
             raise DistributedError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
         if world == 1:
             return cls()

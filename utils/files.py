@@ -202,16 +202,15 @@ def _swap(staging: str, target: str, replace: bool) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+#: What a path that is no regular file is: the first of these that holds, else "not found".
+NOT_A_FILE = ((os.path.isfile, ""), (os.path.isdir, "is a folder, not a file"),
+              (os.path.lexists, "is not a regular file (a broken link, device or pipe)"))
+
+
 def file_problem(path: str | os.PathLike) -> str:
     """Why ``path`` cannot be read as a file ("not found", "is a folder, not a file", ...), or ""
     if it is a regular file: one wording for every place that expects a file."""
-    if os.path.isfile(path):
-        return ""
-    if os.path.isdir(path):
-        return "is a folder, not a file"
-    if os.path.lexists(path):
-        return "is not a regular file (a broken link, device or pipe)"
-    return "not found"
+    return next((problem for holds, problem in NOT_A_FILE if holds(path)), "not found")
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:

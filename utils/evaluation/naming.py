@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
 
 from ..config import Settings
 
@@ -15,30 +14,6 @@ from ..config import Settings
 RUN_NAME_VERSION = 4
 #: Settings that change neither the model nor any number in the results (excluded from the run name).
 RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension", "cpu_micro_batch", "cpu_channels_last")
-
-
-def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
-    """Every setting that can change a result, canonicalised, and the fingerprint of the files the
-    run reads (:func:`utils.data.fingerprint`): what :func:`run_name` hashes.
-
-    Excluded: device, batch size, the CPU micro-batch and memory format, results folder, worker
-    count and the ``target_dimension`` check, which change no number (beyond float rounding).
-    ``data.root`` is normalised (``./data/x/`` = ``data/x``); ``data.demo_seed`` counts only for the demo format. A weights file is identified by its
-    path and content hash, so replacing the file changes the name; so do images added to, removed
-    from or rewritten in the data under the same config.
-    """
-    identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
-    data = identity["data"]
-    data.pop("num_workers")
-    data["root"] = os.path.normpath(data["root"])
-    if data["format"] != "demo":
-        data.pop("demo_seed", None)
-    if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
-        with open(settings.weights, "rb") as handle:
-            identity["weights_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
-    identity["data_fingerprint"] = data_fingerprint
-    identity["run_name_version"] = RUN_NAME_VERSION
-    return identity
 
 
 def _slug(text: str) -> str:
@@ -49,10 +24,27 @@ def run_name(settings: Settings, data_fingerprint: str) -> str:
     """``<format>-<backbone>-<weights>-<size>px-d<channels>-seed<seed>-<hash>``.
 
     The readable prefix names the main choices; the 10-hex-digit hash covers the canonical JSON of
-    :func:`run_identity`. Identical settings on identical files give the same name; anything that
-    changes a result gives another name, so a results folder never describes two runs.
+    every setting that can change a result and the fingerprint of the files the run reads
+    (:func:`utils.data.fingerprint`). Identical settings on identical files give the same name;
+    anything that changes a result gives another name, so a results folder never describes two runs.
+
+    Excluded: device, batch size, the CPU micro-batch and memory format, results folder, worker
+    count and the ``target_dimension`` check, which change no number (beyond float rounding).
+    ``data.root`` is normalised (``./data/x/`` = ``data/x``); ``data.demo_seed`` counts only for the
+    demo format. A weights file is identified by its path and content hash, so replacing the file
+    changes the name; so do images added to, removed from or rewritten in the data under the same config.
     """
-    canonical = json.dumps(run_identity(settings, data_fingerprint), sort_keys=True, separators=(",", ":"))
+    identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
+    data = identity["data"]
+    data.pop("num_workers")
+    data["root"] = os.path.normpath(data["root"])
+    if data["format"] != "demo":
+        data.pop("demo_seed", None)
+    if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
+        with open(settings.weights, "rb") as handle:
+            identity["weights_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+    identity |= {"data_fingerprint": data_fingerprint, "run_name_version": RUN_NAME_VERSION}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]
     weights = settings.weights if settings.weights in ("imagenet", "random") else os.path.splitext(os.path.basename(settings.weights))[0]
     prefix = f"{settings.data.format}-{settings.backbone}-{_slug(weights)[:24]}-{settings.input_size}px-d{settings.kept_channels}-seed{settings.seed}"

@@ -24,6 +24,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import text_to_path
 
 from ..files import atomic_writer
+from .table import SUMMARY_ROWS
 
 HEAT_CMAP = "jet"
 HEAT_LABEL = "Mahalanobis distance"
@@ -48,7 +49,6 @@ FORMATS = {".png": {"pil_kwargs": {"compress_level": 3}}, ".pdf": {}, ".svg": {}
 #: Legend names of the AUROC columns.
 PROTOCOL_NAMES = {"A_auroc": "(A) pixel, whole image", "B_auroc": "(B) pixel, inside head",
                   "C_auroc": "(C) image vs normal"}
-NOT_A_GROUP = ("mean", "all")
 
 
 def _rgb(display: np.ndarray) -> np.ndarray:
@@ -112,13 +112,6 @@ def _outline(ax, mask: np.ndarray, colour: str = GT_COLOUR) -> None:
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8)
 
 
-def _scale(heat: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> tuple[float, float]:
-    """``vmin..vmax`` when given, else ``0..max(heat)``: an absolute scale from zero, not a min-max stretch."""
-    low = 0.0 if vmin is None else float(vmin)
-    high = float(np.max(heat)) if vmax is None else float(vmax)
-    return low, (high if np.isfinite(high) and high > low else low + 1.0)
-
-
 def _fitted_label(label: str) -> str:
     """``label`` in at most two lines that fit along a panel's side (broken at the ``_``, ``-``,
     ``.`` or space nearest the middle, else at the middle), so row labels never reach the next row."""
@@ -131,17 +124,9 @@ def _fitted_label(label: str) -> str:
     return "\n".join(part if len(part) <= LABEL_CHARS else part[:LABEL_CHARS - 1] + "…" for part in parts)
 
 
-def example_figure(
-    displays: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    threshold: float,
-    vmin: float,
-    vmax: float,
-    heads: Optional[Sequence[np.ndarray]] = None,
-    labels: Optional[Sequence[str]] = None,
-    title: str = "",
-) -> Figure:
+def example_figure(displays: Sequence[np.ndarray], masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                   threshold: float, vmin: float, vmax: float, heads: Optional[Sequence[np.ndarray]] = None,
+                   labels: Optional[Sequence[str]] = None, title: str = "") -> Figure:
     """One row per example: image | ground-truth outline | heat-map | overlay | map >= threshold.
 
     Args:
@@ -174,17 +159,18 @@ def example_figure(
     return figure
 
 
-def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_auroc"), title: str = "") -> Figure:
+def auroc_bar_plot(table, title: str = "") -> Figure:
     """Per-group AUROC bars, one colour per protocol, on a 0-1 axis with a dashed line at chance.
 
     ``table``: a DataFrame with a ``group`` column (rows ``mean``/``all`` allowed) and the AUROC
-    ``columns``; groups flagged in an optional ``small_group`` column get a dagger; a missing
-    value (NaN) draws no bar. A fixed layout, its left margin the longest group name's width.
+    columns of :data:`PROTOCOL_NAMES` (those present are drawn); groups flagged in an optional
+    ``small_group`` column get a dagger; a missing value (NaN) draws no bar. A fixed layout, its left
+    margin the longest group name's width.
     """
     names = [str(g) for g in table["group"]]
     small = list(table["small_group"]) if "small_group" in table else [False] * len(names)
-    labels = [f"{n} †" if s and n not in NOT_A_GROUP else n for n, s in zip(names, small)]
-    present = [c for c in columns if c in table]
+    labels = [f"{n} †" if s and n not in SUMMARY_ROWS else n for n, s in zip(names, small)]
+    present = [c for c in PROTOCOL_NAMES if c in table]
     height = 0.8 / max(1, len(present))
     font = FontProperties(size=GROUP_POINTS)
     widths = [text_to_path.get_text_width_height_descent(label, font, False)[0] for label in labels]
@@ -197,35 +183,34 @@ def auroc_bar_plot(table, columns: Sequence[str] = ("A_auroc", "B_auroc", "C_aur
         values = table[column].to_numpy(dtype=float)
         drawn = np.isfinite(values)
         ax.barh(rows[drawn] - 0.4 + (k + 0.5) * height, values[drawn], height=height,
-                label=PROTOCOL_NAMES.get(column, column))
+                label=PROTOCOL_NAMES[column])
     ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_yticks(rows, labels, fontsize=GROUP_POINTS)
-    ax.set(xlim=(0, 1), ylim=(len(names) - 0.5, -0.5), xlabel="AUROC (0.5 = chance)")  # first group on top
+    # the first group on top, the grid behind the bars
+    ax.set(xlim=(0, 1), ylim=(len(names) - 0.5, -0.5), xlabel="AUROC (0.5 = chance)", axisbelow=True)
     ax.grid(axis="x", color="0.9")
-    ax.set_axisbelow(True)
     if present:  # below the axis label
         figure.legend(loc="lower center", ncols=len(present), fontsize=8, frameon=False)
     ax.set_title(title or "AUROC per group († = 1-2 images: noise)", fontsize=10, y=1)  # y given: no tick measuring
     return figure
 
 
-def heatmap_figure(display: np.ndarray, heat: np.ndarray, vmin: Optional[float] = None,
-                   vmax: Optional[float] = None) -> Figure:
+def heatmap_figure(display: np.ndarray, heat: np.ndarray) -> Figure:
     """One image beside its anomaly map overlaid, with a colour bar (``predict``).
 
     ``display``: ``(S, S)`` or ``(S, S, 3)`` in [0, 1]; ``heat``: its ``(S, S)`` map. The colour
-    scale is ``vmin..vmax`` when given; otherwise ``0..max`` of this map.
+    scale is ``0..max`` of this map: an absolute scale from zero, not a min-max stretch.
     """
     heat = np.asarray(heat, dtype=np.float32)
-    norm, image = Normalize(*_scale(heat, vmin, vmax)), _rgb(display)
+    high = float(np.max(heat))
+    norm, image = Normalize(0.0, high if np.isfinite(high) and high > 0 else 1.0), _rgb(display)
     overlay = _blend(image, _heat_colours(heat, norm), True, 0.5)
     return _mosaic_figure([[image, overlay]], HEATMAP_INCHES / max(heat.shape), norm)[0]
 
 
-def save_heatmap(display: np.ndarray, heat: np.ndarray, path: str | os.PathLike,
-                 vmin: Optional[float] = None, vmax: Optional[float] = None) -> str:
+def save_heatmap(display: np.ndarray, heat: np.ndarray, path: str | os.PathLike) -> str:
     """:func:`heatmap_figure` saved at ``path`` (see :func:`save_figure`); returns the path."""
-    return save_figure(heatmap_figure(display, heat, vmin, vmax), path)
+    return save_figure(heatmap_figure(display, heat), path)
 
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
@@ -243,24 +228,24 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
 VIEWS = (("axial", 2, "z"), ("coronal", 1, "y"), ("sagittal", 0, "x"))
 
 
-def volume_planes(volume: np.ndarray, anomaly: np.ndarray, label: Optional[np.ndarray],
+def volume_planes(volume: np.ndarray, anomaly: np.ndarray, label: np.ndarray,
                   centre: Sequence[int]) -> tuple[dict, tuple[float, float]]:
     """What :func:`planes_figure` shows of ``(X, Y, Z)`` RAS+ arrays: for ``image``, ``map`` and
-    ``label`` (None without one) the planes through the voxel ``centre`` in the order of
+    ``label`` the planes through the voxel ``centre`` in the order of
     :data:`VIEWS`, each turned so that anterior (axial) or superior (coronal, sagittal) is up
     (its first row); and the volume's gray scale (0.5th-99.5th percentile, one for the
     three views). A few planes, so a caller need not keep the volumes."""
     def cut(array: np.ndarray) -> list[np.ndarray]:
         return [np.take(array, int(centre[axis]), axis=axis).T[::-1] for _, axis, _ in VIEWS]
 
-    planes = {"image": cut(volume), "map": cut(anomaly), "label": label if label is None else cut(label != 0)}
+    planes = {"image": cut(volume), "map": cut(anomaly), "label": cut(label != 0)}
     return planes, tuple(float(v) for v in np.percentile(volume, [0.5, 99.5]))
 
 
 def planes_figure(planes: dict, centre: Sequence[int], gray: tuple[float, float], heat: tuple[float, float],
-                  threshold: Optional[float] = None, title: str = "") -> Figure:
+                  threshold: float, title: str = "") -> Figure:
     """Three views side by side: ``planes["image"]`` in gray (scale ``gray``), ``planes["map"]``
-    overlaid (scale ``heat``, one colour bar), ``planes["label"]`` (or None) outlined in green and
+    overlaid (scale ``heat``, one colour bar), ``planes["label"]`` outlined in green and
     the map at or above ``threshold`` in yellow; each list as :func:`volume_planes` gives it."""
     norm, shade = Normalize(*heat), Normalize(*gray, clip=True)
     views = [_blend(_rgb(shade(image)), _heat_colours(anomaly, norm), True, OVERLAY_ALPHA)
@@ -268,8 +253,6 @@ def planes_figure(planes: dict, centre: Sequence[int], gray: tuple[float, float]
     inch = VIEW_INCHES / max(max(v.shape[:2]) for v in views)
     names = [f"{name} ({letter} = {centre[axis]})" for name, axis, letter in VIEWS]
     figure, ax, gap = _mosaic_figure([views], inch, norm, title=title, names=names)
-    if planes["label"] is not None:
-        _outline(ax, _mosaic([planes["label"]], gap, False))
-    if threshold is not None:
-        _outline(ax, _mosaic([[m >= threshold for m in planes["map"]]], gap, False), DETECTED_COLOUR)
+    _outline(ax, _mosaic([planes["label"]], gap, False))
+    _outline(ax, _mosaic([[m >= threshold for m in planes["map"]]], gap, False), DETECTED_COLOUR)
     return figure

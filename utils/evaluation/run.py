@@ -38,7 +38,6 @@ from ..distributed import DistributedContext, distributed_fit, prepare_demo
 from ..errors import DataError, ModelFileError
 from ..files import staged_folder, write_atomic
 from ..padim import Padim
-from ..padim.model_file import check_compatible
 from .report import markdown, summary as summary_text
 from .images import ImageUnits
 from .naming import run_name
@@ -68,8 +67,6 @@ class Run:
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
-    #: :func:`utils.data.fingerprint` of the training files (set with the data).
-    train_fingerprint: str = ""
     #: :func:`utils.data.fingerprint` of every file the run reads and of the groups and pairs the split lists
     #: define (set with the data; part of the run name, checked again before the results are swapped in).
     data_fingerprint: str = ""
@@ -83,7 +80,6 @@ class Run:
         if "val" in splits and self.bundle.val is None:
             raise DataError("no validation images for the threshold and colour scale: set data.val_split (NIfTI: val rows "
                             "in the manifest), or data.val_fraction > 0 to hold out part of the training images")
-        self.train_fingerprint = fingerprint([self.bundle.train])
         self.data_fingerprint = self._data_fingerprint()
         self.name = run_name(self.settings, self.data_fingerprint)
         self.directory = os.path.join(self.settings.results_dir, self.name)
@@ -96,37 +92,30 @@ class Run:
     def _data_fingerprint(self) -> str:
         return fingerprint([self.bundle.train, self.bundle.val, *self.bundle.test.values()], layout=True)
 
-    def fit(self, progress: bool = True, model_path: Optional[str] = None, model: Optional[Padim] = None) -> Optional[Padim]:
+    def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Optional[Padim]:
         """Fit PaDiM on the training set (sharded across the ranks under torchrun: the model on rank 0,
-        None elsewhere); or use ``model``, or load ``model_path``, checked against the settings and
-        the training files."""
+        None elsewhere), or load ``model_path``, checked against the settings and against the training
+        files (the run is named after them)."""
         if self.bundle is None:
             self.load_data()
         started = time.perf_counter()
-        train = self.bundle.train
-        if model is not None:
-            check_compatible(model.settings, self.settings, "the given model")
-            self.model, self.model_source = self._checked(model, "the given model"), "given (fitted before this run)"
-        elif model_path is not None:
-            self.model = self._checked(Padim.load(model_path, self.settings), model_path)
-            self.model_source = f"loaded from {model_path}"
-        else:
-            self.model = distributed_fit(Padim(self.settings), train, self.settings, self.ctx, progress=progress)
-            if self.model is not None:
-                self.model.train_fingerprint = self.train_fingerprint
+        train, trained_on = self.bundle.train, fingerprint([self.bundle.train])
+        if model_path is None:
+            model = Padim(self.settings)
+            model.train_fingerprint = trained_on
+            self.model = distributed_fit(model, train, self.settings, self.ctx, progress=progress)
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)
+        else:
+            model = Padim.load(model_path, self.settings)
+            if model.train_fingerprint != trained_on:
+                raise ModelFileError(f"{model_path} was fitted on other training images than this config's "
+                                     f"{train.summary()} (fingerprint {model.train_fingerprint or 'unknown'} vs "
+                                     f"{trained_on}): evaluate it with the config and data it was fitted on, "
+                                     "or refit without --model")
+            self.model, self.model_source = model, f"loaded from {model_path}"
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model
-
-    def _checked(self, model: Padim, what: str) -> Padim:
-        """``model`` if it was fitted on this config's training files (the run is named after them)."""
-        if model.train_fingerprint != self.train_fingerprint:
-            raise ModelFileError(f"{what} was fitted on other training images than this config's "
-                                 f"{self.bundle.train.summary()} (fingerprint {model.train_fingerprint or 'unknown'} vs "
-                                 f"{self.train_fingerprint}): evaluate it with the config and data it was fitted on, "
-                                 "or refit without --model")
-        return model
 
     def score(self, progress: bool = True) -> None:
         """Maps of the normal validation images (threshold, colour scale), then every test unit once."""
@@ -202,7 +191,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     try:
         with staged_folder(run.directory) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
-            if save_model and run.model is not None:
+            if save_model:
                 names.append(run.model.save(os.path.join(folder, "model.pt")))
             if figures:
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
@@ -218,18 +207,14 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
 
 
 def _timings(run: Run) -> dict[str, Any]:
-    timings = dict(run.timings)
-    timings["total_s"] = round(sum(v for k, v in run.timings.items() if k.endswith("_s")), 3)
-    device = run.model.device if run.model is not None else None
-    timings.update(run_name=run.name, model=run.model_source, device=str(device), torch=torch.__version__,
-                   threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return timings
+    total = round(sum(v for k, v in run.timings.items() if k.endswith("_s")), 3)
+    return dict(run.timings, total_s=total, run_name=run.name, model=run.model_source, device=str(run.model.device),
+                torch=torch.__version__, threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def run_evaluation(settings: Settings, model_path: Optional[str] = None, progress: bool = True,
-                   model: Optional[Padim] = None, figures: bool = True, save_model: bool = True,
-                   maps: bool = True) -> Optional[Run]:
-    """Fit (or load ``model_path``, or use ``model``), score every test group, compute the metrics
+                   figures: bool = True, save_model: bool = True, maps: bool = True) -> Optional[Run]:
+    """Fit (or load ``model_path``), score every test group, compute the metrics
     table and write ``results/<run-name>/``: what ``python -m utils evaluate`` and the notebook do.
     ``maps`` (NIfTI volumes only): write each test volume's anomaly map.
 
@@ -239,7 +224,7 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
     with DistributedContext.from_settings(settings) as ctx:
         run = Run(settings, ctx)
         run.load_data()
-        run.fit(progress=progress, model_path=model_path, model=model)
+        run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None
         run.score(progress=progress)
