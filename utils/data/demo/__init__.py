@@ -24,21 +24,21 @@ DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
 
 
 def ensure_demo(settings: Settings) -> None:
-    """Generate the demo set ``settings`` read, unless it is there already (its ``demo.json``): the brain
-    slices at ``data.root`` (format demo), or the NIfTI demo when ``data.manifest`` is :data:`DEMO_MANIFEST`.
+    """Generate the demo set ``settings`` read, unless it is there already: the brain slices at ``data.root``
+    (format demo; there when it has data/splits), or the NIfTI demo when ``data.manifest`` is
+    :data:`DEMO_MANIFEST` (there when that manifest is).
     The set is generated only into an absent or empty folder (another process may generate it meanwhile).
     A set that is there was generated with the seed its ``demo.json`` records: another
     ``data.demo_seed`` is refused (its files would be read under the new seed's name)."""
     d = settings.data
     if d.format == "demo":
         name, root, generate = f"data.root {d.root}", d.root, generate_demo
-        record = os.path.join(root, "data")
+        record, marker = os.path.join(root, "data"), os.path.join(root, "data", "splits")
     elif d.format == "nifti" and os.path.normpath(d.manifest) == os.path.normpath(DEMO_MANIFEST):
         root = record = os.path.dirname(DEMO_MANIFEST)
-        name, generate = f"the NIfTI demo folder {root}", generate_nifti_demo
+        name, generate, marker = f"the NIfTI demo folder {root}", generate_nifti_demo, DEMO_MANIFEST
     else:
         return
-    marker = os.path.join(record, "demo.json")
     if not os.path.exists(marker):
         try:
             generate(root, seed=d.demo_seed)
@@ -50,7 +50,7 @@ def ensure_demo(settings: Settings) -> None:
         except OSError as exc:
             raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
     try:
-        with open(marker, encoding="utf-8") as handle:
+        with open(os.path.join(record, "demo.json"), encoding="utf-8") as handle:
             recorded = json.load(handle).get("seed")
     except (OSError, ValueError, AttributeError):
         recorded = "unknown"
