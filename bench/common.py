@@ -50,10 +50,10 @@ def load_batch(paths):
     import torch
 
     from utils.config import settings_from_dict
-    from utils.data.preprocess import load_image
+    from utils.data.preprocess import prepare, read_image
 
     settings = settings_from_dict({"image_size": IMAGE_SIZE})
-    return torch.stack([load_image(p, settings)[0] for p in paths])
+    return torch.stack([prepare(read_image(p, settings.data.color), settings).image for p in paths])
 
 
 def batches(paths, timings: dict | None = None):

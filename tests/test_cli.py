@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import smooth_textures, to_batch
 from utils.cli import main
 from utils.padim.model import Padim
-from utils.data.preprocess import load_image
+from utils.data.preprocess import prepare, read_image
 
 
 def test_predict_writes_one_heatmap_per_image_and_the_scores_of_the_model(small_settings, tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_predict_writes_one_heatmap_per_image_and_the_scores_of_the_model(small_
     assert [r["image"] for r in rows] == [os.path.join("sub", n) for n in names]
 
     # Independent expectation: the same files through the Python API.
-    batch = torch.stack([load_image(str(folder / n), small_settings)[0] for n in names])
+    batch = torch.stack([prepare(read_image(str(folder / n)), small_settings).image for n in names])
     expected = model.score(batch, progress=False).scores
     np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=1e-5)
     assert int(np.argmax(expected)) == 1

@@ -261,7 +261,7 @@ def test_nifti_demo_manifest_grids_orientations_and_lesions(nifti_demo):
     from utils.data.demo.nifti import NIFTI_KINDS
     from utils.data.volumes import read_manifest
 
-    entries = read_manifest(os.path.join(nifti_demo, "volumes.csv"))  # checks files, shapes and affines
+    entries = read_manifest([os.path.join(nifti_demo, "volumes.csv")])  # checks files, shapes and affines
     splits = [e.split for e in entries]
     assert (splits.count("train"), splits.count("val")) == (8, 2) and splits.count("test") >= len(NIFTI_KINDS)
     assert {e.group for e in entries if e.split == "test"} == set(NIFTI_KINDS)

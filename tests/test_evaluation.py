@@ -66,7 +66,7 @@ def test_run_name_follows_the_weights_file_content(tmp_path):
 
 class _Files:
     def __init__(self, *files):
-        self.files = [str(f) for f in files]
+        self.rows = [(str(f),) for f in files]
 
 
 def test_data_fingerprint_follows_the_files_not_where_the_set_lies(tmp_path):

@@ -22,7 +22,7 @@ from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
-from utils.data.volumes import read_manifest, volume_entries
+from utils.data.volumes import read_manifest
 from utils.errors import DataError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
@@ -110,10 +110,10 @@ def test_a_manifest_from_excel_with_upper_case_and_nfd_names_is_read(tmp_path):
     _volume(tmp_path / f"{CAFE_NFD}.nii.gz")
     manifest = tmp_path / "volumes.csv"
     manifest.write_bytes(f"split,image\r\n\r\ntrain,SCAN.NII.GZ\r\ntest,{CAFE_NFC}.nii.gz\r\n".encode("utf-8-sig"))
-    entries = read_manifest(str(manifest))
+    entries = read_manifest([str(manifest)])
     assert [(e.case, e.source) for e in entries] == [("SCAN", "volumes.csv line 3"), (CAFE_NFD, "volumes.csv line 4")]
     assert entries[1].image == str(tmp_path / f"{CAFE_NFD}.nii.gz")
-    assert [e.case for e in volume_entries([str(tmp_path / "SCAN.NII.GZ")], None)] == ["SCAN"]
+    assert [e.case for e in read_manifest([str(tmp_path / "SCAN.NII.GZ")])] == ["SCAN"]
 
 
 def test_a_manifest_error_names_the_line_after_blank_lines(tmp_path):
@@ -121,7 +121,7 @@ def test_a_manifest_error_names_the_line_after_blank_lines(tmp_path):
     manifest = tmp_path / "volumes.csv"
     manifest.write_text("split,image\n\n\ntrain,a.nii.gz\nvalidation,a.nii.gz\n")
     with pytest.raises(DataError, match="volumes.csv line 5: split is 'validation'"):
-        read_manifest(str(manifest))
+        read_manifest([str(manifest)])
 
 
 def test_mvtec_skips_hidden_files_and_folders_and_reads_upper_case_suffixes(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import smooth_textures, to_batch
 from utils.config import settings_from_dict
-from utils.data.preprocess import load_image, restore_geometry
+from utils.data.preprocess import prepare, read_image, restore_geometry
 from utils.errors import DataError, ModelFileError
 from utils.padim.model import Padim
 from utils.predict import predict
@@ -49,7 +49,7 @@ def test_each_image_gets_its_map_on_its_own_grid(tiny, tmp_path):
         written = np.load(tmp_path / "out" / (os.path.splitext(name)[0] + "_anomaly.npy"))
         assert written.shape == shape and written.dtype == np.float32 and np.isfinite(written).all()
         # The model's own path, one image at a time: score on the network grid, then back to (H, W).
-        alone = model.score(load_image(path, settings)[0][None], progress=False).maps[0]
+        alone = model.score(prepare(read_image(path), settings).image[None], progress=False).maps[0]
         np.testing.assert_allclose(written, restore_geometry(alone, shape, settings), rtol=1e-5, atol=1e-5)
 
 

@@ -573,4 +573,4 @@ def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):
 
 class _Listed:
     def __init__(self, files):
-        self.files = files
+        self.rows = [(f,) for f in files]

@@ -27,7 +27,7 @@ from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
-from utils.data.volumes import ObliqueVolumeWarning, SliceSet, load_volume_data, read_manifest, read_volume, volume_entries
+from utils.data.volumes import ObliqueVolumeWarning, SliceSet, load_volume_data, read_manifest, read_volume
 from utils.evaluation.volumes import volume_metrics
 from utils.predict import predict_volumes
 
@@ -81,7 +81,7 @@ def small_set(tmp_path):
 
 def test_manifest_defaults_and_paths(small_set):
     folder, rows, _ = small_set
-    entries = read_manifest(_manifest(folder, rows))
+    entries = read_manifest([_manifest(folder, rows)])
     assert [e.case for e in entries] == ["a", "b", "c"]
     assert [e.group for e in entries] == ["test", "test", "lesion"]
     assert entries[1].label == os.path.join(folder, "b_label.nii.gz") and entries[0].label is None
@@ -153,14 +153,14 @@ def test_manifest_errors_name_the_file_and_row(small_set):
     with open(binary, "wb") as handle:
         handle.write(b"split,image\n\xff\xfe train")
     with pytest.raises(DataError, match="is not UTF-8 text"):
-        read_manifest(binary)
+        read_manifest([binary])
 
 
 def test_a_4d_image_with_volume_index_uses_that_volume(small_set):
     folder, rows, _ = small_set
     image, _ = _head()
     four = _save(folder, "four.nii.gz", np.stack([np.zeros(SHAPE, np.float32), image], axis=-1))
-    entries = read_manifest(_manifest(folder, [{"split": "train", "image": four}]), volume_index=1)
+    entries = read_manifest([_manifest(folder, [{"split": "train", "image": four}])], volume_index=1)
     volume = read_volume(entries[0], _settings("unused.csv", volume_index=1))
     assert volume.image.max() == 1.0 and volume.scan.shape == SHAPE
 
@@ -202,7 +202,7 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     path = os.path.join(tmp_path, "scan.nii.gz")
     nib.save(nib.Nifti1Image(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
-    rows = predict_volumes(model, volume_entries([path], None), str(tmp_path / "out"), progress=False)
+    rows = predict_volumes(model, read_manifest([path]), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)
@@ -279,7 +279,7 @@ def test_padim_finds_the_demo_lesions_and_writes_maps_on_each_scan_grid(nifti_de
     with open(config, "w") as handle:
         yaml.safe_dump(settings.to_dict(), handle)
     case = evaluation.unit_table["case"].iloc[0]
-    entry = next(e for e in read_manifest(settings.data.manifest) if e.case == case)
+    entry = next(e for e in read_manifest([settings.data.manifest]) if e.case == case)
     manifest = _manifest(tmp_path, [{"split": "test", "image": entry.image, "brain_mask": entry.brain_mask}])  # absolute paths
     out = os.path.join(tmp_path, "predicted")
     assert main(["predict", "--config", config, "--model", model_path, "--input", manifest, "--output", out, "--quiet"]) == 0
@@ -306,9 +306,10 @@ def test_a_4d_image_holding_one_volume_needs_no_volume_index(small_set):
     folder, rows, _ = small_set
     image, _ = _head()
     single = _save(folder, "single.nii.gz", image[..., None])
-    entries = read_manifest(_manifest(folder, [{"split": "train", "image": single}, rows[2]]))
+    entries = read_manifest([_manifest(folder, [{"split": "train", "image": single}, rows[2]])])
+    whole = read_manifest([_manifest(folder, rows)])[0]
     np.testing.assert_array_equal(read_volume(entries[0], _settings("unused.csv")).image,
-                                  read_volume(read_manifest(_manifest(folder, rows))[0], _settings("unused.csv")).image)
+                                  read_volume(whole, _settings("unused.csv")).image)
 
 
 def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
@@ -342,7 +343,7 @@ def test_strongly_oblique_volumes_are_named_in_one_warning(tmp_path, degrees, wa
         nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume_entries(paths, None)
+        read_manifest(paths)
     named = [w for w in caught if issubclass(w.category, ObliqueVolumeWarning)]
     assert len(named) == (1 if warned else 0)
     if warned:

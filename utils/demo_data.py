@@ -1,4 +1,6 @@
-"""``python -m utils.demo_data DIR [--seed N] [--force]``: write the demo set of brain slices
+"""Write the small synthetic brain-MRI demo set (study layout) to DIR.
+
+``python -m utils.demo_data DIR [--seed N] [--force]``: the demo set of brain slices
 (:mod:`utils.data.demo.brains`); ``--nifti DIR``: the NIfTI volume demo (:mod:`utils.data.demo.nifti`)."""
 
 import json
@@ -12,24 +14,19 @@ from .data.demo.nifti import generate_nifti_demo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = OneLineParser(
-        prog="python -m utils.demo_data",
-        description="Write the small synthetic brain-MRI demo set (study layout) to DIR.",
-    )
+    parser = OneLineParser(prog="python -m utils.demo_data", description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
     where.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
-    parser.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    parser.add_argument("--force", action="store_true", help="replace the folder if it already holds files")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    if args.nifti is not None and args.force:
-        parser.error("--force replaces the PNG demo set only; remove the NIfTI demo folder by hand")
 
     def command() -> int:
         if args.nifti is not None:
-            generate_nifti_demo(args.nifti, seed=args.seed)
+            generate_nifti_demo(args.nifti, seed=args.seed, overwrite=args.force)
             print(f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
         else:
             generate_demo(args.directory, seed=args.seed, overwrite=args.force)

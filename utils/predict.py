@@ -26,7 +26,7 @@ from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
-from .data.volumes import VolumeEntry, read_volume, score_volume, volume_entries, write_map
+from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
 from .evaluation.volumes import slice_scores
@@ -48,7 +48,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     with staged_folder(_output_folder(output)) as staging:
         done = []
         if volumes:
-            rows = predict_volumes(model, volume_entries(volumes, model.settings.data.volume_index), staging, progress)
+            rows = predict_volumes(model, read_manifest(volumes, model.settings.data.volume_index), staging, progress)
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))

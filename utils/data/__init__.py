@@ -4,8 +4,8 @@ data set. See docs/architecture.md for the layers.
 """
 
 from .load import SPLITS, load_data
-from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, load_image, prepare
+from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .sets import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, hold_out, make_loader
 
-__all__ = ["SPLITS", "load_data", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "load_image", "prepare", "NORMAL", "DataBundle",
+__all__ = ["SPLITS", "load_data", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "prepare", "NORMAL", "DataBundle",
            "ImageSet", "Item", "counted", "fingerprint", "hold_out", "make_loader"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 from typing import Iterable, Optional, Sequence
 
+from ..config import Settings
 from ..errors import DataError
 from ..files import file_problem
-from .listing import open_image, upright_size
+from .listing import open_image
 from .preprocess import COLOR_MODES
-from .sets import ImageSet, Item
+from .sets import DataBundle, ImageSet, Item
 
 
 class SkippedImageWarning(UserWarning):
@@ -18,7 +19,8 @@ class SkippedImageWarning(UserWarning):
 
 class Checker:
     """Checks each file once: exists, non-empty, within the pixel limit, decodable; remembers its
-    size (width, height) and whether it holds colour.
+    size (width, height; turned as its EXIF orientation says, as the readers of
+    :mod:`utils.data.preprocess` turn it) and whether it holds colour.
 
     With ``skip_bad`` the pixels are decoded too, so a file whose header and chunks are fine but
     whose data are not (a truncated JPEG) is skipped here, not mid-run; otherwise Pillow's
@@ -36,7 +38,8 @@ class Checker:
                 with open_image(path) as image:
                     image.load() if self.skip_bad else image.verify()
                 with open_image(path) as image:  # verify() leaves the image unusable: the header is read again
-                    self._found[path] = upright_size(image), image.mode in COLOR_MODES
+                    sideways = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
+                    self._found[path] = image.size[::-1] if sideways else image.size, image.mode in COLOR_MODES
             except DataError as exc:
                 self._found[path] = exc
         result = self._found[path]
@@ -82,3 +85,24 @@ class Checker:
                 raise DataError(f"{item.source}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {item.image} "
                                 f"is {size[0]}x{size[1]}")
         return True
+
+
+class FolderLoader:
+    """What the folder formats share (:mod:`utils.data.study`, :mod:`utils.data.mvtec`): one
+    :class:`Checker` for every file, and :meth:`load`, which asks the format for its ``test()`` groups
+    and for ``train_and_val(splits)``: ``(train, val or None, where val came from)``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = settings.data.root
+        self.check = Checker(settings.data.skip_bad_images)
+
+    def load(self, splits: Sequence[str]) -> DataBundle:
+        """The requested ``splits``, all colour or all gray with ``data.color: auto`` (:meth:`Checker.same_colour`)."""
+        test = self.test() if "test" in splits else {}
+        train, val, description = None, None, "no validation set requested"
+        if {"train", "val"} & set(splits):
+            train, val, description = self.train_and_val(splits)
+        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+        self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, self.settings.data.color)
+        return bundle

@@ -108,10 +108,3 @@ def open_image(path: str) -> Iterator[Image.Image]:
         raise
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of ``image`` turned as its EXIF orientation says (as the readers of
-    :mod:`utils.data.preprocess` turn it), from the header alone."""
-    sideways = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
-    return image.size[::-1] if sideways else image.size

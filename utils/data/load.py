@@ -27,17 +27,13 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
     (``test``: empty dict). Without a validation split, ``val`` is held out of the training
     images (``data.val_fraction``, :func:`utils.data.sets.hold_out`). Test files that are also
     training files are named in a :class:`TrainTestOverlapWarning`."""
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
+    if unknown := [s for s in splits if s not in SPLITS]:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")
     ensure_demo(settings)
-    fmt = settings.data.format
-    if fmt == "nifti":
+    if settings.data.format == "nifti":
         bundle = load_volume_data(settings, splits)
-    elif fmt in ("demo", "study"):
-        bundle = StudyLoader(settings).load(splits)
     else:
-        bundle = MvtecLoader(settings).load(splits)
+        bundle = (MvtecLoader if settings.data.format == "mvtec" else StudyLoader)(settings).load(splits)
     warn_overlap(bundle)
     return bundle
 

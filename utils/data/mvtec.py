@@ -9,27 +9,25 @@ gray (:class:`utils.data.checks.Checker`).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..config import Settings
 from ..errors import DataError
-from .checks import Checker
+from .checks import FolderLoader
 from .listing import listed, nfc, resolved
 from .preprocess import IMAGE_SUFFIXES
-from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, hold_out
+from .sets import NORMAL, ImageSet, Item, chosen_groups, hold_out
 
 
 def _stem(path: str) -> str:
     return nfc(os.path.splitext(os.path.basename(path))[0])
 
 
-class MvtecLoader:
+class MvtecLoader(FolderLoader):
     """One MVTec AD category: ``train/good``, ``test/<defect>``, ``ground_truth/<defect>/<name>_mask.png``."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self.root = settings.data.root
-        self.check = Checker(settings.data.skip_bad_images)
+        super().__init__(settings)
         if not os.path.isdir(self.root):
             raise DataError(
                 f"data.root {self.root} not found: for data.format mvtec it must be one MVTec AD category folder "
@@ -49,19 +47,14 @@ class MvtecLoader:
         items = [Item(path, source=folder) for path in self._images(folder)]
         return ImageSet(name, self.check.kept(folder, items), self.settings)
 
-    def load(self, splits: Sequence[str]) -> DataBundle:
-        test = self.test() if "test" in splits else {}
-        train, val, description = None, None, "no validation set requested"
-        if {"train", "val"} & set(splits):
-            kept, held, description = hold_out(self._good("train", "train").items, self.settings, "train/good")
-            train, val = ImageSet("train", kept, self.settings), ImageSet("val", held, self.settings) if held else None
-        self.check.same_colour([train, val, *test.values()], self.root, self.settings.data.color)
-        return DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+    def train_and_val(self, splits: Sequence[str]) -> tuple[ImageSet, Optional[ImageSet], str]:
+        """``train/good``, a part of it held out as validation images."""
+        kept, held, description = hold_out(self._good("train", "train").items, self.settings, "train/good")
+        val = ImageSet("val", held, self.settings) if held else None
+        return ImageSet("train", kept, self.settings), val, description
 
     def test(self) -> dict[str, ImageSet]:
-        test_dir = os.path.join(self.root, "test")
-        if not os.path.isdir(test_dir):
-            raise DataError(f"MVTec folder not found: {test_dir} (expected {self.root}/test/<defect> and test/good)")
+        test_dir = os.path.join(self.root, "test")  # without it, test/good is named as missing
         available = {_stem(folder): folder for folder in listed(test_dir, folders=True) if _stem(folder) != "good"}
         defects = chosen_groups(self.settings.data.test_groups, list(available), test_dir)
         for defect in defects:

@@ -213,8 +213,3 @@ def prepare(array: np.ndarray, settings: Settings, head: Optional[torch.Tensor] 
     standardised = standardise_intensity(resized, settings.data.intensity, head)
     display = standardised[0] if standardised.shape[0] == 1 else standardised.permute(1, 2, 0).contiguous()
     return Prepared(normalise(display), display, head)
-
-
-def load_image(path: str, settings: Settings) -> Prepared:
-    """Read and preprocess one image file (see :func:`prepare`)."""
-    return prepare(read_image(path, settings.data.color), settings)

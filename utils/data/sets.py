@@ -45,6 +45,7 @@ class Item:
     source: str = ""  # where it was listed, e.g. "mass.csv line 4", for messages
 
 
+@dataclass(eq=False)  # compared and hashed by identity, as data sets are
 class ImageSet(Dataset):
     """One group of images. Item ``i`` -> dict:
 
@@ -65,24 +66,17 @@ class ImageSet(Dataset):
     anomalous for that row).
     """
 
-    def __init__(self, name: str, items: Sequence[Item], settings: Settings, anomalous: bool = False,
-                 estimate_head: bool = False):
-        self.name = name
-        self.items = list(items)
-        self.settings = settings
-        #: True for pathology / defect groups, False for normal images.
-        self.anomalous = anomalous
-        #: Items without given head masks take the head estimated from the image (reference sets).
-        self.estimate_head = estimate_head
+    name: str
+    items: list[Item]
+    settings: Settings
+    #: True for pathology / defect groups, False for normal images.
+    anomalous: bool = False
+    #: Items without given head masks take the head estimated from the image (reference sets).
+    estimate_head: bool = False
 
     @property
     def paths(self) -> list[str]:
         return [item.image for item in self.items]
-
-    @property
-    def files(self) -> list[str]:
-        """Every file the set reads: images and their mask files."""
-        return [f for item in self.items for f in (item.image, *item.anomaly, *(item.head or ()))]
 
     @property
     def rows(self) -> list[tuple]:
@@ -116,9 +110,8 @@ class ImageSet(Dataset):
         True for a head that is not given). That each mask has its image's size is checked once,
         when the loaders list the files (:class:`utils.data.checks.Checker`)."""
         item = self.items[index]
-        size = self.settings.input_size
-        head = self._union(item.head) if item.head is not None else torch.ones(size, size, dtype=torch.bool)
-        return self._union(item.anomaly), head
+        anomaly = self._union(item.anomaly)
+        return anomaly, self._union(item.head) if item.head is not None else torch.ones_like(anomaly)
 
     def _union(self, files: Iterable[str]) -> torch.Tensor:
         """Union of the mask ``files`` at the network's size ``(S, S)``."""
@@ -165,14 +158,14 @@ class DataBundle:
 
 
 def fingerprint(sets: Iterable, layout: bool = False) -> str:
-    """A 12-hex-digit hash of the files ``sets`` read (each set's ``files``): their paths relative
+    """A 12-hex-digit hash of the files ``sets`` read (every path in each set's ``rows``): their paths relative
     to the folder they share, their sizes and modification times (whole seconds). Images added,
     removed, renamed or rewritten change it; moving the data set, or copying it with its times
     (``cp -p``, ``rsync -a``), does not. With ``layout`` it also covers what the split lists and
     manifests define (each set's name and ``rows``): a case moved to another group, or a mask paired
     with another image, changes it too."""
     named = [s for s in sets if s is not None]
-    files = sorted({os.path.abspath(f) for s in named for f in s.files})
+    files = sorted({os.path.abspath(f) for s in named for row in s.rows for field in row for f in _paths(field)})
     if not files:
         return "no-files"
     base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
@@ -184,12 +177,16 @@ def fingerprint(sets: Iterable, layout: bool = False) -> str:
     return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:12]  # any file name
 
 
-def _relative(field: str | tuple[str, ...] | None, base: str) -> str:
-    """A row's field (a path, several paths, or None) as paths relative to ``base``."""
+def _paths(field: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A row's field (a path, several paths, or None) as a tuple of paths."""
     if field is None:
-        return "-"
-    paths = (field,) if isinstance(field, str) else field
-    return ";".join(os.path.relpath(os.path.abspath(path), base) for path in paths)
+        return ()
+    return (field,) if isinstance(field, str) else field
+
+
+def _relative(field: str | tuple[str, ...] | None, base: str) -> str:
+    """A row's field as paths relative to ``base`` (``-``: None)."""
+    return "-" if field is None else ";".join(os.path.relpath(os.path.abspath(path), base) for path in _paths(field))
 
 
 def counted(count: int, unit: str = "image") -> str:

@@ -16,13 +16,14 @@ line or file, not mid-run.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from dataclasses import replace
+from typing import Optional, Sequence
 
 from ..config import Settings
 from ..errors import DataError
-from .checks import Checker
+from .checks import FolderLoader
 from .listing import listed, nfc, read_table, resolved
-from .sets import NORMAL, DataBundle, ImageSet, Item, chosen_groups, counted, hold_out
+from .sets import NORMAL, ImageSet, Item, chosen_groups, counted, hold_out
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
@@ -34,37 +35,31 @@ STUDY_DOWNLOAD_HINT = (
 )
 
 
-class StudyLoader:
+class StudyLoader(FolderLoader):
     """The reference study's layout (also the demo set's): split CSVs under ``<root>/data/splits``."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self.root = settings.data.root
-        self.split_dir = os.path.join(self.root, "data", "splits")
-        self.check = Checker(settings.data.skip_bad_images)
-        self._check_root()
-        #: The split CSVs by name (``mass`` for ``mass.csv``).
-        self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
-
-    def _check_root(self) -> None:
+        super().__init__(settings)
         root = self.root
-        if os.path.isdir(self.split_dir):
-            return
+        self.split_dir = os.path.join(root, "data", "splits")
         if not os.path.isdir(root):
             raise DataError(f"data.root {root} not found: " + STUDY_DOWNLOAD_HINT.format(root=root))
-        if os.path.isdir(os.path.join(root, "splits")):
-            parent = os.path.dirname(os.path.normpath(root)) or "."
-            raise DataError(f"data.root {root} is the data/ folder itself; set data.root to its parent, {parent}")
-        raise DataError(f"data.root {root} has no data/splits folder: " + STUDY_DOWNLOAD_HINT.format(root=root))
+        if not os.path.isdir(self.split_dir):
+            if os.path.isdir(os.path.join(root, "splits")):
+                parent = os.path.dirname(os.path.normpath(root)) or "."
+                raise DataError(f"data.root {root} is the data/ folder itself; set data.root to its parent, {parent}")
+            raise DataError(f"data.root {root} has no data/splits folder: " + STUDY_DOWNLOAD_HINT.format(root=root))
+        #: The split CSVs by name (``mass`` for ``mass.csv``).
+        self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
     def available_groups(self) -> list[str]:
         """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv (not normal_*), sorted."""
         groups = [name[: -len("_ann")] for name in self.csvs if name.endswith("_ann")]
         return sorted(g for g in groups if not g.startswith("normal") and {g, g + "_neg"} <= self.csvs.keys())
 
-    def read_csv(self, name: str) -> list[tuple[str, str]]:
-        """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as
-        (resolved path, "name.csv line N"); errors on a missing, unreadable or empty CSV."""
+    def read_csv(self, name: str) -> list[Item]:
+        """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as items (resolved
+        path, source "name.csv line N"); errors on a missing, unreadable or empty CSV."""
         if nfc(name) not in self.csvs:
             raise DataError(f"split CSV not found: {os.path.join(self.split_dir, name)}.csv; "
                             f"available: {', '.join(self.csvs) or 'none'}")
@@ -74,46 +69,38 @@ class StudyLoader:
         if column.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
             found = ",".join(header)[:80] or "(empty file)"
             raise DataError(f"{path}: expected a header with column `filename`, found {found!r}")
-        listed_rows = [(resolved(os.path.normpath(os.path.join(self.root, row[column]))), source)
-                       for source, row in rows if row[column]]
-        if not listed_rows:
+        items = [Item(resolved(os.path.normpath(os.path.join(self.root, row[column]))), source=source)
+                 for source, row in rows if row[column]]
+        if not items:
             raise DataError(f"{path} lists no images (empty split)")
-        return listed_rows
+        return items
 
-    def load(self, splits: Sequence[str]) -> DataBundle:
+    def train_and_val(self, splits: Sequence[str]) -> tuple[Optional[ImageSet], Optional[ImageSet], str]:
+        """The validation split ``data.val_split``, else a part of the training splits held out."""
         d = self.settings.data
-        test = self.test() if "test" in splits else {}
-        train, val, description = None, None, "no validation set requested"
-        if d.val_split:
-            train = self.train() if "train" in splits else None
-            if "val" in splits:
-                val = self.validation(d.val_split, self.read_csv(d.val_split))
-                description = f"{d.val_split} ({counted(len(val))})"
-        elif {"train", "val"} & set(splits):
+        if not d.val_split:
             kept, held, description = hold_out(self.train().items, self.settings, "the training splits")
-            train = ImageSet("train", kept, self.settings)
-            val = self.validation("val", [(item.image, item.source) for item in held]) if held else None
-        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
-        self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, d.color)
-        return bundle
+            return ImageSet("train", kept, self.settings), self.validation("val", held) if held else None, description
+        train = self.train() if "train" in splits else None
+        if "val" not in splits:
+            return train, None, "no validation set requested"
+        val = self.validation(d.val_split, self.read_csv(d.val_split))
+        return train, val, f"{d.val_split} ({counted(len(val))})"
 
     def train(self) -> ImageSet:
-        rows: dict[str, str] = {}
+        items: dict[str, Item] = {}
         for split in self.settings.data.train_splits:
-            for path, source in self.read_csv(split):
-                rows.setdefault(path, source)
-        items = [Item(path, source=source) for path, source in rows.items()]
+            for item in self.read_csv(split):
+                items.setdefault(item.image, item)
         name = "training splits " + "+".join(self.settings.data.train_splits)
-        return ImageSet("train", self.check.kept(name, items), self.settings)
+        return ImageSet("train", self.check.kept(name, list(items.values())), self.settings)
 
-    def validation(self, name: str, rows: Sequence[tuple[str, str]], anomalous: bool = False) -> ImageSet:
-        """Images (path, source), each with its brain mask as its head where the study layout has one
+    def validation(self, name: str, listed_items: Sequence[Item], anomalous: bool = False) -> ImageSet:
+        """The listed images, each with its brain mask as its head where the study layout has one
         beside it (``<stem>_brain_map_full.png``), else the head estimated from the image: normal
         validation images (the region whose pixels set the threshold), or an image-level test group."""
-        items = []
-        for path, source in rows:
-            brain_map = resolved(os.path.splitext(path)[0] + BRAIN_MAP_SUFFIX)
-            items.append(Item(path, (), (brain_map,) if os.path.isfile(brain_map) else None, source))
+        maps = [resolved(os.path.splitext(item.image)[0] + BRAIN_MAP_SUFFIX) for item in listed_items]
+        items = [replace(item, head=(m,) if os.path.isfile(m) else None) for item, m in zip(listed_items, maps)]
         return ImageSet(name, self.check.kept(name, items), self.settings, anomalous, estimate_head=True)
 
     def test(self) -> dict[str, ImageSet]:
@@ -146,8 +133,6 @@ class StudyLoader:
         if len({len(table) for table in tables}) > 1:
             listing = ", ".join(f"{name}.csv has {len(table)}" for name, table in zip(names, tables))
             raise DataError(f"split CSVs must align row by row but {listing} rows")
-        items = []
-        for (image, source), *rows in zip(*tables):
-            masks = tuple(mask for mask, _ in rows)
-            items.append(Item(image, masks[:1] if anomalous else (), masks, source))
+        masks = [tuple(mask.image for mask in row) for _, *row in zip(*tables)]
+        items = [replace(image, anomaly=row[:1] if anomalous else (), head=row) for image, row in zip(tables[0], masks)]
         return ImageSet(group, self.check.kept(names[0], items), self.settings, anomalous=anomalous)

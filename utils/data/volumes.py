@@ -124,15 +124,10 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> float:
     return round(float(np.degrees(obliquity(image.affine)).max()), 1)
 
 
-def read_manifest(path: str, volume_index: Optional[int] = None) -> list[VolumeEntry]:
-    """Read and check a manifest CSV (columns, splits, files, headers, unique case names)."""
-    return volume_entries([path], volume_index)
-
-
-def volume_entries(sources: Sequence[str], volume_index: Optional[int]) -> list[VolumeEntry]:
-    """The volumes ``sources`` name, checked together (:func:`checked_entries`): every row of a manifest
-    CSV (columns and splits checked here), and a NIfTI file as a test volume without brain mask or label
-    (what ``predict --input`` names: its brain is estimated from the image)."""
+def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) -> list[VolumeEntry]:
+    """The volumes ``sources`` name, checked together (:func:`checked_entries`: files, headers, unique case
+    names): every row of a manifest CSV (columns and splits checked here), and a NIfTI file as a test volume
+    without brain mask or label (what ``predict --input`` names: its brain is estimated from the image)."""
     entries = []
     for path in sources:
         if not has_suffix(path, (".csv",)):
@@ -272,10 +267,6 @@ class VolumeSet:
         return [entry.image for entry in self.entries]
 
     @property
-    def files(self) -> list[str]:
-        return [f for entry in self.entries for f in (entry.image, entry.label, entry.brain_mask) if f]
-
-    @property
     def rows(self) -> list[tuple]:
         """Per volume: the image, its label and its brain mask (None: not given)."""
         return [(entry.image, entry.label, entry.brain_mask) for entry in self.entries]
@@ -334,7 +325,7 @@ def load_volume_data(settings: Settings, splits: Sequence[str] = SPLITS) -> Data
     """The manifest's volumes as a :class:`utils.data.DataBundle`: ``train`` and ``val`` are
     :class:`SliceSet` s, ``test`` maps each group to a :class:`VolumeSet`."""
     manifest = settings.data.manifest
-    entries = read_manifest(manifest, settings.data.volume_index)
+    entries = read_manifest([manifest], settings.data.volume_index)
     by_split = {split: [e for e in entries if e.split == split] for split in SPLITS}
     for split in ("train", "test"):
         if split in splits and not by_split[split]:

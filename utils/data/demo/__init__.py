@@ -24,46 +24,36 @@ DEMO_MANIFEST = "data/demo_nifti/volumes.csv"
 
 
 def ensure_demo(settings: Settings) -> None:
-    """Generate the demo set ``settings`` read, unless it is there already: the brain slices at
-    ``data.root`` (format demo), or the NIfTI demo when ``data.manifest`` is :data:`DEMO_MANIFEST`.
+    """Generate the demo set ``settings`` read, unless it is there already: the brain slices at ``data.root``
+    (format demo; there when it has data/splits), or the NIfTI demo when ``data.manifest`` is
+    :data:`DEMO_MANIFEST` (there when that manifest is).
+    The set is generated only into an absent or empty folder (another process may generate it meanwhile).
     A set that is there was generated with the seed its ``demo.json`` records: another
     ``data.demo_seed`` is refused (its files would be read under the new seed's name)."""
     d = settings.data
     if d.format == "demo":
-        _ensure(f"data.root {d.root}", d.root, os.path.join(d.root, "data"), os.path.join(d.root, "data", "splits"),
-                d.demo_seed, lambda: generate_demo(d.root, seed=d.demo_seed))
+        name, root, generate = f"data.root {d.root}", d.root, generate_demo
+        record, marker = os.path.join(root, "data"), os.path.join(root, "data", "splits")
     elif d.format == "nifti" and os.path.normpath(d.manifest) == os.path.normpath(DEMO_MANIFEST):
-        root = os.path.dirname(DEMO_MANIFEST)
-        _ensure(f"the NIfTI demo folder {root}", root, root, DEMO_MANIFEST, d.demo_seed,
-                lambda: generate_nifti_demo(root, seed=d.demo_seed))
-
-
-def _ensure(name: str, root: str, record: str, marker: str, seed: int, generate) -> None:
-    """``generate()`` the set at ``root`` (``name`` in messages) unless ``marker``, a file or folder it
-    writes, exists; then its ``record`` folder's demo.json must name ``seed``."""
+        root = record = os.path.dirname(DEMO_MANIFEST)
+        name, generate, marker = f"the NIfTI demo folder {root}", generate_nifti_demo, DEMO_MANIFEST
+    else:
+        return
     if not os.path.exists(marker):
-        _generate(name, root, marker, generate)
+        try:
+            generate(root, seed=d.demo_seed)
+        except FileExistsError:  # the folder holds other files, or another process generated the set meanwhile
+            if not os.path.exists(marker):
+                what = "is a file" if os.path.isfile(root) else f"exists but holds no demo set ({marker} is missing)"
+                raise DataError(f"{name} {what}; point the config at an absent or empty folder to generate the "
+                                "demo set there") from None
+        except OSError as exc:
+            raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
     try:
         with open(os.path.join(record, "demo.json"), encoding="utf-8") as handle:
             recorded = json.load(handle).get("seed")
     except (OSError, ValueError, AttributeError):
         recorded = "unknown"
-    if recorded != seed:
-        raise DataError(f"{name} holds the demo set of seed {recorded}, not data.demo_seed {seed}: delete it, or point the "
-                        f"config at an absent or empty folder, to generate the set of seed {seed}")
-
-
-def _generate(name: str, root: str, marker: str, generate) -> None:
-    """``generate()`` the set at ``root``, which must be absent or empty (another process may fill it meanwhile)."""
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise DataError(f"{name} is a file; point the config at an absent or empty folder to generate the demo set there")
-    if os.path.isdir(root) and os.listdir(root):
-        raise DataError(f"{name} exists but holds no demo set ({marker} is missing); "
-                        "point the config at an empty or absent folder to generate the demo there")
-    try:
-        generate()
-    except FileExistsError:  # another process generated it meanwhile
-        if not os.path.exists(marker):
-            raise DataError(f"{name} was filled by another process while the demo set was generated there") from None
-    except OSError as exc:
-        raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
+    if recorded != d.demo_seed:
+        raise DataError(f"{name} holds the demo set of seed {recorded}, not data.demo_seed {d.demo_seed}: delete it, "
+                        f"or point the config at an absent or empty folder, to generate the set of seed {d.demo_seed}")

@@ -234,24 +234,24 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> None:
         Image.fromarray(array).save(os.path.join(folder, path), optimize=False)
         return path  # as the study's CSVs list it, relative to the set's root
 
+    def fastmri(rng: np.random.Generator, lesions: Sequence[str] = ()) -> tuple:
+        """One fastMRI-like slice and its brain map written: (slice path, brain map path, head, boxes, stem)."""
+        pixels, head, boxes = _render(rng, "fastmri", lesions)
+        stem = next(stems)
+        return save(pixels, stem + ".png"), save(head, stem + "_brain_map_full.png"), head, boxes, stem
+
     ixi = [save(_render(next(rngs), "ixi")[0], f"./data/IXI/sub-DEMO{i:03d}_T1w.png") for i in range(counts.ixi_train)]
     splits = {"ixi_normal_train": ixi}
     normal = {"normal_train": counts.fastmri_train, "normal_val": counts.val, "normal_test": counts.normal_test}
     for split, count in normal.items():
-        rows = []
-        for _ in range(count):
-            pixels, head, _ = _render(next(rngs), "fastmri")
-            stem = next(stems)
-            rows.append((save(pixels, stem + ".png"), save(head, stem + "_brain_map_full.png")))
-        splits[split] = [image for image, _ in rows]
-    splits["normal_test_ann"] = [head for _, head in rows]
+        written = [fastmri(next(rngs)) for _ in range(count)]
+        splits[split] = [image for image, *_ in written]
+    splits["normal_test_ann"] = [brain_map for _, brain_map, *_ in written]
     for kind in KINDS:
         rows = []  # one row per box, as the study's P.csv, P_ann.csv and P_neg.csv
         for _ in range(counts.per_kind):
-            rng, stem = next(rngs), next(stems)
-            pixels, head, boxes = _render(rng, "fastmri", [kind] * (2 if rng.random() < counts.second_lesion else 1))
-            image = save(pixels, stem + ".png")
-            save(head, stem + "_brain_map_full.png")
+            rng = next(rngs)
+            image, _, head, boxes, stem = fastmri(rng, [kind] * (2 if rng.random() < counts.second_lesion else 1))
             annotation = stem.replace("brain_mid_png", "brain_mid_anno_pos_png")
             box_paths = [save(box, f"{annotation}_{kind}_{k}.png") for k, box in enumerate(boxes)]
             neg_path = stem.replace("brain_mid_png", "brain_mid_anno_neg_png") + ".png"

@@ -124,12 +124,12 @@ def _write_set(folder: str, seed: int) -> None:
     write_atomic(os.path.join(folder, "demo.json"), json.dumps({"seed": seed}).encode())  # checked by ensure_demo
 
 
-def generate_nifti_demo(root: str | os.PathLike, seed: int = 0) -> str:
-    """Write the NIfTI demo set to ``root`` (absent or empty); returns ``root``.
-    Raises ``FileExistsError`` if ``root`` holds files."""
+def generate_nifti_demo(root: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> str:
+    """Write the NIfTI demo set to ``root`` (absent or empty, unless ``overwrite``: replaced as a whole);
+    returns ``root``. Raises ``FileExistsError`` if ``root`` holds files and is not to be replaced."""
     root = os.path.abspath(os.fspath(root))
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise FileExistsError(f"{root} exists and is not an empty folder; choose another folder")
-    with staged_folder(root, replace=False) as temporary:
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root) and not overwrite):
+        raise FileExistsError(f"{root} exists and is not an empty folder; choose another, or replace it (--force)")
+    with staged_folder(root, replace=overwrite) as temporary:
         _write_set(temporary, seed)
     return root
