@@ -25,8 +25,8 @@ class GaussianStatistics:
     """Sufficient statistics of ``P`` independent ``d``-dimensional Gaussians.
 
     Attributes:
-        count: number of samples per position folded in so far (-1 once consumed by an
-            in-place :func:`regularised_whitening`).
+        count: number of samples per position folded in so far (-1 once consumed by
+            :func:`regularised_whitening`).
         mean: ``(P, d)`` float64 running mean.
         scatter: ``(P, d, d)`` sum of outer products of deviations from ``mean``.
     """
@@ -109,7 +109,7 @@ def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radi
     return GaussianStatistics(total, pooled_mean.reshape(positions, dim), scatter.view(positions, dim, dim))
 
 
-def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int = 64, in_place: bool = False) -> torch.Tensor:
+def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int = 64) -> torch.Tensor:
     """Whitening matrices ``W = L^-1`` of ``covariance + epsilon * I = L L^T`` for every position.
 
     Returns ``(P, d, d)`` lower-triangular matrices with ``W^T W`` the precision, so the
@@ -123,20 +123,17 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     eigenvalues and the condition number is ~ largest variance / epsilon; factorising such
     matrices in float32 moved distances by up to ~1e-3, so they are factorised in float64.
     Otherwise the scatter's dtype is used (float32: distances within ~2e-5 of a float64 reference
-    on real wide_resnet50_2 features, checked by ``bench/run.py``). With ``in_place`` the scatter
-    buffer receives the result (the fit's peak memory stays at one ``(P, d, d)`` buffer) and
-    ``stats`` is consumed.
+    on real wide_resnet50_2 features, checked by ``bench/run.py``). The scatter buffer receives the
+    result (the fit's peak memory stays at one ``(P, d, d)`` buffer): ``stats`` is consumed.
     """
     count = stats.count
     if count <= 0:
-        raise PadimError("these statistics were consumed by an in-place regularised_whitening" if count < 0
+        raise PadimError("these statistics were consumed by regularised_whitening" if count < 0
                          else "no training samples were accumulated: the training set is empty")
-    if in_place:
-        stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
+    stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
     positions, dim, _ = stats.scatter.shape
-    out = stats.scatter if in_place else torch.empty_like(stats.scatter)
     work_dtype = torch.float64 if count - 1 < dim else stats.scatter.dtype
-    identity = torch.eye(dim, dtype=work_dtype, device=out.device)
+    identity = torch.eye(dim, dtype=work_dtype, device=stats.scatter.device)
     for start in range(0, positions, chunk):
         covariance = stats.scatter[start : start + chunk].to(work_dtype) / max(count - 1, 1)
         covariance.diagonal(dim1=1, dim2=2).add_(epsilon)
@@ -147,8 +144,8 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
                 f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
                 "(non-finite features?); check the input images or raise `epsilon`"
             )
-        out[start : start + chunk] = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
-    return out
+        stats.scatter[start : start + chunk] = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
+    return stats.scatter
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
