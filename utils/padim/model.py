@@ -24,7 +24,7 @@ from .features import PatchEmbedder, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
 from .foreground import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
-from .shrinkage import FourthMoments, shrink_ledoit_wolf
+from .shrinkage import shrink_ledoit_wolf
 
 ImageSource = Union[torch.Tensor, Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
 
@@ -79,7 +79,6 @@ class Padim:
         self.train_fingerprint = ""
         #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
         self.shrinkage: float | None = None
-        self._moments: FourthMoments | None = None
 
     # ------------------------------------------------------------------ features
     @functools.cached_property
@@ -98,16 +97,12 @@ class Padim:
         s = self.settings
         positions, dim = s.feature_size**2, s.kept_channels
         with torch.inference_mode(), exact_float32(self.device):
-            stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype), device=self.device)
-            moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
+            stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype),
+                                             device=self.device, moments=s.covariance_shrinkage == "ledoit_wolf")
             for batch, heads in batches(images, s, "fit", progress):
                 batch = align_batch(batch, s.data.align, heads)[0]
                 for view in (batch, batch.flip(-1)) if s.flip_train else (batch,):  # flip_train: the mirror image too
-                    embeddings = self.embed(view)
-                    if moments is not None:
-                        moments.update(embeddings.flatten(2).permute(2, 0, 1))
-                    stats.update(embeddings)
-        self._moments = moments
+                    stats.update(self.embed(view))
         return stats
 
     def fit_statistics(self, stats: GaussianStatistics) -> "Padim":
@@ -120,8 +115,7 @@ class Padim:
             stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)  # radius 0: stats as they are
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
-                self.shrinkage = float(shrink_ledoit_wolf(stats, self._moments).mean())
-                self._moments = None
+                self.shrinkage = float(shrink_ledoit_wolf(stats).mean())
             self.whitening = regularised_whitening(stats, self.settings.epsilon)
         if not (all_finite(self.mean) and all_finite(self.whitening)):
             raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
