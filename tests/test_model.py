@@ -262,7 +262,8 @@ def test_ledoit_wolf_fit_matches_sklearn_per_position(small_settings):
     train = to_batch(smooth_textures(30, 64, seed=11))  # 30 images < 24 channels + margin: shrinkage matters
     model = Padim(settings)
     stats = model.accumulate(train, progress=False)
-    coefficients = shrink_ledoit_wolf(stats)
+    with torch.inference_mode():  # accumulate() returns inference tensors, shrunk in place
+        coefficients = shrink_ledoit_wolf(stats)
     samples = _embeddings(model, train).numpy()  # (P, N, d)
     expected = np.array([ledoit_wolf_shrinkage(x) for x in samples])
     assert 0.0 < expected.min() and expected.max() < 1.0  # a case where shrinkage is neither off nor total
