@@ -184,7 +184,8 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
                 f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
                 "(non-finite features?); check the input images or raise `epsilon`"
             )
-        stats.scatter[start : start + chunk] = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
+        inverse = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
+        stats.scatter[start : start + chunk] = inverse
     return stats.scatter
 
 
