@@ -263,7 +263,7 @@ def test_a_model_file_must_match_the_settings_and_the_training_files(tmp_path):
 
 
 def test_the_mean_row_says_which_columns_average_fewer_groups():
-    from utils.evaluation.table import TABLE_COLUMNS, with_mean_row
+    from utils.evaluation.report import TABLE_COLUMNS, with_mean_row
 
     rows = pd.DataFrame([{"group": "a", "n_images": 2, "n_rows": 2, "small_group": False, "A_auroc": 0.6, "C_auroc": 0.8},
                          {"group": "b", "n_images": 3, "n_rows": 4, "small_group": False, "A_auroc": 1.0, "C_auroc": np.nan}],

@@ -186,8 +186,8 @@ def test_mahalanobis_properties(seed, dim, epsilon):
     samples = rng.normal(size=(dim + 3, dim)) * rng.uniform(0.1, 10)
     stats = GaussianStatistics.empty(1, dim, dtype=torch.float64)
     stats.update(torch.from_numpy(samples).view(-1, dim, 1, 1))  # (N, d, H=1, W=1)
-    whitening = regularised_whitening(stats, epsilon)
     precision = np.linalg.inv(stats.scatter[0].numpy() / (stats.count - 1) + epsilon * np.eye(dim))
+    whitening = regularised_whitening(stats, epsilon)  # consumes stats
     mean = stats.mean
     point = rng.normal(size=dim) * 5
     x = torch.from_numpy(point).view(1, dim, 1, 1)

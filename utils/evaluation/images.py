@@ -39,7 +39,7 @@ from .metrics import NAN, aupro, degenerate_reason, image_auroc, localisation
 from .protocol import PATHOLOGIES, group_means, row_detections
 from .plotting import example_figure
 from .reference import NormalReference
-from .table import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
+from .report import SMALL_GROUP, TABLE_COLUMNS, with_mean_row
 
 #: Examples per group in the figures.
 EXAMPLES_PER_GROUP = 3

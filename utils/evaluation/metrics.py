@@ -203,16 +203,6 @@ def normal_threshold(maps: np.ndarray, region: Optional[np.ndarray] = None, perc
     return float(np.percentile(finite(values.ravel()).astype(np.float64), percentile))
 
 
-def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per pixel of ``masks`` ``(N, H, W)`` (flattened), ``1 / (|k| * regions)`` for a pixel of
-    region ``k`` (else 0), and the number of regions: PRO(t) is the sum over pixels >= t."""
-    stack = np.zeros((3, 3, 3), dtype=int)
-    stack[1] = 1  # 8-connected within an image (as MVTec AD's evaluation code, anomalib), never across images
-    regions, count = ndimage.label(masks, structure=stack)
-    regions = regions.ravel()
-    return np.r_[0.0, 1.0 / (np.bincount(regions)[1:] * count)][regions], count
-
-
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, divided by ``fpr_limit``.
 
@@ -234,7 +224,11 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     scores, labels = pixels(maps, masks)
-    weights, count = _region_weights(labels.reshape(-1, *np.shape(masks)[-2:]))
+    structure = np.zeros((3, 3, 3), dtype=int)
+    structure[1] = 1  # 8-connected within an image (as MVTec AD's evaluation code, anomalib), never across images
+    regions, count = ndimage.label(labels.reshape(-1, *np.shape(masks)[-2:]), structure=structure)
+    # per pixel 1 / (|k| * regions) for a pixel of region k, else 0: PRO(t) is the sum over the pixels >= t
+    weights = np.r_[0.0, 1.0 / (np.bincount(regions.ravel())[1:] * count)][regions.ravel()]
     negatives = np.sort(scores[~labels])
     if count == 0 or negatives.size == 0:
         return NAN
@@ -252,8 +246,7 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     pro_at = pro_from[np.searchsorted(positives, values, side="left")]
     full = fpr_at <= fpr_limit
     area = float(((fpr_at - fpr_above) * (pro_above + pro_at))[full].sum() / 2)
-    crossing = np.flatnonzero((fpr_above < fpr_limit) & ~full)  # at most one segment
-    for i in crossing:
-        pro_cut = pro_above[i] + (fpr_limit - fpr_above[i]) / (fpr_at[i] - fpr_above[i]) * (pro_at[i] - pro_above[i])
-        area += (fpr_limit - fpr_above[i]) * (pro_above[i] + pro_cut) / 2
+    crossing = (fpr_above < fpr_limit) & ~full  # at most one segment, cut at fpr_limit
+    pro_cut = pro_above + (fpr_limit - fpr_above) / (fpr_at - fpr_above) * (pro_at - pro_above)
+    area += float(((fpr_limit - fpr_above) * (pro_above + pro_cut))[crossing].sum() / 2)
     return area / fpr_limit

@@ -37,15 +37,6 @@ class NormalReference:
     vmax: float
     field_threshold: float
 
-    @classmethod
-    def from_maps(cls, maps: np.ndarray, regions: np.ndarray, source: str, region_kind: str) -> "NormalReference":
-        """From float32 ``maps`` ``(n, S, S)`` and their bool head ``regions``."""
-        values = maps[regions]
-        threshold = normal_threshold(values, None, VAL_PERCENTILE)
-        low = float(np.percentile(values, 1.0))
-        return cls(source, region_kind, VAL_PERCENTILE, threshold, low, max(threshold, low + 1e-6),
-                   healthy_threshold(maps, regions))
-
 
 def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None) -> tuple[np.ndarray, np.ndarray]:
     """Maps ``(n, S, S)`` of the normal validation ``dataset`` (images or volume slices) and each
@@ -61,6 +52,11 @@ def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None)
 
 
 def normal_reference(model: Padim, dataset: Dataset, source: str, settings: Settings, bar=None) -> NormalReference:
-    """:class:`NormalReference` of the normal validation ``dataset`` (:func:`reference_maps`)."""
+    """:class:`NormalReference` of the normal validation ``dataset``, from its float32 maps and their
+    bool head regions (:func:`reference_maps`)."""
     maps, regions = reference_maps(model, dataset, settings, bar)
-    return NormalReference.from_maps(maps, regions, source, "+".join(sorted(dataset.head_kinds)))
+    values = maps[regions]
+    threshold = normal_threshold(values, None, VAL_PERCENTILE)
+    low = float(np.percentile(values, 1.0))
+    return NormalReference(source, "+".join(sorted(dataset.head_kinds)), VAL_PERCENTILE, threshold, low,
+                           max(threshold, low + 1e-6), healthy_threshold(maps, regions))

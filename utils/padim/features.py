@@ -23,26 +23,21 @@ def random_channel_indices(total: int, keep: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:keep].sort().values
 
 
-def semi_orthogonal_projection(total: int, keep: int, seed: int) -> torch.Tensor:
-    """A ``(total, keep)`` matrix with orthonormal columns, seeded (Kim et al., 2021, arXiv:2105.14737).
-
-    The Q factor of a seeded Gaussian matrix (signs fixed by R's diagonal, so the result is
-    unique). Projecting the ``total`` channels on it keeps a mix of all of them, where the random
-    selection keeps ``keep`` channels and drops the rest.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(total, keep, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
 def channel_selection(settings: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(indices, projection)``: the backbone channels kept and, for ``channel_reduction:
-    semi_orthogonal``, the projection of all of them to ``kept_channels`` (else None)."""
+    """``(indices, projection)``: the backbone channels kept (:func:`random_channel_indices`) and, for
+    ``channel_reduction: semi_orthogonal``, all of them with a ``(total, kept_channels)`` projection
+    with orthonormal columns (else None), seeded (Kim et al., 2021, arXiv:2105.14737).
+
+    The projection is the Q factor of a seeded Gaussian matrix (signs fixed by R's diagonal, so the
+    result is unique). Projecting the channels on it keeps a mix of all of them, where the random
+    selection keeps ``kept_channels`` channels and drops the rest.
+    """
     total, kept = settings.total_channels, settings.kept_channels
-    if settings.channel_reduction == "semi_orthogonal":
-        return torch.arange(total), semi_orthogonal_projection(total, kept, settings.seed)
-    return random_channel_indices(total, kept, settings.seed), None
+    if settings.channel_reduction != "semi_orthogonal":
+        return random_channel_indices(total, kept, settings.seed), None
+    gaussian = torch.randn(total, kept, generator=torch.Generator().manual_seed(settings.seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return torch.arange(total), (q * torch.sign(torch.diagonal(r))).float()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,17 +96,13 @@ class PatchEmbedder(nn.Module):
         self.register_buffer("projection", projection, persistent=False)
         self.cpu_plan = cpu_forward(settings.cpu_micro_batch, settings.cpu_channels_last)
 
-    def layout(self, images: torch.Tensor) -> tuple[int, torch.memory_format]:
-        """``(images per network pass, memory format)`` for this batch on its device."""
-        if images.device.type != "cpu":
-            return max(1, len(images)), torch.contiguous_format
-        memory_format = torch.channels_last if self.cpu_plan.channels_last else torch.contiguous_format
-        return self.cpu_plan.micro_batch(images.shape[-2:]), memory_format
-
     def chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """``images`` as the network sees them: micro-batches in the chosen memory format (the
-        network's weights are moved to that format too)."""
-        size, memory_format = self.layout(images)
+        """``images`` as the network sees them: on the CPU micro-batches in the chosen memory format
+        (the network's weights are moved to that format too), elsewhere the whole batch, contiguous."""
+        size, memory_format = max(1, len(images)), torch.contiguous_format
+        if images.device.type == "cpu":
+            size = self.cpu_plan.micro_batch(images.shape[-2:])
+            memory_format = torch.channels_last if self.cpu_plan.channels_last else torch.contiguous_format
         self.extractor.to(memory_format=memory_format)  # no copy when the weights are in that format already
         for chunk in images.split(size):
             yield chunk.contiguous(memory_format=memory_format)

@@ -63,7 +63,5 @@ def head_masks(images: torch.Tensor) -> torch.Tensor:
 def dilated(masks: torch.Tensor, margin: int) -> torch.Tensor:
     """``(N, S, S)`` bool masks grown by ``margin`` pixels (``mask_background`` uses the blur
     radius: the map spreads a lesion at the head's edge by about that much, and Otsu can cut dark
-    edge tissue); an all-True mask stays as it is."""
-    if margin <= 0:
-        return masks
+    edge tissue; ``margin`` >= 1); an all-True mask stays as it is."""
     return torch.stack([m if m.all() else torch.from_numpy(ndimage.binary_dilation(m.numpy(), iterations=margin)) for m in masks])

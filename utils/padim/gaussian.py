@@ -20,27 +20,65 @@ import torch
 from ..errors import PadimError
 
 
+class FourthMoments:
+    """Streaming per-position sums that, with :class:`GaussianStatistics`, give the Ledoit-Wolf
+    coefficient: ``sum_k ||x_k - mean||^4`` needs the final mean, so the sums are kept about a
+    fixed shift ``s`` (the first batch's mean, for accuracy) and expanded at the end
+    (:func:`utils.padim.shrinkage.shrink_ledoit_wolf`).
+
+    For ``y = x - s``, ``A = ||y||^2`` and ``u = mean - s``:
+    ``sum ||x - mean||^4 = sum A^2 - 4 u . sum(A y) + 4 u^T scatter u + 2 |u|^2 sum A + n |u|^4``.
+    All sums are float64; memory ``(P, d)``, independent of the number of images.
+    """
+
+    def __init__(self, positions: int, dim: int, device: torch.device | str = "cpu"):
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        self.sum_a = torch.zeros(positions, dtype=torch.float64, device=device)
+        self.sum_a2 = torch.zeros(positions, dtype=torch.float64, device=device)
+        self.sum_ay = torch.zeros(positions, dim, dtype=torch.float64, device=device)
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Fold in samples given position-major, ``(P, n, d)``."""
+        if rows.shape[1] == 0:
+            return
+        y = rows.double()
+        if self.shift is None:
+            self.shift = y.mean(dim=1)
+        y = y - self.shift.unsqueeze(1)
+        a = y.square().sum(dim=2)  # (P, n)
+        self.sum_a += a.sum(dim=1)
+        self.sum_a2 += a.square().sum(dim=1)
+        self.sum_ay += torch.bmm(a.unsqueeze(1), y).squeeze(1)
+        self.count += rows.shape[1]
+
+
 @dataclass
 class GaussianStatistics:
     """Sufficient statistics of ``P`` independent ``d``-dimensional Gaussians.
 
     Attributes:
-        count: number of samples per position folded in so far (-1 once consumed by an
-            in-place :func:`regularised_whitening`).
+        count: number of samples per position folded in so far (-1 once consumed by
+            :func:`regularised_whitening`).
         mean: ``(P, d)`` float64 running mean.
         scatter: ``(P, d, d)`` sum of outer products of deviations from ``mean``.
+        moments: the :class:`FourthMoments` of the same samples, for Ledoit-Wolf shrinkage
+            (``covariance_shrinkage: ledoit_wolf``), else None.
     """
 
     count: int
     mean: torch.Tensor
     scatter: torch.Tensor
+    moments: FourthMoments | None = None
 
     @classmethod
-    def empty(cls, positions: int, dim: int, dtype: torch.dtype = torch.float32, device="cpu") -> "GaussianStatistics":
+    def empty(cls, positions: int, dim: int, dtype: torch.dtype = torch.float32, device="cpu",
+              moments: bool = False) -> "GaussianStatistics":
         return cls(
             0,
             torch.zeros(positions, dim, dtype=torch.float64, device=device),
             torch.zeros(positions, dim, dim, dtype=dtype, device=device),
+            FourthMoments(positions, dim, device) if moments else None,
         )
 
     def update(self, embeddings: torch.Tensor) -> None:
@@ -52,6 +90,8 @@ class GaussianStatistics:
         n_b = embeddings.shape[0]
         if n_b == 0:
             return
+        if self.moments is not None:
+            self.moments.update(embeddings.flatten(2).permute(2, 0, 1))
         # (P, N, d), contiguous: the batched product on the permuted view took 2.2x as long (d = 550)
         samples = embeddings.flatten(2).permute(2, 0, 1).to(self.scatter.dtype).contiguous()
         batch_mean = samples.mean(dim=1)
@@ -109,7 +149,7 @@ def pool_neighbourhoods(stats: GaussianStatistics, height: int, width: int, radi
     return GaussianStatistics(total, pooled_mean.reshape(positions, dim), scatter.view(positions, dim, dim))
 
 
-def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int = 64, in_place: bool = False) -> torch.Tensor:
+def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int = 64) -> torch.Tensor:
     """Whitening matrices ``W = L^-1`` of ``covariance + epsilon * I = L L^T`` for every position.
 
     Returns ``(P, d, d)`` lower-triangular matrices with ``W^T W`` the precision, so the
@@ -123,20 +163,17 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     eigenvalues and the condition number is ~ largest variance / epsilon; factorising such
     matrices in float32 moved distances by up to ~1e-3, so they are factorised in float64.
     Otherwise the scatter's dtype is used (float32: distances within ~2e-5 of a float64 reference
-    on real wide_resnet50_2 features, checked by ``bench/run.py``). With ``in_place`` the scatter
-    buffer receives the result (the fit's peak memory stays at one ``(P, d, d)`` buffer) and
-    ``stats`` is consumed.
+    on real wide_resnet50_2 features, checked by ``bench/run.py``). The scatter buffer receives the
+    result (the fit's peak memory stays at one ``(P, d, d)`` buffer): ``stats`` is consumed.
     """
     count = stats.count
     if count <= 0:
-        raise PadimError("these statistics were consumed by an in-place regularised_whitening" if count < 0
+        raise PadimError("these statistics were consumed by regularised_whitening" if count < 0
                          else "no training samples were accumulated: the training set is empty")
-    if in_place:
-        stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
+    stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
     positions, dim, _ = stats.scatter.shape
-    out = stats.scatter if in_place else torch.empty_like(stats.scatter)
     work_dtype = torch.float64 if count - 1 < dim else stats.scatter.dtype
-    identity = torch.eye(dim, dtype=work_dtype, device=out.device)
+    identity = torch.eye(dim, dtype=work_dtype, device=stats.scatter.device)
     for start in range(0, positions, chunk):
         covariance = stats.scatter[start : start + chunk].to(work_dtype) / max(count - 1, 1)
         covariance.diagonal(dim1=1, dim2=2).add_(epsilon)
@@ -147,8 +184,9 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
                 f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
                 "(non-finite features?); check the input images or raise `epsilon`"
             )
-        out[start : start + chunk] = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
-    return out
+        inverse = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
+        stats.scatter[start : start + chunk] = inverse
+    return stats.scatter
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ mappings with an ``"image"`` entry, as the datasets of :mod:`utils.data` yield.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Union
@@ -17,13 +18,13 @@ from tqdm.auto import tqdm
 
 from ..config import Settings
 from ..errors import DataError, ModelFileError
-from .model_file import ModelState, load_state, save_state
+from .model_file import load_state, save_state
 from .align import align_batch, from_canonical
 from .features import PatchEmbedder, exact_float32, resolve_device
 from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
 from .foreground import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
-from .shrinkage import FourthMoments, ledoit_wolf_shrinkage, shrink_scatter
+from .shrinkage import shrink_ledoit_wolf
 
 ImageSource = Union[torch.Tensor, Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
 
@@ -78,15 +79,12 @@ class Padim:
         self.train_fingerprint = ""
         #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
         self.shrinkage: float | None = None
-        self._moments: FourthMoments | None = None
-        self._embedder: PatchEmbedder | None = None
 
     # ------------------------------------------------------------------ features
-    @property
+    @functools.cached_property
     def embedder(self) -> PatchEmbedder:
-        if self._embedder is None:
-            self._embedder = PatchEmbedder(self.settings).to(self.device)
-        return self._embedder
+        """The backbone and channel selection, built on first use: loading and saving a model never build it."""
+        return PatchEmbedder(self.settings).to(self.device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images ``(N, 3, S, S)`` -> patch embeddings ``(N, d, S/4, S/4)``."""
@@ -99,17 +97,12 @@ class Padim:
         s = self.settings
         positions, dim = s.feature_size**2, s.kept_channels
         with torch.inference_mode(), exact_float32(self.device):
-            stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype), device=self.device)
-            moments = FourthMoments(positions, dim, self.device) if s.covariance_shrinkage == "ledoit_wolf" else None
+            stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype),
+                                             device=self.device, moments=s.covariance_shrinkage == "ledoit_wolf")
             for batch, heads in batches(images, s, "fit", progress):
                 batch = align_batch(batch, s.data.align, heads)[0]
-                views = (batch, batch.flip(-1)) if s.flip_train else (batch,)  # flip_train: the mirror image too
-                for view in views:
-                    embeddings = self.embed(view)
-                    if moments is not None:
-                        moments.update(embeddings.flatten(2).permute(2, 0, 1))
-                    stats.update(embeddings)
-        self._moments = moments
+                for view in (batch, batch.flip(-1)) if s.flip_train else (batch,):  # flip_train: the mirror image too
+                    stats.update(self.embed(view))
         return stats
 
     def fit_statistics(self, stats: GaussianStatistics) -> "Padim":
@@ -122,11 +115,8 @@ class Padim:
             stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)  # radius 0: stats as they are
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
-                shrinkage = ledoit_wolf_shrinkage(stats, self._moments)
-                shrink_scatter(stats, shrinkage)
-                self.shrinkage = float(shrinkage.mean())
-                self._moments = None
-            self.whitening = regularised_whitening(stats, self.settings.epsilon, in_place=True)
+                self.shrinkage = float(shrink_ledoit_wolf(stats).mean())
+            self.whitening = regularised_whitening(stats, self.settings.epsilon)
         if not (all_finite(self.mean) and all_finite(self.whitening)):
             raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
         return self
@@ -178,14 +168,13 @@ class Padim:
     def save(self, path: str | os.PathLike) -> str:
         """Write the model to one file atomically (:func:`utils.padim.model_file.save_state`); returns the path."""
         self._require_fitted()
-        state = ModelState(self.settings, self.mean, self.whitening, self.train_count, self.train_fingerprint)
-        return save_state(state, path)
+        return save_state(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
         """Read a model file (:func:`utils.padim.model_file.load_state`); with ``settings``, checked against them."""
-        state = load_state(path, settings)
-        model = cls(state.settings)
-        model.mean, model.whitening = state.mean.to(model.device), state.whitening.to(model.device)
-        model.train_count, model.train_fingerprint = state.train_count, state.train_fingerprint
+        stored, mean, whitening, count, fingerprint = load_state(path, settings)
+        model = cls(stored)
+        model.mean, model.whitening = mean.to(model.device), whitening.to(model.device)
+        model.train_count, model.train_fingerprint = count, fingerprint
         return model

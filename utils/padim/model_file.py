@@ -12,7 +12,6 @@ import pickle
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
@@ -58,31 +57,22 @@ def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
         raise ModelFileError(f"{what} was fitted with other settings ({'; '.join(differences)}); refit or fix the config")
 
 
-@dataclass
-class ModelState:
-    """What a model file holds: the settings it was fitted with, the per-position means ``(P, d)``
-    and whitening matrices ``(P, d, d)``, the number of training samples and the
-    :func:`utils.data.fingerprint` of the training files ("" when unknown)."""
-
-    settings: Settings
-    mean: torch.Tensor
-    whitening: torch.Tensor
-    train_count: int
-    train_fingerprint: str
-
-
-def save_state(state: ModelState, path: str | os.PathLike) -> str:
-    """Write ``state`` to ``path`` atomically (and durably: fsync before the rename); returns the path."""
+def save_state(model, path: str | os.PathLike) -> str:
+    """Write a fitted :class:`utils.padim.Padim` ``model`` to ``path`` atomically (and durably: fsync
+    before the rename); returns the path. The file holds what :func:`load_state` returns: the settings
+    the model was fitted with, its per-position means ``(P, d)`` and whitening matrices ``(P, d, d)``,
+    the number of training samples and the :func:`utils.data.fingerprint` of the training files
+    ("" when unknown)."""
     path = os.fspath(path)
     payload = {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
-        "settings": json.dumps(state.settings.to_dict()),
-        "channel_indices": channel_selection(state.settings)[0],
-        "mean": state.mean.detach().cpu().clone(),
-        "whitening": state.whitening.detach().cpu().clone(),
-        "train_count": int(state.train_count),
-        "train_fingerprint": state.train_fingerprint,
+        "settings": json.dumps(model.settings.to_dict()),
+        "channel_indices": channel_selection(model.settings)[0],
+        "mean": model.mean.detach().cpu().clone(),
+        "whitening": model.whitening.detach().cpu().clone(),
+        "train_count": int(model.train_count),
+        "train_fingerprint": model.train_fingerprint,
     }
     with atomic_writer(path, durable=True) as stream:
         try:
@@ -110,11 +100,11 @@ def _read(path: str) -> dict:
         raise ModelFileError(f"model file {problem}: {path}")
     try:
         with zipfile.ZipFile(path) as archive:  # torch's loader does not check the entries' CRC-32 sums
-            damaged = archive.testzip()
+            if (damaged := archive.testzip()) is not None:
+                raise ModelFileError(f"{path} is damaged: its entry {damaged} fails its checksum "
+                                     "(a changed or corrupted byte)")
     except (zipfile.BadZipFile, OSError):
-        damaged = None  # not an archive: torch.load below says so
-    if damaged is not None:
-        raise ModelFileError(f"{path} is damaged: its entry {damaged} fails its checksum (a changed or corrupted byte)")
+        pass  # not an archive: torch.load below says so
     try:
         with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: the error says it all
             warnings.simplefilter("ignore")
@@ -144,8 +134,10 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     return value
 
 
-def load_state(path: str | os.PathLike, settings: Settings | None = None) -> ModelState:
-    """Read and check a model file written by :func:`save_state`.
+def load_state(path: str | os.PathLike,
+               settings: Settings | None = None) -> tuple[Settings, torch.Tensor, torch.Tensor, int, str]:
+    """Read and check a model file written by :func:`save_state`: ``(settings, mean, whitening,
+    train_count, train_fingerprint)``.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
     (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
@@ -172,4 +164,4 @@ def load_state(path: str | os.PathLike, settings: Settings | None = None) -> Mod
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
     mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
     whitening = _tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
-    return ModelState(stored, mean, whitening, count, fingerprint)
+    return stored, mean, whitening, count, fingerprint

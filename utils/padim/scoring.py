@@ -32,25 +32,12 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitening: torch.T
     return squared.sqrt().T.reshape(n, h, w)
 
 
-def _clipped_kernel(sigma: float, size: int) -> tuple[torch.Tensor, int]:
-    """The normalised 1-D Gaussian of radius ``round(4 sigma)`` that scipy.ndimage uses, its radius
-    clipped to ``size - 1`` (renormalised) so that mirroring stays inside small ``size x size`` maps,
-    and that radius: ``scipy.ndimage.gaussian_filter(m, sigma, mode="mirror", radius=...)``."""
-    full_radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-full_radius, full_radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    radius = min(full_radius, size - 1)
-    kernel = kernel[full_radius - radius : full_radius + radius + 1]
-    return kernel / kernel.sum(), radius
-
-
 def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
     """Distances ``(N, h, w)`` on the patch grid -> smoothed maps ``(N, S, S)`` at image size ``S``.
 
     Bilinear upsampling (``align_corners=False``) followed by a Gaussian blur mirrored at the
     border (SciPy's ``gaussian_filter(mode="mirror")``, the kernel clipped to the map,
-    :func:`_clipped_kernel`), computed as ``A_h @ D @ A_w^T``: both steps are linear and separable,
+    :func:`_map_operator`), computed as ``A_h @ D @ A_w^T``: both steps are linear and separable,
     so each axis is one small matrix (``S x h``, built once by running ``F.interpolate`` and the
     1-D blur on unit inputs in float64). Same maps as the two steps (to float rounding), ~10x
     faster on CPU.
@@ -62,12 +49,21 @@ def anomaly_maps(distances: torch.Tensor, image_size: int, sigma: float) -> torc
 
 def _map_operator(cells: int, size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(size, cells)`` matrix of upsampling + blur along one axis of a ``size x size`` map, from
-    the reference operations applied to unit inputs."""
+    the reference operations applied to unit inputs.
+
+    The blur is the normalised 1-D Gaussian of radius ``round(4 sigma)`` that scipy.ndimage uses,
+    its radius clipped to ``size - 1`` (renormalised) so that mirroring stays inside small
+    ``size x size`` maps: ``scipy.ndimage.gaussian_filter(m, sigma, mode="mirror", radius=...)``.
+    """
     units = torch.eye(cells, dtype=torch.float64).view(cells, 1, cells, 1)  # unit i along this axis
     line = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # (cells, size)
     if sigma > 0:
         # The 2-D blur is separable: along this axis it is the 1-D pass with the clipped kernel.
-        kernel, radius = _clipped_kernel(sigma, size)
+        full_radius = int(4.0 * sigma + 0.5)
+        kernel = torch.exp(-0.5 * (torch.arange(-full_radius, full_radius + 1, dtype=torch.float64) / sigma) ** 2)
+        radius = min(full_radius, size - 1)
+        kernel = (kernel / kernel.sum())[full_radius - radius : full_radius + radius + 1]  # scipy's, then clipped
+        kernel = kernel / kernel.sum()
         line = F.conv1d(F.pad(line.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1))[:, 0]
     return line.T.to(dtype=dtype, device=device).contiguous()
 

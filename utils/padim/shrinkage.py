@@ -14,56 +14,16 @@ from ..errors import DataError
 from .gaussian import GaussianStatistics
 
 
-class FourthMoments:
-    """Streaming per-position sums that, with :class:`GaussianStatistics`, give the Ledoit-Wolf
-    coefficient: ``sum_k ||x_k - mean||^4`` needs the final mean, so the sums are kept about a
-    fixed shift ``s`` (the first batch's mean, for accuracy) and expanded at the end.
-
-    For ``y = x - s``, ``A = ||y||^2`` and ``u = mean - s``:
-    ``sum ||x - mean||^4 = sum A^2 - 4 u . sum(A y) + 4 u^T scatter u + 2 |u|^2 sum A + n |u|^4``.
-    All sums are float64; memory ``(P, d)``, independent of the number of images.
-    """
-
-    def __init__(self, positions: int, dim: int, device: torch.device | str = "cpu"):
-        self.count = 0
-        self.shift: torch.Tensor | None = None
-        self.sum_a = torch.zeros(positions, dtype=torch.float64, device=device)
-        self.sum_a2 = torch.zeros(positions, dtype=torch.float64, device=device)
-        self.sum_ay = torch.zeros(positions, dim, dtype=torch.float64, device=device)
-
-    def update(self, rows: torch.Tensor) -> None:
-        """Fold in samples given position-major, ``(P, n, d)``."""
-        if rows.shape[1] == 0:
-            return
-        y = rows.double()
-        if self.shift is None:
-            self.shift = y.mean(dim=1)
-        y = y - self.shift.unsqueeze(1)
-        a = y.square().sum(dim=2)  # (P, n)
-        self.sum_a += a.sum(dim=1)
-        self.sum_a2 += a.square().sum(dim=1)
-        self.sum_ay += torch.bmm(a.unsqueeze(1), y).squeeze(1)
-        self.count += rows.shape[1]
-
-    def centred_fourth(self, stats: GaussianStatistics, chunk: int = 64) -> torch.Tensor:
-        """``(P,)``: ``sum_k ||x_k - mean||^4`` at every position (``stats`` symmetric)."""
-        u = stats.mean - self.shift  # (P, d) float64
-        c = u.square().sum(dim=1)
-        quadratic = torch.empty_like(c)
-        for start in range(0, len(u), chunk):
-            part = u[start : start + chunk]
-            block = stats.scatter[start : start + chunk].double()
-            quadratic[start : start + chunk] = torch.einsum("pi,pij,pj->p", part, block, part)
-        return self.sum_a2 - 4 * (u * self.sum_ay).sum(dim=1) + 4 * quadratic + 2 * c * self.sum_a + self.count * c.square()
-
-
-def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments | None) -> torch.Tensor:
-    """``(P,)`` Ledoit-Wolf shrinkage coefficients in [0, 1], as ``sklearn.covariance.ledoit_wolf_shrinkage``
-    computes them on each position's samples (centred, biased covariance ``S = scatter / n``)::
+def shrink_ledoit_wolf(stats: GaussianStatistics) -> torch.Tensor:
+    """Shrink every position's scatter in place, ``scatter <- (1 - a) scatter + a (tr scatter / d) I``,
+    by its Ledoit-Wolf coefficient ``a``; returns the ``(P,)`` coefficients in [0, 1], as
+    ``sklearn.covariance.ledoit_wolf_shrinkage`` computes them on each position's samples (centred,
+    biased covariance ``S = scatter / n``; ``sum_k ||x_k - mean||^4`` from ``stats.moments``)::
 
         mu = tr S / d,  delta = ||S - mu I||_F^2 / d,
         beta = min(delta, (sum_k ||x_k - mean||^4 / n - ||S||_F^2) / (d n)),  a = beta / delta
     """
+    moments = stats.moments
     held = 0 if moments is None else moments.count
     if held != stats.count or not held:
         raise DataError(
@@ -71,22 +31,24 @@ def ledoit_wolf_shrinkage(stats: GaussianStatistics, moments: FourthMoments | No
             "covariance_shrinkage ledoit_wolf is supported in single-process fits (accumulate() or fit()) only"
         )
     n, dim = stats.count, stats.mean.shape[1]
-    trace = torch.empty(len(stats.mean), dtype=torch.float64, device=stats.mean.device)
-    frobenius = torch.empty_like(trace)
-    for start in range(0, len(trace), 64):
-        block = stats.scatter[start : start + 64].double() / n
+    u = stats.mean - moments.shift  # (P, d) float64
+    trace, frobenius, quadratic = (torch.empty(len(u), dtype=torch.float64, device=u.device) for _ in range(3))
+    for start in range(0, len(u), 64):  # 64 positions at a time bounds the float64 temporaries
+        block = stats.scatter[start : start + 64].double()
+        part = u[start : start + 64]
+        quadratic[start : start + 64] = torch.einsum("pi,pij,pj->p", part, block, part)
+        block = block / n
         trace[start : start + 64] = block.diagonal(dim1=1, dim2=2).sum(dim=1)
         frobenius[start : start + 64] = block.square().sum(dim=(1, 2))
+    c = u.square().sum(dim=1)  # sum_k ||x_k - mean||^4 by the expansion of utils.padim.gaussian.FourthMoments
+    fourth = (moments.sum_a2 - 4 * (u * moments.sum_ay).sum(dim=1) + 4 * quadratic + 2 * c * moments.sum_a
+              + n * c.square())
     delta = (frobenius - trace.square() / dim) / dim
-    beta = (moments.centred_fourth(stats) / n - frobenius) / (dim * n)
+    beta = (fourth / n - frobenius) / (dim * n)
     beta = torch.minimum(beta, delta)
-    return torch.where(beta > 0, beta / torch.where(delta > 0, delta, torch.ones_like(delta)), torch.zeros_like(beta))
-
-
-def shrink_scatter(stats: GaussianStatistics, shrinkage: torch.Tensor) -> None:
-    """In place: ``scatter <- (1 - a) scatter + a (tr scatter / d) I`` per position (``a``: ``(P,)``)."""
-    dim = stats.scatter.shape[-1]
+    shrinkage = torch.where(beta > 0, beta / torch.where(delta > 0, delta, torch.ones_like(delta)), 0.0)
     diagonal = stats.scatter.diagonal(dim1=1, dim2=2)
     target = diagonal.double().sum(dim=1) / dim
     stats.scatter.mul_((1 - shrinkage).to(stats.scatter.dtype).view(-1, 1, 1))
     diagonal.add_((shrinkage * target).to(stats.scatter.dtype).unsqueeze(1))
+    return shrinkage
