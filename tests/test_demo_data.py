@@ -285,7 +285,7 @@ def test_nifti_demo_is_deterministic_and_refuses_a_full_folder(nifti_demo, tmp_p
 
     again = generate_nifti_demo(tmp_path / "again", seed=0)
     assert _digest(again) == _digest(nifti_demo)
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(FileExistsError, match="not empty"):
         generate_nifti_demo(again, seed=0)
 
 

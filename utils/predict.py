@@ -28,7 +28,7 @@ from .data.listing import has_suffix, listed
 from .data.preprocess import read_image, restore_geometry
 from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
-from .evaluation.plotting import heatmap_figure, save_figure, save_heatmap
+from .evaluation.plotting import save_heatmap
 from .evaluation.volumes import slice_scores
 from .files import atomic_writer, staged_folder, writable_folder, write_atomic
 from .padim import Padim
@@ -160,7 +160,7 @@ def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, prog
         z = int(np.argmax(np.where(volume.kept, in_brain, -np.inf)))
         stem = os.path.join(output_dir, f"{entry.case}_anomaly")
         write_map(anomaly, volume, stem + ".nii.gz")
-        save_figure(heatmap_figure(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T)), stem + ".png")  # anterior up
+        save_heatmap(np.flipud(volume.image[:, :, z].T), np.flipud(anomaly[:, :, z].T), stem + ".png")  # anterior up
         rows.append({"image": entry.image, "score": float(in_brain[z]), "slice": z})
     _write_scores(os.path.join(output_dir, "volume_scores.csv"), pd.DataFrame(rows, columns=["image", "score", "slice"]))
     return rows

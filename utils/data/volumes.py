@@ -125,9 +125,10 @@ def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> float:
 
 
 def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) -> list[VolumeEntry]:
-    """The volumes ``sources`` name, checked together (:func:`checked_entries`: files, headers, unique case
-    names): every row of a manifest CSV (columns and splits checked here), and a NIfTI file as a test volume
-    without brain mask or label (what ``predict --input`` names: its brain is estimated from the image)."""
+    """The volumes ``sources`` name: every row of a manifest CSV (columns and splits checked), and a NIfTI
+    file as a test volume without brain mask or label (what ``predict --input`` names: its brain is estimated
+    from the image). Checked together: case names unique and plain (each names its output files), headers
+    passing :func:`_check_entry`; strongly oblique volumes are named in one :class:`ObliqueVolumeWarning`."""
     entries = []
     for path in sources:
         if not has_suffix(path, (".csv",)):
@@ -140,12 +141,6 @@ def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) ->
             raise DataError(f"{path}: column {missing[0]!r} is missing (needed: split, image)")
         folder = os.path.dirname(os.path.abspath(path))
         entries += [_entry(row, folder, source) for source, row in rows]
-    return checked_entries(entries, volume_index)
-
-
-def checked_entries(entries: list[VolumeEntry], volume_index: Optional[int]) -> list[VolumeEntry]:
-    """``entries`` once their case names are unique (each names its output files) and their headers
-    pass :func:`_check_entry`; strongly oblique volumes are named in one :class:`ObliqueVolumeWarning`."""
     seen: dict[str, str] = {}
     oblique = []
     for entry in entries:

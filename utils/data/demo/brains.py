@@ -39,7 +39,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from ...files import staged_folder
+from .nifti import write_folder
 
 GENERATOR_VERSION = 1
 #: Lesion kinds and the range of their radius (pixels at 1 mm).
@@ -185,9 +185,8 @@ def _add_lesion(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
         texture = 1 + 0.15 * _smooth_noise(rng, shape, 1.5 * scale)
         image = image * (1 - core) + reference * rng.uniform(0.95, 1.15) * texture * core
         footprint = np.maximum(core, oedema)
-    rows, cols = np.nonzero(footprint > 0.5)
     box = np.zeros(shape, dtype=bool)
-    box[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1] = True
+    box[ndimage.find_objects((footprint > 0.5).astype(np.uint8))[0]] = True  # the footprint's bounding box
     return image.astype(np.float32), labels, box
 
 
@@ -274,17 +273,6 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> None:
 
 def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
                   overwrite: bool = False) -> str:
-    """Write the demo set to ``root`` (must be absent or empty unless ``overwrite``); return ``root``.
-
-    Written into a temporary folder beside ``root`` and renamed into place
-    (:func:`utils.files.staged_folder`), so an interrupted run leaves no partial set at ``root``.
-    Raises ``FileExistsError`` if ``root`` is not empty (also when another process filled it meanwhile).
-    """
-    root = os.path.abspath(os.fspath(root))
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise FileExistsError(f"{root} exists and is not a folder")
-    if os.path.isdir(root) and os.listdir(root) and not overwrite:
-        raise FileExistsError(f"{root} exists and is not empty; choose another folder, or replace it (--force; overwrite=True)")
-    with staged_folder(root, replace=overwrite) as temporary:
-        _write_set(temporary, seed, counts)
-    return root
+    """Write the demo set to ``root`` (absent or empty unless ``overwrite``, :func:`utils.data.demo.nifti.write_folder`:
+    written beside it and renamed into place); returns ``root``. Raises ``FileExistsError`` if ``root`` is not empty."""
+    return write_folder(root, lambda folder: _write_set(folder, seed, counts), overwrite)

@@ -48,33 +48,23 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray,
     return colour * gain[..., None], disc, gain
 
 
-def _blob(rng: np.random.Generator, disc: np.ndarray, size: int) -> np.ndarray:
-    """An elliptic patch inside the disc."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float64)
-    inside = np.argwhere(ndimage.binary_erosion(disc, iterations=max(2, size // 8)))
-    cy, cx = inside[rng.integers(len(inside))]
-    ry, rx = rng.uniform(0.07, 0.12, 2) * size
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-
-
-def _scratch(rng: np.random.Generator, disc: np.ndarray, size: int) -> np.ndarray:
-    """A line segment through the disc, about 2 % of the side wide."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float64)
-    angle = rng.uniform(0, np.pi)
-    cy, cx = np.argwhere(disc).mean(0) + rng.uniform(-0.1, 0.1, 2) * size
-    along = (yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
-    across = (yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle)
-    return (np.abs(across) <= max(1.0, 0.02 * size)) & (np.abs(along) <= 0.25 * size) & disc
-
-
 def defect_image(rng: np.random.Generator, size: int, defect: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(image uint8 (size, size, 3), mask bool (size, size))`` with one ``defect``."""
+    """``(image uint8 (size, size, 3), mask bool (size, size))`` with one ``defect``: ``color``, an
+    elliptic patch inside the disc; ``scratch``, a line segment through it, about 2 % of the side wide."""
     image, disc, gain = _scene(rng, size)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
     if defect == "color":
-        mask = _blob(rng, disc, size)
+        inside = np.argwhere(ndimage.binary_erosion(disc, iterations=max(2, size // 8)))
+        cy, cx = inside[rng.integers(len(inside))]
+        ry, rx = rng.uniform(0.07, 0.12, 2) * size
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
         image[mask] = equal_luma_colour(_DISC) * gain[mask][:, None]
     else:  # scratch
-        mask = _scratch(rng, disc, size)
+        angle = rng.uniform(0, np.pi)
+        cy, cx = np.argwhere(disc).mean(0) + rng.uniform(-0.1, 0.1, 2) * size
+        along = (yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
+        across = (yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle)
+        mask = (np.abs(across) <= max(1.0, 0.02 * size)) & (np.abs(along) <= 0.25 * size) & disc
         image[mask] *= 0.35
     return _to_uint8(image), mask
 

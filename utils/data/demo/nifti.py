@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -125,11 +126,21 @@ def _write_set(folder: str, seed: int) -> None:
 
 
 def generate_nifti_demo(root: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> str:
-    """Write the NIfTI demo set to ``root`` (absent or empty, unless ``overwrite``: replaced as a whole);
-    returns ``root``. Raises ``FileExistsError`` if ``root`` holds files and is not to be replaced."""
+    """Write the NIfTI demo set to ``root`` (:func:`write_folder`); returns ``root``."""
+    return write_folder(root, lambda folder: _write_set(folder, seed), overwrite)
+
+
+def write_folder(root: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> str:
+    """Run ``write(folder)`` on a temporary folder beside ``root`` that then becomes ``root``
+    (:func:`utils.files.staged_folder`: an interrupted run leaves no partial set); returns ``root``.
+
+    ``root`` must be absent or an empty folder, unless ``overwrite`` (replaced as a whole). Raises
+    ``FileExistsError`` before writing if it is not, and after writing if another process filled it
+    meanwhile."""
     root = os.path.abspath(os.fspath(root))
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root) and not overwrite):
-        raise FileExistsError(f"{root} exists and is not an empty folder; choose another, or replace it (--force)")
+        raise FileExistsError(f"{root} exists and is not empty, or not a folder; choose another folder, or replace it "
+                              "(--force; overwrite=True)")
     with staged_folder(root, replace=overwrite) as temporary:
-        _write_set(temporary, seed)
+        write(temporary)
     return root
