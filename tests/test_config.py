@@ -46,6 +46,7 @@ def test_channel_sums(backbone, total):
         ({"cpu_channels_last": "yes"}, ["`cpu_channels_last` must be true or false"]),
         ({"batch_size": True}, ["`batch_size` must be an integer"]),
         ({"layers": [3, 1]}, ["`layers` is [3, 1]"]),
+        ({"layers": []}, ["`layers` must be a non-empty list, got []"]),
         ({"data": {"formt": "study"}}, ["unknown config key `data.formt`", "did you mean `data.format`"]),
         ({"data": {"resize": "crop"}}, ["`data.resize` is 'crop'", "pad, stretch"]),
         ({"data": "here"}, ["`data` must be a mapping"]),

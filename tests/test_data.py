@@ -321,8 +321,8 @@ def test_unknown_test_group(tmp_path):
 
 def test_data_config_errors_name_key_value_and_allowed():
     for raw, fragment in [
-        ({"test_groups": []}, "`data.test_groups` is []"),
-        ({"train_splits": []}, "`data.train_splits` is []"),
+        ({"test_groups": []}, "`data.test_groups` must be a non-empty list, got []"),
+        ({"train_splits": []}, "`data.train_splits` must be a non-empty list, got []"),
         ({"demo_seed": -1}, "`data.demo_seed` is -1"),
         ({"intensity": "minmax"}, "`data.intensity` is 'minmax'; allowed: none, zscore, percentile"),
         ({"skip_bad_images": "yes"}, "`data.skip_bad_images` must be true or false"),

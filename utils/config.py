@@ -283,8 +283,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"`{key}` is {value!r}; allowed: {', '.join(map(str, args))}")
         return value
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"`{key}` must be a list, got {value!r}")
+        if not isinstance(value, list) or not value:  # every list setting names at least one thing
+            raise ConfigError(f"`{key}` must be a non-empty list, got {value!r}")
         return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
     if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
         with contextlib.suppress(ValueError):
@@ -306,8 +306,7 @@ def _check_ranges(s: Settings) -> None:
     hint = f" (did you mean {nearest[0]}?)" if nearest else ""
     _check([
         ("backbone", s.backbone in BACKBONES, ", ".join(BACKBONES) + hint),
-        ("layers", bool(s.layers) and s.layers == sorted(set(s.layers) & {1, 2, 3}),
-         "a non-empty increasing subset of [1, 2, 3]"),
+        ("layers", s.layers == sorted(set(s.layers) & {1, 2, 3}), "an increasing subset of [1, 2, 3]"),
     ], s)
     total, stages, d = s.total_channels, f"{s.backbone} layers {s.layers}", s.data
     workers = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
@@ -329,8 +328,6 @@ def _check_ranges(s: Settings) -> None:
          f"null or an integer >= 1, at most {MAX_BATCH} images"),
         ("data.num_workers", _within(d.num_workers, 0, workers),
          f"an integer >= 0, at most {MAX_WORKERS_PER_CPU} per CPU ({workers} here)"),
-        ("data.train_splits", d.train_splits != [], "a non-empty list of split CSV names"),
-        ("data.test_groups", d.test_groups != [], "a non-empty list of group names, or null for all groups"),
         ("data.center_crop", _within(d.center_crop, 2 * MAX_STRIDE, s.image_size, MAX_STRIDE),
          f"null, or a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to image_size ({s.image_size})"),
         ("data.val_fraction", 0 <= d.val_fraction < 1, "0 <= value < 1"),

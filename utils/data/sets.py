@@ -179,9 +179,7 @@ def fingerprint(sets: Iterable, layout: bool = False) -> str:
 
 def _paths(field: str | tuple[str, ...] | None) -> tuple[str, ...]:
     """A row's field (a path, several paths, or None) as a tuple of paths."""
-    if field is None:
-        return ()
-    return (field,) if isinstance(field, str) else field
+    return (field,) if isinstance(field, str) else field or ()
 
 
 def _relative(field: str | tuple[str, ...] | None, base: str) -> str:

@@ -114,14 +114,12 @@ class StudyLoader(FolderLoader):
                     f"data.test_groups names {group!r} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                     f"missing in {self.split_dir}; available groups: {', '.join(available) or 'none'}"
                 )
-        test = {group: self.pathology(group) if group in available else self.image_level(group) for group in groups}
+        # a group listed by <group>.csv alone (no boxes, e.g. the slices with global findings) is scored for image
+        # AUROC only, each image inside its brain mask where the layout has one
+        test = {group: self.pathology(group) if group in available
+                else self.validation(group, self.read_csv(group), anomalous=True) for group in groups}
         test[NORMAL] = self.pathology(NORMAL, anomalous=False)
         return test
-
-    def image_level(self, group: str) -> ImageSet:
-        """A group listed by ``<group>.csv`` alone (no boxes, e.g. the slices with global findings):
-        scored for image AUROC only, each image inside its brain mask where the layout has one."""
-        return self.validation(group, self.read_csv(group), anomalous=True)
 
     def pathology(self, group: str, anomalous: bool = True) -> ImageSet:
         """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``, aligned row by row: each image with its box (the
