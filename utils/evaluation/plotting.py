@@ -24,7 +24,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import text_to_path
 
 from ..files import atomic_writer
-from .table import SUMMARY_ROWS
+from .report import SUMMARY_ROWS
 
 HEAT_CMAP = "jet"
 HEAT_LABEL = "Mahalanobis distance"
