@@ -166,10 +166,9 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     on real wide_resnet50_2 features, checked by ``bench/run.py``). The scatter buffer receives the
     result (the fit's peak memory stays at one ``(P, d, d)`` buffer): ``stats`` is consumed.
     """
-    count = stats.count
-    if count <= 0:
-        raise PadimError("these statistics were consumed by regularised_whitening" if count < 0
-                         else "no training samples were accumulated: the training set is empty")
+    count = stats.count  # > 0: Padim.fit_statistics refuses an empty training set
+    if count < 0:
+        raise PadimError("these statistics were consumed by regularised_whitening")
     stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
     positions, dim, _ = stats.scatter.shape
     work_dtype = torch.float64 if count - 1 < dim else stats.scatter.dtype
