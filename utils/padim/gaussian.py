@@ -39,9 +39,8 @@ class FourthMoments:
         self.sum_ay = torch.zeros(positions, dim, dtype=torch.float64, device=device)
 
     def update(self, rows: torch.Tensor) -> None:
-        """Fold in samples given position-major, ``(P, n, d)``."""
-        if rows.shape[1] == 0:
-            return
+        """Fold in samples given position-major, ``(P, n, d)``, ``n > 0`` (:meth:`GaussianStatistics.update`
+        skips empty batches)."""
         y = rows.double()
         if self.shift is None:
             self.shift = y.mean(dim=1)
