@@ -142,7 +142,7 @@ def worker_sweep(spec: dict) -> dict:
     repetition runs each configuration once (a warm-up round first), and each one's median is reported."""
     import torch
 
-    from utils.padim.backbones import CpuForward
+    from utils.padim.backbones import cpu_forward
     from utils.padim.model import Padim
 
     embedder = Padim(_settings(spec["backbone"])).embedder
@@ -152,7 +152,7 @@ def worker_sweep(spec: dict) -> dict:
     with torch.inference_mode():
         for rep in range(spec["reps"] + 1):
             for fmt, size in seconds if rep % 2 else reversed(seconds):
-                embedder.cpu_plan = CpuForward(size, fmt == "channels_last")
+                embedder.cpu_plan = cpu_forward(size, fmt == "channels_last")
                 embedder(images[:1])  # moves the weights to the format, untimed
                 began = time.perf_counter()
                 embedder(images)

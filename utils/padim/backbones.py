@@ -51,6 +51,11 @@ class CpuForward:
         return self.images or max(1, self.pixels // (size[0] * size[1]))
 
 
+def cpu_forward(images: int | None = None, channels_last: bool | None = None) -> CpuForward:
+    """The CPU forward of the backbones; ``images`` and ``channels_last`` override the sweep's choice."""
+    return CpuForward(images) if channels_last is None else CpuForward(images, channels_last)
+
+
 class StageExtractor(nn.Module):
     """Runs a backbone up to its deepest requested stage and returns those stages' maps.
 

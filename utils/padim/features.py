@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import BACKBONES, Settings
 from ..errors import ConfigError
-from .backbones import CpuForward, build_backbone
+from .backbones import build_backbone, cpu_forward
 
 
 def random_channel_indices(total: int, keep: int, seed: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ class PatchEmbedder(nn.Module):
 
     The backbone, weights, layers and seed, and the channels (:func:`channel_selection`) come from
     the settings. On the CPU the network runs over micro-batches of ``cpu_micro_batch`` images in
-    the memory format of ``cpu_channels_last`` (None: the sweep's choice, :class:`CpuForward`); on
+    the memory format of ``cpu_channels_last`` (None: the sweep's choice, :func:`cpu_forward`); on
     CUDA over the whole batch in the contiguous format. The embeddings of an image do not depend on either.
     """
 
@@ -94,8 +94,7 @@ class PatchEmbedder(nn.Module):
             selected = channel_indices[(channel_indices >= lo) & (channel_indices < hi)] - lo
             self.register_buffer(f"select{i}", selected, persistent=False)
         self.register_buffer("projection", projection, persistent=False)
-        # the settings' None is the sweep's choice, channels_last
-        self.cpu_plan = CpuForward(settings.cpu_micro_batch, settings.cpu_channels_last is not False)
+        self.cpu_plan = cpu_forward(settings.cpu_micro_batch, settings.cpu_channels_last)
 
     def chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """``images`` as the network sees them: on the CPU micro-batches in the chosen memory format
