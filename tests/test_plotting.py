@@ -121,7 +121,8 @@ def test_row_labels_stay_beside_their_own_row_and_the_bar_legend_inside_the_figu
         label = text.get_window_extent(renderer)
         (x0, y0), (_, y1) = ax.transData.transform([(-0.5, r * (S + gap) + S - 0.5), (S - 0.5, r * (S + gap) - 0.5)])
         assert y0 <= label.y0 and label.y1 <= y1 and 0 <= label.x0 and label.x1 <= x0
-    table = pd.DataFrame({"group": ["hyperintense_lesion", "mean"], "A_auroc": [0.9, 0.9], "B_auroc": [0.8, 0.8],
+    table = pd.DataFrame({"group": ["hyperintense_lesion", "mean"], "small_group": False,
+                          "A_auroc": [0.9, 0.9], "B_auroc": [0.8, 0.8],
                           "C_auroc": [0.7, 0.7]})
     bars = P.auroc_bar_plot(table)
     legend = bars.legends[0].get_window_extent(FigureCanvasAgg(bars).get_renderer())

@@ -162,24 +162,22 @@ def example_figure(displays: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
 def auroc_bar_plot(table, title: str = "") -> Figure:
     """Per-group AUROC bars, one colour per protocol, on a 0-1 axis with a dashed line at chance.
 
-    ``table``: a DataFrame with a ``group`` column (rows ``mean``/``all`` allowed) and the AUROC
-    columns of :data:`PROTOCOL_NAMES` (those present are drawn); groups flagged in an optional
-    ``small_group`` column get a dagger; a missing value (NaN) draws no bar. A fixed layout, its left
+    ``table``: a DataFrame with a ``group`` column (rows ``mean``/``all`` allowed), the AUROC
+    columns of :data:`PROTOCOL_NAMES` and ``small_group`` (those groups get a dagger), as every
+    metrics table has them; a missing value (NaN) draws no bar. A fixed layout, its left
     margin the longest group name's width.
     """
     names = [str(g) for g in table["group"]]
-    small = list(table["small_group"]) if "small_group" in table else [False] * len(names)
-    labels = [f"{n} †" if s and n not in SUMMARY_ROWS else n for n, s in zip(names, small)]
-    present = [c for c in PROTOCOL_NAMES if c in table]
-    height = 0.8 / max(1, len(present))
+    labels = [f"{n} †" if s and n not in SUMMARY_ROWS else n for n, s in zip(names, table["small_group"])]
+    height = 0.8 / len(PROTOCOL_NAMES)
     font = FontProperties(size=GROUP_POINTS)
     widths = [text_to_path.get_text_width_height_descent(label, font, False)[0] for label in labels]
     left = 0.2 + max(widths, default=0) / 72  # inches
-    plot = (max(4.5, 5.7 - left), BAR_INCHES * max(1, len(names) * len(present)))
+    plot = (max(4.5, 5.7 - left), BAR_INCHES * max(1, len(names) * len(PROTOCOL_NAMES)))
     figure = Figure(figsize=(left + plot[0] + 0.3, 0.8 + plot[1] + 0.3))
     ax = _inch_axes(figure, (left, 0.8, *plot))
     rows = np.arange(len(names))
-    for k, column in enumerate(present):
+    for k, column in enumerate(PROTOCOL_NAMES):
         values = table[column].to_numpy(dtype=float)
         drawn = np.isfinite(values)
         ax.barh(rows[drawn] - 0.4 + (k + 0.5) * height, values[drawn], height=height,
@@ -189,8 +187,7 @@ def auroc_bar_plot(table, title: str = "") -> Figure:
     # the first group on top, the grid behind the bars
     ax.set(xlim=(0, 1), ylim=(len(names) - 0.5, -0.5), xlabel="AUROC (0.5 = chance)", axisbelow=True)
     ax.grid(axis="x", color="0.9")
-    if present:  # below the axis label
-        figure.legend(loc="lower center", ncols=len(present), fontsize=8, frameon=False)
+    figure.legend(loc="lower center", ncols=len(PROTOCOL_NAMES), fontsize=8, frameon=False)  # below the axis label
     ax.set_title(title or "AUROC per group († = 1-2 images: noise)", fontsize=10, y=1)  # y given: no tick measuring
     return figure
 

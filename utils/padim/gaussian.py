@@ -39,9 +39,8 @@ class FourthMoments:
         self.sum_ay = torch.zeros(positions, dim, dtype=torch.float64, device=device)
 
     def update(self, rows: torch.Tensor) -> None:
-        """Fold in samples given position-major, ``(P, n, d)``."""
-        if rows.shape[1] == 0:
-            return
+        """Fold in samples given position-major, ``(P, n, d)``, ``n > 0`` (:meth:`GaussianStatistics.update`
+        skips empty batches)."""
         y = rows.double()
         if self.shift is None:
             self.shift = y.mean(dim=1)
@@ -166,10 +165,9 @@ def regularised_whitening(stats: GaussianStatistics, epsilon: float, chunk: int 
     on real wide_resnet50_2 features, checked by ``bench/run.py``). The scatter buffer receives the
     result (the fit's peak memory stays at one ``(P, d, d)`` buffer): ``stats`` is consumed.
     """
-    count = stats.count
-    if count <= 0:
-        raise PadimError("these statistics were consumed by regularised_whitening" if count < 0
-                         else "no training samples were accumulated: the training set is empty")
+    count = stats.count  # > 0: Padim.fit_statistics refuses an empty training set
+    if count < 0:
+        raise PadimError("these statistics were consumed by regularised_whitening")
     stats.count = -1  # the scatter buffer receives the result, even if a position fails part-way: no reuse
     positions, dim, _ = stats.scatter.shape
     work_dtype = torch.float64 if count - 1 < dim else stats.scatter.dtype

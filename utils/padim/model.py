@@ -77,8 +77,6 @@ class Padim:
         #: :func:`utils.data.sets.fingerprint` of the training files, set by whoever fitted on a data set
         #: ("" when unknown, e.g. a fit on a tensor): evaluating on other training files is refused.
         self.train_fingerprint = ""
-        #: Mean Ledoit-Wolf coefficient of the fit (``covariance_shrinkage: ledoit_wolf``), else None.
-        self.shrinkage: float | None = None
 
     # ------------------------------------------------------------------ features
     @functools.cached_property
@@ -115,7 +113,7 @@ class Padim:
             stats = pool_neighbourhoods(stats, grid, grid, self.settings.spatial_pooling)  # radius 0: stats as they are
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
-                self.shrinkage = float(shrink_ledoit_wolf(stats).mean())
+                shrink_ledoit_wolf(stats)
             self.whitening = regularised_whitening(stats, self.settings.epsilon)
         if not (all_finite(self.mean) and all_finite(self.whitening)):
             raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
