@@ -203,15 +203,14 @@ def all_reduce_statistics(stats: GaussianStatistics) -> GaussianStatistics:
     return stats
 
 
-def distributed_fit(model: Padim, dataset: Dataset, settings: Settings, ctx: DistributedContext,
-                    progress: bool = True) -> Optional[Padim]:
+def distributed_fit(model: Padim, dataset: Dataset, ctx: DistributedContext, progress: bool = True) -> Optional[Padim]:
     """Fit ``model`` on ``dataset`` (items: dicts with ``"image"``), each rank on its shard.
 
     Returns the fitted model on rank 0 (the caller saves it, e.g. with the atomic
     :meth:`Padim.save`) and ``None`` on the other ranks. If any rank fails while accumulating,
     every rank raises :class:`DistributedError` and no model is returned anywhere.
     """
-    loader = make_loader(shard_dataset(dataset, ctx), settings)
+    loader = make_loader(shard_dataset(dataset, ctx), model.settings)
     shown = progress and ctx.is_main
     stats = ctx.agree("accumulating the training statistics", lambda: model.accumulate(loader, progress=shown))
     if ctx.is_distributed:

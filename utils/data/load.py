@@ -45,9 +45,10 @@ def warn_overlap(bundle: DataBundle) -> None:
         return
     train = {os.path.realpath(path) for path in bundle.train.paths}
     test = dict.fromkeys(os.path.realpath(path) for group in bundle.test.values() for path in group.paths)
-    shared = {os.path.getsize(path) for path in train} & {os.path.getsize(path) for path in test}
-    hashed = {_digest(path) for path in train if os.path.getsize(path) in shared}
-    same = [path for path in test if path in train or os.path.getsize(path) in shared and _digest(path) in hashed]
+    size = {path: os.path.getsize(path) for path in (*train, *test)}
+    shared = {size[path] for path in train} & {size[path] for path in test}
+    hashed = {_digest(path) for path in train if size[path] in shared}
+    same = [path for path in test if path in train or size[path] in shared and _digest(path) in hashed]
     if same:
         warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
                       f"content), e.g. {same[0]}: their scores measure memory, not detection",

@@ -103,7 +103,7 @@ class Run:
         if model_path is None:
             model = Padim(self.settings)
             model.train_fingerprint = trained_on
-            self.model = distributed_fit(model, train, self.settings, self.ctx, progress=progress)
+            self.model = distributed_fit(model, train, self.ctx, progress=progress)
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)
         else:
