@@ -9,7 +9,7 @@ see bench/run.py for those). Every GPU timing is taken between ``torch.cuda.sync
 Sections:
 
 - ``agreement``: the same fit and distances on CPU and on the device, per backbone; relative
-  differences of mean, whitening matrices and distances; a second device fit gives the run-to-run spread,
+  differences of mean, Cholesky factors and distances; a second device fit gives the run-to-run spread,
   and one with cuDNN's TF32 convolutions switched off shows what TF32 contributes.
 - ``speed``: per backbone, image loading + backbone alone (the floor) vs ``Padim.fit`` over the
   same N images; per image, the backbone alone, + Mahalanobis distances, and the whole scoring
@@ -65,7 +65,7 @@ def _fit(backbone: str, device: str, paths: list[str]):
 
 
 def agreement(args, device) -> dict:
-    """CPU vs device on the same images: the fit's mean and whitening matrices, the test distances."""
+    """CPU vs device on the same images: the fit's mean and Cholesky factors, the test distances."""
     import torch
 
     train, test = common.train_paths(args.agree_n), common.load_batch(common.test_paths(args.score_n))
@@ -80,7 +80,7 @@ def agreement(args, device) -> dict:
             d_gpu = torch.cat([gpu.distances(b) for b in test.split(common.BATCH)])
             d_again = torch.cat([again.distances(b) for b in test.split(common.BATCH)])
         row = {
-            "mean_rel": _relative(gpu.mean, cpu.mean), "whitening_rel": _relative(gpu.whitening, cpu.whitening),
+            "mean_rel": _relative(gpu.mean, cpu.mean), "cholesky_rel": _relative(gpu.cholesky, cpu.cholesky),
             "distances_rel": _relative(d_gpu, d_cpu), "device_rerun_distances_rel": _relative(d_again, d_gpu),
         }
         if device.type == "cuda":

@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import smooth_textures, to_batch
-from utils.padim.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.gaussian import GaussianStatistics, regularised_cholesky
 from utils.padim.model import Padim
 from utils.padim.scoring import anomaly_maps, mahalanobis
 
@@ -37,12 +37,11 @@ def test_streaming_statistics_and_precision_on_cuda_match_numpy():
     for p in range(positions):
         np.testing.assert_allclose(stats.mean[p].cpu().numpy(), samples[p].mean(0), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose((stats.scatter[p] / (stats.count - 1)).cpu().numpy(), np.cov(samples[p], rowvar=False), rtol=1e-9, atol=1e-12)
-    # The fit's form: lower-triangular W (torch's solve_triangular on CUDA) with W^T W the inverse covariance.
-    whitening = regularised_whitening(stats, 0.01).cpu().numpy()
-    assert np.array_equal(whitening, np.tril(whitening))
+    # The fit's form: the lower Cholesky factor of the regularised covariance (torch's on CUDA).
+    factors = regularised_cholesky(stats, 0.01).cpu().numpy()
     for p in range(positions):
-        expected = np.linalg.inv(np.cov(samples[p], rowvar=False) + 0.01 * np.eye(dim))
-        np.testing.assert_allclose(whitening[p].T @ whitening[p], expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+        expected = np.linalg.cholesky(np.cov(samples[p], rowvar=False) + 0.01 * np.eye(dim))
+        np.testing.assert_allclose(factors[p], expected, rtol=0, atol=1e-10 * np.abs(expected).max())
 
 
 def test_mahalanobis_on_cuda_matches_scipy():
@@ -52,8 +51,8 @@ def test_mahalanobis_on_cuda_matches_scipy():
     mean = rng.normal(size=(h * w, d))
     factors = rng.normal(size=(h * w, d, d))
     precision = factors @ factors.transpose(0, 2, 1) + np.eye(d)
-    whitening = np.linalg.inv(np.linalg.cholesky(np.linalg.inv(precision)))  # lower, W^T W = precision
-    got = mahalanobis(*(torch.from_numpy(a).to(CUDA) for a in (embeddings, mean, whitening))).cpu().numpy()
+    cholesky = np.linalg.cholesky(np.linalg.inv(precision))  # lower, L L^T = covariance
+    got = mahalanobis(*(torch.from_numpy(a).to(CUDA) for a in (embeddings, mean, cholesky))).cpu().numpy()
     for i in range(n):
         for p in range(h * w):
             expected = scipy_mahalanobis(embeddings[i, :, p // w, p % w], mean[p], precision[p])
@@ -79,7 +78,7 @@ def test_cuda_fit_and_scores_match_the_cpu_path_and_files_move_between_devices(s
     test = to_batch(smooth_textures(5, 64, seed=4))  # 5 < batch size 8: a batch of another shape than the fit's
     cpu = Padim(settings).fit(train, progress=False)
     gpu = Padim(settings.replace(device="cuda")).fit(train, progress=False)
-    assert gpu.mean.device.type == "cuda" and gpu.whitening.device.type == "cuda"
+    assert gpu.mean.device.type == "cuda" and gpu.cholesky.device.type == "cuda"
     _close(gpu.mean.cpu().numpy(), cpu.mean.numpy(), 1e-5)
     expected = cpu.score(test, progress=False)
     got = gpu.score(test, progress=False)
@@ -87,10 +86,10 @@ def test_cuda_fit_and_scores_match_the_cpu_path_and_files_move_between_devices(s
     # a model fitted on the GPU keeps its tensors exactly through a file, on either device
     path = gpu.save(tmp_path / "gpu.pt")
     on_cpu = Padim.load(path, settings)
-    assert torch.equal(on_cpu.mean, gpu.mean.cpu()) and torch.equal(on_cpu.whitening, gpu.whitening.cpu())
+    assert torch.equal(on_cpu.mean, gpu.mean.cpu()) and torch.equal(on_cpu.cholesky, gpu.cholesky.cpu())
     _close(on_cpu.score(test, progress=False).maps, got.maps, 1e-4)
     back = Padim.load(path, settings.replace(device="cuda"))
-    assert back.whitening.device.type == "cuda"
+    assert back.cholesky.device.type == "cuda"
     np.testing.assert_array_equal(back.score(test, progress=False).maps, got.maps)
 
 

@@ -45,9 +45,9 @@ LOOPBACK_ENV = {
 
 
 def _precision(model):
-    """``W^T W`` of the stored whitening matrices (the fitted precisions)."""
-    w = model.whitening.double()
-    return w.mT @ w
+    """The fitted precisions, ``(L L^T)^-1`` of the stored Cholesky factors by numpy, to compare with numpy's inverses."""
+    factors = model.cholesky.double().numpy()
+    return torch.from_numpy(np.linalg.inv(factors @ factors.transpose(0, 2, 1)))
 
 
 def _free_port() -> int:

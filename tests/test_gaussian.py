@@ -1,10 +1,10 @@
-"""Streaming statistics and Cholesky inversion against numpy on all samples."""
+"""Streaming statistics and Cholesky factors against numpy on all samples."""
 
 import numpy as np
 import pytest
 import torch
 
-from utils.padim.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.gaussian import GaussianStatistics, SampleBuffer, regularised_cholesky
 
 
 def _embeddings(n, d=6, h=2, w=3, seed=0, offset=0.0):
@@ -38,20 +38,31 @@ def test_streaming_matches_numpy_over_all_samples(dtype, batch_sizes):
     np.testing.assert_allclose((stats.scatter / (stats.count - 1)).double().numpy(), cov, rtol=0, atol=tolerance * scale)
 
 
+@pytest.mark.parametrize("capacity", [1, 5, 16, 100])
+def test_buffered_folds_match_numpy_whatever_the_batches_and_capacity(capacity):
+    x = _embeddings(40, offset=100.0, seed=3)
+    stats = GaussianStatistics.empty(6, 6, dtype=torch.float64)
+    buffer = SampleBuffer(stats, capacity)
+    for chunk in x.split([1, 7, 32]):
+        buffer.add(chunk)
+    assert buffer.flush() is stats and buffer.flush() is stats  # a second flush folds nothing
+    mean, cov = _numpy_reference(x)
+    assert stats.count == len(x)
+    np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose((stats.scatter / (stats.count - 1)).numpy(), cov, rtol=0, atol=1e-12 * np.abs(cov).max())
+
+
 @pytest.mark.parametrize("dtype, samples", [(torch.float64, 30), (torch.float32, 30), (torch.float32, 4)])
-def test_whitening_is_the_inverse_cholesky_factor_of_the_regularised_covariance(dtype, samples):
+def test_cholesky_factors_of_the_regularised_covariance(dtype, samples):
     x = _embeddings(samples, seed=6)  # 4 samples < 6 dimensions: factorised in float64
     stats = GaussianStatistics.empty(6, 6, dtype=dtype)
     stats.update(x)
     _, cov = _numpy_reference(x)
-    whitening = regularised_whitening(stats, epsilon=0.01, chunk=4)
-    assert whitening.dtype == dtype and torch.equal(whitening, whitening.tril())
-    expected = np.linalg.inv(np.linalg.cholesky(cov + 0.01 * np.eye(6)))
-    tolerance = 1e-9 if dtype == torch.float64 else 2e-4  # float32: ~ condition number x 6e-8
-    np.testing.assert_allclose(whitening.double().numpy(), expected, rtol=0, atol=tolerance * np.abs(expected).max())
-    precision = np.linalg.inv(cov + 0.01 * np.eye(6))
-    product = whitening.double().mT.numpy() @ whitening.double().numpy()
-    np.testing.assert_allclose(product, precision, rtol=0, atol=tolerance * np.abs(precision).max())
+    factors = regularised_cholesky(stats, epsilon=0.01, chunk=4)
+    assert factors.dtype == dtype and torch.equal(factors, factors.tril())
+    expected = np.linalg.cholesky(cov + 0.01 * np.eye(6))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(factors.double().numpy(), expected, rtol=0, atol=tolerance * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("samples", [30, 4])  # 4 < 6 dimensions: the float64 path
@@ -62,31 +73,31 @@ def test_a_covariance_that_is_not_positive_definite_is_named_by_its_position(sam
     stats.update(_embeddings(samples, seed=7))
     stats.scatter[4].diagonal().sub_(1e6)  # a negative variance at position 4
     with pytest.raises(PadimError, match="position 4 is not positive definite"):
-        regularised_whitening(stats, epsilon=0.01, chunk=3)
+        regularised_cholesky(stats, epsilon=0.01, chunk=3)
 
 
-def test_whitening_takes_the_scatter_buffer_and_consumes_the_statistics():
+def test_the_factors_take_the_scatter_buffer_and_consume_the_statistics():
     from utils.errors import PadimError
 
     stats = GaussianStatistics.empty(6, 6)
     stats.update(_embeddings(20))
     _, cov = _numpy_reference(_embeddings(20))
-    out = regularised_whitening(stats, epsilon=0.01)
+    out = regularised_cholesky(stats, epsilon=0.01)
     assert out.data_ptr() == stats.scatter.data_ptr()
-    expected = np.linalg.inv(np.linalg.cholesky(cov + 0.01 * np.eye(6)))
-    np.testing.assert_allclose(out.double().numpy(), expected, rtol=0, atol=2e-4 * np.abs(expected).max())
+    expected = np.linalg.cholesky(cov + 0.01 * np.eye(6))
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(PadimError, match="consumed"):
-        regularised_whitening(stats, epsilon=0.01)
+        regularised_cholesky(stats, epsilon=0.01)
 
 
-def test_single_sample_gives_one_over_sqrt_epsilon():
-    # Along directions with no variance, W^T W is exactly 1 / epsilon.
+def test_single_sample_gives_sqrt_epsilon():
+    # Without variance the regularised covariance is epsilon I, its factor sqrt(epsilon) I.
     single = GaussianStatistics.empty(6, 6)
     single.update(_embeddings(1))
-    np.testing.assert_allclose(regularised_whitening(single, 0.01).numpy(), np.broadcast_to(10 * np.eye(6), (6, 6, 6)), rtol=1e-5)
+    np.testing.assert_allclose(regularised_cholesky(single, 0.01).numpy(), np.broadcast_to(0.1 * np.eye(6), (6, 6, 6)), rtol=1e-5)
 
 
-def test_large_matrices_are_whitened_correctly():
+def test_large_matrices_are_factorised_correctly():
     # Batched torch.linalg.inv was seen to fail or return wrong inverses for several matrices
     # larger than ~270 on CPU; the Cholesky path must be right there.
     d = 300
@@ -94,10 +105,9 @@ def test_large_matrices_are_whitened_correctly():
     a = torch.randn(3, d, d, generator=g, dtype=torch.float64) / d**0.5
     scatter = a @ a.transpose(1, 2) * 10
     stats = GaussianStatistics(11, torch.zeros(3, d, dtype=torch.float64), scatter.float())
-    whitening = regularised_whitening(stats, epsilon=0.01).double()
-    cov = scatter.float().double() / 10 + 0.01 * torch.eye(d, dtype=torch.float64)
-    residual = (whitening @ cov @ whitening.mT - torch.eye(d, dtype=torch.float64)).abs().max()
-    assert residual < 1e-3
+    factors = regularised_cholesky(stats, epsilon=0.01).double().numpy()
+    cov = scatter.float().double().numpy() / 10 + 0.01 * np.eye(d)
+    np.testing.assert_allclose(factors @ factors.transpose(0, 2, 1), cov, rtol=0, atol=1e-5 * np.abs(cov).max())
 
 
 @pytest.mark.parametrize("radius", [1, 2])

@@ -136,15 +136,43 @@ def test_resnet_imagenet_without_internet_gives_one_line_error(monkeypatch):
     assert "\n" not in message and "weights: /path/to/file.pth" in message and "efficientnet_lite" in message
 
 
-def test_local_state_dict_file_is_loaded(tmp_path):
-    import torchvision
+def _unmodified_network(name):
+    """The network as its package builds it, and its stride-4/8/16 stage modules (torchvision's layer1-3;
+    EfficientNet-Lite0's blocks 2, 4 and 10, where its resolution halves next)."""
+    if name == "resnet18":
+        import torchvision
 
-    reference = torchvision.models.resnet18(weights=None)
-    path = tmp_path / "resnet18.pth"
-    torch.save(reference.state_dict(), path)
-    extractor = build_backbone("resnet18", str(path), [1])
-    torch.testing.assert_close(extractor.stem[0].weight, reference.conv1.weight)
-    with pytest.raises(BackboneError, match="does not fit wide_resnet50_2"):
+        network = torchvision.models.resnet18(weights=None)
+        return network, [network.layer1, network.layer2, network.layer3]
+    from efficientnet_lite_pytorch import EfficientNet
+
+    network = EfficientNet.from_name("efficientnet-lite0")
+    return network, [network._blocks[2], network._blocks[4], network._blocks[10]]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_stage_maps_of_a_weights_file_equal_the_unmodified_network(name, tmp_path):
+    """A weights file with non-trivial batch-norm statistics: the extractor (batch norms folded into the
+    convolutions, paddings inside them) gives the stage maps that forward hooks record on the package's
+    own network, run as it is in eval mode."""
+    network, stages = _unmodified_network(name)
+    generator = torch.Generator().manual_seed(0)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low in ((module.weight, 0.5), (module.bias, -0.5), (module.running_mean, -0.5), (module.running_var, 0.5)):
+                tensor.data = low + torch.rand(tensor.shape, generator=generator)
+    path = tmp_path / f"{name}.pth"
+    torch.save(network.state_dict(), path)
+    recorded = []
+    for stage in stages:
+        stage.register_forward_hook(lambda module, args, output: recorded.append(output))
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.inference_mode():
+        network.eval()(images)
+        maps = build_backbone(name, str(path), [1, 2, 3])(images)
+    for got, expected in zip(maps, recorded[:3], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(BackboneError, match="does not fit wide_resnet50_2" if name == "resnet18" else "does not fit"):
         build_backbone("wide_resnet50_2", str(path), [1])
 
 
@@ -192,7 +220,7 @@ def test_a_model_scores_only_the_kind_of_input_it_was_fitted_on(small_settings, 
     """evaluate --model and predict load with the config's settings; predict also names the kind of its input files."""
     model = Padim(small_settings.replace(data={"format": fitted, **FORMATS[fitted]}))
     positions, dim = small_settings.feature_size**2, small_settings.kept_channels
-    model.mean, model.whitening = torch.zeros(positions, dim), torch.eye(dim).repeat(positions, 1, 1)
+    model.mean, model.cholesky = torch.zeros(positions, dim), torch.eye(dim).repeat(positions, 1, 1)
     model.train_count = 1
     path = model.save(tmp_path / "m.pt")
     settings, volumes = small_settings.replace(data={"format": used, **FORMATS[used]}), used == "nifti"
@@ -242,9 +270,9 @@ def test_fit_gives_numpys_mean_and_regularised_inverse_covariance(small_settings
 
 # ---------------------------------------------------------------- quality options (docs/quality.md)
 def precision(model):
-    """``W^T W`` of the stored whitening matrices: the fitted precisions, to compare with numpy's inverses."""
-    w = model.whitening.double()
-    return w.mT @ w
+    """The fitted precisions, ``(L L^T)^-1`` of the stored Cholesky factors by numpy, to compare with numpy's inverses."""
+    factors = model.cholesky.double().numpy()
+    return torch.from_numpy(np.linalg.inv(factors @ factors.transpose(0, 2, 1)))
 
 
 def _embeddings(model, images):

@@ -12,7 +12,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import ROOT, smooth_textures, to_batch
 from utils.errors import ModelFileError
-from utils.padim.gaussian import GaussianStatistics, regularised_whitening
+from utils.padim.gaussian import GaussianStatistics, regularised_cholesky
 from utils.padim.model import Padim
 from utils.padim.scoring import mahalanobis
 
@@ -128,7 +128,7 @@ def test_interrupted_save_keeps_previous_file_intact(saved_model, monkeypatch):
 def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
     _, path = saved_model
     payload = torch.load(path, weights_only=True)
-    payload["whitening"] = payload["whitening"][:, :5, :5]
+    payload["cholesky"] = payload["cholesky"][:, :5, :5]
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
     with pytest.raises(ModelFileError, match="damaged"):
@@ -187,16 +187,16 @@ def test_mahalanobis_properties(seed, dim, epsilon):
     stats = GaussianStatistics.empty(1, dim, dtype=torch.float64)
     stats.update(torch.from_numpy(samples).view(-1, dim, 1, 1))  # (N, d, H=1, W=1)
     precision = np.linalg.inv(stats.scatter[0].numpy() / (stats.count - 1) + epsilon * np.eye(dim))
-    whitening = regularised_whitening(stats, epsilon)  # consumes stats
+    cholesky = regularised_cholesky(stats, epsilon)  # consumes stats
     mean = stats.mean
     point = rng.normal(size=dim) * 5
     x = torch.from_numpy(point).view(1, dim, 1, 1)
-    distance = float(mahalanobis(x, mean, whitening)[0, 0, 0])
+    distance = float(mahalanobis(x, mean, cholesky)[0, 0, 0])
     expected = scipy_mahalanobis(point, mean[0].numpy(), precision)
     assert distance >= 0 and distance == pytest.approx(expected, rel=1e-7, abs=1e-9)
     # zero at the mean; the distance of mean + t*v scales linearly with t
-    at_mean = float(mahalanobis(mean.view(1, dim, 1, 1), mean, whitening)[0, 0, 0])
+    at_mean = float(mahalanobis(mean.view(1, dim, 1, 1), mean, cholesky)[0, 0, 0])
     assert at_mean == pytest.approx(0, abs=1e-6)
     direction = torch.from_numpy(point).view(1, dim, 1, 1) - mean.view(1, dim, 1, 1)
-    doubled = float(mahalanobis(mean.view(1, dim, 1, 1) + 2 * direction, mean, whitening)[0, 0, 0])
+    doubled = float(mahalanobis(mean.view(1, dim, 1, 1) + 2 * direction, mean, cholesky)[0, 0, 0])
     assert doubled == pytest.approx(2 * distance, rel=1e-7, abs=1e-9)

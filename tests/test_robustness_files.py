@@ -164,7 +164,7 @@ def fit(args, settings):
     settings = Settings(image_size=64, output_dimension=None, device="cpu")
     model = Padim(settings)
     model.mean = torch.zeros(settings.feature_size ** 2, settings.kept_channels)
-    model.whitening = torch.eye(settings.kept_channels).repeat(settings.feature_size ** 2, 1, 1)
+    model.cholesky = torch.eye(settings.kept_channels).repeat(settings.feature_size ** 2, 1, 1)
     model.train_count = 3
     model.save({output!r})
     return 0
@@ -311,13 +311,13 @@ def test_a_batch_larger_than_the_data_set_fits_what_exists(small_settings):
     huge = Padim(small_settings.replace(batch_size=10_000_000)).fit(images, progress=False)
     small = Padim(small_settings.replace(batch_size=2)).fit(images, progress=False)
     torch.testing.assert_close(huge.mean, small.mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(huge.whitening, small.whitening, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(huge.cholesky, small.cholesky, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("change, fragment", [
     (lambda p: p.update(mean=p["mean"].tolist()), "`mean` is list, not a tensor"),
-    (lambda p: p["whitening"].view(-1)[7].fill_(float("nan")), "`whitening` holds NaN or Inf"),
-    (lambda p: p.update(whitening=p["whitening"][:, :5, :5]), "`whitening` is torch.float32"),
+    (lambda p: p["cholesky"].view(-1)[7].fill_(float("nan")), "`cholesky` holds NaN or Inf"),
+    (lambda p: p.update(cholesky=p["cholesky"][:, :5, :5]), "`cholesky` is torch.float32"),
     (lambda p: p.update(train_fingerprint=["x"]), "`train_fingerprint` is ['x']"),
     (lambda p: p.update(train_count=-1), "`train_count` is -1"),
 ])
@@ -441,7 +441,7 @@ def test_a_changed_byte_inside_a_model_file_is_found(fitted, tmp_path, capsys):
 
     config, model = fitted
     with zipfile.ZipFile(model) as archive:
-        entry = max(archive.infolist(), key=lambda info: info.file_size)  # the whitening tensor
+        entry = max(archive.infolist(), key=lambda info: info.file_size)  # the Cholesky factors
     data = bytearray(open(model, "rb").read())
     data[entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + entry.file_size // 2] ^= 0x01
     damaged = tmp_path / "flipped.pt"

@@ -20,8 +20,8 @@ def test_mahalanobis_matches_scipy_on_every_position(d, h, w):
         a = rng.normal(size=(d, d))
         covariances.append(a @ a.T + 0.1 * np.eye(d))
     precisions = np.linalg.inv(np.stack(covariances))
-    whitening = np.linalg.inv(np.linalg.cholesky(np.stack(covariances)))  # lower triangular, W^T W = precision
-    got = mahalanobis(torch.from_numpy(embeddings), torch.from_numpy(means), torch.from_numpy(whitening)).numpy()
+    factors = np.linalg.cholesky(np.stack(covariances))  # lower triangular, L L^T = covariance
+    got = mahalanobis(torch.from_numpy(embeddings), torch.from_numpy(means), torch.from_numpy(factors)).numpy()
     assert got.shape == (n, h, w)
     for i in range(n):
         for y in range(h):

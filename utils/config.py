@@ -140,7 +140,7 @@ class Settings:
     blur_sigma: float = 4.0
     #: Images per forward pass (at least 1).
     batch_size: int = 32
-    #: dtype of the covariance accumulator and of the stored whitening matrices.
+    #: dtype of the covariance accumulator and of the stored Cholesky factors.
     covariance_dtype: Literal["float32", "float64"] = "float32"
     #: Image score from the anomaly map: its maximum, or the mean of its top 1 % pixels.
     image_score: Literal["max", "top1pct_mean"] = "max"

@@ -13,12 +13,18 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import fuse_conv_bn_eval
 
 from ..errors import BackboneError
 from ..files import file_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: (convolution, batch norm) attribute names wherever a batch norm directly follows a convolution: the
+#: stems (``nn.Sequential``), torchvision's residual blocks and their downsampling, EfficientNet-Lite's blocks.
+_CONV_NORM_PAIRS = (("0", "1"), ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"),
+                    ("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
 
 # Index of the last block of each stride-4/8/16 stage inside EfficientNet-Lite's ``_blocks``.
 _EFFICIENTNET_STAGE_BLOCKS = {
@@ -140,12 +146,35 @@ def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
         raise BackboneError(f"weights file {path} does not fit {name}: {len(needed)} tensors missing, e.g. {needed[0]}")
 
 
+def _fold_for_inference(extractor: nn.Module) -> None:
+    """Fold every batch norm into the convolution it follows (``torch.nn.utils.fuse_conv_bn_eval``)
+    and let EfficientNet-Lite's symmetric "same" paddings happen inside their convolutions.
+
+    Both are exact up to float rounding (embeddings within ~1e-5 relative). Each batch norm and
+    each separate ``ZeroPad2d`` is a pass over the activations in memory: on the 2-core CPU they
+    took a third of EfficientNet-Lite0's forward (batch norm 20 %, padding copies 16 %), a few
+    percent of the ResNets'.
+    """
+    for parent in list(extractor.modules()):
+        for conv_name, norm_name in _CONV_NORM_PAIRS:
+            conv, norm = getattr(parent, conv_name, None), getattr(parent, norm_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(parent, norm_name, nn.Identity())
+    for conv in extractor.modules():  # efficientnet_lite_pytorch's Conv2dStaticSamePadding
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(pad, nn.ZeroPad2d) and pad.padding[0] == pad.padding[1] and pad.padding[2] == pad.padding[3]:
+            conv.padding, conv.static_padding = (pad.padding[2], pad.padding[0]), nn.Identity()
+
+
 def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
-    """Build backbone ``name`` in eval mode with ``weights`` ('imagenet', 'random' or a file path)."""
+    """Build backbone ``name`` for inference with ``weights`` ('imagenet', 'random' or a file path)."""
     if name.startswith("efficientnet_lite"):
         model, stem, stages, weights = _efficientnet(name, weights)
     else:
         model, stem, stages = _resnet(name, weights)
     if weights not in ("imagenet", "random"):
         _load_state_dict(model, weights, name)
-    return StageExtractor(stem, stages, layers).eval().requires_grad_(False)
+    extractor = StageExtractor(stem, stages, layers).eval().requires_grad_(False)
+    _fold_for_inference(extractor)
+    return extractor

@@ -21,7 +21,7 @@ from ..errors import DataError, ModelFileError
 from .model_file import load_state, save_state
 from .align import align_batch, from_canonical
 from .features import PatchEmbedder, exact_float32, resolve_device
-from .gaussian import GaussianStatistics, all_finite, pool_neighbourhoods, regularised_whitening
+from .gaussian import GaussianStatistics, SampleBuffer, all_finite, pool_neighbourhoods, regularised_cholesky
 from .foreground import dilated, head_masks
 from .scoring import anomaly_maps, image_scores, mahalanobis
 from .shrinkage import shrink_ledoit_wolf
@@ -70,9 +70,9 @@ class Padim:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.mean: torch.Tensor | None = None
-        #: ``(P, d, d)`` with ``W^T W`` the precision (inverse covariance) at each position;
-        #: a fit stores the inverse lower Cholesky factor (see :func:`utils.padim.gaussian.regularised_whitening`).
-        self.whitening: torch.Tensor | None = None
+        #: ``(P, d, d)`` lower Cholesky factors ``L`` of the regularised covariances, ``L L^T = covariance + epsilon I``
+        #: at each position (:func:`utils.padim.gaussian.regularised_cholesky`).
+        self.cholesky: torch.Tensor | None = None
         self.train_count = 0
         #: :func:`utils.data.sets.fingerprint` of the training files, set by whoever fitted on a data set
         #: ("" when unknown, e.g. a fit on a tensor): evaluating on other training files is refused.
@@ -97,11 +97,12 @@ class Padim:
         with torch.inference_mode(), exact_float32(self.device):
             stats = GaussianStatistics.empty(positions, dim, dtype=getattr(torch, s.covariance_dtype),
                                              device=self.device, moments=s.covariance_shrinkage == "ledoit_wolf")
+            buffer = SampleBuffer(stats)
             for batch, heads in batches(images, s, "fit", progress):
                 batch = align_batch(batch, s.data.align, heads)[0]
                 for view in (batch, batch.flip(-1)) if s.flip_train else (batch,):  # flip_train: the mirror image too
-                    stats.update(self.embed(view))
-        return stats
+                    buffer.add(self.embed(view))
+            return buffer.flush()
 
     def fit_statistics(self, stats: GaussianStatistics) -> "Padim":
         """Finish a fit from accumulated statistics (consumes ``stats`` to save memory)."""
@@ -114,8 +115,8 @@ class Padim:
             self.mean = stats.mean.clone()
             if self.settings.covariance_shrinkage == "ledoit_wolf":
                 shrink_ledoit_wolf(stats)
-            self.whitening = regularised_whitening(stats, self.settings.epsilon)
-        if not (all_finite(self.mean) and all_finite(self.whitening)):
+            self.cholesky = regularised_cholesky(stats, self.settings.epsilon)
+        if not (all_finite(self.mean) and all_finite(self.cholesky)):
             raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
         return self
 
@@ -128,7 +129,7 @@ class Padim:
         """Mahalanobis distances on the patch grid ``(N, S/4, S/4)`` for one batch."""
         self._require_fitted()
         with exact_float32(self.device):
-            return mahalanobis(self.embed(images), self.mean, self.whitening)
+            return mahalanobis(self.embed(images), self.mean, self.cholesky)
 
     def score(self, images: ImageSource, progress: bool = True, region: torch.Tensor | None = None) -> ScoreResult:
         """Anomaly maps ``(N, S, S)`` and image scores ``(N,)`` for ``images``.
@@ -159,7 +160,7 @@ class Padim:
         return ScoreResult(all_maps.numpy(), scores.numpy())
 
     def _require_fitted(self) -> None:
-        if self.whitening is None:
+        if self.cholesky is None:
             raise ModelFileError("this PaDiM model is not fitted: call fit() or Padim.load() first")
 
     # ------------------------------------------------------------------ persistence
@@ -171,8 +172,8 @@ class Padim:
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
         """Read a model file (:func:`utils.padim.model_file.load_state`); with ``settings``, checked against them."""
-        stored, mean, whitening, count, fingerprint = load_state(path, settings)
+        stored, mean, cholesky, count, fingerprint = load_state(path, settings)
         model = cls(stored)
-        model.mean, model.whitening = mean.to(model.device), whitening.to(model.device)
+        model.mean, model.cholesky = mean.to(model.device), cholesky.to(model.device)
         model.train_count, model.train_fingerprint = count, fingerprint
         return model

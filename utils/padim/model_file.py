@@ -23,9 +23,9 @@ from .features import channel_selection
 from .gaussian import all_finite
 
 FILE_FORMAT = "padim-model"
-#: 3: the file stores ``whitening`` (inverse Cholesky factors of the covariances) and always
+#: 4: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances) and
 #: ``train_fingerprint``; files of other versions are refused with one line (refit them).
-FILE_VERSION = 3
+FILE_VERSION = 4
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
@@ -60,7 +60,7 @@ def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
 def save_state(model, path: str | os.PathLike) -> str:
     """Write a fitted :class:`utils.padim.Padim` ``model`` to ``path`` atomically (and durably: fsync
     before the rename); returns the path. The file holds what :func:`load_state` returns: the settings
-    the model was fitted with, its per-position means ``(P, d)`` and whitening matrices ``(P, d, d)``,
+    the model was fitted with, its per-position means ``(P, d)`` and Cholesky factors ``(P, d, d)``,
     the number of training samples and the :func:`utils.data.fingerprint` of the training files
     ("" when unknown)."""
     path = os.fspath(path)
@@ -70,7 +70,7 @@ def save_state(model, path: str | os.PathLike) -> str:
         "settings": json.dumps(model.settings.to_dict()),
         "channel_indices": channel_selection(model.settings)[0],
         "mean": model.mean.detach().cpu().clone(),
-        "whitening": model.whitening.detach().cpu().clone(),
+        "cholesky": model.cholesky.detach().cpu().clone(),
         "train_count": int(model.train_count),
         "train_fingerprint": model.train_fingerprint,
     }
@@ -136,7 +136,7 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
 
 def load_state(path: str | os.PathLike,
                settings: Settings | None = None) -> tuple[Settings, torch.Tensor, torch.Tensor, int, str]:
-    """Read and check a model file written by :func:`save_state`: ``(settings, mean, whitening,
+    """Read and check a model file written by :func:`save_state`: ``(settings, mean, cholesky,
     train_count, train_fingerprint)``.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
@@ -163,5 +163,5 @@ def load_state(path: str | os.PathLike,
     if not isinstance(fingerprint, str) or len(fingerprint) > 64:
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
     mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
-    whitening = _tensor(payload, "whitening", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
-    return stored, mean, whitening, count, fingerprint
+    cholesky = _tensor(payload, "cholesky", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
+    return stored, mean, cholesky, count, fingerprint
