@@ -1,8 +1,12 @@
 """Robustness: numerical edge cases, model files, determinism, properties (hypothesis)."""
 
+import errno
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import ROOT, smooth_textures, to_batch
+from utils.config import settings_from_dict
 from utils.errors import ModelFileError
 from utils.padim.gaussian import GaussianStatistics, regularised_whitening
 from utils.padim.model import Padim
@@ -55,37 +60,21 @@ def test_float32_and_float64_statistics_agree(small_settings):
     np.testing.assert_allclose(maps32, maps64, rtol=3e-4, atol=1e-4)
 
 
+def test_a_batch_larger_than_the_data_set_fits_what_exists(small_settings):
+    """Buffers follow the images, not the setting: a batch size of 10^7 is harmless."""
+    images = to_batch(smooth_textures(30, 64, seed=4))
+    huge = Padim(small_settings.replace(batch_size=10_000_000)).fit(images, progress=False)
+    small = Padim(small_settings.replace(batch_size=2)).fit(images, progress=False)
+    torch.testing.assert_close(huge.mean, small.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(huge.whitening, small.whitening, rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- model files
-@pytest.fixture
-def saved_model(small_settings, tmp_path):
-    model = Padim(small_settings).fit(to_batch(smooth_textures(6, 64, seed=5)), progress=False)
-    return model, model.save(tmp_path / "model.pt")
-
-
-def test_truncated_model_file_gives_clear_error(saved_model, tmp_path):
-    _, path = saved_model
-    data = open(path, "rb").read()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFileError, match="not a readable PaDiM model file"):
-        Padim.load(truncated)
-
-
-@pytest.mark.parametrize("content", [b"", b"hello world\n", b"\x89PNG\r\n\x1a\n" + b"\0" * 100])
-def test_foreign_files_give_clear_error(tmp_path, content):
-    path = tmp_path / "foreign.pt"
-    path.write_bytes(content)
-    with pytest.raises(ModelFileError, match="PaDiM model file"):
-        Padim.load(path)
-
-
-def test_foreign_torch_file_and_missing_file(tmp_path):
-    path = tmp_path / "state.pt"
-    torch.save({"conv.weight": torch.zeros(2)}, path)
-    with pytest.raises(ModelFileError, match="no 'padim-model' header"):
-        Padim.load(path)
-    with pytest.raises(ModelFileError, match="not found"):
-        Padim.load(tmp_path / "nothing.pt")
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    settings = settings_from_dict({"image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 8})
+    model = Padim(settings).fit(to_batch(smooth_textures(6, 64, seed=5)), progress=False)
+    return model, model.save(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 class _Exploit:
@@ -93,36 +82,81 @@ class _Exploit:
         return (os.system, ("echo pwned > " + os.environ.get("PADIM_EXPLOIT_TARGET", "/tmp/padim_pwned"),))
 
 
-def test_loading_never_runs_pickled_code(tmp_path, monkeypatch):
-    target = tmp_path / "pwned"
-    monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(target))
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "padim-model", "version": 1, "payload": _Exploit()}, path)
-    with pytest.raises(ModelFileError):
-        Padim.load(path)
-    assert not target.exists()
+def _edited(change):
+    def make(good, path):
+        payload = torch.load(good, weights_only=True)
+        change(payload)
+        torch.save(payload, path)
+    return make
 
 
-def test_interrupted_save_leaves_no_file(saved_model, tmp_path, monkeypatch):
-    model, _ = saved_model
-    target = tmp_path / "sub" / "new.pt"
+@pytest.mark.parametrize("make, fragment", [
+    (lambda good, path: path.write_bytes(open(good, "rb").read()[:100_000]), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b""), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b"hello world\n"), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(pickle.dumps({"mean": [1, 2, 3]})), "not a readable PaDiM model file"),
+    (lambda good, path: None, "not found"),
+    (lambda good, path: torch.save({"conv.weight": torch.zeros(2)}, path), "no 'padim-model' header"),
+    (lambda good, path: torch.save({"format": "padim-model", "version": 1, "payload": _Exploit()}, path),
+     "refused without running them"),
+    (_edited(lambda p: p.update(mean=p["mean"].tolist())), "`mean` is list, not a tensor"),
+    (_edited(lambda p: p["whitening"].view(-1)[7].fill_(float("nan"))), "`whitening` holds NaN or Inf"),
+    (_edited(lambda p: p.update(train_fingerprint=["x"])), "`train_fingerprint` is ['x']"),
+    (_edited(lambda p: p.update(train_count=-1)), "`train_count` is -1"),
+])
+def test_a_bad_model_file_is_refused_in_one_line_without_running_it(saved_model, tmp_path, monkeypatch, make, fragment):
+    monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(tmp_path / "pwned"))
+    path = tmp_path / "bad.pt"
+    make(saved_model[1], path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelFileError) as info:
+            Padim.load(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value) and caught == []
+    assert not (tmp_path / "pwned").exists()
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        model.save(target)
-    assert not target.exists() and os.listdir(target.parent) == []
+_save = torch.save
 
 
-def test_interrupted_save_keeps_previous_file_intact(saved_model, monkeypatch):
+class _FullDisk:
+    """A stream that raises ENOSPC once 64 KiB were written to it: in the middle of the archive."""
+
+    def __init__(self, stream):
+        self.stream, self.written = stream, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 1 << 16:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _interrupted(payload, stream):  # utils.files holds a signal during the write and raises it afterwards
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failing, error", [
+    (_interrupted, KeyboardInterrupt),
+    (lambda payload, stream: _save(payload, _FullDisk(stream)), OSError),  # the disk's error, not torch's RuntimeError
+])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failed_model_write_raises_its_cause_and_changes_no_file(saved_model, tmp_path, monkeypatch, failing, error, earlier):
     model, path = saved_model
-    before = open(path, "rb").read()
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        model.save(path)
-    assert open(path, "rb").read() == before
+    target = tmp_path / "sub" / "model.pt"
+    if earlier:
+        target.parent.mkdir()
+        shutil.copy(path, target)
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(error) as info:
+        model.save(target)
+    assert getattr(info.value, "errno", errno.ENOSPC) == errno.ENOSPC
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
