@@ -4,11 +4,13 @@ define, is checked again before the results are swapped in, and a demo set answe
 from __future__ import annotations
 
 import os
+import types
 
 import pandas as pd
 import pytest
 
 from utils.config import settings_from_dict
+from utils.data import fingerprint
 from utils.data.demo.brains import DemoCounts, generate_demo
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
@@ -136,3 +138,11 @@ def test_a_demo_set_answers_only_to_its_seed(demo, tmp_path, recorded, wanted, e
     else:
         with pytest.raises(DataError, match=error):
             run.load_data()
+
+
+def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff1.png")
+    open(odd, "wb").close()
+    (tmp_path / "2.png").write_bytes(b"y")
+    listed = types.SimpleNamespace(rows=[(os.fsdecode(odd),), (str(tmp_path / "2.png"),)])
+    assert len(fingerprint([listed])) == 12
