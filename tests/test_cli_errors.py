@@ -68,10 +68,18 @@ def predict(ctx, source, output, model=None) -> list[str]:
     return ["predict", "--config", ctx.config, "--model", str(model or ctx.model), "--input", str(source), "--output", str(output)]
 
 
-def mvtec_config(folder, root, **top) -> str:
+def mvtec_config(folder, root, data=(), **top) -> str:
     raw = {"image_size": 32, "output_dimension": 8, "device": "cpu", "results_dir": str(folder / "results"), **top,
-           "data": {"format": "mvtec", "root": str(root), "val_fraction": 0.25, "color": "rgb", "resize": "stretch"}}
+           "data": {"format": "mvtec", "root": str(root), "val_fraction": 0.25, "color": "rgb", "resize": "stretch", **dict(data)}}
     return str(write(folder / "config.yaml", yaml.safe_dump(raw)))
+
+
+def truncated_jpeg(path) -> None:
+    """The image at ``path`` rewritten as a JPEG without its end: it passes Pillow's verify(), decoding fails."""
+    buffer = io.BytesIO()
+    Image.open(path).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:-20])
+    Image.open(path).verify()  # the premise: the damage is only found when decoding
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +176,8 @@ def truncated_jpegs_read_in_workers(tmp, ctx):
     """Truncated JPEGs pass the listing check (Pillow's verify) and fail in a DataLoader worker."""
     root = shutil.copytree(ctx.category, tmp / "cat")
     for victim in (root / "train" / "good").iterdir():  # every one: which are held out for validation is seeded
-        buffer = io.BytesIO()
-        Image.open(victim).convert("RGB").save(buffer, "JPEG")
-        victim.write_bytes(buffer.getvalue()[:-20])
-        Image.open(victim).verify()  # the premise: the damage is only found when decoding
-    config = mvtec_config(tmp, root)
-    write(tmp / "config.yaml", open(config).read().replace("val_fraction", "num_workers: 2\n  val_fraction"))
-    return ["fit", "--config", config, "--output", str(tmp / "m.pt")]
+        truncated_jpeg(victim)
+    return ["fit", "--config", mvtec_config(tmp, root, data={"num_workers": 2}), "--output", str(tmp / "m.pt")]
 
 
 def colour_image_among_gray_ones(tmp, ctx):

@@ -4,7 +4,6 @@ exit 130 with nothing left behind; a rerun replaces its folder as a whole; a ski
 from __future__ import annotations
 
 import csv
-import io
 import os
 import shutil
 import signal
@@ -12,10 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 from conftest import ROOT
-from test_cli_errors import cli, ctx, images, mvtec_config, predict, snapshot  # noqa: F401 (ctx: a fixture)
+from test_cli_errors import cli, ctx, images, mvtec_config, predict, snapshot, truncated_jpeg  # noqa: F401 (ctx: a fixture)
 from utils.data.demo.brains import DemoCounts, generate_demo
 
 _PRELUDE = """
@@ -133,9 +131,7 @@ def test_skip_bad_images_skips_a_decode_failure_with_one_warning_line(tmp_path, 
     counts = DemoCounts(ixi_train=6, fastmri_train=4, val=2, per_kind=2, normal_test=2)
     root = generate_demo(str(tmp_path / "demo"), seed=0, counts=counts)
     victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[1]
-    buffer = io.BytesIO()
-    Image.open(victim).convert("L").save(buffer, "JPEG")
-    victim.write_bytes(buffer.getvalue()[:-20])  # passes Pillow's verify, fails when decoded
+    truncated_jpeg(victim)
     config = tmp_path / "c.yaml"
     config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n  skip_bad_images: true\n")
     code, err, out = cli(["fit", "--config", str(config), "--output", str(tmp_path / "m.pt")], capsys)
