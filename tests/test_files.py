@@ -17,7 +17,10 @@ import warnings
 
 import pytest
 
-from utils.files import atomic_writer, staged_folder  # the only import of the package here: spawned writers start fast
+from utils.files import (  # the only import of the package here: spawned writers start fast
+    atomic_writer,
+    staged_folder,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

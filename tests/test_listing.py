@@ -18,9 +18,9 @@ from PIL import Image
 
 from utils.config import settings_from_dict
 from utils.data import load_data
-from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
+from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
 from utils.data.volumes import read_manifest
 from utils.errors import DataError

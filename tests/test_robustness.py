@@ -11,10 +11,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from conftest import ROOT, smooth_textures, to_batch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from conftest import ROOT, smooth_textures, to_batch
 from utils.config import settings_from_dict
 from utils.errors import ModelFileError
 from utils.padim.gaussian import GaussianStatistics, regularised_whitening

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_cli_errors import truncated_jpeg
+
 from utils.config import Settings, settings_from_dict
 from utils.data import load_data
 from utils.data.listing import MAX_PIXELS
