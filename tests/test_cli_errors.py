@@ -283,6 +283,14 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 def interrupt():
     os.kill(os.getpid(), {signum})
+def interrupt_at(owner, name, call):  # the signal arrives as owner.name is called the call-th time
+    real, calls = getattr(owner, name), [0]
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            interrupt()
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapper)
 """
 
 _DURING_IMPORT = """
@@ -297,12 +305,9 @@ import runpy
 runpy.run_module("utils", run_name="__main__")
 """
 
-_DURING_FIT = """
+_DURING_WRITE = """
 import torch
-import utils.cli as cli
 import utils.padim.model_file as model_file
-from utils.padim.model import Padim
-
 class Interrupting:  # the signal arrives in the middle of the archive, as a Ctrl-C during a long write does
     def __init__(self, stream):
         self.stream, self.written = stream, 0
@@ -313,37 +318,28 @@ class Interrupting:  # the signal arrives in the middle of the archive, as a Ctr
         return self.stream.write(data)
     def __getattr__(self, name):
         return getattr(self.stream, name)
+real_save = torch.save
+model_file.torch.save = lambda payload, stream: real_save(payload, Interrupting(stream))
+"""
 
-if {where!r} == "write":
-    real_save = torch.save
-    model_file.torch.save = lambda payload, stream: real_save(payload, Interrupting(stream))
-else:
-    accumulate = Padim.accumulate
-    def interrupted(*args, **kwargs):
-        interrupt()
-        return accumulate(*args, **kwargs)
-    Padim.accumulate = interrupted
+_FIT = """
+import utils.cli as cli
 sys.exit(cli.main(["fit", "--config", {config!r}, "--output", {model!r}]))
 """
+
+_DURING_FIT = "from utils.padim.model import Padim\ninterrupt_at(Padim, 'accumulate', 1)\n" + _FIT
 
 _DURING_DEMO = """
 from PIL import Image
 import utils.demo_data as demo_data
-saved, real = [0], Image.Image.save
-def save(self, *args, **kwargs):
-    saved[0] += 1
-    if saved[0] == 20:
-        interrupt()
-    return real(self, *args, **kwargs)
-Image.Image.save = save
+interrupt_at(Image.Image, "save", 20)
 sys.exit(demo_data.main([{demo!r}]))
 """
 
 
 @pytest.mark.parametrize("script, signum", [
     (_DURING_IMPORT, signal.SIGINT), (_DURING_IMPORT, signal.SIGTERM),
-    (_DURING_FIT.replace("{where!r}", "'accumulate'"), signal.SIGINT),
-    (_DURING_FIT.replace("{where!r}", "'write'"), signal.SIGINT), (_DURING_FIT.replace("{where!r}", "'write'"), signal.SIGTERM),
+    (_DURING_FIT, signal.SIGINT), (_DURING_WRITE + _FIT, signal.SIGINT), (_DURING_WRITE + _FIT, signal.SIGTERM),
     (_DURING_DEMO, signal.SIGTERM),
 ], ids=["import-int", "import-term", "fit-int", "write-int", "write-term", "demo-term"])
 def test_an_interruption_exits_130_and_leaves_nothing(ctx, tmp_path, script, signum):

@@ -17,10 +17,7 @@ import warnings
 
 import pytest
 
-from utils.files import (  # the only import of the package here: spawned writers start fast
-    atomic_writer,
-    staged_folder,
-)
+from utils.files import atomic_writer, staged_folder  # the only import of the package: spawned writers start fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
