@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, smooth_textures, to_batch
 from PIL import Image
 
+from conftest import ROOT, smooth_textures, to_batch
 from utils.boundary import run_command
 from utils.cli import main
 from utils.config import settings_from_dict
@@ -51,7 +51,8 @@ def snapshot(folder) -> dict:
         for name in folders + files:
             path = os.path.join(parent, name)
             info = os.lstat(path)
-            entries[os.path.relpath(path, folder)] = None if name in folders else (info.st_ino, info.st_size, info.st_mtime_ns)
+            entry = None if name in folders else (info.st_ino, info.st_size, info.st_mtime_ns)
+            entries[os.path.relpath(path, folder)] = entry
     return entries
 
 
@@ -70,12 +71,14 @@ def images(folder, count: int = 1) -> str:
 
 
 def predict(ctx, source, output, model=None) -> list[str]:
-    return ["predict", "--config", ctx.config, "--model", str(model or ctx.model), "--input", str(source), "--output", str(output)]
+    return ["predict", "--config", ctx.config, "--model", str(model or ctx.model), "--input", str(source),
+            "--output", str(output)]
 
 
 def mvtec_config(folder, root, data=(), **top) -> str:
     raw = {"image_size": 32, "output_dimension": 8, "device": "cpu", "results_dir": str(folder / "results"), **top,
-           "data": {"format": "mvtec", "root": str(root), "val_fraction": 0.25, "color": "rgb", "resize": "stretch", **dict(data)}}
+           "data": {"format": "mvtec", "root": str(root), "val_fraction": 0.25, "color": "rgb", "resize": "stretch",
+                    **dict(data)}}
     return str(write(folder / "config.yaml", yaml.safe_dump(raw)))
 
 
@@ -186,7 +189,8 @@ def truncated_jpegs_read_in_workers(tmp, ctx):
 
 
 def colour_image_among_gray_ones(tmp, ctx):
-    root = generate_demo(str(tmp / "demo"), seed=0, counts=DemoCounts(ixi_train=4, fastmri_train=2, val=2, per_kind=2, normal_test=2))
+    counts = DemoCounts(ixi_train=4, fastmri_train=2, val=2, per_kind=2, normal_test=2)
+    root = generate_demo(str(tmp / "demo"), counts=counts)
     victim = sorted((tmp / "demo" / "data" / "IXI").iterdir())[0]
     Image.open(victim).convert("RGB").save(victim)
     return config_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n")(tmp, ctx)
@@ -194,7 +198,8 @@ def colour_image_among_gray_ones(tmp, ctx):
 
 def model_of_other_training_images(tmp, ctx):
     root = shutil.copytree(ctx.category, tmp / "cat", copy_function=shutil.copy2)  # times kept: the same files
-    argv = ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures", "--no-save-model"]
+    argv = ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures",
+            "--no-save-model"]
     assert main(argv + ["--quiet"]) == 0  # the fit recorded its training files: the same files are accepted
     os.remove(sorted((root / "train" / "good").iterdir())[0])
     return argv
@@ -219,17 +224,17 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (lambda tmp, ctx: ["predict", "--config", "x.yaml"], "required: --model, --input, --output"),
     (lambda tmp, ctx: ["fit", "--bogus"], "unrecognized arguments: --bogus"),
     (config_text("results_dir: {tmp}/config.yaml\ndata:\n  root: {tmp}/demo\n", "evaluate"), "{tmp}/config.yaml"),
-    (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", str(tmp)], "is a folder; give the model file's path"),
-    (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", f"{tmp}/"], "is a folder; give the model file's path"),
+    (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", str(tmp)], "is a folder; give the model file"),
+    (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", f"{tmp}/"], "is a folder; give the model file"),
     (lambda tmp, ctx: ["fit", "--config", mvtec_config(tmp, ctx.category), "--output", str(write(tmp / "notes.txt"))],
      "is not a model file"),
     (torch_checkpoint_as_fit_output, "is not a model file"),
     (config_text("data:\n  root: {tmp}/config.yaml\n"), "data.root {tmp}/config.yaml is a file"),
-    *[pytest.param(unwritable_results(command), "{tmp}/locked", marks=as_user) for command in ("fit", "evaluate", "predict")],
+    *[pytest.param(unwritable_results(name), "{tmp}/locked", marks=as_user) for name in ["fit", "evaluate", "predict"]],
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "out")), "{tmp}/out"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "in" / "out"), "is inside --input"),
     (output_inside_input_via_a_link, "is inside --input"),
-    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "documents" / "thesis.tex").parent), "holds other files"),
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "docs" / "thesis.tex").parent), "holds other files"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "mine" / "scores.csv").parent), "holds other files"),
     (damaged_file_list, "holds other files"),
     (input_inside_earlier_output, "is inside --output"),
@@ -239,7 +244,7 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (colour_image_among_gray_ones, "mixes colour and gray images"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "o", model=tmp / "x.pt"), "model file not found"),
     (changed_byte_in_the_model, "fails its checksum"),
-    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "o", model=write(tmp / "p.pt", pickle.dumps({"mean": [1]}))),
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "o", model=write(tmp / "p.pt", pickle.dumps([1]))),
      "is not a readable PaDiM model file"),
     (model_of_other_training_images, "fitted on other training images"),
 ]
@@ -391,7 +396,8 @@ def test_skip_bad_images_skips_a_decode_failure_with_one_warning_line(tmp_path, 
     victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[1]
     truncated_jpeg(victim)
     config = tmp_path / "c.yaml"
-    config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n  skip_bad_images: true\n")
+    config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n"
+                      "  skip_bad_images: true\n")
     code, err, out = cli(["fit", "--config", str(config), "--output", str(tmp_path / "m.pt")], capsys)
     assert code == 0 and "model written" in out
     lines = err.splitlines()

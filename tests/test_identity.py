@@ -76,7 +76,7 @@ def _name(root, fmt, results):
 
 @pytest.mark.parametrize("fmt, edit, changes", [
     ("demo", move_row_to_another_group, True),
-    ("demo", lambda root: _rewrite(root, "data/splits/cyst_ann.csv", lambda rows: rows.iloc[::-1]), True),  # other pairs
+    ("demo", lambda root: _rewrite(root, "data/splits/cyst_ann.csv", lambda rows: rows.iloc[::-1]), True),
     ("demo", lambda root: _rewrite(root, "data/splits/cyst.csv", lambda rows: rows), False),  # the same rows
     ("nifti", lambda root: _rewrite(root, "volumes.csv", regroup_a_test_volume), True),
     ("nifti", lambda root: _rewrite(root, "volumes.csv", swap_two_labels), True),

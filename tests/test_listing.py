@@ -1,5 +1,6 @@
 """One listing of input files for every loader (utils.data.listing): odd and bad inputs as a user's
-file system holds them, against the mechanism and through each format that uses it.
+file system holds them, against the mechanism and through each format that uses it; the group names
+every format refuses.
 
 Expectations are written by hand: which names a folder should yield, which line of a CSV a row is
 on (counted in the file's text), how an EXIF-rotated image looks (``np.rot90``)."""
@@ -137,6 +138,40 @@ def test_a_study_csv_with_a_bom_names_an_nfd_file(tmp_path):
             handle.write(rows)
     train = load_data(study_settings(root), ("train",)).train
     assert os.path.join(folder, f"{CAFE_NFD}.png") in train.paths
+
+
+def _study_with_group(root, name):
+    from test_data import _csv, make_study
+
+    root = make_study(root)
+    _csv(root, name, ["./data/fastMRI/brain_mid_png/e0.png"])
+    _csv(root, name + "_ann", ["./data/fastMRI/brain_mid_anno_pos_png/e0_a.png"])
+    _csv(root, name + "_neg", ["./data/fastMRI/brain_mid_anno_neg_png/e0.png"])
+    return {"format": "study", "root": root}
+
+
+def _mvtec_with_defect(root, name):
+    generate_mvtec(str(root / "cat"), n_train=4, n_good=2, n_per_defect=1)
+    for folder in ("test", "ground_truth"):
+        os.rename(root / "cat" / folder / "scratch", root / "cat" / folder / name)
+    return {"format": "mvtec", "root": str(root / "cat")}
+
+
+def _nifti_with_group(root, name):
+    _volume(root / "v.nii.gz")
+    (root / "m.csv").write_text(f"split,image,group,case\ntrain,v.nii.gz,,a\ntest,v.nii.gz,{name},b\n")
+    return {"format": "nifti", "manifest": str(root / "m.csv")}
+
+
+@pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
+@pytest.mark.parametrize("name", ["normal", "mean", "all"])
+def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_path, make, name):
+    if make is _study_with_group and name == "normal":
+        pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")
+    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": make(tmp_path, name)})
+    with pytest.raises(DataError, match=f"named '{name}', a name the results table uses") as info:
+        load_data(settings, ("test",))
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- opening images
