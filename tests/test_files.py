@@ -3,6 +3,8 @@ files win, and the staging folders of processes that are gone are swept by the n
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import multiprocessing
 import os
 import signal
@@ -15,7 +17,7 @@ import warnings
 
 import pytest
 
-from utils.files import staged_folder  # the only import of the package here: spawned writers start fast
+from utils.files import atomic_writer, staged_folder  # the only import of the package: spawned writers start fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +123,13 @@ def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, caps
     assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
 
 
-def test_a_swap_that_fails_leaves_the_earlier_folder_in_place(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how, error, left", [
+    ("written", None, ["new.txt"]),
+    ("block fails", RuntimeError, ["earlier.txt"]),
+    ("swap fails", OSError, ["earlier.txt"]),  # the new folder cannot take the target's place (a full disk)
+    ("not replaced", FileExistsError, ["earlier.txt"]),  # replace=False: an existing folder stays
+])
+def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch, how, error, left):
     target = tmp_path / "run"
     target.mkdir()
     (target / "earlier.txt").write_text("kept")
@@ -129,11 +137,24 @@ def test_a_swap_that_fails_leaves_the_earlier_folder_in_place(tmp_path, monkeypa
 
     def failing(source, destination):
         if os.fspath(destination) == os.fspath(target) and "new.txt" in os.listdir(source):
-            raise OSError(28, "No space left on device")  # the new folder cannot take the target's place
+            raise OSError(errno.ENOSPC, "No space left on device")
         rename(source, destination)
 
-    monkeypatch.setattr(os, "rename", failing)
-    with pytest.raises(OSError):
-        with staged_folder(target) as folder:
+    if how == "swap fails":
+        monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(error) if error else contextlib.nullcontext():
+        with staged_folder(target, replace=how != "not replaced") as folder:
             open(os.path.join(folder, "new.txt"), "w").close()
-    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == ["earlier.txt"]
+            if how == "block fails":
+                raise RuntimeError("fails half-way")
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == left
+
+
+def test_a_write_that_fails_names_the_target_not_the_temporary_file(tmp_path):
+    target = tmp_path / "metrics.csv"
+    with pytest.raises(OSError) as info:
+        with atomic_writer(target) as stream:
+            stream.write(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert os.listdir(tmp_path) == []

@@ -4,11 +4,14 @@ define, is checked again before the results are swapped in, and a demo set answe
 from __future__ import annotations
 
 import os
+import shutil
+import types
 
 import pandas as pd
 import pytest
 
 from utils.config import settings_from_dict
+from utils.data import fingerprint
 from utils.data.demo.brains import DemoCounts, generate_demo
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
@@ -17,12 +20,10 @@ from utils.evaluation import Run
 COUNTS = DemoCounts(ixi_train=4, fastmri_train=4, val=2, per_kind=2, normal_test=2)
 
 
-def _splits(root):
-    return os.path.join(root, "data", "splits")
-
-
-def _rewrite(path, frame):
-    frame.to_csv(path, index=False, lineterminator="\n")
+def _rewrite(root, name, change):
+    """The CSV ``name`` below ``root`` rewritten as ``change(frame)``, with a later modification time."""
+    path = os.path.join(root, name)
+    change(pd.read_csv(path, keep_default_na=False)).to_csv(path, index=False, lineterminator="\n")
     later = os.stat(path).st_mtime + 100  # whole seconds enter the fingerprint: make the edit visible to it
     os.utime(path, (later, later))
 
@@ -30,36 +31,22 @@ def _rewrite(path, frame):
 def move_row_to_another_group(root):
     """The last cyst row (image, box, brain-minus-box) becomes a hyperintense_lesion row."""
     for suffix in ("", "_ann", "_neg"):
-        source, target = (os.path.join(_splits(root), f"{g}{suffix}.csv") for g in ("cyst", "hyperintense_lesion"))
-        rows, others = pd.read_csv(source), pd.read_csv(target)
-        _rewrite(target, pd.concat([others, rows.tail(1)]))
-        _rewrite(source, rows.head(-1))
+        source, target = (f"data/splits/{group}{suffix}.csv" for group in ("cyst", "hyperintense_lesion"))
+        row = pd.read_csv(os.path.join(root, source), keep_default_na=False).tail(1)
+        _rewrite(root, target, lambda frame: pd.concat([frame, row]))
+        _rewrite(root, source, lambda frame: frame.head(-1))
 
 
-def pair_boxes_with_other_images(root):
-    path = os.path.join(_splits(root), "cyst_ann.csv")
-    _rewrite(path, pd.read_csv(path).iloc[::-1])
-
-
-def rewrite_a_list_unchanged(root):
-    path = os.path.join(_splits(root), "cyst.csv")
-    _rewrite(path, pd.read_csv(path))
-
-
-def move_volume_to_another_group(root):
-    path = os.path.join(root, "volumes.csv")
-    manifest = pd.read_csv(path, keep_default_na=False)
+def regroup_a_test_volume(manifest):
     test = manifest.index[manifest["split"] == "test"]
     manifest.loc[test[0], "group"] = manifest.loc[test[-1], "group"]
-    _rewrite(path, manifest)
+    return manifest
 
 
-def pair_labels_with_other_volumes(root):
-    path = os.path.join(root, "volumes.csv")
-    manifest = pd.read_csv(path, keep_default_na=False)
+def swap_two_labels(manifest):
     first, third = manifest.index[manifest["label"] != ""][[0, 2]]  # every other volume is stored oblique: same grids
     manifest.loc[[first, third], "label"] = manifest.loc[[third, first], "label"].to_numpy()
-    _rewrite(path, manifest)
+    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +60,6 @@ def nifti(tmp_path_factory):
 
 
 def _copy(source, target):
-    import shutil
-
     return shutil.copytree(source, target, copy_function=shutil.copy2)  # times kept: the same fingerprint
 
 
@@ -91,11 +76,11 @@ def _name(root, fmt, results):
 
 @pytest.mark.parametrize("fmt, edit, changes", [
     ("demo", move_row_to_another_group, True),
-    ("demo", pair_boxes_with_other_images, True),
-    ("demo", rewrite_a_list_unchanged, False),
-    ("nifti", move_volume_to_another_group, True),
-    ("nifti", pair_labels_with_other_volumes, True),
-])
+    ("demo", lambda root: _rewrite(root, "data/splits/cyst_ann.csv", lambda rows: rows.iloc[::-1]), True),
+    ("demo", lambda root: _rewrite(root, "data/splits/cyst.csv", lambda rows: rows), False),  # the same rows
+    ("nifti", lambda root: _rewrite(root, "volumes.csv", regroup_a_test_volume), True),
+    ("nifti", lambda root: _rewrite(root, "volumes.csv", swap_two_labels), True),
+], ids=["moved-row", "other-pairs", "same-rows", "moved-volume", "other-labels"])
 def test_the_run_name_follows_what_the_lists_define(demo, nifti, tmp_path, fmt, edit, changes):
     root = _copy(demo if fmt == "demo" else nifti, tmp_path / "data")
     before = _name(str(root), fmt, str(tmp_path / "results"))
@@ -136,3 +121,11 @@ def test_a_demo_set_answers_only_to_its_seed(demo, tmp_path, recorded, wanted, e
     else:
         with pytest.raises(DataError, match=error):
             run.load_data()
+
+
+def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff1.png")
+    open(odd, "wb").close()
+    (tmp_path / "2.png").write_bytes(b"y")
+    listed = types.SimpleNamespace(rows=[(os.fsdecode(odd),), (str(tmp_path / "2.png"),)])
+    assert len(fingerprint([listed])) == 12

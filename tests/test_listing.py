@@ -1,5 +1,6 @@
 """One listing of input files for every loader (utils.data.listing): odd and bad inputs as a user's
-file system holds them, against the mechanism and through each format that uses it.
+file system holds them, against the mechanism and through each format that uses it; the group names
+every format refuses.
 
 Expectations are written by hand: which names a folder should yield, which line of a CSV a row is
 on (counted in the file's text), how an EXIF-rotated image looks (``np.rot90``)."""
@@ -18,9 +19,9 @@ from PIL import Image
 
 from utils.config import settings_from_dict
 from utils.data import load_data
-from utils.data.load import TrainTestOverlapWarning
 from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table, resolved
+from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
 from utils.data.volumes import read_manifest
 from utils.errors import DataError
@@ -37,22 +38,18 @@ def _touch(folder, *names):
 
 
 # ---------------------------------------------------------------------------- listing folders
-@pytest.mark.parametrize("names, recursive, expected", [
-    (["a.png", "._a.png", ".hidden.png"], False, ["a.png"]),  # macOS resource forks, hidden files
-    (["B.PNG", "c.Jpeg", "d.txt", "e.png.bak"], False, ["B.PNG", "c.Jpeg"]),  # suffixes in any case, nothing else
-    (["SCAN.NII.GZ", "x.nii", "y.NII", "z.gz"], False, ["SCAN.NII.GZ", "x.nii", "y.NII"]),
-    (["sub/a.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/.cache/b.png"], True, ["sub/a.png"]),  # hidden folders
-    (["sub/a.png", "b.png"], False, ["b.png"]),  # not below the folder unless recursive
-], ids=["hidden", "image-case", "nifti-case", "hidden-folders", "flat"])
-def test_listed_files(tmp_path, names, recursive, expected):
+@pytest.mark.parametrize("names, options, expected", [
+    (["a.png", "._a.png", ".hidden.png"], {}, ["a.png"]),  # macOS resource forks, hidden files
+    (["B.PNG", "c.Jpeg", "d.txt", "e.png.bak"], {}, ["B.PNG", "c.Jpeg"]),  # suffixes in any case, nothing else
+    (["SCAN.NII.GZ", "x.nii", "y.NII", "z.gz"], {}, ["SCAN.NII.GZ", "x.nii", "y.NII"]),
+    (["sub/a.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/.cache/b.png"], {"recursive": True}, ["sub/a.png"]),
+    (["sub/a.png", "b.png"], {}, ["b.png"]),  # not below the folder unless recursive
+    (["crack/x.png", ".ipynb_checkpoints/x.png", "good/x.png", "file.png"], {"folders": True}, ["crack", "good"]),
+], ids=["hidden", "image-case", "nifti-case", "hidden-folders", "flat", "folders"])
+def test_listed_files(tmp_path, names, options, expected):
     _touch(tmp_path, *names)
-    found = listed(str(tmp_path), IMAGE_SUFFIXES + NIFTI_SUFFIXES, recursive=recursive)
+    found = listed(str(tmp_path), IMAGE_SUFFIXES + NIFTI_SUFFIXES, **options)
     assert [os.path.relpath(p, tmp_path) for p in found] == expected
-
-
-def test_listed_folders_skip_hidden_ones(tmp_path):
-    _touch(tmp_path, "crack/x.png", ".ipynb_checkpoints/x.png", "good/x.png", "file.png")
-    assert [os.path.basename(p) for p in listed(str(tmp_path), folders=True)] == ["crack", "good"]
 
 
 @pytest.mark.parametrize("on_disk, asked", [(CAFE_NFD, CAFE_NFC), (CAFE_NFC, CAFE_NFD), (CAFE_NFC, CAFE_NFC)])
@@ -116,14 +113,6 @@ def test_a_manifest_from_excel_with_upper_case_and_nfd_names_is_read(tmp_path):
     assert [e.case for e in read_manifest([str(tmp_path / "SCAN.NII.GZ")])] == ["SCAN"]
 
 
-def test_a_manifest_error_names_the_line_after_blank_lines(tmp_path):
-    _volume(tmp_path / "a.nii.gz")
-    manifest = tmp_path / "volumes.csv"
-    manifest.write_text("split,image\n\n\ntrain,a.nii.gz\nvalidation,a.nii.gz\n")
-    with pytest.raises(DataError, match="volumes.csv line 5: split is 'validation'"):
-        read_manifest([str(manifest)])
-
-
 def test_mvtec_skips_hidden_files_and_folders_and_reads_upper_case_suffixes(tmp_path):
     root = generate_mvtec(str(tmp_path / "cat"), n_train=3, n_good=2, n_per_defect=2)
     _touch(root, "train/good/._000.png", "test/.ipynb_checkpoints/000-checkpoint.png", "test/color/.DS_Store",
@@ -149,6 +138,40 @@ def test_a_study_csv_with_a_bom_names_an_nfd_file(tmp_path):
             handle.write(rows)
     train = load_data(study_settings(root), ("train",)).train
     assert os.path.join(folder, f"{CAFE_NFD}.png") in train.paths
+
+
+def _study_with_group(root, name):
+    from test_data import _csv, make_study
+
+    root = make_study(root)
+    _csv(root, name, ["./data/fastMRI/brain_mid_png/e0.png"])
+    _csv(root, name + "_ann", ["./data/fastMRI/brain_mid_anno_pos_png/e0_a.png"])
+    _csv(root, name + "_neg", ["./data/fastMRI/brain_mid_anno_neg_png/e0.png"])
+    return {"format": "study", "root": root}
+
+
+def _mvtec_with_defect(root, name):
+    generate_mvtec(str(root / "cat"), n_train=4, n_good=2, n_per_defect=1)
+    for folder in ("test", "ground_truth"):
+        os.rename(root / "cat" / folder / "scratch", root / "cat" / folder / name)
+    return {"format": "mvtec", "root": str(root / "cat")}
+
+
+def _nifti_with_group(root, name):
+    _volume(root / "v.nii.gz")
+    (root / "m.csv").write_text(f"split,image,group,case\ntrain,v.nii.gz,,a\ntest,v.nii.gz,{name},b\n")
+    return {"format": "nifti", "manifest": str(root / "m.csv")}
+
+
+@pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
+@pytest.mark.parametrize("name", ["normal", "mean", "all"])
+def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_path, make, name):
+    if make is _study_with_group and name == "normal":
+        pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")
+    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": make(tmp_path, name)})
+    with pytest.raises(DataError, match=f"named '{name}', a name the results table uses") as info:
+        load_data(settings, ("test",))
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- opening images

@@ -1,17 +1,27 @@
-"""Robustness: numerical edge cases, model files, determinism, properties (hypothesis)."""
+"""Robustness: numerical edge cases, model files, odd image and mask files, every settings key,
+determinism, properties (hypothesis)."""
 
+import errno
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
+from PIL import Image
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from conftest import ROOT, smooth_textures, to_batch
-from utils.errors import ModelFileError
+from test_cli_errors import truncated_jpeg
+from utils.config import Settings, settings_from_dict
+from utils.data.listing import MAX_PIXELS
+from utils.data.preprocess import NonBinaryMaskWarning, read_image, read_mask
+from utils.errors import ConfigError, DataError, ModelFileError
 from utils.padim.gaussian import GaussianStatistics, regularised_cholesky
 from utils.padim.model import Padim
 from utils.padim.scoring import mahalanobis
@@ -37,14 +47,6 @@ def test_constant_images_zero_variance(small_settings):
     assert same.maps.max() < 1e-2 < other.maps.min()
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_inputs_are_rejected(small_settings, value):
-    images = to_batch(smooth_textures(2, 64, seed=1))
-    images[1, 2, 5, 5] = value
-    with pytest.raises(Exception, match="NaN or Inf"):
-        Padim(small_settings).fit(images, progress=False)
-
-
 def test_float32_and_float64_statistics_agree(small_settings):
     train = to_batch(smooth_textures(16, 64, seed=3))
     test = to_batch(smooth_textures(2, 64, seed=4))
@@ -55,37 +57,21 @@ def test_float32_and_float64_statistics_agree(small_settings):
     np.testing.assert_allclose(maps32, maps64, rtol=3e-4, atol=1e-4)
 
 
+def test_a_batch_larger_than_the_data_set_fits_what_exists(small_settings):
+    """Buffers follow the images, not the setting: a batch size of 10^7 is harmless."""
+    images = to_batch(smooth_textures(30, 64, seed=4))
+    huge = Padim(small_settings.replace(batch_size=10_000_000)).fit(images, progress=False)
+    small = Padim(small_settings.replace(batch_size=2)).fit(images, progress=False)
+    torch.testing.assert_close(huge.mean, small.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(huge.cholesky, small.cholesky, rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- model files
-@pytest.fixture
-def saved_model(small_settings, tmp_path):
-    model = Padim(small_settings).fit(to_batch(smooth_textures(6, 64, seed=5)), progress=False)
-    return model, model.save(tmp_path / "model.pt")
-
-
-def test_truncated_model_file_gives_clear_error(saved_model, tmp_path):
-    _, path = saved_model
-    data = open(path, "rb").read()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFileError, match="not a readable PaDiM model file"):
-        Padim.load(truncated)
-
-
-@pytest.mark.parametrize("content", [b"", b"hello world\n", b"\x89PNG\r\n\x1a\n" + b"\0" * 100])
-def test_foreign_files_give_clear_error(tmp_path, content):
-    path = tmp_path / "foreign.pt"
-    path.write_bytes(content)
-    with pytest.raises(ModelFileError, match="PaDiM model file"):
-        Padim.load(path)
-
-
-def test_foreign_torch_file_and_missing_file(tmp_path):
-    path = tmp_path / "state.pt"
-    torch.save({"conv.weight": torch.zeros(2)}, path)
-    with pytest.raises(ModelFileError, match="no 'padim-model' header"):
-        Padim.load(path)
-    with pytest.raises(ModelFileError, match="not found"):
-        Padim.load(tmp_path / "nothing.pt")
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    settings = settings_from_dict({"image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 8})
+    model = Padim(settings).fit(to_batch(smooth_textures(6, 64, seed=5)), progress=False)
+    return model, model.save(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 class _Exploit:
@@ -93,36 +79,82 @@ class _Exploit:
         return (os.system, ("echo pwned > " + os.environ.get("PADIM_EXPLOIT_TARGET", "/tmp/padim_pwned"),))
 
 
-def test_loading_never_runs_pickled_code(tmp_path, monkeypatch):
-    target = tmp_path / "pwned"
-    monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(target))
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "padim-model", "version": 1, "payload": _Exploit()}, path)
-    with pytest.raises(ModelFileError):
-        Padim.load(path)
-    assert not target.exists()
+def _edited(change):
+    def make(good, path):
+        payload = torch.load(good, weights_only=True)
+        change(payload)
+        torch.save(payload, path)
+    return make
 
 
-def test_interrupted_save_leaves_no_file(saved_model, tmp_path, monkeypatch):
-    model, _ = saved_model
-    target = tmp_path / "sub" / "new.pt"
+@pytest.mark.parametrize("make, fragment", [
+    (lambda good, path: path.write_bytes(open(good, "rb").read()[:100_000]), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b""), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b"hello world\n"), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(pickle.dumps({"mean": [1, 2, 3]})), "not a readable PaDiM model file"),
+    (lambda good, path: None, "not found"),
+    (lambda good, path: torch.save({"conv.weight": torch.zeros(2)}, path), "no 'padim-model' header"),
+    (lambda good, path: torch.save({"format": "padim-model", "version": 1, "payload": _Exploit()}, path),
+     "refused without running them"),
+    (_edited(lambda p: p.update(mean=p["mean"].tolist())), "`mean` is list, not a tensor"),
+    (_edited(lambda p: p["cholesky"].view(-1)[7].fill_(float("nan"))), "`cholesky` holds NaN or Inf"),
+    (_edited(lambda p: p.update(train_fingerprint=["x"])), "`train_fingerprint` is ['x']"),
+    (_edited(lambda p: p.update(train_count=-1)), "`train_count` is -1"),
+])
+def test_a_bad_model_file_is_refused_in_one_line_without_running_it(saved_model, tmp_path, monkeypatch, make, fragment):
+    monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(tmp_path / "pwned"))
+    path = tmp_path / "bad.pt"
+    make(saved_model[1], path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelFileError) as info:
+            Padim.load(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value) and caught == []
+    assert not (tmp_path / "pwned").exists()
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        model.save(target)
-    assert not target.exists() and os.listdir(target.parent) == []
+_save = torch.save
 
 
-def test_interrupted_save_keeps_previous_file_intact(saved_model, monkeypatch):
+class _FullDisk:
+    """A stream that raises ENOSPC once 64 KiB were written to it: in the middle of the archive."""
+
+    def __init__(self, stream):
+        self.stream, self.written = stream, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 1 << 16:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _interrupted(payload, stream):  # utils.files holds a signal during the write and raises it afterwards
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failing, error", [
+    (_interrupted, KeyboardInterrupt),
+    (lambda payload, stream: _save(payload, _FullDisk(stream)), OSError),  # the disk's error, not torch's RuntimeError
+])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failed_model_write_raises_its_cause_and_changes_no_file(saved_model, tmp_path, monkeypatch, failing, error,
+                                                                   earlier):
     model, path = saved_model
-    before = open(path, "rb").read()
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        model.save(path)
-    assert open(path, "rb").read() == before
+    target = tmp_path / "sub" / "model.pt"
+    if earlier:
+        target.parent.mkdir()
+        shutil.copy(path, target)
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(error) as info:
+        model.save(target)
+    assert getattr(info.value, "errno", errno.ENOSPC) == errno.ENOSPC
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
@@ -133,6 +165,85 @@ def test_file_with_tampered_tensors_is_refused(saved_model, tmp_path):
     torch.save(payload, bad)
     with pytest.raises(ModelFileError, match="damaged"):
         Padim.load(bad)
+
+
+# ---------------------------------------------------------------- image and mask files, settings keys
+GRADIENT = np.tile(np.linspace(0, 1, 30), (20, 1))
+EIGHT = (GRADIENT * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name, image, atol", [
+    ("sixteen.png", Image.fromarray((GRADIENT * 65535).astype(np.uint16)), 1e-4),  # the full 16-bit range is kept
+    ("rgba.png", Image.fromarray(np.dstack([EIGHT, EIGHT, EIGHT, np.full_like(EIGHT, 128)]), "RGBA"), 1 / 255),
+    ("palette.png", Image.fromarray(EIGHT, "L").convert("P"), 1 / 255),
+    (os.path.join("IRM cerveau é 脑", "coupe n°1.png"), Image.fromarray(EIGHT), 1 / 255),
+])
+def test_an_image_reads_as_its_gray_values(tmp_path, name, image, atol):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    image.save(path)
+    np.testing.assert_allclose(read_image(str(path), "gray"), GRADIENT, atol=atol)
+
+
+def _truncated_jpeg(path):
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path, "PNG")
+    truncated_jpeg(path)
+
+
+@pytest.mark.parametrize("make, color, fragment", [
+    (lambda path: path.write_bytes(b""), "gray", "0 bytes"),
+    (lambda path: path.write_bytes(b"not an image at all"), "gray", "cannot read image"),
+    (lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "gray", "cannot read image"),
+    *[(_truncated_jpeg, color, "cannot read image") for color in ("auto", "gray", "rgb")],
+    # 1-bit: a small file that would decode to a huge array
+    (lambda path: Image.new("1", (int(MAX_PIXELS**0.5) + 64,) * 2).save(path, "PNG"), "gray", "pixel limit"),
+])
+def test_a_bad_image_file_is_one_line_naming_it(tmp_path, make, color, fragment):
+    path = tmp_path / "bad.jpg"
+    make(path)
+    with pytest.raises(DataError) as info:
+        read_image(str(path), color)
+    assert fragment in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pixels, expected, warns", [
+    (np.array([[0, 255, 255, 0]], np.uint8), [False, True, True, False], False),
+    (np.array([[False, True, True, False]]), [False, True, True, False], False),  # 1 bit
+    (np.dstack([np.array([[0, 255, 255, 0]], np.uint8)] * 3), [False, True, True, False], False),  # RGB
+    (np.array([[0, 65535, 65535, 0]], np.uint16), [False, True, True, False], False),  # 16 bit
+    (np.array([[0, 254, 255, 0]], np.uint8), [False, True, True, False], False),  # the study's boxes
+    (np.array([[0, 64, 128, 255]], np.uint8), [False, False, True, True], True),  # a gradient: a warning
+    (np.zeros((1, 4), np.uint8), [False, False, False, False], False),  # empty
+])
+def test_a_mask_is_thresholded_at_half_its_range_and_a_gradient_is_named(tmp_path, pixels, expected, warns):
+    path = str(tmp_path / "m.png")
+    Image.fromarray(pixels).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_mask(path)[0].tolist() == expected
+    assert [w.category for w in caught] == ([NonBinaryMaskWarning] if warns else [])
+
+
+def _every_key(defaults: dict, prefix: str = ""):
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            yield from _every_key(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("key, default", list(_every_key(Settings().to_dict())))
+def test_a_wrong_type_for_every_key_gives_one_error_naming_the_key(key, default):
+    """A string for numbers and booleans, a mapping for strings, lists and null defaults."""
+    raw: dict = {}
+    target = raw
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        target = target.setdefault(parent, {})
+    target[leaf] = "not-a-number" if isinstance(default, (bool, int, float)) else {"nested": 1}
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw)
+    assert "\n" not in str(info.value) and f"`{key}`" in str(info.value), str(info.value)
 
 
 # ---------------------------------------------------------------- determinism
@@ -160,23 +271,6 @@ def test_same_seed_bitwise_identical_maps_in_two_processes():
 
 # ---------------------------------------------------------------- properties
 arrays = st.integers(min_value=0, max_value=2**31 - 1)
-
-
-@hypothesis_settings(max_examples=40, deadline=None)
-@given(seed=arrays, total=st.integers(2, 30), cut=st.floats(0, 1), offset=st.floats(-1e3, 1e3))
-def test_streaming_is_split_invariant(seed, total, cut, offset):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(total, 3, 2, 1, generator=g, dtype=torch.float64) * 3 + offset
-    split = int(round(cut * total))
-    whole = GaussianStatistics.empty(2, 3, dtype=torch.float64)
-    whole.update(x)
-    right = GaussianStatistics.empty(2, 3, dtype=torch.float64)
-    right.update(x[split:])
-    right.update(x[:split])  # two batches, in the other order: the merge correction
-    assert right.count == total
-    scale = 1 + abs(offset)
-    torch.testing.assert_close(right.mean, whole.mean, rtol=1e-9, atol=1e-9 * scale)
-    torch.testing.assert_close(right.scatter, whole.scatter, rtol=1e-7, atol=1e-7 * scale**2)
 
 
 @hypothesis_settings(max_examples=40, deadline=None)
