@@ -5,7 +5,10 @@ darker than the brain, :func:`utils.data.demo.brains.soft_blob`, the demo set's 
 (``data.val_split``, 15 fastMRI images) inside their brain masks, three lesion draws per image
 (seeded), and reports on those: pixel AUROC / AP over the whole image (like protocol A),
 pixel AUROC inside the brain (like B), and image AUROC of the lesioned slices against the clean
-ones (like C, image score of the config, inside the brain).
+ones (like C, image score of the config, inside the brain). Beside them, the field's per-annotation
+protocol (docs/protocol.md, :mod:`utils.evaluation.protocol`): each lesion's bounding box is its
+annotation, the brain minus the box its healthy region, and the threshold leaves 5 % of the clean
+slices' brain pixels above it; F1 and detection rate are the means over the lesioned slices.
 
     python experiments/synthetic_val.py [--draws N] configs/fast_ixi.yaml [more configs ...]
 
@@ -33,6 +36,7 @@ from utils.data import Item, load_data, make_loader, prepare  # noqa: E402
 from utils.data.demo.brains import soft_blob  # noqa: E402
 from utils.data.preprocess import read_image, read_mask, resize_mask  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402
+from utils.evaluation.protocol import group_means, healthy_threshold, row_detections  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.padim.scoring import image_scores  # noqa: E402
 
@@ -116,13 +120,33 @@ def lesion_metrics(sick_maps: np.ndarray, clean_maps: np.ndarray, synthetic: Syn
             "C_auroc": M.image_auroc(sick_scores, clean_scores)}
 
 
+def lesion_boxes(masks: np.ndarray) -> np.ndarray:
+    """Each lesion's bounding box: the field annotates boxes, not outlines."""
+    boxes = np.zeros(masks.shape, dtype=bool)
+    for box, mask in zip(boxes, masks):
+        box[ndimage.find_objects(mask.astype(np.int32))[0]] = True
+    return boxes
+
+
+def field_metrics(sick_maps: np.ndarray, clean_maps: np.ndarray, synthetic: SyntheticSet) -> dict[str, float]:
+    """The field's F1 and detection rate, one annotation per lesioned slice, at the threshold of the
+    clean slices' brain pixels (as the evaluation takes it from the normal validation slices)."""
+    threshold = healthy_threshold(clean_maps, synthetic.brain_clean.numpy())
+    boxes = lesion_boxes(synthetic.masks.numpy())
+    detections = row_detections(sick_maps, np.arange(len(sick_maps)), boxes, boxes | synthetic.brain_sick.numpy(),
+                                threshold)
+    f1, detection = group_means(detections)
+    return {"field_f1": f1, "field_detection": detection, "field_threshold": threshold}
+
+
 def validation_metrics(model: Padim, synthetic: SyntheticSet) -> dict[str, float]:
-    """The four validation numbers of a fitted ``model`` on the synthetic-lesion set, and its counts."""
+    """The four validation numbers and the field's F1 and detection rate of a fitted ``model`` on the
+    synthetic-lesion set, and its counts."""
     size = model.settings.batch_size
     sick_maps = model.score(synthetic.batches(True, size), progress=False).maps
     clean_maps = model.score(synthetic.batches(False, size), progress=False).maps
-    return lesion_metrics(sick_maps, clean_maps, synthetic, model.settings.image_score) | {
-        "lesioned": len(synthetic.sick), "clean": len(synthetic.clean)}
+    return lesion_metrics(sick_maps, clean_maps, synthetic, model.settings.image_score) | field_metrics(
+        sick_maps, clean_maps, synthetic) | {"lesioned": len(synthetic.sick), "clean": len(synthetic.clean)}
 
 
 def evaluate(config: str, draws: int = DRAWS) -> dict[str, float]:
@@ -141,8 +165,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     for config in arguments.configs:
         v = evaluate(config, arguments.draws)
         print(f"{os.path.basename(config)}\tval-synthetic A_auroc {v['A_auroc']:.3f} A_ap {v['A_ap']:.3f} "
-              f"B_auroc {v['B_auroc']:.3f} C_auroc {v['C_auroc']:.3f}\t({v['lesioned']} lesioned / {v['clean']} clean, "
-              f"{v['seconds']:.0f} s)", flush=True)
+              f"B_auroc {v['B_auroc']:.3f} C_auroc {v['C_auroc']:.3f}\tfield F1 {v['field_f1']:.3f} "
+              f"detected {v['field_detection']:.3f} th {v['field_threshold']:.4g}\t"
+              f"({v['lesioned']} lesioned / {v['clean']} clean, {v['seconds']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -48,15 +49,41 @@ def _unit(values: list[float]) -> bool:
 
 
 # ---------------------------------------------------------------------------- the harness
-def test_harness_reports_its_four_metrics_and_finds_the_lesions(demo_config, capsys):
+def test_harness_reports_its_metrics_and_finds_the_lesions(demo_config, capsys):
     synthetic_val.main(["--draws", str(DRAWS), demo_config])
     line = capsys.readouterr().out
-    metrics = {name: _numbers(line, name) for name in ("A_auroc", "A_ap", "B_auroc", "C_auroc")}
+    metrics = {name: _numbers(line, name) for name in ("A_auroc", "A_ap", "B_auroc", "C_auroc", "F1", "detected")}
     assert all(len(values) == 1 and _unit(values) for values in metrics.values()), line
     assert f"({VAL_IMAGES * DRAWS} lesioned / {VAL_IMAGES} clean" in line
     # inside the brain, lesion pixels outscore the rest: 0.72 on this set, 0.65-0.77 on demo seeds 1-5,
     # 0.51 when the lesion is not painted (chance)
     assert metrics["B_auroc"][0] > 0.6, line
+
+
+def test_a_lesion_box_is_the_bounding_box_of_its_mask():
+    masks = np.zeros((2, 12, 12), dtype=bool)
+    masks[0, 2, 3] = masks[0, 5, 7] = True  # two pixels: the box spans rows 2-5, columns 3-7
+    masks[1, 8:10, 1:3] = True
+    expected = np.zeros_like(masks)
+    expected[0, 2:6, 3:8] = expected[1, 8:10, 1:3] = True
+    np.testing.assert_array_equal(synthetic_val.lesion_boxes(masks), expected)
+
+
+def test_field_numbers_count_the_lesion_box_against_the_brain_outside_it():
+    clean = np.arange(100, dtype=np.float64).reshape(1, 10, 10)  # 95..99 above 94: 5 % of the pixels
+    lesions = np.zeros((2, 10, 10), dtype=bool)
+    lesions[:, 2, 2] = lesions[:, 3, 3] = True  # a diagonal pair: its box is rows and columns 2-3
+    sick = np.full((2, 10, 10), 50.0)  # below the threshold: 0 after it
+    sick[:, 2:4, 2:4] = 100.0  # box sum 400
+    sick[:, 9, 9] = 1000.0  # outside the brain: never counted
+    sick[1, 6, 6:8] = 400.0  # 800 outside the box: FP 2, precision 1/3, F1 0.5
+    brain = np.ones((2, 10, 10), dtype=bool)
+    brain[:, 9, 9] = False
+    images = torch.zeros(2, 3, 10, 10)
+    synthetic = synthetic_val.SyntheticSet(images[:1], None, torch.ones(1, 10, 10, dtype=torch.bool), images, None,
+                                           torch.from_numpy(brain), torch.from_numpy(lesions))
+    v = synthetic_val.field_metrics(sick, clean, synthetic)
+    assert v == {"field_threshold": 94.0, "field_f1": pytest.approx((1 + 0.5) / 2), "field_detection": 1.0}
 
 
 def test_a_lesion_changes_the_brain_by_its_contrast_and_nothing_far_from_it():
