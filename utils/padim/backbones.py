@@ -147,13 +147,14 @@ def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
 
 
 def _fold_for_inference(extractor: nn.Module) -> None:
-    """Fold every batch norm into the convolution it follows (``torch.nn.utils.fuse_conv_bn_eval``)
-    and let EfficientNet-Lite's symmetric "same" paddings happen inside their convolutions.
+    """Fold every batch norm into the convolution it follows (``torch.nn.utils.fuse_conv_bn_eval``),
+    let EfficientNet-Lite's symmetric "same" paddings happen inside their convolutions and its
+    activations work in place.
 
-    Both are exact up to float rounding (embeddings within ~1e-5 relative). Each batch norm and
-    each separate ``ZeroPad2d`` is a pass over the activations in memory: on the 2-core CPU they
-    took a third of EfficientNet-Lite0's forward (batch norm 20 %, padding copies 16 %), a few
-    percent of the ResNets'.
+    All are exact up to float rounding (embeddings within ~1e-5 relative). Each batch norm, each
+    separate ``ZeroPad2d`` and each new activation tensor is a pass over the activations in memory:
+    on the 2-core CPU they took a third of EfficientNet-Lite0's forward (batch norm 20 %, padding
+    copies 16 %), a few percent of the ResNets'.
     """
     for parent in list(extractor.modules()):
         for conv_name, norm_name in _CONV_NORM_PAIRS:
@@ -161,10 +162,12 @@ def _fold_for_inference(extractor: nn.Module) -> None:
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
                 setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
                 setattr(parent, norm_name, nn.Identity())
-    for conv in extractor.modules():  # efficientnet_lite_pytorch's Conv2dStaticSamePadding
-        pad = getattr(conv, "static_padding", None)
+    for module in extractor.modules():
+        pad = getattr(module, "static_padding", None)  # efficientnet_lite_pytorch's Conv2dStaticSamePadding
         if isinstance(pad, nn.ZeroPad2d) and pad.padding[0] == pad.padding[1] and pad.padding[2] == pad.padding[3]:
-            conv.padding, conv.static_padding = (pad.padding[2], pad.padding[0]), nn.Identity()
+            module.padding, module.static_padding = (pad.padding[2], pad.padding[0]), nn.Identity()
+        if isinstance(module, nn.ReLU6):  # EfficientNet-Lite's activations, in place as torchvision's ReLUs are
+            module.inplace = True
 
 
 def build_backbone(name: str, weights: str, layers: Sequence[int]) -> StageExtractor:
