@@ -129,7 +129,8 @@ class PatchEmbedder(nn.Module):
             if c:
                 # Nearest upsampling by the integer factor between the grids (1, 2 or 4), as a broadcast: the
                 # values of F.interpolate(mode="nearest"), which took 10x as long on CPU (d = 550).
-                parts.append(part[:, :, None, :, None].expand(n, h, height // h, w, width // w, c).reshape(n, height, width, c))
+                grown = part[:, :, None, :, None].expand(n, h, height // h, w, width // w, c)
+                parts.append(grown.reshape(n, height, width, c))
         embeddings = torch.cat(parts, dim=-1)  # (N, H, W, d)
         if self.projection is not None:
             embeddings = embeddings @ self.projection.to(embeddings.dtype)
