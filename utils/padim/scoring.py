@@ -23,8 +23,10 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, cholesky: torch.Te
         ``(N, H, W)`` distances, in the dtype of ``cholesky``.
     """
     n, d, h, w = embeddings.shape
-    # (P, d, N), contiguous: the batched products on the permuted layout took 1.4x as long (d = 550)
-    deviations = (embeddings.flatten(2).permute(2, 1, 0).to(cholesky.dtype) - mean.to(cholesky.dtype).unsqueeze(2)).contiguous()
+    # (P, d, N) in column-major order, the layout LAPACK's triangular solve reads (row-major made torch copy
+    # it once more: 1.2x as long at d = 550); read from channels-last embeddings, rows of d values.
+    rows = embeddings.flatten(2).permute(2, 0, 1).to(cholesky.dtype) - mean.to(cholesky.dtype).unsqueeze(1)
+    deviations = rows.contiguous().mT
     squared = torch.cat([
         torch.linalg.solve_triangular(cholesky[start : start + chunk], deviations[start : start + chunk], upper=False)
         .square().sum(dim=1)
