@@ -85,7 +85,7 @@ def markdown(run) -> str:
     lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes()]
     lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
-             if row["note"] and row["group"] not in SUMMARY_ROWS and not str(row["note"]).startswith(("only ", "mean over"))]
+             if row["note"] and row["group"] != "all" and not str(row["note"]).startswith(("only ", "mean over"))]
     notes += run.notes
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
