@@ -405,7 +405,8 @@ def two_masks_with_three_levels(tmp, ctx):
     victims = sorted((root / "ground_truth").rglob("*_mask.png"))[:2]
     for victim in victims:  # 0 outside, 255 and 60 inside: half the range (127.5) drops the 60s
         inside = np.asarray(Image.open(victim)) > 0
-        Image.fromarray(np.where(inside, np.where(np.indices(inside.shape).sum(0) % 2, 255, 60), 0).astype(np.uint8)).save(victim)
+        levels = np.where(inside, np.where(np.indices(inside.shape).sum(0) % 2, 255, 60), 0)
+        Image.fromarray(levels.astype(np.uint8)).save(victim)
     return ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures",
             "--no-save-model"], victims
 

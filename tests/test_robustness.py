@@ -99,7 +99,7 @@ def _zip_of_one_file(good, path):
     (lambda good, path: path.write_bytes(open(good, "rb").read()[:100_000]), "a truncated or damaged zip archive"),
     (lambda good, path: path.write_bytes(open(good, "rb").read()[:20]), "a truncated or damaged zip archive"),
     (_zip_of_one_file, "a zip archive but no torch file"),
-    (lambda good, path: path.write_bytes(b""), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(b""), "a truncated or damaged zip archive"),
     (lambda good, path: path.write_bytes(b"hello world\n"), "not a readable PaDiM model file"),
     (lambda good, path: path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "not a readable PaDiM model file"),
     (lambda good, path: path.write_bytes(pickle.dumps({"mean": [1, 2, 3]})), "not a readable PaDiM model file"),
@@ -226,11 +226,12 @@ def _nifti_label(folder, pixels) -> np.ndarray:
     """The (1, 4) ``pixels`` as every row and slice of a (4, 4, 2) NIfTI label of a volume, read as a test volume."""
     if pixels.ndim == 3:
         pytest.skip("NIfTI labels hold one number per voxel")
-    rng = np.random.default_rng(0)
-    files = {"image": rng.random((4, 4, 2)).astype(np.float32), "label": np.tile(pixels.reshape(1, 4, 1), (4, 1, 2)),
+    label = np.tile(pixels.reshape(1, 4, 1), (4, 1, 2))
+    files = {"image": np.random.default_rng(0).random((4, 4, 2)).astype(np.float32),
+             "label": label.astype(np.uint8) if label.dtype == bool else label,  # NIfTI has no bool voxels
              "brain_mask": np.ones((4, 4, 2), np.uint8)}
     for name, data in files.items():
-        nib.save(nib.Nifti1Image(data.astype(np.uint8) if data.dtype == bool else data, np.eye(4)), str(folder / f"{name}.nii"))
+        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{name}.nii")
     entry = VolumeEntry("test", *(str(folder / f"{name}.nii") for name in files), "test", "case", "test")
     return read_volume(entry, Settings()).label[0, :, 0]
 

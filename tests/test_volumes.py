@@ -192,7 +192,8 @@ def _oblique_affine(axcodes):
     return rotation @ reoriented.affine
 
 
-@pytest.mark.parametrize("axcodes, kind", [("LIP", nib.Nifti1Image), ("PIR", nib.Nifti1Image), ("ASL", nib.Nifti2Image)])
+@pytest.mark.parametrize("axcodes, kind", [("LIP", nib.Nifti1Image), ("PIR", nib.Nifti1Image),
+                                           ("ASL", nib.Nifti2Image)])
 def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, capfd, axcodes, kind):  # PIR, ASL:
     # cyclic axis orders (sagittal storage); a NIfTI-2 scan's map is NIfTI-2, written without nibabel's complaints
     head, _ = _head(noise=0.0)
@@ -329,7 +330,7 @@ def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
     run = evaluation.save(save_model=False, figures=False, maps=False)
     assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json", "volumes.csv"]
     with open(os.path.join(run, "metrics.md")) as handle:
-        assert "- mean: unweighted mean over 1 groups" in handle.read()
+        assert "- mean: unweighted mean over 1 group" in handle.read()
 
 
 @pytest.mark.parametrize("kept, lesion_slice, reason", [

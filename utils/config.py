@@ -271,7 +271,8 @@ def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]
         if key in PATH_KEYS and values[key] is not None:
             values[key] = os.path.expanduser(os.path.expandvars(values[key]))
             if values[key].startswith("~"):  # expanduser leaves ~name of an unknown user as it is
-                raise ConfigError(f"`{prefix}{key}` is {value!r}: no user {values[key][1:].split(os.sep)[0]!r} on this machine")
+                user = values[key][1:].split(os.sep)[0]
+                raise ConfigError(f"`{prefix}{key}` is {value!r}: no user {user!r} on this machine")
     return values
 
 

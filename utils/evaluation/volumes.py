@@ -151,8 +151,8 @@ class VolumeUnits:
 
     def column_notes(self) -> list[str]:
         return [
-            "A: voxel AUROC / AP over the scored slices; B: inside the brain; C: slice level (slices with lesion voxels "
-            "against slices without, slice score = the map's maximum inside the brain).",
+            "A: voxel AUROC / AP over the scored slices; B: inside the brain; C: slice level (slices with lesion "
+            "voxels against slices without, slice score = the map's maximum inside the brain).",
             "Dice @ val thr.: at the validation threshold, inside the brain. *Dice best is optimistic*: its threshold "
             "is chosen on the volume itself. Group rows are means over the group's volumes; **mean** over the groups.",
         ]

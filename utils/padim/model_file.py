@@ -109,7 +109,7 @@ def _read(path: str) -> dict:
                                      "(a changed or corrupted byte)")
     except zipfile.BadZipFile:  # torch's own words for it are an internal error of its zip library
         with open(path, "rb") as handle:
-            if handle.read(2) == b"PK":
+            if handle.read(2) in (b"PK", b""):  # a zip archive's start, or nothing left of it
                 raise ModelFileError(f"{path} is not a readable PaDiM model file (a truncated or damaged zip archive: "
                                      "its directory is missing)") from None
     except OSError:
