@@ -39,17 +39,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def one_warning_per_kind() -> Iterator[None]:
     """The warnings raised in the block, shown when it ends (or fails) as one per category: the first one
     and how many more of its kind there were (a problem of 500 files is one line naming one of them)."""
-    kinds: dict[type, list] = {}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # counted here; the filters outside decide what is shown
             yield
     finally:
+        kinds: dict[type, list[str]] = {}
         for found in caught:
-            kinds.setdefault(found.category, []).append(found.message)
-        for category, messages in kinds.items():
-            more = f" (and {len(messages) - 1} more like it)" if len(messages) > 1 else ""
-            warnings.warn(f"{messages[0]}{more}", category, stacklevel=3)
+            kinds.setdefault(found.category, []).append(str(found.message))
+        for category, (first, *more) in kinds.items():
+            warnings.warn(first + (f" (and {len(more)} more like it)" if more else ""), category, stacklevel=3)
 
 
 @contextlib.contextmanager
