@@ -192,10 +192,10 @@ def _oblique_affine(axcodes):
     return rotation @ reoriented.affine
 
 
+# PIR, ASL: cyclic axis orders (sagittal storage); a NIfTI-2 scan's map is NIfTI-2, written without nibabel's complaints
 @pytest.mark.parametrize("axcodes, kind", [("LIP", nib.Nifti1Image), ("PIR", nib.Nifti1Image),
                                            ("ASL", nib.Nifti2Image)])
-def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, capfd, axcodes, kind):  # PIR, ASL:
-    # cyclic axis orders (sagittal storage); a NIfTI-2 scan's map is NIfTI-2, written without nibabel's complaints
+def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, capfd, axcodes, kind):
     head, _ = _head(noise=0.0)
     affine = _oblique_affine(axcodes)
     assert nib.aff2axcodes(affine) != ("R", "A", "S")
