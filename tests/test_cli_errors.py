@@ -211,10 +211,12 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (config_text(b"results_dir: r\xe9sultats\n"), "is not UTF-8 text (byte 0xe9"),
     (config_text(b"seed: 18446744073709551616\n"), "`seed` is 18446744073709551616"),
     (config_text("seed: " + "[" * 3000 + "]" * 3000 + "\n"), "nested too deeply"),
-    (config_text("? [a, b]\n: 1\n"), "TypeError: unhashable type"),  # a complex key: any exception is one line
+    (config_text("? [a, b]\n: 1\n"), "not valid YAML: a key is a list or mapping (line 1)"),  # YAML complex keys
+    (config_text("seed: 1\n? {a: 1}\n: 1\n"), "not valid YAML: a key is a list or mapping (line 2)"),
+    (config_text("results_dir: ~nosuchuser_zz/x\n"), "`results_dir` is '~nosuchuser_zz/x': no user 'nosuchuser_zz'"),
     (config_text("seeds: 1\n"), "did you mean `seed`"),
     (config_text("data:\n  format: study\n  root: /nonexistent/fast_ixi\n"), "data.zip"),
-    (manifest_with_a_huge_field, "field larger than field limit"),  # a csv.Error
+    (manifest_with_a_huge_field, "m.csv line 2: field larger than field limit"),  # a csv.Error
     (lambda tmp, ctx: ["fit", "--config", str(tmp)], "config file is a folder, not a file"),
     (lambda tmp, ctx: ["fit", "--config", str(tmp / "none.yaml")], "config file not found"),
     pytest.param(unreadable_config, "cannot read config file", marks=as_user),
@@ -388,15 +390,35 @@ def test_each_run_folder_describes_one_run(ctx, tmp_path, capsys):
     assert counts[defect] == "3"
 
 
-def test_skip_bad_images_skips_a_decode_failure_with_one_warning_line(tmp_path, capsys):
+def two_truncated_training_images(tmp, ctx):
     counts = DemoCounts(ixi_train=6, fastmri_train=4, val=2, per_kind=2, normal_test=2)
-    root = generate_demo(str(tmp_path / "demo"), seed=0, counts=counts)
-    victim = sorted((tmp_path / "demo" / "data" / "IXI").iterdir())[1]
-    truncated_jpeg(victim)
-    config = tmp_path / "c.yaml"
-    config.write_text(f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n"
-                      "  skip_bad_images: true\n")
-    code, err, out = cli(["fit", "--config", str(config), "--output", str(tmp_path / "m.pt")], capsys)
-    assert code == 0 and "model written" in out
+    root = generate_demo(str(tmp / "demo"), seed=0, counts=counts)
+    victims = sorted((tmp / "demo" / "data" / "IXI").iterdir())[1:3]
+    for victim in victims:
+        truncated_jpeg(victim)
+    text = f"image_size: 32\noutput_dimension: 8\ndata:\n  format: study\n  root: {root}\n  skip_bad_images: true\n"
+    return ["fit", "--config", str(write(tmp / "c.yaml", text)), "--output", str(tmp / "m.pt")], victims
+
+
+def two_masks_with_three_levels(tmp, ctx):
+    root = shutil.copytree(ctx.category, tmp / "cat", copy_function=shutil.copy2)  # the model's training files
+    victims = sorted((root / "ground_truth").rglob("*_mask.png"))[:2]
+    for victim in victims:  # 0 outside, 255 and 60 inside: half the range (127.5) drops the 60s
+        inside = np.asarray(Image.open(victim)) > 0
+        levels = np.where(inside, np.where(np.indices(inside.shape).sum(0) % 2, 255, 60), 0)
+        Image.fromarray(levels.astype(np.uint8)).save(victim)
+    return ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures",
+            "--no-save-model"], victims
+
+
+@pytest.mark.parametrize("make, start", [
+    (two_truncated_training_images, "warning: skipping"),
+    (two_masks_with_three_levels, "warning: mask "),
+])
+def test_a_problem_of_several_files_is_one_warning_line_naming_one_and_the_count(ctx, tmp_path, capsys, make, start):
+    argv, victims = make(tmp_path, ctx)
+    code, err, out = cli(argv, capsys)
+    assert code == 0 and out, err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: skipping") and str(victim) in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith(start) and lines[0].endswith("(and 1 more like it)"), err
+    assert any(str(victim) in lines[0] for victim in victims)

@@ -96,6 +96,8 @@ def test_defaults_and_overrides(tmp_path):
     ("blur_sigma: '2.5'\n", "blur_sigma", 2.5),
     ("results_dir: ~/padim-results\n", "results_dir", os.path.expanduser("~/padim-results")),
     ("data:\n  root: ~/demo\n", "data.root", os.path.expanduser("~/demo")),
+    ("results_dir: $HOME/padim-results\n", "results_dir", os.path.join(os.environ["HOME"], "padim-results")),
+    ("data:\n  root: ${HOME}/demo\n", "data.root", os.path.join(os.environ["HOME"], "demo")),
 ])
 def test_settings_that_yaml_users_write_are_read_as_meant(tmp_path, text, key, expected):
     path = tmp_path / "c.yaml"

@@ -285,11 +285,20 @@ def test_image_mask_size_mismatch(tmp_path):
     assert "mass.csv line 4" in message and "m1_a.png" in message and "64x30" in message and "64x32" in message
 
 
-def test_pathology_csv_length_mismatch(tmp_path):
+POS, NEG = "./data/fastMRI/brain_mid_anno_pos_png/", "./data/fastMRI/brain_mid_anno_neg_png/"
+
+
+@pytest.mark.parametrize("name, rows, fragments", [  # mass.csv lists m0, m0 (two boxes), m1
+    ("mass_ann", [POS + "m0_a.png", POS + "m0_b.png"], ["mass.csv has 3", "mass_ann.csv has 2"]),
+    ("mass_ann", [POS + "m0_a.png", POS + "m1_a.png", POS + "m0_b.png"], ["mass_ann.csv line 3: mask", "m1_a.png",
+                                                                          "the image of mass.csv line 3", "m0.png"]),
+    ("mass_neg", [NEG + "m1.png", NEG + "m0.png", NEG + "m0.png"], ["mass_neg.csv line 2: mask", "m1.png"]),
+])
+def test_pathology_csvs_that_do_not_pair_row_by_row(tmp_path, name, rows, fragments):
     root = make_study(tmp_path)
-    _csv(root, "mass_ann", ["./data/fastMRI/brain_mid_anno_pos_png/m0_a.png", "./data/fastMRI/brain_mid_anno_pos_png/m0_b.png"])
+    _csv(root, name, rows)
     message = one_line_data_error(study_settings(root), ("test",))
-    assert "mass.csv has 3" in message and "mass_ann.csv has 2" in message
+    assert all(fragment in message for fragment in fragments), message
 
 
 @pytest.mark.parametrize("split, data", [("normal_val", {}), ("normal_train", {}), ("edema", {})])

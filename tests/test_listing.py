@@ -82,7 +82,8 @@ def test_csv_rows_and_their_line_numbers(tmp_path, raw, header, rows):
     (b"split,image\ntrain,caf\xe9.nii\n", "is not UTF-8 text (byte 0xe9"),
     (None, "manifest {path} not found"),
     ("folder", "is a folder, not a file"),
-], ids=["repeated-header", "repeated-header-after-blanks", "latin-1", "missing", "folder"])
+    (b"split,image\ntrain,a.nii\ntest," + b"x" * 140_000 + b"\n", "{path} line 3: field larger than field limit"),
+], ids=["repeated-header", "repeated-header-after-blanks", "latin-1", "missing", "folder", "field-over-128-KiB"])
 def test_bad_csv_files_give_one_line_errors(tmp_path, raw, fragment):
     path = tmp_path / "t.csv"
     if raw == "folder":
@@ -164,7 +165,7 @@ def _nifti_with_group(root, name):
 
 
 @pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
-@pytest.mark.parametrize("name", ["normal", "mean", "all"])
+@pytest.mark.parametrize("name", ["normal", "mean", "all", "Mean", "NORMAL", "ALL"])
 def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_path, make, name):
     if make is _study_with_group and name == "normal":
         pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")

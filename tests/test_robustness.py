@@ -8,7 +8,9 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from test_cli_errors import truncated_jpeg
 from utils.config import Settings, settings_from_dict
 from utils.data.listing import MAX_PIXELS
 from utils.data.preprocess import NonBinaryMaskWarning, read_image, read_mask
+from utils.data.volumes import VolumeEntry, read_volume
 from utils.errors import ConfigError, DataError, ModelFileError
 from utils.padim.gaussian import GaussianStatistics, regularised_cholesky
 from utils.padim.model import Padim
@@ -87,9 +90,16 @@ def _edited(change):
     return make
 
 
+def _zip_of_one_file(good, path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a member outside any folder, as torch files never have")
+
+
 @pytest.mark.parametrize("make, fragment", [
-    (lambda good, path: path.write_bytes(open(good, "rb").read()[:100_000]), "not a readable PaDiM model file"),
-    (lambda good, path: path.write_bytes(b""), "not a readable PaDiM model file"),
+    (lambda good, path: path.write_bytes(open(good, "rb").read()[:100_000]), "a truncated or damaged zip archive"),
+    (lambda good, path: path.write_bytes(open(good, "rb").read()[:20]), "a truncated or damaged zip archive"),
+    (_zip_of_one_file, "a zip archive but no torch file"),
+    (lambda good, path: path.write_bytes(b""), "a truncated or damaged zip archive"),
     (lambda good, path: path.write_bytes(b"hello world\n"), "not a readable PaDiM model file"),
     (lambda good, path: path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "not a readable PaDiM model file"),
     (lambda good, path: path.write_bytes(pickle.dumps({"mean": [1, 2, 3]})), "not a readable PaDiM model file"),
@@ -206,21 +216,45 @@ def test_a_bad_image_file_is_one_line_naming_it(tmp_path, make, color, fragment)
     assert fragment in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def _mask_file(folder, pixels) -> np.ndarray:
+    path = str(folder / ("m.tif" if pixels.dtype.kind == "f" else "m.png"))  # PNG holds no floats
+    Image.fromarray(pixels).save(path)
+    return read_mask(path)[0]
+
+
+def _nifti_label(folder, pixels) -> np.ndarray:
+    """The (1, 4) ``pixels`` as every row and slice of a (4, 4, 2) NIfTI label of a volume, read as a test volume."""
+    if pixels.ndim == 3:
+        pytest.skip("NIfTI labels hold one number per voxel")
+    label = np.tile(pixels.reshape(1, 4, 1), (4, 1, 2))
+    files = {"image": np.random.default_rng(0).random((4, 4, 2)).astype(np.float32),
+             "label": label.astype(np.uint8) if label.dtype == bool else label,  # NIfTI has no bool voxels
+             "brain_mask": np.ones((4, 4, 2), np.uint8)}
+    for name, data in files.items():
+        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{name}.nii")
+    entry = VolumeEntry("test", *(str(folder / f"{name}.nii") for name in files), "test", "case", "test")
+    return read_volume(entry, Settings()).label[0, :, 0]
+
+
 @pytest.mark.parametrize("pixels, expected, warns", [
     (np.array([[0, 255, 255, 0]], np.uint8), [False, True, True, False], False),
     (np.array([[False, True, True, False]]), [False, True, True, False], False),  # 1 bit
     (np.dstack([np.array([[0, 255, 255, 0]], np.uint8)] * 3), [False, True, True, False], False),  # RGB
     (np.array([[0, 65535, 65535, 0]], np.uint16), [False, True, True, False], False),  # 16 bit
     (np.array([[0, 254, 255, 0]], np.uint8), [False, True, True, False], False),  # the study's boxes
+    (np.array([[0, 1, 1, 0]], np.uint8), [False, True, True, False], False),  # 0/1
     (np.array([[0, 64, 128, 255]], np.uint8), [False, False, True, True], True),  # a gradient: a warning
+    (np.array([[0, 1, 127, 255]], np.uint8), [False, False, False, True], True),  # labels 1..255
+    (np.array([[0.0, 0.2, 0.6, 1.0]], np.float32), [False, False, True, True], True),  # a probability map
     (np.zeros((1, 4), np.uint8), [False, False, False, False], False),  # empty
+    (np.full((1, 4), 255, np.uint8), [True, True, True, True], False),  # full
 ])
-def test_a_mask_is_thresholded_at_half_its_range_and_a_gradient_is_named(tmp_path, pixels, expected, warns):
-    path = str(tmp_path / "m.png")
-    Image.fromarray(pixels).save(path)
+@pytest.mark.parametrize("read", [_mask_file, _nifti_label])
+def test_every_formats_mask_is_thresholded_at_half_its_range_and_a_gradient_is_named(tmp_path, read, pixels, expected,
+                                                                                    warns):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert read_mask(path)[0].tolist() == expected
+        assert read(tmp_path, pixels).tolist() == expected
     assert [w.category for w in caught] == ([NonBinaryMaskWarning] if warns else [])
 
 

@@ -28,7 +28,7 @@ from utils.errors import DataError
 from utils.padim.model import ScoreResult
 from utils.evaluation import Run
 from utils.data.volumes import ObliqueVolumeWarning, SliceSet, load_volume_data, read_manifest, read_volume
-from utils.evaluation.volumes import volume_metrics
+from utils.evaluation.volumes import VolumeUnits, volume_metrics
 from utils.predict import predict_volumes
 
 SHAPE = (24, 30, 20)
@@ -130,6 +130,8 @@ def test_manifest_errors_name_the_file_and_row(small_set):
     assert "no finite voxel (all NaN or Inf)" in _error(folder, [{"split": "train", "image": nan}, test_row])
     flat = _save(folder, "flat.nii.gz", np.ones(SHAPE, np.float32))
     assert "constant" in _error(folder, [{"split": "train", "image": flat}, test_row])
+    rgb = _save(folder, "rgb.nii.gz", np.zeros(SHAPE, [("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    assert "holds RGB voxels" in _error(folder, [{"split": "train", "image": rgb}, test_row])
     assert "no test volumes" in _error(folder, rows[:2])
     assert "unknown column 'weight'" in _error(folder, rows, columns=("split", "image", "weight"))
     duplicate = dict(rows[0], case="c")
@@ -190,8 +192,10 @@ def _oblique_affine(axcodes):
     return rotation @ reoriented.affine
 
 
-@pytest.mark.parametrize("axcodes", ["LIP", "PIR", "ASL"])  # PIR, ASL: cyclic axis orders (sagittal storage)
-def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, axcodes):
+# PIR, ASL: cyclic axis orders (sagittal storage); a NIfTI-2 scan's map is NIfTI-2, written without nibabel's complaints
+@pytest.mark.parametrize("axcodes, kind", [("LIP", nib.Nifti1Image), ("PIR", nib.Nifti1Image),
+                                           ("ASL", nib.Nifti2Image)])
+def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path, capfd, axcodes, kind):
     head, _ = _head(noise=0.0)
     affine = _oblique_affine(axcodes)
     assert nib.aff2axcodes(affine) != ("R", "A", "S")
@@ -200,10 +204,11 @@ def test_maps_return_to_the_scan_grid_of_an_oblique_non_canonical_image(tmp_path
     blob = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, blob_voxel)) / (2 * 1.5**2))
     stored = (head + 0.7 * blob).astype(np.float32)
     path = os.path.join(tmp_path, "scan.nii.gz")
-    nib.save(nib.Nifti1Image(stored, affine), path)
+    nib.save(kind(stored, affine), path)
     model = IntensityModel(_settings("unused.csv"))
     rows = predict_volumes(model, read_manifest([path]), str(tmp_path / "out"), progress=False)
     saved = nib.load(str(tmp_path / "out" / "scan_anomaly.nii.gz"))
+    assert type(saved) is kind and capfd.readouterr().err == ""
     assert saved.shape == SHAPE and saved.get_data_dtype() == np.float32
     assert np.allclose(saved.affine, affine)
     peak = np.unravel_index(np.argmax(np.asarray(saved.dataobj)), SHAPE)
@@ -220,11 +225,13 @@ def test_volume_metrics_against_scikit_learn():
     shape = (6, 5, 4)
     label = np.zeros(shape, bool)
     label[2:4, 1:3, 1:3] = True
+    label[1, 1, 3] = True  # in the slice that is not scored: it has no map, so no metric counts it
     anomaly = rng.random(shape) + 0.8 * label
     brain = np.ones(shape, bool)
     brain[0] = False
     kept = np.array([True, True, True, False])
     got = volume_metrics(anomaly.astype(np.float32), label, brain, kept, threshold=0.9)
+    label, anomaly, brain = label[..., :3], anomaly[..., :3], brain[..., :3]  # the scored slices
     assert got["A_auroc"] == pytest.approx(roc_auc_score(label.ravel(), anomaly.ravel()))
     assert got["A_ap"] == pytest.approx(average_precision_score(label.ravel(), anomaly.ravel()))
     assert got["B_auroc"] == pytest.approx(roc_auc_score(label[brain], anomaly[brain]))
@@ -237,7 +244,7 @@ def test_volume_metrics_against_scikit_learn():
     best = max(2 * ((anomaly >= t) & brain & label).sum() / (((anomaly >= t) & brain).sum() + (label & brain).sum())
                for t in anomaly[brain])
     assert got["dice_best"] == pytest.approx(best)
-    assert got["lesion_voxels"] == label.sum()
+    assert got["lesion_voxels"] == 2 * 2 * 2 + 1 and got["note"] == ""
 
 
 @pytest.fixture(scope="module")
@@ -322,14 +329,27 @@ def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
     evaluation.compute_metrics()
     run = evaluation.save(save_model=False, figures=False, maps=False)
     assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json", "volumes.csv"]
+    with open(os.path.join(run, "metrics.md")) as handle:
+        assert "- mean: unweighted mean over 1 group" in handle.read()
 
 
-def test_a_volume_without_a_scored_slice_has_no_metrics_and_says_why():
+@pytest.mark.parametrize("kept, lesion_slice, reason", [
+    ([False, False, False], 1, "no slice scored"),
+    ([True, False, True], 1, "its lesion lies in slices under data.min_brain_fraction"),
+    ([True, True, True], None, "its label is empty"),
+])
+def test_a_volume_without_a_lesion_in_its_scored_slices_has_no_metrics_and_says_why(kept, lesion_slice, reason):
     label = np.zeros((4, 4, 3), bool)
-    label[1, 1, 1] = True
-    row = volume_metrics(np.zeros((4, 4, 3), np.float32), label, np.ones((4, 4, 3), bool), np.zeros(3, bool), threshold=1.0)
-    assert row["slices_scored"] == 0 and "no slice scored" in row["note"]
+    if lesion_slice is not None:
+        label[1, 1, lesion_slice] = True
+    anomaly = np.random.default_rng(0).random((4, 4, 3)).astype(np.float32)
+    row = volume_metrics(anomaly, label, np.ones((4, 4, 3), bool), np.array(kept), threshold=1.0)
+    assert row["slices_scored"] == sum(kept) and reason in row["note"]
     assert all(np.isnan(row[c]) for c in ("A_auroc", "B_auroc", "C_auroc", "dice_val_threshold", "dice_best"))
+    units = VolumeUnits(settings_from_dict({}), "run")  # its group: left out of the means, saying why
+    units.rows = [{"case": "c", "group": "g"} | row]
+    group = units.table(None)[0].set_index("group").loc["g"]
+    assert np.isnan(group["A_auroc"]) and group["note"] == f"1 of 1 volumes left out of the means: {row['note']}"
 
 
 @pytest.mark.parametrize("degrees, warned", [((0, 0), False), ((12, 0), False), ((30, 0), False), ((0, 40), True),

@@ -36,6 +36,22 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 @contextlib.contextmanager
+def one_warning_per_kind() -> Iterator[None]:
+    """The warnings raised in the block, shown when it ends (or fails) as one per category: the first one
+    and how many more of its kind there were (a problem of 500 files is one line naming one of them)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # counted here; the filters outside decide what is shown
+            yield
+    finally:
+        kinds: dict[type, list[str]] = {}
+        for found in caught:
+            kinds.setdefault(found.category, []).append(str(found.message))
+        for category, (first, *more) in kinds.items():
+            warnings.warn(first + (f" (and {len(more)} more like it)" if more else ""), category, stacklevel=3)
+
+
+@contextlib.contextmanager
 def command_boundary() -> Iterator[types.SimpleNamespace]:
     """Run the block as a command-line program; the yielded namespace's ``code`` is its exit code
     (set it in the block; 2 after a user's error, 130 after an interruption, printed as one line).

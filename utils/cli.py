@@ -11,7 +11,7 @@ import os
 import time
 from typing import Sequence
 
-from .boundary import OneLineParser, run_command
+from .boundary import DEBUG_ENV, OneLineParser, run_command
 from .config import Settings, load_config
 from .distributed import DistributedContext
 from .errors import ConfigError
@@ -22,7 +22,9 @@ from .predict import predict
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m utils", description="PaDiM anomaly detection")
+    parser = OneLineParser(prog="python -m utils", description="PaDiM anomaly detection",
+                           epilog=f"Errors are one `error:` line (exit 2); set {DEBUG_ENV}=1 for the traceback of an "
+                                  "unexpected one.")
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # the options of every command
     common.add_argument("--config", default="config.yaml", help="YAML settings file (default: config.yaml)")

@@ -226,6 +226,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if isinstance(key, list | dict):  # a YAML complex key, `? [a, b] : 1`: no setting is named so
+                raise yaml.constructor.ConstructorError(None, None, f"a key is a list or mapping (line {line})")
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key `{key}` is written twice (lines {first_line[key]} and {line})")
@@ -252,7 +254,8 @@ def settings_from_dict(raw: dict[str, Any]) -> Settings:
     return settings
 
 
-#: Settings that name files or folders: a leading ``~`` is the user's home, as in a shell.
+#: Settings that name files or folders: a leading ``~`` is the user's home and ``$NAME`` an environment variable,
+#: as in a shell.
 PATH_KEYS = ("results_dir", "weights", "root", "manifest")
 
 
@@ -266,7 +269,10 @@ def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]
             raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
         values[key] = _coerce(prefix + key, value, hints[key])
         if key in PATH_KEYS and values[key] is not None:
-            values[key] = os.path.expanduser(values[key])
+            values[key] = os.path.expanduser(os.path.expandvars(values[key]))
+            if values[key].startswith("~"):  # expanduser leaves ~name of an unknown user as it is
+                user = values[key][1:].split(os.sep)[0]
+                raise ConfigError(f"`{prefix}{key}` is {value!r}: no user {user!r} on this machine")
     return values
 
 

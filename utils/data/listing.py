@@ -33,6 +33,11 @@ def nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def stem(path: str) -> str:
+    """The NFC file name of ``path`` without its suffix: ``a/x_mask.png`` -> ``x_mask``."""
+    return nfc(os.path.splitext(os.path.basename(path))[0])
+
+
 def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     """Whether ``path`` ends in one of ``suffixes`` (lower case), in any case."""
     return path.lower().endswith(suffixes)
@@ -82,7 +87,9 @@ def read_table(path: str, what: str) -> tuple[list[str], list[tuple[str, dict[st
                     rows.append((f"{name} line {reader.line_num}", dict(zip(header, cells))))
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} {path} {not_utf8(exc)}: is it a CSV?") from None
-    except (OSError, csv.Error) as exc:
+    except csv.Error as exc:  # a field over csv's size limit, a NUL byte
+        raise DataError(f"cannot read {what} {path} line {reader.line_num}: {exc}") from None
+    except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from None
     return header, rows
 

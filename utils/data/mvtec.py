@@ -14,13 +14,9 @@ from typing import Optional, Sequence
 from ..config import Settings
 from ..errors import DataError
 from .checks import FolderLoader
-from .listing import listed, nfc, resolved
+from .listing import listed, resolved, stem
 from .preprocess import IMAGE_SUFFIXES
 from .sets import NORMAL, ImageSet, Item, chosen_groups, hold_out
-
-
-def _stem(path: str) -> str:
-    return nfc(os.path.splitext(os.path.basename(path))[0])
 
 
 class MvtecLoader(FolderLoader):
@@ -55,7 +51,7 @@ class MvtecLoader(FolderLoader):
 
     def test(self) -> dict[str, ImageSet]:
         test_dir = os.path.join(self.root, "test")  # without it, test/good is named as missing
-        available = {_stem(folder): folder for folder in listed(test_dir, folders=True) if _stem(folder) != "good"}
+        available = {stem(folder): folder for folder in listed(test_dir, folders=True) if stem(folder) != "good"}
         defects = chosen_groups(self.settings.data.test_groups, list(available), test_dir)
         for defect in defects:
             if defect not in available:
@@ -71,12 +67,12 @@ class MvtecLoader(FolderLoader):
         images = self._images(folder)
         if not os.path.isdir(masks_dir):
             raise DataError(f"defect folder {folder} has no masks: {masks_dir} not found (MVTec keeps them in ground_truth/<defect>)")
-        masks = {_stem(mask): mask for mask in listed(masks_dir, IMAGE_SUFFIXES)}
-        for stem in sorted(masks.keys() - {_stem(image) + "_mask" for image in images}):
-            raise DataError(f"mask {masks[stem]} matches no image in {folder} "
+        masks = {stem(mask): mask for mask in listed(masks_dir, IMAGE_SUFFIXES)}
+        for name in sorted(masks.keys() - {stem(image) + "_mask" for image in images}):
+            raise DataError(f"mask {masks[name]} matches no image in {folder} "
                             f"(expected <image name>_mask.png for an image <image name>.png there)")
         for image in images:
-            if _stem(image) + "_mask" not in masks:
-                raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, _stem(image))}_mask.png")
-        items = [Item(image, (masks[_stem(image) + "_mask"],), None, image) for image in images]
+            if stem(image) + "_mask" not in masks:
+                raise DataError(f"no ground-truth mask for {image}: expected {os.path.join(masks_dir, stem(image))}_mask.png")
+        items = [Item(image, (masks[stem(image) + "_mask"],), None, image) for image in images]
         return ImageSet(defect, self.check.kept(folder, items), self.settings, anomalous=True)

@@ -70,20 +70,26 @@ class NonBinaryMaskWarning(UserWarning):
     """A mask holds more than two levels where it matters: it was thresholded at half its range."""
 
 
+def binarised(values: np.ndarray, path: str) -> np.ndarray:
+    """Any format's mask (a mask file's pixels, a NIfTI label or brain mask) as bool: foreground above half
+    the range of ``values``. For a binary mask (and masks whose extra levels lie near the top, as the study's
+    0/254/255 boxes) that is every nonzero value; a mask where the two differ (a gradient, a probability map,
+    labels 1..255) is thresholded at half its range with a :class:`NonBinaryMaskWarning` naming ``path``."""
+    nonzero = values > 0
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    half = values > (low + high) / 2 if low < high else nonzero  # a uniform mask is binary: all or nothing
+    if np.array_equal(nonzero, half):
+        return nonzero
+    warnings.warn(f"mask {path} is not binary: thresholded at half its range", NonBinaryMaskWarning, stacklevel=3)
+    return half
+
+
 def read_mask(path: str) -> np.ndarray:
-    """Decode a mask file to a bool ``(H, W)`` array: foreground above half the file's range. For a
-    binary mask (and masks whose extra levels lie near the top, as the study's 0/254/255 boxes) that
-    is every nonzero pixel; a mask where the two differ (a gradient, a probability map) is
-    thresholded at half its range with a :class:`NonBinaryMaskWarning`."""
+    """Decode a mask file to a bool ``(H, W)`` array (:func:`binarised`)."""
     with open_image(path) as image:
         ImageOps.exif_transpose(image, in_place=True)
         values = np.asarray(image) if image.mode in ("L", "1") else _to_unit_gray(image)  # 8/1-bit: no float conversion
-    nonzero = values > 0
-    half = values > (float(values.min()) + float(values.max())) / 2
-    if not np.array_equal(nonzero, half):
-        warnings.warn(f"mask {path} is not binary: thresholded at half its range", NonBinaryMaskWarning, stacklevel=2)
-        return half
-    return nonzero
+    return binarised(values, path)
 
 
 def _padding(h: int, w: int, settings: Settings) -> tuple[int, int, int, int]:

@@ -123,9 +123,9 @@ class ImageSet(Dataset):
 
 
 def checked_groups(names: Sequence[str], where: str) -> list[str]:
-    """``names`` when none is reserved (:data:`RESERVED_GROUPS`): a group named ``normal``, ``mean``
+    """``names`` when none is reserved (:data:`RESERVED_GROUPS`, in any case): a group named ``normal``, ``mean``
     or ``all`` would be replaced by, or printed beside, the table's own row of that name."""
-    taken = [name for name in names if name in RESERVED_GROUPS]
+    taken = [name for name in names if name.casefold() in RESERVED_GROUPS]
     if taken:
         raise DataError(f"{where}: a test group is named {taken[0]!r}, a name the results table uses for its own row "
                         f"({', '.join(RESERVED_GROUPS)}); rename it")

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from ..config import Settings
 from ..errors import DataError
 from .checks import FolderLoader
-from .listing import listed, nfc, read_table, resolved
+from .listing import listed, nfc, read_table, resolved, stem
 from .sets import NORMAL, ImageSet, Item, chosen_groups, counted, hold_out
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
@@ -124,13 +124,19 @@ class StudyLoader(FolderLoader):
     def pathology(self, group: str, anomalous: bool = True) -> ImageSet:
         """``P.csv``, ``P_ann.csv`` and ``P_neg.csv``, aligned row by row: each image with its box (the
         anomaly) and its head, box ∪ neg; for the normal test images (not ``anomalous``),
-        ``normal_test.csv`` and its head masks ``normal_test_ann.csv``. One check covers a row's image
-        and masks, so a skipped image drops its masks too."""
+        ``normal_test.csv`` and its head masks ``normal_test_ann.csv``. A mask's name must start with its
+        row's image name (rows out of order are refused). One check covers a row's image and masks, so a
+        skipped image drops its masks too."""
         names = [group, group + "_ann", group + "_neg"] if anomalous else ["normal_test", "normal_test_ann"]
         tables = [self.read_csv(name) for name in names]
         if len({len(table) for table in tables}) > 1:
             listing = ", ".join(f"{name}.csv has {len(table)}" for name, table in zip(names, tables))
             raise DataError(f"split CSVs must align row by row but {listing} rows")
+        for image, *row in zip(*tables):
+            for mask in row:  # the study names a mask <image name>.png or <image name>_<what>.png
+                if not (stem(mask.image) + "_").startswith(stem(image.image) + "_"):
+                    raise DataError(f"{mask.source}: mask {mask.image} is not named after the image of "
+                                    f"{image.source}, {image.image}: are the CSVs' rows in the same order?")
         masks = [tuple(mask.image for mask in row) for _, *row in zip(*tables)]
         items = [replace(image, anomaly=row[:1] if anomalous else (), head=row) for image, row in zip(tables[0], masks)]
         return ImageSet(group, self.check.kept(names[0], items), self.settings, anomalous=anomalous)

@@ -1,9 +1,10 @@
 """NIfTI volumes (``data.format: nifti``): the manifest, reading and slicing, maps back in scan space.
 
 The manifest is a CSV (``data.manifest``) with the columns ``split`` (train | val | test),
-``image`` (path relative to the CSV) and optional ``label`` (> 0 = anomalous), ``brain_mask``
-(> 0 = brain), ``group`` (default ``test``) and ``case`` (default: the file name without
-``.nii`` / ``.nii.gz``). See data/README.md for examples.
+``image`` (path relative to the CSV) and optional ``label`` (the anomaly), ``brain_mask``
+(the brain), ``group`` (default ``test``) and ``case`` (default: the file name without
+``.nii`` / ``.nii.gz``). Label and brain mask are binary, or else thresholded at half their range
+(:func:`utils.data.preprocess.binarised`). See data/README.md for examples.
 
 Every volume goes the same way (training, validation, test and ``predict``):
 
@@ -51,7 +52,7 @@ from ..files import file_problem, write_atomic
 from ..padim import Padim
 from ..padim.foreground import foreground_mask
 from .listing import has_suffix, read_table, resolved
-from .preprocess import NIFTI_SUFFIXES, prepare, resize_mask, restore_geometry
+from .preprocess import NIFTI_SUFFIXES, binarised, prepare, resize_mask, restore_geometry
 from .sets import SPLITS, DataBundle, checked_groups, counted, hold_out
 
 #: Degrees between a voxel axis and the nearest world axis above which a volume is called strongly oblique:
@@ -93,9 +94,13 @@ def _header(path: str, source: str) -> nib.Nifti1Image:
     if not has_suffix(path, NIFTI_SUFFIXES):
         raise DataError(f"{source}: {path} is not a NIfTI file (.nii or .nii.gz)")
     try:
-        return nib.load(path)
+        image = nib.load(path)
     except Exception as exc:  # nibabel raises several types for damaged or foreign files
         raise DataError(f"{source}: {path} is not a readable NIfTI file ({str(exc).splitlines()[0]})") from None
+    if (dtype := image.get_data_dtype()).kind not in "biuf":  # RGB24 is a structured type, complex has two parts
+        kind = "RGB" if dtype.fields else dtype.name
+        raise DataError(f"{source}: {path} holds {kind} voxels; one real number per voxel is needed (a gray scan)")
+    return image
 
 
 def _check_entry(entry: VolumeEntry, volume_index: Optional[int]) -> float:
@@ -199,6 +204,10 @@ def _canonical_data(path: str, source: str, volume_index: Optional[int]) -> tupl
         raise DataError(f"{source}: cannot read the voxels of {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''})") from None
 
 
+def _mask(path: str, source: str) -> np.ndarray:
+    return binarised(_canonical_data(path, source, None)[0], path)
+
+
 def estimate_brain(image: np.ndarray) -> np.ndarray:
     """(X, Y, Z) bool brain estimate: :func:`utils.padim.foreground.foreground_mask` of each axial slice
     (scaled by the volume's 99th percentile); flat slices, and slices where no foreground is found
@@ -235,11 +244,11 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     data = np.where(finite, data, 0).astype(np.float32)
     if np.ptp(data) == 0:
         raise DataError(f"{entry.source}: {entry.image} is constant ({float(data.flat[0])}): no contrast to fit or score")
-    brain = _canonical_data(entry.brain_mask, entry.source, None)[0] > 0 if entry.brain_mask else estimate_brain(data)
+    brain = _mask(entry.brain_mask, entry.source) if entry.brain_mask else estimate_brain(data)
     brain &= finite
     if brain.sum() < 16:
         raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels; check brain_mask")
-    label = _canonical_data(entry.label, entry.source, None)[0] > 0 if entry.label is not None else np.zeros(data.shape, bool)
+    label = _mask(entry.label, entry.source) if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
     return Volume(entry, image, brain, label, kept, original)
@@ -360,7 +369,8 @@ def write_map(anomaly: np.ndarray, volume: Volume, path: str) -> str:
     to the stored orientation (for cyclic axis orders such as PIR the two differ)."""
     to_stored = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.scan.affine))
     data = apply_orientation(anomaly, to_stored).astype(np.float32)
-    image = nib.Nifti1Image(data, volume.scan.affine, header=volume.scan.header)  # keeps the scan's qform/sform codes
+    # the scan's own class (NIfTI-1 or -2) and header: its qform/sform codes are kept
+    image = type(volume.scan)(data, volume.scan.affine, header=volume.scan.header)
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
     return write_atomic(path, gzip.compress(image.to_bytes(), mtime=0))

@@ -31,9 +31,10 @@ def with_mean_row(table: pd.DataFrame, *extra_rows: dict[str, Any]) -> pd.DataFr
     and ``extra_rows``."""
     counts = {column: int(table[column].notna().sum()) for column in METRIC_COLUMNS}
     fewer = [f"{column} over {count}" for column, count in counts.items() if 0 < count < len(table)]
+    groups = f"{len(table)} group{'s' * (len(table) != 1)}"
     mean: dict[str, Any] = {"group": "mean", "n_images": int(table["n_images"].sum()), "n_rows": int(table["n_rows"].sum()),
                             "small_group": False, "best_threshold": float("nan"),
-                            "note": f"unweighted mean over {len(table)} groups" + (f" ({', '.join(fewer)})" if fewer else "")}
+                            "note": f"unweighted mean over {groups}" + (f" ({', '.join(fewer)})" if fewer else "")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN column is NaN, as wanted
         mean |= {column: float(np.nanmean(table[column].to_numpy(dtype=np.float64))) for column in METRIC_COLUMNS}
@@ -85,7 +86,7 @@ def markdown(run) -> str:
     lines += [markdown_table(table), ""] + [f"- {note}" for note in run.units.column_notes()]
     lines.append("- † groups with 1-2 scoring units: their numbers are noise. Maps are never min-max normalised.")
     notes = [f"{row['group']}: {row['note']}" for _, row in table.iterrows()
-             if row["note"] and row["group"] not in SUMMARY_ROWS and not str(row["note"]).startswith(("only ", "mean over"))]
+             if row["note"] and row["group"] != "all" and not str(row["note"]).startswith(("only ", "mean over"))]
     notes += run.notes
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]

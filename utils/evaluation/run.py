@@ -32,6 +32,7 @@ import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from ..boundary import one_warning_per_kind
 from ..config import Settings
 from ..data import SPLITS, DataBundle, fingerprint, load_data
 from ..distributed import DistributedContext, distributed_fit, prepare_demo
@@ -76,7 +77,8 @@ class Run:
         the settings and the files it reads (:func:`utils.evaluation.naming.run_name`)."""
         started = time.perf_counter()
         prepare_demo(self.settings, self.ctx)
-        self.bundle = self.ctx.agree("loading the data", lambda: load_data(self.settings, splits))
+        with one_warning_per_kind():  # e.g. skipped images, non-binary masks: one line each, not one per file
+            self.bundle = self.ctx.agree("loading the data", lambda: load_data(self.settings, splits))
         if "val" in splits and self.bundle.val is None:
             raise DataError("no validation images for the threshold and colour scale: set data.val_split (NIfTI: val rows "
                             "in the manifest), or data.val_fraction > 0 to hold out part of the training images")
@@ -124,7 +126,8 @@ class Run:
         bundle, settings = self.bundle, self.model.settings
         started = time.perf_counter()
         units = self.units.count(bundle)
-        with tqdm(total=len(bundle.val) + units, desc="score", disable=not progress, unit="img", leave=False) as bar:
+        bar = tqdm(total=len(bundle.val) + units, desc="score", disable=not progress, unit="img", leave=False)
+        with one_warning_per_kind(), bar:
             self.reference = normal_reference(self.model, bundle.val, bundle.val_description, settings, bar)
             self.units.score(self.model, bundle, self.reference, bar)
         seconds = time.perf_counter() - started

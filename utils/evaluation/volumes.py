@@ -2,7 +2,7 @@
 a time, its map staged as NIfTI in the scan's own space), per-volume metrics and their group means,
 and views through the lesions.
 
-Columns (:func:`volume_metrics`): ``A`` = voxels of the whole volume, ``B`` = voxels inside the
+Columns (:func:`volume_metrics`, over the scored slices): ``A`` = every voxel, ``B`` = voxels inside the
 brain, ``C`` = slice level (slices with lesion voxels against slices without);
 ``dice_val_threshold`` at the validation threshold, ``dice_best`` (in volumes.csv
 ``dice_best_optimistic``) at the best threshold chosen on the volume itself. ``metrics.csv``:
@@ -45,24 +45,27 @@ def slice_scores(anomaly: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
 
 def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, kept: np.ndarray, threshold: float) -> dict:
-    """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)):
+    """One test volume's row (all arrays (X, Y, Z) on one grid; ``kept`` (Z,)), over its scored slices
+    (``kept``) only: slices not scored have no map, so a lesion there could only count as missed:
 
-    - ``A_auroc`` / ``A_ap``: voxel AUROC / AP over the whole volume;
+    - ``A_auroc`` / ``A_ap``: voxel AUROC / AP over the scored slices;
     - ``B_auroc`` / ``B_ap``: the same inside the brain;
-    - ``C_auroc``: slice level over the kept slices, slices with lesion voxels against slices
-      without, slice score = max of the map inside the brain;
+    - ``C_auroc``: slice level, slices with lesion voxels against slices without, slice score = max of
+      the map inside the brain;
     - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
     - ``dice_best`` (with its ``best_threshold``): the best Dice over all thresholds, chosen on this volume itself.
 
-    A volume none of whose slices was scored has no metric: NaN, and a ``note`` that says why.
+    A volume without a lesion voxel in a scored slice has no metric: NaN, and a ``note`` that says why.
     """
     counts = {"lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum())}
-    if not kept.any():
-        note = "no slice scored: none has data.min_brain_fraction of brain"
+    anomaly, label, brain = anomaly[:, :, kept], label[:, :, kept], brain[:, :, kept]
+    if not label.any():
+        note = ("no slice scored: none has data.min_brain_fraction of brain" if not kept.any() else
+                "no lesion voxel in its scored slices" + (" (its label is empty)" if not counts["lesion_voxels"] else
+                                                          " (its lesion lies in slices under data.min_brain_fraction)"))
         return counts | dict.fromkeys(VOLUME_METRICS, NAN) | {"note": note}
     found = localisation(threshold, anomaly, label, brain)
-    slices = np.flatnonzero(kept)
-    found["C_auroc"] = auroc_ap(slice_scores(anomaly, brain)[slices], label[:, :, slices].any(axis=(0, 1)))[0]
+    found["C_auroc"] = auroc_ap(slice_scores(anomaly, brain), label.any(axis=(0, 1)))[0]
     return counts | {name: found[name] for name in VOLUME_METRICS} | {"note": ""}
 
 
@@ -112,11 +115,12 @@ class VolumeUnits:
         volumes = pd.DataFrame(self.rows)
         groups = []
         for name, part in volumes.groupby("group", sort=False):
-            unscored = int(part["A_auroc"].isna().sum())
-            left_out = f" ({unscored} without a scored slice: left out of the means)" if unscored else ""
+            reasons = part.loc[part["note"] != "", "note"]
+            note = (f"{len(reasons)} of {len(part)} volumes left out of the means: {'; '.join(reasons.unique())}"
+                    if len(reasons) else f"mean over {len(part)} volumes")
             groups.append({column: float(part[column].mean()) for column in METRIC_COLUMNS if column in part} | {
                 "group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
-                "small_group": len(part) <= SMALL_GROUP, "note": f"mean over {len(part)} volumes{left_out}"})
+                "small_group": len(part) <= SMALL_GROUP, "note": note})
         table = with_mean_row(pd.DataFrame(groups, columns=list(TABLE_COLUMNS)))
         return table, volumes.rename(columns={"dice_best": "dice_best_optimistic"}), []
 
@@ -147,8 +151,8 @@ class VolumeUnits:
 
     def column_notes(self) -> list[str]:
         return [
-            "A: voxel AUROC / AP over the whole volume; B: inside the brain; C: slice level (slices with lesion voxels "
-            "against slices without, slice score = the map's maximum inside the brain).",
+            "A: voxel AUROC / AP over the scored slices; B: inside the brain; C: slice level (slices with lesion "
+            "voxels against slices without, slice score = the map's maximum inside the brain).",
             "Dice @ val thr.: at the validation threshold, inside the brain. *Dice best is optimistic*: its threshold "
             "is chosen on the volume itself. Group rows are means over the group's volumes; **mean** over the groups.",
         ]

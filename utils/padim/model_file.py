@@ -100,11 +100,20 @@ def _read(path: str) -> dict:
         raise ModelFileError(f"model file {problem}: {path}")
     try:
         with zipfile.ZipFile(path) as archive:  # torch's loader does not check the entries' CRC-32 sums
+            names = archive.namelist()
+            if not any(name.endswith("/data.pkl") for name in names) or any("/" not in name for name in names):
+                raise ModelFileError(f"{path} is not a readable PaDiM model file (a zip archive but no torch file: "
+                                     "no <folder>/data.pkl)")
             if (damaged := archive.testzip()) is not None:
                 raise ModelFileError(f"{path} is damaged: its entry {damaged} fails its checksum "
                                      "(a changed or corrupted byte)")
-    except (zipfile.BadZipFile, OSError):
-        pass  # not an archive: torch.load below says so
+    except zipfile.BadZipFile:  # torch's own words for it are an internal error of its zip library
+        with open(path, "rb") as handle:
+            if handle.read(2) in (b"PK", b""):  # a zip archive's start, or nothing left of it
+                raise ModelFileError(f"{path} is not a readable PaDiM model file (a truncated or damaged zip archive: "
+                                     "its directory is missing)") from None
+    except OSError:
+        pass  # torch.load below says what is wrong
     try:
         with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: the error says it all
             warnings.simplefilter("ignore")
