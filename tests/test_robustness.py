@@ -223,17 +223,22 @@ def _mask_file(folder, pixels) -> np.ndarray:
 
 
 def _nifti_label(folder, pixels) -> np.ndarray:
-    """The (1, 4) ``pixels`` as every row and slice of a (4, 4, 2) NIfTI label of a volume, read as a test volume."""
+    """The (1, n) ``pixels`` as every row and slice of a (4, n, 2) NIfTI label of a volume, read as a test volume."""
     if pixels.ndim == 3:
         pytest.skip("NIfTI labels hold one number per voxel")
-    label = np.tile(pixels.reshape(1, 4, 1), (4, 1, 2))
-    files = {"image": np.random.default_rng(0).random((4, 4, 2)).astype(np.float32),
+    n = pixels.shape[1]
+    label = np.tile(pixels.reshape(1, n, 1), (4, 1, 2))
+    files = {"image": np.random.default_rng(0).random((4, n, 2)).astype(np.float32),
              "label": label.astype(np.uint8) if label.dtype == bool else label,  # NIfTI has no bool voxels
-             "brain_mask": np.ones((4, 4, 2), np.uint8)}
+             "brain_mask": np.ones((4, n, 2), np.uint8)}
     for name, data in files.items():
         nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{name}.nii")
     entry = VolumeEntry("test", *(str(folder / f"{name}.nii") for name in files), "test", "case", "test")
     return read_volume(entry, Settings()).label[0, :, 0]
+
+
+GRADIENT = np.arange(0, 256, 16, dtype=np.uint8)[None]  # 16 levels, 0..240
+LEVELS = np.arange(256, dtype=np.uint8)[None]  # labels 1..255
 
 
 @pytest.mark.parametrize("pixels, expected, warns", [
@@ -243,8 +248,9 @@ def _nifti_label(folder, pixels) -> np.ndarray:
     (np.array([[0, 65535, 65535, 0]], np.uint16), [False, True, True, False], False),  # 16 bit
     (np.array([[0, 254, 255, 0]], np.uint8), [False, True, True, False], False),  # the study's boxes
     (np.array([[0, 1, 1, 0]], np.uint8), [False, True, True, False], False),  # 0/1
-    (np.array([[0, 64, 128, 255]], np.uint8), [False, False, True, True], True),  # a gradient: a warning
-    (np.array([[0, 1, 127, 255]], np.uint8), [False, False, False, True], True),  # labels 1..255
+    (GRADIENT, (GRADIENT[0] > 120).tolist(), True),  # a gradient: a warning
+    (LEVELS, (LEVELS[0] > 127.5).tolist(), True),
+    (np.array([[0, 1, 2, 4]], np.uint8), [False, True, True, True], False),  # BraTS's classes: their union
     (np.array([[0.0, 0.2, 0.6, 1.0]], np.float32), [False, False, True, True], True),  # a probability map
     (np.zeros((1, 4), np.uint8), [False, False, False, False], False),  # empty
     (np.full((1, 4), 255, np.uint8), [True, True, True, True], False),  # full

@@ -73,9 +73,13 @@ class NonBinaryMaskWarning(UserWarning):
 def binarised(values: np.ndarray, path: str) -> np.ndarray:
     """Any format's mask (a mask file's pixels, a NIfTI label or brain mask) as bool: foreground above half
     the range of ``values``. For a binary mask (and masks whose extra levels lie near the top, as the study's
-    0/254/255 boxes) that is every nonzero value; a mask where the two differ (a gradient, a probability map,
-    labels 1..255) is thresholded at half its range with a :class:`NonBinaryMaskWarning` naming ``path``."""
+    0/254/255 boxes) that is every nonzero value, as for a label map of a few integer classes (BraTS's 1/2/4:
+    the union of its classes); a mask where the two differ (a gradient, a probability map, labels 1..255) is
+    thresholded at half its range with a :class:`NonBinaryMaskWarning` naming ``path``."""
     nonzero = values > 0
+    classes = np.unique(values[nonzero])
+    if len(classes) <= 8 and np.array_equal(classes, np.round(classes)):
+        return nonzero
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
     half = values > (low + high) / 2 if low < high else nonzero  # a uniform mask is binary: all or nothing
     if np.array_equal(nonzero, half):
