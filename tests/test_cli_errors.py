@@ -400,12 +400,12 @@ def two_truncated_training_images(tmp, ctx):
     return ["fit", "--config", str(write(tmp / "c.yaml", text)), "--output", str(tmp / "m.pt")], victims
 
 
-def two_masks_with_three_levels(tmp, ctx):
+def two_gradient_masks(tmp, ctx):
     root = shutil.copytree(ctx.category, tmp / "cat", copy_function=shutil.copy2)  # the model's training files
     victims = sorted((root / "ground_truth").rglob("*_mask.png"))[:2]
-    for victim in victims:  # 0 outside, 255 and 60 inside: half the range (127.5) drops the 60s
+    for victim in victims:  # 0 outside, 16 levels from 15 to 255 inside: half the range (127.5) drops the lower ones
         inside = np.asarray(Image.open(victim)) > 0
-        levels = np.where(inside, np.where(np.indices(inside.shape).sum(0) % 2, 255, 60), 0)
+        levels = np.where(inside, 15 + 16 * (np.indices(inside.shape).sum(0) % 16), 0)
         Image.fromarray(levels.astype(np.uint8)).save(victim)
     return ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures",
             "--no-save-model"], victims
@@ -413,7 +413,7 @@ def two_masks_with_three_levels(tmp, ctx):
 
 @pytest.mark.parametrize("make, start", [
     (two_truncated_training_images, "warning: skipping"),
-    (two_masks_with_three_levels, "warning: mask "),
+    (two_gradient_masks, "warning: mask "),
 ])
 def test_a_problem_of_several_files_is_one_warning_line_naming_one_and_the_count(ctx, tmp_path, capsys, make, start):
     argv, victims = make(tmp_path, ctx)
