@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from conftest import ROOT
-from experiments import global_probe, image_score_probe, synthetic_val, threshold_probe
+from scipy import ndimage
+
+from experiments import global_probe, harmonise_probe, image_score_probe, synthetic_val, threshold_probe
 from utils.data.demo.brains import DemoCounts, generate_demo
 
 EXPERIMENTS = pathlib.Path(ROOT) / "experiments"
@@ -129,6 +131,36 @@ def test_global_probe_prints_an_auroc_per_change_and_finds_a_ghost(demo_config, 
         values = [_numbers(line, name)[0] for name in global_probe.CHANGES]
         assert _unit(values) and _numbers(line, "mean")[0] == pytest.approx(np.mean(values), abs=1e-3), line
     assert _numbers(lines[0], "ghost")[0] > 0.5, "a ghost copy of the head raises the map's maximum"
+
+
+def test_harmonise_probe_registers_the_ixi_slices_and_trains_on_both_sources(demo_config, capsys):
+    harmonise_probe.main(["--register", demo_config])
+    validation, test = capsys.readouterr().out.strip().splitlines()
+    assert validation.startswith("train 9: val") and test.startswith("train 9: test"), (validation, test)  # 8 + 1 IXI
+    names = ("A", "AP", "B", "C", "F1", "detected")
+    assert all(len(_numbers(line, name)) == 1 for line in (validation, test) for name in names)
+    assert _unit([_numbers(line, name)[0] for line in (validation, test) for name in names])
+
+
+def test_registration_undoes_an_affine_change_of_the_head():
+    rows, cols = np.mgrid[:64, :64]
+    head = ((rows - 30) / 24) ** 2 + ((cols - 33) / 19) ** 2 < 1
+    fixed = ndimage.gaussian_filter(np.where(head, 0.4 + 0.4 * (rows > 36), 0.0), 1.0).astype(np.float32)
+    matrix = np.array([[1.12, 0.06], [-0.04, 0.9]])  # scale, shear and a shift of a few pixels
+    moving = ndimage.affine_transform(fixed, matrix, offset=(-3.0, 4.0), order=1)
+    before = np.abs(moving - fixed).mean()
+    assert np.abs(harmonise_probe.register(moving, fixed) - fixed).mean() < 0.2 * before
+
+
+def test_each_region_receives_the_intensities_of_its_reference():
+    gray = np.arange(12, dtype=np.float32).reshape(3, 4)[::-1].copy()  # the ranks reversed against the rows
+    left = np.zeros((3, 4), dtype=bool)
+    left[:, :2] = True
+    references = (np.array([10.0, 20, 30, 40, 50, 60]), np.array([1.0, 2, 3, 4, 5, 6]))
+    out = harmonise_probe.match_regions(gray, (left, ~left), references, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.sort(out[left]), references[0])  # as many pixels as reference values
+    np.testing.assert_array_equal(np.sort(out[~left]), references[1])
+    assert np.array_equal(np.argsort(out[left]), np.argsort(gray[left]))  # the order inside a region is kept
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
