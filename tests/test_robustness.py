@@ -237,8 +237,8 @@ def _nifti_label(folder, pixels) -> np.ndarray:
     return read_volume(entry, Settings()).label[0, :, 0]
 
 
-GRADIENT = np.arange(0, 256, 16, dtype=np.uint8)[None]  # 16 levels, 0..240
-LEVELS = np.arange(256, dtype=np.uint8)[None]  # labels 1..255
+MASK_GRADIENT = np.arange(0, 256, 16, dtype=np.uint8)[None]  # 16 levels, 0..240
+MASK_LEVELS = np.arange(256, dtype=np.uint8)[None]  # labels 1..255
 
 
 @pytest.mark.parametrize("pixels, expected, warns", [
@@ -248,8 +248,8 @@ LEVELS = np.arange(256, dtype=np.uint8)[None]  # labels 1..255
     (np.array([[0, 65535, 65535, 0]], np.uint16), [False, True, True, False], False),  # 16 bit
     (np.array([[0, 254, 255, 0]], np.uint8), [False, True, True, False], False),  # the study's boxes
     (np.array([[0, 1, 1, 0]], np.uint8), [False, True, True, False], False),  # 0/1
-    (GRADIENT, (GRADIENT[0] > 120).tolist(), True),  # a gradient: a warning
-    (LEVELS, (LEVELS[0] > 127.5).tolist(), True),
+    (MASK_GRADIENT, (MASK_GRADIENT[0] > 120).tolist(), True),  # a gradient: a warning
+    (MASK_LEVELS, (MASK_LEVELS[0] > 127.5).tolist(), True),
     (np.array([[0, 1, 2, 4]], np.uint8), [False, True, True, True], False),  # BraTS's classes: their union
     (np.array([[0.0, 0.2, 0.6, 1.0]], np.float32), [False, False, True, True], True),  # a probability map
     (np.zeros((1, 4), np.uint8), [False, False, False, False], False),  # empty
