@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -269,11 +270,23 @@ def _typed_fields(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]
             raise ConfigError(f"unknown config key `{prefix}{key}`{hint}")
         values[key] = _coerce(prefix + key, value, hints[key])
         if key in PATH_KEYS and values[key] is not None:
-            values[key] = os.path.expanduser(os.path.expandvars(values[key]))
-            if values[key].startswith("~"):  # expanduser leaves ~name of an unknown user as it is
-                user = values[key][1:].split(os.sep)[0]
-                raise ConfigError(f"`{prefix}{key}` is {value!r}: no user {user!r} on this machine")
+            values[key] = _expanded(prefix + key, values[key])
     return values
+
+
+#: What :func:`os.path.expandvars` leaves in place when the variable is not set: ``$NAME`` or ``${NAME}``.
+UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _expanded(key: str, path: str) -> str:
+    """``path`` with ``~`` and ``$NAME`` expanded, as a shell would; an unknown user or an unset variable is
+    refused rather than kept as a literal folder name."""
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if expanded.startswith("~"):  # expanduser leaves ~name of an unknown user as it is
+        raise ConfigError(f"`{key}` is {path!r}: no user {expanded[1:].split(os.sep)[0]!r} on this machine")
+    if unset := UNSET_VARIABLE.search(expanded):
+        raise ConfigError(f"`{key}` is {path!r}: the environment variable {unset[1].strip('{}')} is not set")
+    return expanded
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
