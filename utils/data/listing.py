@@ -45,14 +45,20 @@ def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
 
 def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
     """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
-    in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name."""
+    in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name.
+    Two names that are one name in two Unicode spellings are refused."""
     found = []
     for parent, children, names in os.walk(folder):
         children[:] = [name for name in children if not name.startswith(".")]
         found += [os.path.join(parent, name) for name in (children if folders else names) if not name.startswith(".")]
         if not recursive:
             break
-    return sorted((path for path in found if folders or has_suffix(path, suffixes)), key=nfc)
+    found = sorted((path for path in found if folders or has_suffix(path, suffixes)), key=nfc)
+    for first, second in zip(found, found[1:]):
+        if nfc(first) == nfc(second):  # two inputs that print alike and would be one row each
+            raise DataError(f"{ascii(first)} and {ascii(second)} are one name in two Unicode spellings (NFC and NFD); "
+                            "rename or remove one")
+    return found
 
 
 def resolved(path: str) -> str:
