@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import smooth_textures, to_batch
 from utils.config import settings_from_dict
+from utils.data.demo.mvtec import generate_mvtec
+from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import prepare, read_image, restore_geometry
 from utils.errors import DataError, ModelFileError
+from utils.evaluation import run_fit
 from utils.padim.model import Padim
 from utils.predict import predict
 
@@ -77,3 +83,38 @@ def test_a_model_fitted_on_images_refuses_nifti_inputs(tiny, tmp_path, files):
     with pytest.raises(ModelFileError, match="was fitted on .* and cannot score NIfTI"):
         predict(settings, model_path, str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _fitted_on_files(folder, fmt):
+    """A model fitted with ``run_fit`` on files (an MVTec category, or one NIfTI volume): ``(settings, model
+    path, a training file, a file of the same kind that is not one)``."""
+    if fmt == "mvtec":
+        root = generate_mvtec(str(folder / "cat"), size=32, n_train=4, n_good=1, n_per_defect=1)
+        data = {"format": "mvtec", "root": root}
+        files = [os.path.join(root, "train", "good", "002.png"), os.path.join(root, "test", "good", "000.png")]
+    else:
+        files = [str(folder / "train.nii.gz"), str(folder / "other.nii.gz")]
+        for seed, path in enumerate(files):
+            volume = 0.2 + smooth_textures(1, 32, seed=seed)[0][:, :, None].repeat(6, axis=2)
+            nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), path)
+        (folder / "v.csv").write_text("split,image,case\ntrain,train.nii.gz,a\n")
+        data = {"format": "nifti", "manifest": str(folder / "v.csv"), "min_brain_fraction": 0.0}
+    settings = settings_from_dict({"image_size": 32, "output_dimension": 8, "device": "cpu",
+                                   "data": data | {"val_fraction": 0}})
+    return settings, run_fit(settings, str(folder / "m.pt"), progress=False), *files
+
+
+@pytest.mark.parametrize("fmt", ["mvtec", "nifti"])
+@pytest.mark.parametrize("given, warns", [("the file", True), ("a copy", True), ("another file", False)])
+def test_predict_names_inputs_that_are_training_files(tmp_path, fmt, given, warns):
+    settings, model_path, train, other = _fitted_on_files(tmp_path, fmt)
+    source = {"the file": train, "a copy": str(tmp_path / "in" / os.path.basename(train)), "another file": other}[given]
+    if given == "a copy":
+        os.mkdir(tmp_path / "in")
+        shutil.copyfile(train, source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(settings, model_path, source, str(tmp_path / "out"), progress=False)
+    named = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
+    assert named == ([f"1 input file also in the training data (the same file or the same content), e.g. {source}: "
+                      "their scores measure memory, not detection"] if warns else [])

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
+from .data.load import warn_trained_on
 from .data.preprocess import read_image, restore_geometry
 from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
@@ -45,10 +46,12 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     for kind, inputs in ((True, volumes), (False, images)):
         if inputs:
             check_input_kind(model.settings, kind, f"model {model_path}")  # only the kind it was fitted on
+    entries = read_manifest(volumes, model.settings.data.volume_index) if volumes else []
+    warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
     with staged_folder(_output_folder(output)) as staging:
         done = []
-        if volumes:
-            rows = predict_volumes(model, read_manifest(volumes, model.settings.data.volume_index), staging, progress)
+        if entries:
+            rows = predict_volumes(model, entries, staging, progress)
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))

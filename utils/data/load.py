@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from typing import Sequence
+
+import torch
 
 from ..config import Settings
 from ..errors import DataError
@@ -17,7 +18,7 @@ from .volumes import load_volume_data
 
 
 class TrainTestOverlapWarning(UserWarning):
-    """A test image or volume is also a training file (the same file, or one with the same content)."""
+    """A test or predicted image or volume is also a training file (the same file, or one with the same content)."""
 
 
 def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
@@ -25,7 +26,8 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
     ``demo`` (study layout at ``data.root``, generated there if absent, :func:`utils.data.demo.ensure_demo`),
     ``study``, ``mvtec`` or ``nifti`` (:mod:`utils.data.volumes`). Splits not requested are ``None``
     (``test``: empty dict). Without a validation split, ``val`` is held out of the training
-    images (``data.val_fraction``, :func:`utils.data.sets.hold_out`). Test files that are also
+    images (``data.val_fraction``, :func:`utils.data.sets.hold_out`). The training files' content
+    digests are the bundle's ``train_digests`` (:func:`file_digests`); test files that are also
     training files are named in a :class:`TrainTestOverlapWarning`."""
     if unknown := [s for s in splits if s not in SPLITS]:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")
@@ -34,27 +36,27 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
         bundle = load_volume_data(settings, splits)
     else:
         bundle = (MvtecLoader if settings.data.format == "mvtec" else StudyLoader)(settings).load(splits)
-    warn_overlap(bundle)
+    if bundle.train is not None:
+        bundle.train_digests = file_digests(bundle.train.paths)
+        warn_trained_on([path for group in bundle.test.values() for path in group.paths], bundle.train_digests, "test file")
     return bundle
 
 
-def warn_overlap(bundle: DataBundle) -> None:
-    """Warn when a test file is also a training file: the same file (links resolved), or the same
-    bytes (hashed only where a test and a training file have the same size)."""
-    if bundle.train is None:
-        return
-    train = {os.path.realpath(path) for path in bundle.train.paths}
-    test = dict.fromkeys(os.path.realpath(path) for group in bundle.test.values() for path in group.paths)
-    size = {path: os.path.getsize(path) for path in (*train, *test)}
-    shared = {size[path] for path in train} & {size[path] for path in test}
-    hashed = {_digest(path) for path in train if size[path] in shared}
-    same = [path for path in test if path in train or size[path] in shared and _digest(path) in hashed]
+def file_digests(paths: Sequence[str]) -> torch.Tensor:
+    """``(F,)`` int64: the first 8 bytes of each file's SHA-256, a file's content as a number (a model
+    records those of its training files)."""
+    digests = []
+    for path in dict.fromkeys(paths):
+        with open(path, "rb") as handle:
+            digests.append(int.from_bytes(hashlib.file_digest(handle, "sha256").digest()[:8], "big", signed=True))
+    return torch.tensor(digests, dtype=torch.int64)
+
+
+def warn_trained_on(paths: Sequence[str], train_digests: torch.Tensor, what: str) -> None:
+    """Warn when any of ``paths`` is a training file: the same file, a link to it or a copy (the same bytes)."""
+    paths = list(dict.fromkeys(paths))
+    same = [path for path, found in zip(paths, torch.isin(file_digests(paths), train_digests)) if found]
     if same:
-        warnings.warn(f"{counted(len(same), 'test file')} also in the training data (the same file or the same "
+        warnings.warn(f"{counted(len(same), what)} also in the training data (the same file or the same "
                       f"content), e.g. {same[0]}: their scores measure memory, not detection",
                       TrainTestOverlapWarning, stacklevel=3)
-
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

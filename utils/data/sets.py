@@ -144,12 +144,14 @@ def chosen_groups(requested: Optional[Sequence[str]], available: Sequence[str], 
 class DataBundle:
     """``train`` (normal images), ``val`` (or None), ``test``: group name -> set, in a stable
     order: pathology / defect groups, then ``"normal"`` (normal test images, all-False masks).
-    ``val_description`` says where ``val`` came from (a split, or held out of train)."""
+    ``val_description`` says where ``val`` came from (a split, or held out of train);
+    ``train_digests`` identifies the training files' content (:func:`utils.data.load.file_digests`)."""
 
     train: Optional[ImageSet]
     val: Optional[ImageSet]
     test: dict[str, ImageSet]
     val_description: str = "no validation set requested"
+    train_digests: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
         """``train 581 images, val 30 images, mass 14 images (16 rows), ...`` (volumes: slices, volumes)."""

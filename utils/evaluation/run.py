@@ -104,7 +104,7 @@ class Run:
         train, trained_on = self.bundle.train, fingerprint([self.bundle.train])
         if model_path is None:
             model = Padim(self.settings)
-            model.train_fingerprint = trained_on
+            model.train_fingerprint, model.train_digests = trained_on, self.bundle.train_digests
             self.model = distributed_fit(model, train, self.ctx, progress=progress)
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)

@@ -77,6 +77,9 @@ class Padim:
         #: :func:`utils.data.sets.fingerprint` of the training files, set by whoever fitted on a data set
         #: ("" when unknown, e.g. a fit on a tensor): evaluating on other training files is refused.
         self.train_fingerprint = ""
+        #: ``(F,)`` int64: the first 8 bytes of the SHA-256 of each training file, set with the fingerprint
+        #: (:func:`utils.data.load.file_digests`): ``predict`` names inputs that are training files.
+        self.train_digests = torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------------------ features
     @functools.cached_property
@@ -172,8 +175,8 @@ class Padim:
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
         """Read a model file (:func:`utils.padim.model_file.load_state`); with ``settings``, checked against them."""
-        stored, mean, cholesky, count, fingerprint = load_state(path, settings)
+        stored, mean, cholesky, count, fingerprint, digests = load_state(path, settings)
         model = cls(stored)
         model.mean, model.cholesky = mean.to(model.device), cholesky.to(model.device)
-        model.train_count, model.train_fingerprint = count, fingerprint
+        model.train_count, model.train_fingerprint, model.train_digests = count, fingerprint, digests
         return model

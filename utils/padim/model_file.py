@@ -23,9 +23,9 @@ from .features import channel_selection
 from .gaussian import all_finite
 
 FILE_FORMAT = "padim-model"
-#: 4: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances) and
-#: ``train_fingerprint``; files of other versions are refused with one line (refit them).
-FILE_VERSION = 4
+#: 5: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances),
+#: ``train_fingerprint`` and ``train_digests``; files of other versions are refused with one line (refit them).
+FILE_VERSION = 5
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
@@ -61,8 +61,8 @@ def save_state(model, path: str | os.PathLike) -> str:
     """Write a fitted :class:`utils.padim.Padim` ``model`` to ``path`` atomically (and durably: fsync
     before the rename); returns the path. The file holds what :func:`load_state` returns: the settings
     the model was fitted with, its per-position means ``(P, d)`` and Cholesky factors ``(P, d, d)``,
-    the number of training samples and the :func:`utils.data.fingerprint` of the training files
-    ("" when unknown)."""
+    the number of training samples, the :func:`utils.data.fingerprint` of the training files
+    ("" when unknown) and their content digests."""
     path = os.fspath(path)
     payload = {
         "format": FILE_FORMAT,
@@ -73,6 +73,7 @@ def save_state(model, path: str | os.PathLike) -> str:
         "cholesky": model.cholesky.detach().cpu().clone(),
         "train_count": int(model.train_count),
         "train_fingerprint": model.train_fingerprint,
+        "train_digests": model.train_digests.cpu(),
     }
     with atomic_writer(path, durable=True) as stream:
         try:
@@ -132,9 +133,11 @@ def _read(path: str) -> dict:
 
 
 def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> torch.Tensor:
+    """``payload[key]``, checked: a tensor of one of ``dtypes``, of ``shape`` (``None``: any length there), finite."""
     value = payload.get(key)
     if not isinstance(value, torch.Tensor):
         raise ModelFileError(f"{path} is damaged: `{key}` is {type(value).__name__}, not a tensor")
+    shape = tuple(value.shape[i] if n is None and i < value.dim() else n for i, n in enumerate(shape))
     if value.dtype not in dtypes or tuple(value.shape) != shape:
         raise ModelFileError(f"{path} is damaged: `{key}` is {value.dtype} {tuple(value.shape)}, expected "
                              f"{' or '.join(map(str, dtypes))} {shape}")
@@ -143,10 +146,9 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     return value
 
 
-def load_state(path: str | os.PathLike,
-               settings: Settings | None = None) -> tuple[Settings, torch.Tensor, torch.Tensor, int, str]:
+def load_state(path: str | os.PathLike, settings: Settings | None = None) -> tuple:
     """Read and check a model file written by :func:`save_state`: ``(settings, mean, cholesky,
-    train_count, train_fingerprint)``.
+    train_count, train_fingerprint, train_digests)``.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
     (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
@@ -173,4 +175,5 @@ def load_state(path: str | os.PathLike,
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
     mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
     cholesky = _tensor(payload, "cholesky", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
-    return stored, mean, cholesky, count, fingerprint
+    digests = _tensor(payload, "train_digests", (None,), (torch.int64,), path)
+    return stored, mean, cholesky, count, fingerprint, digests
