@@ -26,7 +26,7 @@ from experiments.common import (  # noqa: E402
     FAST_IXI, as_batches, command_line, fitted_run, group_mean, group_text, validation_text)
 from experiments.synthetic_val import synthetic_set, validation_metrics  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
-from utils.data import load_data, make_loader  # noqa: E402
+from utils.data import Loader, load_data  # noqa: E402
 from utils.padim import Padim, ScoreResult  # noqa: E402
 from utils.padim.scoring import image_scores  # noqa: E402
 
@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = command_line(__file__, __doc__)
     parser.add_argument("config", nargs="?", default=FAST_IXI, help="config file (default: configs/fast_ixi.yaml)")
     settings = load_config(parser.parse_args(argv).config)
-    batches = list(make_loader(load_data(settings, ("train",)).train, settings))
+    batches = list(Loader(load_data(settings, ("train",)).train, settings))
     images = torch.cat([batch["image"] for batch in batches])
     heads = torch.cat([batch["foreground"] for batch in batches]) if "foreground" in batches[0] else None
     started = time.perf_counter()

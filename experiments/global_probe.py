@@ -34,7 +34,7 @@ from experiments.common import as_batches, fitted_run, probe_arguments, stacked 
 from experiments.image_score_probe import Scorer, loaded  # noqa: E402
 from experiments.synthetic_val import SEED, brain_file  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
-from utils.data import NORMAL, load_data, make_loader, prepare  # noqa: E402
+from utils.data import NORMAL, Loader, load_data, prepare  # noqa: E402
 from utils.data.preprocess import read_image, read_mask, resize_mask  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402
 
@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     arguments = probe_arguments(__file__, __doc__, argv)
     run = fitted_run(load_config(arguments.config))
     model, settings = run.model, run.settings
-    scorer = Scorer(model, list(make_loader(run.bundle.train, settings)))
+    scorer = Scorer(model, list(Loader(run.bundle.train, settings)))
     clean, changed, brains = changed_sets(settings)
     clean_scores = scorer.all(clean, model.score(clean, progress=False).maps, brains)
     val = {name: scorer.all(batches, model.score(batches, progress=False).maps, brains) for name, batches in changed.items()}

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from experiments.common import fitted_run, probe_arguments  # noqa: E402
 from experiments.synthetic_val import synthetic_set  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
-from utils.data import NORMAL, ImageSet, Item, make_loader  # noqa: E402
+from utils.data import NORMAL, ImageSet, Item, Loader  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.padim.align import align_batch  # noqa: E402
@@ -59,7 +59,7 @@ def pooled(model: Padim, batches: list[dict]) -> np.ndarray:
 
 def loaded(paths: list[str], settings: Settings) -> list[dict]:
     """The images at ``paths`` as model input (with the data path's head estimates)."""
-    return list(make_loader(ImageSet("x", [Item(p) for p in paths], settings), settings))
+    return list(Loader(ImageSet("x", [Item(p) for p in paths], settings), settings))
 
 
 class Scorer:
@@ -87,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     arguments = probe_arguments(__file__, __doc__, argv)
     run = fitted_run(load_config(arguments.config))
     model, settings = run.model, run.settings
-    scorer = Scorer(model, list(make_loader(run.bundle.train, settings)))
+    scorer = Scorer(model, list(Loader(run.bundle.train, settings)))
     synthetic = synthetic_set(settings, arguments.draws)
     sick, clean = synthetic.batches(True, settings.batch_size), synthetic.batches(False, settings.batch_size)
     val_sick = scorer.all(sick, model.score(sick, progress=False).maps, (synthetic.brain_sick | synthetic.masks).numpy())

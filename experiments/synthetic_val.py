@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from experiments.common import as_batches, command_line, stacked  # noqa: E402
 from utils.config import Settings, load_config  # noqa: E402
-from utils.data import Item, load_data, make_loader, prepare  # noqa: E402
+from utils.data import Item, Loader, load_data, prepare  # noqa: E402
 from utils.data.demo.brains import soft_blob  # noqa: E402
 from utils.data.preprocess import read_image, read_mask, resize_mask  # noqa: E402
 from utils.evaluation import metrics as M  # noqa: E402
@@ -154,7 +154,7 @@ def evaluate(config: str, draws: int = DRAWS) -> dict[str, float]:
     started = time.perf_counter()
     settings = load_config(config)
     train = load_data(settings, ("train",)).train
-    model = Padim(settings).fit(make_loader(train, settings), progress=False)
+    model = Padim(settings).fit(Loader(train, settings), progress=False)
     return validation_metrics(model, synthetic_set(settings, draws)) | {"seconds": time.perf_counter() - started}
 
 

@@ -8,6 +8,7 @@ Geometry expectations are computed by hand: a 64x32 image padded to 64x64 and re
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from PIL import Image
 from conftest import REAL_DATA, one_line_data_error, requires_real_data
 from utils.padim.backbones import IMAGENET_MEAN, IMAGENET_STD
 from utils.config import settings_from_dict
-from utils.data import NORMAL, load_data, make_loader
+from utils.data import NORMAL, Loader, load_data
 from utils.data.checks import SkippedImageWarning
+from utils.data.preprocess import NonBinaryMaskWarning
 from utils.errors import ConfigError, DataError
 from utils.padim.foreground import foreground_mask
 from utils.data.preprocess import prepare, read_image, resize_mask, restore_geometry, standardise_intensity
@@ -187,21 +189,31 @@ def test_requested_splits_only_and_test_groups(tmp_path):
 def test_loader_batches_in_order_and_is_deterministic(tmp_path):
     settings = study_settings(make_study(tmp_path))
     group = load_data(settings, ("test",)).test["mass"]
-    first = list(make_loader(group, settings))
+    first = list(Loader(group, settings))
     assert [len(b["path"]) for b in first] == [2, 1]
     assert first[0]["image"].shape == (2, 3, S, S) and first[0]["mask"].shape == (2, S, S)
     assert [p for b in first for p in b["path"]] == group.paths
     assert torch.equal(first[0]["index"], torch.tensor([0, 1]))
-    second = list(make_loader(group, settings))
+    second = list(Loader(group, settings))
     assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) for a, b in zip(first, second))
 
 
-def test_loader_with_worker_processes(tmp_path):
-    settings = study_settings(make_study(tmp_path), num_workers=1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_with_worker_processes_gives_the_batches_and_warnings_of_one_process(tmp_path, workers):
+    """A head mask that is not binary warns as its item is read, in whichever process reads it."""
+    settings = study_settings(make_study(tmp_path), num_workers=workers)
     group = load_data(settings, ("test",)).test["mass"]
-    batches = list(make_loader(group, settings))
-    single = list(make_loader(group, settings.replace(data={"num_workers": 0})))
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, single))
+    single = [group[index] for index in range(len(group))]
+    gradient = group.items[0].head[0]
+    Image.fromarray((np.indices(np.asarray(Image.open(gradient)).shape).sum(0) % 16 * 16).astype(np.uint8)).save(gradient)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(Loader(group, settings))
+    assert all(torch.equal(b["image"][k], single[b["index"][k]]["image"]) for b in batches for k in range(len(b["index"])))
+    assert sum(len(b["index"]) for b in batches) == len(single)
+    named = [str(w.message) for w in caught if w.category is NonBinaryMaskWarning]
+    reads = sum((*item.anomaly, *(item.head or ())).count(gradient) for item in group.items)  # each read warns
+    assert named == [f"mask {gradient} is not binary: thresholded at half its range"] * reads
 
 
 # ---------------------------------------------------------------------------- errors

@@ -19,7 +19,7 @@ from conftest import ROOT
 from utils import demo_data
 from utils.data.demo import brains
 from utils.config import load_config, settings_from_dict
-from utils.data import NORMAL, load_data, make_loader
+from utils.data import NORMAL, Loader, load_data
 from utils.data.demo.brains import KINDS, DemoCounts, generate_demo
 from utils.errors import DataError
 
@@ -221,7 +221,7 @@ def test_padim_finds_the_demo_lesions(demo):
 
     settings, bundle = demo
     assert settings.backbone == "efficientnet_lite0" and settings.image_size == 128
-    model = Padim(settings).fit(make_loader(bundle.train, settings), progress=False)
+    model = Padim(settings).fit(Loader(bundle.train, settings), progress=False)
     labels, values, boxes = [], [], []
     for kind in KINDS:
         group = score_group(model, bundle.test[kind], settings)  # each slice once, the union of its boxes
@@ -234,7 +234,7 @@ def test_padim_finds_the_demo_lesions(demo):
 
     normal = bundle.test[NORMAL]
     normal_items = [normal[i] for i in range(len(normal))]
-    normal_maps = model.score(make_loader(normal, settings), progress=False).maps
+    normal_maps = model.score(Loader(normal, settings), progress=False).maps
     control_labels, control_values = [], []
     for k, (item, heat) in enumerate(zip(normal_items, normal_maps)):
         head = item["head"].numpy()

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import one_line_data_error
 from utils.config import settings_from_dict
-from utils.data import NORMAL, load_data, make_loader
+from utils.data import NORMAL, Loader, load_data
 from utils.data.demo.mvtec import equal_luma_colour, generate_mvtec
 
 
@@ -40,9 +40,9 @@ def _color_pixel_auroc(root, color) -> float:
 
     settings = mvtec_settings(root, color=color, test_groups=["color"], val_fraction=0)
     bundle = load_data(settings, ("train", "test"))
-    model = Padim(settings).fit(make_loader(bundle.train, settings))
+    model = Padim(settings).fit(Loader(bundle.train, settings))
     group = bundle.test["color"]
-    maps = model.score(make_loader(group, settings), progress=False).maps
+    maps = model.score(Loader(group, settings), progress=False).maps
     masks = np.stack([group[i]["mask"].numpy() for i in range(len(group))])
     return roc_auc_score(masks.ravel(), maps.ravel())
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from .config import Settings
-from .data import make_loader
+from .data import Loader
 from .data.demo import ensure_demo
 from .errors import DistributedError, PadimError, first_line
 from .padim import Padim
@@ -210,7 +210,7 @@ def distributed_fit(model: Padim, dataset: Dataset, ctx: DistributedContext, pro
     :meth:`Padim.save`) and ``None`` on the other ranks. If any rank fails while accumulating,
     every rank raises :class:`DistributedError` and no model is returned anywhere.
     """
-    loader = make_loader(shard_dataset(dataset, ctx), model.settings)
+    loader = Loader(shard_dataset(dataset, ctx), model.settings)
     shown = progress and ctx.is_main
     stats = ctx.agree("accumulating the training statistics", lambda: model.accumulate(loader, progress=shown))
     if ctx.is_distributed:

@@ -5,7 +5,7 @@ data set. See docs/architecture.md for the layers.
 
 from .load import SPLITS, load_data
 from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
-from .sets import NORMAL, DataBundle, ImageSet, Item, counted, fingerprint, make_loader
+from .sets import NORMAL, DataBundle, ImageSet, Item, Loader, counted, fingerprint
 
 __all__ = ["SPLITS", "load_data", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "prepare", "NORMAL", "DataBundle",
-           "ImageSet", "Item", "counted", "fingerprint", "make_loader"]
+           "ImageSet", "Item", "Loader", "counted", "fingerprint"]

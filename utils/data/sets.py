@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, TypeVar
+from typing import Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..config import Settings
 from ..errors import DataError
@@ -212,10 +213,45 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
-def make_loader(dataset: ImageSet, settings: Settings) -> DataLoader:
-    """Batches of dicts in dataset order (``batch_size``, ``data.num_workers``, no shuffling)."""
-    return DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.data.num_workers,
-                      worker_init_fn=_single_thread_worker, generator=torch.Generator().manual_seed(settings.seed))
+class Loader:
+    """Batches of dicts of a dataset in its order (``batch_size``, ``data.num_workers`` processes, no
+    shuffling). Warnings raised while an item is read (a mask that is not binary) travel with its batch
+    and are raised again here, in the iterating process: a worker's warnings would otherwise be lost
+    with the worker, or printed by each worker apart from the one line per kind of the command line."""
+
+    def __init__(self, dataset: Dataset, settings: Settings):
+        self.batches = DataLoader(_Recorded(dataset), batch_size=settings.batch_size, collate_fn=_collate,
+                                  num_workers=settings.data.num_workers, worker_init_fn=_single_thread_worker,
+                                  generator=torch.Generator().manual_seed(settings.seed))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch, caught in self.batches:
+            for category, message in caught:
+                warnings.warn(message, category, stacklevel=2)
+            yield batch
+
+
+class _Recorded(Dataset):
+    """``dataset``'s items as ``(item, [(warning category, message), ...])``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[dict, list[tuple[type, str]]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every one goes back; the iterating process's filters decide
+            item = self.dataset[index]
+        return item, [(found.category, str(found.message)) for found in caught]
+
+
+def _collate(samples: list[tuple[dict, list]]) -> tuple[dict, list]:
+    return default_collate([item for item, _ in samples]), [found for _, caught in samples for found in caught]
 
 
 def _single_thread_worker(_: int) -> None:

@@ -33,7 +33,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import Settings
-from ..data import NORMAL, DataBundle, ImageSet, Item, counted, make_loader
+from ..data import NORMAL, DataBundle, ImageSet, Item, Loader, counted
 from ..padim import Padim
 from .metrics import NAN, aupro, degenerate_reason, image_auroc, localisation
 from .protocol import PATHOLOGIES, group_means, row_detections
@@ -93,7 +93,7 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
     images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
     maps, scores, display = [], [], []
-    for batch in make_loader(images, settings):
+    for batch in Loader(images, settings):
         result = model.score([batch], progress=False, region=torch.from_numpy(heads[batch["index"].numpy()]))
         maps.append(result.maps)
         scores.append(result.scores)

@@ -8,7 +8,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..config import Settings
-from ..data import make_loader
+from ..data import Loader
 from ..padim import Padim
 from .metrics import normal_threshold
 from .protocol import healthy_threshold
@@ -43,7 +43,7 @@ def reference_maps(model: Padim, dataset: Dataset, settings: Settings, bar=None)
     item's ``head`` ``(n, S, S)`` (given masks, the data path's estimate, or the whole image:
     :attr:`utils.data.ImageSet.head_kinds`): the pixels the threshold is taken from."""
     maps, regions = [], []
-    for batch in make_loader(dataset, settings):
+    for batch in Loader(dataset, settings):
         maps.append(model.score([batch], progress=False).maps)
         regions.append(batch["head"].numpy())
         if bar is not None:
