@@ -79,7 +79,8 @@ def save_state(model, path: str | os.PathLike) -> str:
         try:
             torch.save(payload, stream)
         except RuntimeError as exc:
-            if isinstance(exc.__context__, OSError):  # torch turns the stream's own error (a full disk) into a RuntimeError
+            # torch turns the stream's own failure (a full disk, an interruption) into a RuntimeError
+            if isinstance(exc.__context__, OSError | KeyboardInterrupt):
                 raise exc.__context__ from None
             raise
     return path
