@@ -26,7 +26,7 @@ import socket
 import tempfile
 import threading
 import warnings
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -88,13 +88,15 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[str]:
+def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Sequence[str] = ()) -> Iterator[str]:
     """A temporary folder beside ``target`` that becomes ``target`` when the ``with`` block succeeds.
 
     An existing ``target`` is replaced as a whole (``replace``) or must be empty, so old files
     never sit beside new ones; on any failure or interruption the temporary folder is removed and
     ``target`` is left as it was. The block runs holding ``target``'s lock (:func:`folder_lock`):
-    two writers of one folder take turns, the later one's files win.
+    two writers of one folder take turns, the later one's files win. ``inputs``, the files the run
+    read (a model, data), are never removed: one inside ``target`` is carried into the new folder
+    unless the run wrote a file of that name.
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
@@ -107,8 +109,20 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[s
             raise OSError(exc.errno, f"cannot write there ({exc.strerror})", target) from None
         with _removed_on_failure(staging, target):
             yield staging
+            _carry(inputs, staging, target)
             with signals_deferred():
                 _swap(staging, target, replace)
+
+
+def _carry(inputs: Sequence[str], staging: str, target: str) -> None:
+    """Copy each of ``inputs`` that lies inside ``target`` to the same place in ``staging``, unless one is there."""
+    real = os.path.realpath(target) + os.sep
+    for path in inputs:
+        if (os.path.realpath(path)).startswith(real):
+            copy = os.path.join(staging, os.path.realpath(path)[len(real):])
+            if not os.path.lexists(copy):
+                os.makedirs(os.path.dirname(copy), exist_ok=True)
+                shutil.copy2(path, copy)
 
 
 @contextlib.contextmanager

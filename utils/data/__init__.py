@@ -5,7 +5,7 @@ data set. See docs/architecture.md for the layers.
 
 from .load import SPLITS, load_data
 from .preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
-from .sets import NORMAL, DataBundle, ImageSet, Item, Loader, counted, fingerprint
+from .sets import NORMAL, DataBundle, ImageSet, Item, Loader, counted, files_read, fingerprint
 
 __all__ = ["SPLITS", "load_data", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "prepare", "NORMAL", "DataBundle",
-           "ImageSet", "Item", "Loader", "counted", "fingerprint"]
+           "ImageSet", "Item", "Loader", "counted", "files_read", "fingerprint"]

@@ -168,7 +168,7 @@ def fingerprint(sets: Iterable, layout: bool = False) -> str:
     manifests define (each set's name and ``rows``): a case moved to another group, or a mask paired
     with another image, changes it too."""
     named = [s for s in sets if s is not None]
-    files = sorted({os.path.abspath(f) for s in named for row in s.rows for field in row for f in _paths(field)})
+    files = files_read(named)
     if not files:
         return "no-files"
     base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
@@ -178,6 +178,12 @@ def fingerprint(sets: Iterable, layout: bool = False) -> str:
         lines += [s.name + "".join(f"\t{_relative(field, base)}" for field in row) for s in named for row in s.rows]
     listing = "".join(line + "\n" for line in lines)
     return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:12]  # any file name
+
+
+def files_read(sets: Iterable) -> list[str]:
+    """Every file the ``sets`` (``None`` skipped) read: each path in each set's ``rows``, absolute, sorted."""
+    rows = [row for s in sets if s is not None for row in s.rows]
+    return sorted({os.path.abspath(path) for row in rows for field in row for path in _paths(field)})
 
 
 def _paths(field: str | tuple[str, ...] | None) -> tuple[str, ...]:

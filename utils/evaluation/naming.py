@@ -11,7 +11,7 @@ import re
 from ..config import Settings
 
 #: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
-RUN_NAME_VERSION = 4
+RUN_NAME_VERSION = 5
 #: Settings that change neither the model nor any number in the results (excluded from the run name).
 RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension", "cpu_micro_batch", "cpu_channels_last")
 
@@ -29,15 +29,15 @@ def run_name(settings: Settings, data_fingerprint: str) -> str:
     anything that changes a result gives another name, so a results folder never describes two runs.
 
     Excluded: device, batch size, the CPU micro-batch and memory format, results folder, worker
-    count and the ``target_dimension`` check, which change no number (beyond float rounding).
-    ``data.root`` is normalised (``./data/x/`` = ``data/x``); ``data.demo_seed`` counts only for the
-    demo format. A weights file is identified by its path and content hash, so replacing the file
+    count and the ``target_dimension`` check, which change no number (beyond float rounding); and where
+    the data lie (``data.root``, ``data.manifest``): the fingerprint names them wherever they are, so a data
+    set moved, or copied with its times, keeps the name. ``data.demo_seed`` counts only for the demo format. A weights file is identified by its path and content hash, so replacing the file
     changes the name; so do images added to, removed from or rewritten in the data under the same config.
     """
     identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
     data = identity["data"]
-    data.pop("num_workers")
-    data["root"] = os.path.normpath(data["root"])
+    for key in ("num_workers", "root", "manifest"):
+        data.pop(key)
     if data["format"] != "demo":
         data.pop("demo_seed", None)
     if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):

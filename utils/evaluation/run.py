@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..boundary import one_warning_per_kind
 from ..config import Settings
-from ..data import SPLITS, DataBundle, fingerprint, load_data
+from ..data import SPLITS, DataBundle, files_read, fingerprint, load_data
 from ..distributed import DistributedContext, distributed_fit, prepare_demo
 from ..errors import DataError, ModelFileError
 from ..files import staged_folder, write_atomic
@@ -60,6 +60,7 @@ class Run:
     units: ImageUnits | VolumeUnits | None = None
     model: Optional[Padim] = None
     model_source: str = ""
+    model_path: Optional[str] = None  # the model file loaded instead of fitting
     reference: Optional[NormalReference] = None
     table: Optional[pd.DataFrame] = None
     #: One row per scoring unit where the format has one (volumes.csv), else None.
@@ -94,6 +95,11 @@ class Run:
     def _data_fingerprint(self) -> str:
         return fingerprint([self.bundle.train, self.bundle.val, *self.bundle.test.values()], layout=True)
 
+    def inputs(self) -> list[str]:
+        """The files the run read: its data and the model file it loaded."""
+        data = files_read([self.bundle.train, self.bundle.val, *self.bundle.test.values()])
+        return data + ([self.model_path] if self.model_path else [])
+
     def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Optional[Padim]:
         """Fit PaDiM on the training set (sharded across the ranks under torchrun: the model on rank 0,
         None elsewhere), or load ``model_path``, checked against the settings and against the training
@@ -115,7 +121,7 @@ class Run:
                                      f"{train.summary()} (fingerprint {model.train_fingerprint or 'unknown'} vs "
                                      f"{trained_on}): evaluate it with the config and data it was fitted on, "
                                      "or refit without --model")
-            self.model, self.model_source = model, f"loaded from {model_path}"
+            self.model, self.model_source, self.model_path = model, f"loaded from {model_path}", model_path
         self.timings["fit_s"] = round(time.perf_counter() - started, 3)
         return self.model
 
@@ -192,7 +198,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     if run.unit_table is not None:
         texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
     try:
-        with staged_folder(run.directory) as folder:
+        with staged_folder(run.directory, inputs=run.inputs()) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
             if save_model:
                 names.append(run.model.save(os.path.join(folder, "model.pt")))
