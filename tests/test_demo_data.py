@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -144,15 +145,27 @@ def test_same_seed_same_bytes_other_seed_other_set(tmp_path, tiny):
     assert not np.array_equal(_read(os.path.join(other, first)), _read(os.path.join(tiny, first)))
 
 
-def test_refuses_a_non_empty_folder_and_fills_an_empty_one(tmp_path):
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
-        generate_demo(tmp_path / "full", counts=TINY)
-    assert os.listdir(tmp_path / "full") == ["notes.txt"]
-    (tmp_path / "empty").mkdir()
-    generate_demo(tmp_path / "empty", counts=TINY)
-    assert os.path.isfile(tmp_path / "empty" / "data" / "demo.json")
+@pytest.mark.parametrize("before, overwrite, replaced", [
+    ("empty", False, True), ("user files", False, False), ("user files", True, False),  # --force: never a user's files
+    ("demo set", False, False), ("demo set", True, True),
+])
+def test_a_folder_is_filled_when_empty_and_replaced_only_when_generated_and_forced(tmp_path, before, overwrite,
+                                                                                  replaced):
+    root = tmp_path / "root"
+    root.mkdir()
+    if before == "user files":
+        (root / "notes.txt").write_text("mine")
+    elif before == "demo set":
+        generate_demo(root, seed=1, counts=TINY)
+    earlier = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    if replaced:
+        generate_demo(root, counts=TINY, overwrite=overwrite)
+        with open(root / "data" / "demo.json", encoding="utf-8") as handle:
+            assert json.load(handle)["seed"] == 0
+    else:
+        with pytest.raises(FileExistsError, match="not empty"):
+            generate_demo(root, counts=TINY, overwrite=overwrite)
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == earlier
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):

@@ -130,17 +130,24 @@ def generate_nifti_demo(root: str | os.PathLike, seed: int = 0, overwrite: bool 
     return write_folder(root, lambda folder: _write_set(folder, seed), overwrite)
 
 
+#: The mark of a folder :func:`write_folder` wrote: only such a folder is ever replaced.
+GENERATED = ".padim-generated"
+
+
 def write_folder(root: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> str:
     """Run ``write(folder)`` on a temporary folder beside ``root`` that then becomes ``root``
     (:func:`utils.files.staged_folder`: an interrupted run leaves no partial set); returns ``root``.
 
-    ``root`` must be absent or an empty folder, unless ``overwrite`` (replaced as a whole). Raises
+    ``root`` must be absent or an empty folder, or with ``overwrite`` a folder written here before (it
+    holds :data:`GENERATED`; replaced as a whole): a folder of other files is never replaced. Raises
     ``FileExistsError`` before writing if it is not, and after writing if another process filled it
     meanwhile."""
     root = os.path.abspath(os.fspath(root))
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root) and not overwrite):
-        raise FileExistsError(f"{root} exists and is not empty, or not a folder; choose another folder, or replace it "
-                              "(--force; overwrite=True)")
+    ours = os.path.isfile(os.path.join(root, GENERATED))
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root) and not (overwrite and ours)):
+        replace = ", or replace it with --force (overwrite=True)" if ours else " (--force replaces only a generated demo set)"
+        raise FileExistsError(f"{root} exists and is not empty, or not a folder; choose another folder{replace}")
     with staged_folder(root, replace=overwrite) as temporary:
         write(temporary)
+        write_atomic(os.path.join(temporary, GENERATED), b"")
     return root
