@@ -118,3 +118,14 @@ def test_predict_names_inputs_that_are_training_files(tmp_path, fmt, given, warn
     named = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
     assert named == ([f"1 input file also in the training data (the same file or the same content), e.g. {source}: "
                       "their scores measure memory, not detection"] if warns else [])
+
+
+def test_a_manifest_that_lists_a_file_inside_the_output_is_refused_and_the_file_kept(tmp_path):
+    settings, model_path, _, other = _fitted_on_files(tmp_path, "nifti")
+    predict(settings, model_path, other, str(tmp_path / "out"), progress=False)
+    earlier = sorted(os.listdir(tmp_path / "out"))
+    listed = tmp_path / "out" / "other_anomaly.nii.gz"
+    (tmp_path / "m.csv").write_text(f"split,image\ntest,{listed}\n")
+    with pytest.raises(DataError, match=f"{listed} \\(listed in .*m.csv\\) is inside --output"):
+        predict(settings, model_path, str(tmp_path / "m.csv"), str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path / "out")) == earlier

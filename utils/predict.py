@@ -47,8 +47,12 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
         if inputs:
             check_input_kind(model.settings, kind, f"model {model_path}")  # only the kind it was fitted on
     entries = read_manifest(volumes, model.settings.data.volume_index) if volumes else []
+    named = [path for entry in entries for path in (entry.image, entry.label, entry.brain_mask) if path]
+    if inside := next((path for path in named if _inside(path, output)), None):  # what a manifest lists too
+        raise DataError(f"{inside} (listed in {source}) is inside --output {output}, which predict replaces as a "
+                        "whole: the input would be lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
-    with staged_folder(_output_folder(output)) as staging:
+    with staged_folder(_output_folder(output), inputs=[source, *images, *named]) as staging:
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
