@@ -8,6 +8,7 @@ Geometry expectations are computed by hand: a 64x32 image padded to 64x64 and re
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -387,15 +388,29 @@ def test_mvtec_layout(tmp_path):
     assert list(load_data(mvtec_settings(tmp_path, test_groups=["scratch"]), ("test",)).test) == ["scratch", NORMAL]
 
 
-def test_mvtec_errors(tmp_path):
-    assert "MVTec AD category" in one_line_data_error(mvtec_settings(tmp_path / "absent"))
+def _copy_in(root, source, target):
+    shutil.copy(os.path.join(root, source), os.path.join(root, target))
+
+
+@pytest.mark.parametrize("edit, data, fragments", [
+    (lambda root: shutil.rmtree(root), {}, ["MVTec AD category"]),
+    (lambda root: os.remove(os.path.join(root, "ground_truth/crack/001_mask.png")), {},
+     ["001_mask.png", os.path.join("test", "crack", "001.png")]),
+    (lambda root: _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8)), {}, ["48x40"]),
+    (lambda root: None, {"test_groups": ["dent"]}, ["'dent'"]),
+    (lambda root: _copy_in(root, "ground_truth/crack/001_mask.png", "ground_truth/crack/000_mask.tif"), {},
+     ["000_mask.png and ", "000_mask.tif are one name with two suffixes"]),  # which mask is 000's?
+    (lambda root: _copy_in(root, "test/crack/001.png", "test/crack/000.PNG"), {}, ["000.PNG and ", "two suffixes"]),
+])
+def test_mvtec_errors(tmp_path, edit, data, fragments):
     root = make_mvtec(tmp_path / "cat")
-    os.remove(os.path.join(root, "ground_truth/crack/001_mask.png"))
-    message = one_line_data_error(mvtec_settings(root), ("test",))
-    assert "001_mask.png" in message and os.path.join("test", "crack", "001.png") in message
-    _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8))
-    assert "48x40" in one_line_data_error(mvtec_settings(root), ("test",))
-    assert "'dent'" in one_line_data_error(mvtec_settings(root, test_groups=["dent"]), ("test",))
+    edit(root)
+    message = one_line_data_error(mvtec_settings(root, **data), ("test",))
+    assert all(fragment in message for fragment in fragments), message
+
+
+def test_an_unreadable_mvtec_training_image_fails_or_is_skipped(tmp_path):
+    root = make_mvtec(tmp_path / "cat")
     open(os.path.join(root, "train/good/001.png"), "wb").close()
     assert "001.png" in one_line_data_error(mvtec_settings(root), ("train",))
     with pytest.warns(SkippedImageWarning, match="001.png"):

@@ -38,6 +38,16 @@ def stem(path: str) -> str:
     return nfc(os.path.splitext(os.path.basename(path))[0])
 
 
+def by_stem(paths: list[str]) -> dict[str, str]:
+    """``{stem: path}`` of ``paths``; two files of one stem (``a.png`` and ``a.tif``) are refused: either could be meant."""
+    found: dict[str, str] = {}
+    for path in paths:
+        if (name := stem(path)) in found:
+            raise DataError(f"{found[name]} and {path} are one name with two suffixes; keep one of them")
+        found[name] = path
+    return found
+
+
 def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     """Whether ``path`` ends in one of ``suffixes`` (lower case), in any case."""
     return path.lower().endswith(suffixes)

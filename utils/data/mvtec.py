@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from ..config import Settings
 from ..errors import DataError
 from .checks import FolderLoader
-from .listing import listed, resolved, stem
+from .listing import by_stem, listed, resolved, stem
 from .preprocess import IMAGE_SUFFIXES
 from .sets import NORMAL, ImageSet, Item, chosen_groups, hold_out
 
@@ -67,8 +67,8 @@ class MvtecLoader(FolderLoader):
         images = self._images(folder)
         if not os.path.isdir(masks_dir):
             raise DataError(f"defect folder {folder} has no masks: {masks_dir} not found (MVTec keeps them in ground_truth/<defect>)")
-        masks = {stem(mask): mask for mask in listed(masks_dir, IMAGE_SUFFIXES)}
-        for name in sorted(masks.keys() - {stem(image) + "_mask" for image in images}):
+        masks = by_stem(listed(masks_dir, IMAGE_SUFFIXES))
+        for name in sorted(masks.keys() - {name + "_mask" for name in by_stem(images)}):
             raise DataError(f"mask {masks[name]} matches no image in {folder} "
                             f"(expected <image name>_mask.png for an image <image name>.png there)")
         for image in images:
