@@ -27,8 +27,8 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
     ``study``, ``mvtec`` or ``nifti`` (:mod:`utils.data.volumes`). Splits not requested are ``None``
     (``test``: empty dict). Without a validation split, ``val`` is held out of the training
     images (``data.val_fraction``, :func:`utils.data.sets.hold_out`). The training files' content
-    digests are the bundle's ``train_digests`` (:func:`file_digests`); test files that are also
-    training files are named in a :class:`TrainTestOverlapWarning`."""
+    digests are the bundle's ``train_digests`` (:func:`file_digests`); validation and test files that
+    are also training files are named in a :class:`TrainTestOverlapWarning`."""
     if unknown := [s for s in splits if s not in SPLITS]:
         raise DataError(f"unknown split {unknown[0]!r}; allowed: {', '.join(SPLITS)}")
     ensure_demo(settings)
@@ -38,6 +38,8 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
         bundle = (MvtecLoader if settings.data.format == "mvtec" else StudyLoader)(settings).load(splits)
     if bundle.train is not None:
         bundle.train_digests = file_digests(bundle.train.paths)
+        if bundle.val is not None:  # the threshold and colour scale would be partly in-sample
+            warn_trained_on(bundle.val.paths, bundle.train_digests, "validation file")
         warn_trained_on([path for group in bundle.test.values() for path in group.paths], bundle.train_digests, "test file")
     return bundle
 

@@ -124,12 +124,13 @@ class ImageSet(Dataset):
 
 
 def checked_groups(names: Sequence[str], where: str) -> list[str]:
-    """``names`` when none is reserved (:data:`RESERVED_GROUPS`, in any case): a group named ``normal``, ``mean``
-    or ``all`` would be replaced by, or printed beside, the table's own row of that name."""
-    taken = [name for name in names if name.casefold() in RESERVED_GROUPS]
+    """``names`` when none is reserved (:data:`RESERVED_GROUPS`, in any case) or has spaces around it: a group
+    named ``normal``, ``mean`` or ``all`` (or ``mean `` printed as ``mean``) would be replaced by, or printed
+    beside, the table's own row of that name."""
+    taken = [name for name in names if name.strip().casefold() in RESERVED_GROUPS or name != name.strip()]
     if taken:
-        raise DataError(f"{where}: a test group is named {taken[0]!r}, a name the results table uses for its own row "
-                        f"({', '.join(RESERVED_GROUPS)}); rename it")
+        raise DataError(f"{where}: a test group is named {taken[0]!r}; names with spaces around them and the names "
+                        f"the results table uses for its own rows ({', '.join(RESERVED_GROUPS)}) are refused; rename it")
     return list(names)
 
 

@@ -53,9 +53,10 @@ class StudyLoader(FolderLoader):
         self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
     def available_groups(self) -> list[str]:
-        """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv (not normal_*), sorted."""
+        """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv, sorted (the normal test split has
+        no ``normal_test_neg.csv``)."""
         groups = [name[: -len("_ann")] for name in self.csvs if name.endswith("_ann")]
-        return sorted(g for g in groups if not g.startswith("normal") and {g, g + "_neg"} <= self.csvs.keys())
+        return sorted(g for g in groups if {g, g + "_neg"} <= self.csvs.keys())
 
     def read_csv(self, name: str) -> list[Item]:
         """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as items (resolved
