@@ -349,7 +349,24 @@ def test_a_volume_without_a_lesion_in_its_scored_slices_has_no_metrics_and_says_
     units = VolumeUnits(settings_from_dict({}), "run")  # its group: left out of the means, saying why
     units.rows = [{"case": "c", "group": "g"} | row]
     group = units.table(None)[0].set_index("group").loc["g"]
-    assert np.isnan(group["A_auroc"]) and group["note"] == f"1 of 1 volumes left out of the means: {row['note']}"
+    assert np.isnan(group["A_auroc"]) and group["note"] == f"1 of 1 volumes without some metrics (NaN: left out of " \
+                                                           f"their means): {row['note']}"
+
+
+BRAIN = np.pad(np.ones((2, 2, 3), bool), ((1, 1), (1, 1), (0, 0)))  # (4, 4, 3): the middle 2x2 of each slice
+
+
+@pytest.mark.parametrize("label, nan, reasons", [
+    (np.ones((4, 4, 3), bool), ["A_auroc", "B_auroc", "C_auroc"],
+     ["every scored voxel is lesion", "every brain voxel is lesion", "every scored slice is lesion"]),
+    (~BRAIN, ["B_auroc", "C_auroc", "dice_best"], ["no lesion voxel inside the brain", "every scored slice is lesion"]),
+    (BRAIN & (np.arange(3) == 1), [], []),  # one lesion slice of three, inside the brain: every metric defined
+])
+def test_a_metric_whose_ranking_holds_one_class_is_nan_and_the_note_says_why(label, nan, reasons):
+    anomaly = np.random.default_rng(0).random((4, 4, 3)).astype(np.float32)
+    row = volume_metrics(anomaly, label, BRAIN, np.ones(3, bool), threshold=0.5)
+    assert [c for c in ("A_auroc", "B_auroc", "C_auroc", "dice_best") if np.isnan(row[c])] == nan
+    assert all(reason in row["note"] for reason in reasons) and bool(row["note"]) == bool(reasons)
 
 
 @pytest.mark.parametrize("degrees, warned", [((0, 0), False), ((12, 0), False), ((30, 0), False), ((0, 40), True),

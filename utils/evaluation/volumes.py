@@ -55,7 +55,8 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
     - ``dice_val_threshold``: Dice of ``map >= threshold`` (from the validation maps) inside the brain;
     - ``dice_best`` (with its ``best_threshold``): the best Dice over all thresholds, chosen on this volume itself.
 
-    A volume without a lesion voxel in a scored slice has no metric: NaN, and a ``note`` that says why.
+    A volume without a lesion voxel in a scored slice has no metric: NaN, and a ``note`` that says why;
+    so has each metric whose ranking lacks a class (every scored voxel lesion, no lesion inside the brain, ...).
     """
     counts = {"lesion_voxels": int(label.sum()), "brain_voxels": int(brain.sum()), "slices_scored": int(kept.sum())}
     anomaly, label, brain = anomaly[:, :, kept], label[:, :, kept], brain[:, :, kept]
@@ -66,7 +67,26 @@ def volume_metrics(anomaly: np.ndarray, label: np.ndarray, brain: np.ndarray, ke
         return counts | dict.fromkeys(VOLUME_METRICS, NAN) | {"note": note}
     found = localisation(threshold, anomaly, label, brain)
     found["C_auroc"] = auroc_ap(slice_scores(anomaly, brain), label.any(axis=(0, 1)))[0]
-    return counts | {name: found[name] for name in VOLUME_METRICS} | {"note": ""}
+    row = {name: found[name] for name in VOLUME_METRICS}
+    return counts | row | {"note": "; ".join(_one_class(row, label, brain))}
+
+
+#: What the volume metrics rank, as (their columns, the lesion class of what they rank, its name, the whole's).
+RANKED = ((("A_auroc", "A_ap"), lambda label, brain: label, "voxel", "scored voxel"),
+          (("B_auroc", "B_ap", "dice_val_threshold", "dice_best", "best_threshold"),
+           lambda label, brain: label[brain], "voxel inside the brain", "brain voxel"),
+          (("C_auroc",), lambda label, brain: label.any(axis=(0, 1)), "slice", "scored slice"))
+
+
+def _one_class(row: dict, label: np.ndarray, brain: np.ndarray) -> list[str]:
+    """Why metrics of a volume with lesion voxels are NaN in ``row``: what they rank holds one class only."""
+    reasons = []
+    for columns, lesion_of, unit, whole in RANKED:
+        if missing := [column for column in columns if np.isnan(row[column])]:
+            # a ranking, or a Dice inside the brain, is undefined only when it holds one class
+            why = f"no lesion {unit}" if not lesion_of(label, brain).any() else f"every {whole} is lesion"
+            reasons.append(f"{', '.join(missing)} NaN: {why}")
+    return reasons
 
 
 class VolumeUnits:
@@ -116,7 +136,8 @@ class VolumeUnits:
         groups = []
         for name, part in volumes.groupby("group", sort=False):
             reasons = part.loc[part["note"] != "", "note"]
-            note = (f"{len(reasons)} of {len(part)} volumes left out of the means: {'; '.join(reasons.unique())}"
+            note = (f"{len(reasons)} of {len(part)} volumes without some metrics (NaN: left out of their means): "
+                    f"{'; '.join(reasons.unique())}"
                     if len(reasons) else f"mean over {len(part)} volumes")
             groups.append({column: float(part[column].mean()) for column in METRIC_COLUMNS if column in part} | {
                 "group": name, "n_images": len(part), "n_rows": int(part["slices_scored"].sum()),
