@@ -1,12 +1,15 @@
 """How every loader lists and opens its inputs (study split CSVs, MVTec folders, NIfTI manifests,
 ``predict``'s files and folders), so that one rule holds for all of them:
 
-- hidden files and folders (names starting with ``.``: macOS ``._x.png``, ``.ipynb_checkpoints``)
-  are not inputs;
+- hidden files and folders (names starting with ``.``: macOS ``._x.png``, ``.ipynb_checkpoints``;
+  and a zip's ``__MACOSX``) are not inputs;
 - suffixes match in any case (``SCAN.NII.GZ`` is a NIfTI file, ``X.PNG`` an image);
-- names match in NFC and NFD spelling alike (macOS may store a name typed as ``é`` as ``e`` + accent);
+- names match in NFC and NFD spelling alike (macOS may store a name typed as ``é`` as ``e`` + accent),
+  and two files whose names differ only so are refused, as are two of one name with other suffixes where
+  a name pairs files (:func:`by_stem`); paths written on Windows (``\\``) are read as paths;
 - CSV files are UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), blank rows are
-  skipped, a header repeated as a row is refused, and messages name the line in the file;
+  skipped, a header repeated as a row is refused, trailing commas are harmless, an empty file or one
+  separated by ``;`` is named as such, and messages name the line in the file;
 - images are opened once, through one size and decoding guard; their size is the one after the
   turn their EXIF orientation asks for (the readers of :mod:`utils.data.preprocess` turn them).
 """
@@ -53,14 +56,19 @@ def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     return path.lower().endswith(suffixes)
 
 
+def hidden(name: str) -> bool:
+    """Whether a file or folder ``name`` is not an input: hidden (``.x``, macOS ``._x``) or a zip's ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
     """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
     in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name.
     Two names that are one name in two Unicode spellings are refused."""
     found = []
     for parent, children, names in os.walk(folder):
-        children[:] = [name for name in children if not name.startswith(".")]
-        found += [os.path.join(parent, name) for name in (children if folders else names) if not name.startswith(".")]
+        children[:] = [name for name in children if not hidden(name)]
+        found += [os.path.join(parent, name) for name in (children if folders else names) if not hidden(name)]
         if not recursive:
             break
     found = sorted((path for path in found if folders or has_suffix(path, suffixes)), key=nfc)
@@ -73,9 +81,12 @@ def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, r
 
 def resolved(path: str) -> str:
     """``path``, or the same path with each name that is not found replaced by the one in its folder
-    that is equal once NFC-normalised (one file name in another Unicode spelling)."""
+    that is equal once NFC-normalised (one file name in another Unicode spelling); Windows separators
+    (``\\``, from a CSV written there) are separators."""
     if not path or os.path.lexists(path):
         return path
+    if "\\" in path and os.sep == "/":
+        return resolved(os.path.normpath(path.replace("\\", "/")))
     folder, name = os.path.split(path)
     folder = resolved(folder) if folder != path else folder
     with contextlib.suppress(OSError):
@@ -87,14 +98,15 @@ def resolved(path: str) -> str:
 
 def read_table(path: str, what: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
     """The header (stripped) and the non-blank rows of the CSV file at ``path`` (``what`` it is, for
-    messages), each row as ``(source, {column: stripped value})`` with ``source`` = ``"name.csv line N"``."""
+    messages), each row as ``(source, {column: stripped value})`` with ``source`` = ``"name.csv line N"``.
+    Columns without a name and without values (trailing commas) are dropped."""
     if problem := file_problem(path):
         raise DataError(f"{what} {path} {problem}")
     name, rows = os.path.basename(path), []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            header = [cell.strip() for cell in next(reader, [])]
+            header = _header([cell.strip() for cell in next(reader, [])], f"{what} {path}")
             for row in reader:
                 cells = [cell.strip() for cell in row]
                 if cells == header:
@@ -107,7 +119,22 @@ def read_table(path: str, what: str) -> tuple[list[str], list[tuple[str, dict[st
         raise DataError(f"cannot read {what} {path} line {reader.line_num}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from None
-    return header, rows
+    if any(row.get("") for _, row in rows):
+        raise DataError(f"{what} {path}: a column has values but no name in the header; name it or remove it")
+    return [column for column in header if column], [(source, _named(row)) for source, row in rows]
+
+
+def _header(header: list[str], where: str) -> list[str]:
+    if not header:
+        raise DataError(f"{where} is empty: a header row is needed")
+    if len(header) == 1 and (separator := next((s for s in ";\t|" if s in header[0]), None)):
+        raise DataError(f"{where}: the header {header[0]!r} is one column: are its fields separated by "
+                        f"{separator!r}? save it with commas")
+    return header
+
+
+def _named(row: dict[str, str]) -> dict[str, str]:
+    return {column: value for column, value in row.items() if column}
 
 
 @contextlib.contextmanager

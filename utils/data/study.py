@@ -68,8 +68,7 @@ class StudyLoader(FolderLoader):
         header, rows = read_table(path, "split CSV")
         column = header[0] if header else ""
         if column.lower() not in ("filename", "filenames"):  # the study's global_artefact.csv says `filenames`
-            found = ",".join(header)[:80] or "(empty file)"
-            raise DataError(f"{path}: expected a header with column `filename`, found {found!r}")
+            raise DataError(f"{path}: expected a header with column `filename`, found {','.join(header)[:80]!r}")
         items = [Item(resolved(os.path.normpath(os.path.join(self.root, row[column]))), source=source)
                  for source, row in rows if row[column]]
         if not items:

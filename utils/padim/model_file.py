@@ -111,9 +111,10 @@ def _read(path: str) -> dict:
                                      "(a changed or corrupted byte)")
     except zipfile.BadZipFile:  # torch's own words for it are an internal error of its zip library
         with open(path, "rb") as handle:
-            if handle.read(2) in (b"PK", b""):  # a zip archive's start, or nothing left of it
-                raise ModelFileError(f"{path} is not a readable PaDiM model file (a truncated or damaged zip archive: "
-                                     "its directory is missing)") from None
+            start = handle.read(2)
+        what = ("a truncated or damaged zip archive: its directory is missing" if start in (b"PK", b"")  # or empty
+                else "not a zip archive, as every torch file is")
+        raise ModelFileError(f"{path} is not a readable PaDiM model file ({what})") from None
     except OSError:
         pass  # torch.load below says what is wrong
     try:
