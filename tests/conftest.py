@@ -63,10 +63,11 @@ def one_line_data_error(settings, splits=("train", "val", "test")) -> str:
     return one_line_error(DataError, load_data, settings, splits)
 
 
-def truncated_jpeg(path) -> None:
-    """The image at ``path`` rewritten as a JPEG without its end: it passes Pillow's verify(), decoding fails."""
+def truncated_jpeg(path, image=None) -> None:
+    """``image`` (by default the one at ``path``) written to ``path`` as a JPEG without its end: it passes
+    Pillow's verify(), decoding fails."""
     buffer = io.BytesIO()
-    Image.open(path).save(buffer, "JPEG")
+    (image or Image.open(path)).save(buffer, "JPEG")
     path.write_bytes(buffer.getvalue()[:-20])
     Image.open(path).verify()  # the premise: the damage is only found when decoding
 

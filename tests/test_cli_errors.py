@@ -117,7 +117,7 @@ def output_inside_input_via_a_link(tmp, ctx):
 
 
 def earlier_output(then):
-    """A predict's output folder ``tmp/out`` of the images in ``tmp/in/sub``, ``then`` changed."""
+    """``tmp/out``, a predict's output of the images in ``tmp/in/sub`` (12 for "image 10 fails"); then ``then``."""
     def make(tmp, ctx):
         images(tmp / "in" / "sub", 12 if then == "image 10 fails" else 1)
         argv = predict(ctx, tmp / "in", tmp / "out")

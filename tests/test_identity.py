@@ -70,9 +70,10 @@ def _copy(source, tmp_path, fmt="demo"):
 ], ids=["moved-row", "same-rows", "moved-volume", "other-labels"])  # a study mask of another image: refused (test_data)
 def test_the_run_name_follows_what_the_lists_define(sets, tmp_path, fmt, edit, changes):
     root, settings = _copy(sets[fmt], tmp_path, fmt)
-    before, after = Run(settings), Run(settings)
+    before = Run(settings)
     before.load_data()
     edit(root)
+    after = Run(settings)
     after.load_data()
     assert (after.name != before.name) == changes
 

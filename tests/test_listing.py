@@ -24,7 +24,6 @@ from utils.data.demo.mvtec import generate_mvtec
 from utils.data.listing import listed, read_table
 from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
-from utils.data.volumes import read_manifest
 from utils.errors import DataError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")

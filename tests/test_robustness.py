@@ -2,6 +2,7 @@
 determinism, properties (hypothesis)."""
 
 import errno
+import hashlib
 import os
 import pickle
 import shutil
@@ -12,13 +13,14 @@ import zipfile
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 from PIL import Image
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from conftest import ROOT, FailingStream, one_line_error, smooth_textures, to_batch, truncated_jpeg
+from conftest import FailingStream, one_line_error, smooth_textures, to_batch, truncated_jpeg
 from utils.config import Settings, settings_from_dict
 from utils.data.listing import MAX_PIXELS
 from utils.data.preprocess import NonBinaryMaskWarning, read_image, read_mask
@@ -145,11 +147,7 @@ def test_a_failed_model_write_raises_its_cause_and_changes_no_file(saved_model, 
 # ---------------------------------------------------------------- image and mask files, settings keys
 GRADIENT = np.tile(np.linspace(0, 1, 30), (20, 1))
 EIGHT = (GRADIENT * 255).astype(np.uint8)
-
-
-def _truncated_jpeg(path):
-    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path, "PNG")
-    truncated_jpeg(path)
+NOISE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("name, make, color, expected", [
@@ -161,7 +159,8 @@ def _truncated_jpeg(path):
     ("bad.jpg", lambda path: path.write_bytes(b""), "gray", "0 bytes"),
     ("bad.jpg", lambda path: path.write_bytes(b"not an image at all"), "gray", "cannot read image"),
     ("bad.jpg", lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "gray", "cannot read image"),
-    *[("bad.jpg", _truncated_jpeg, color, "cannot read image") for color in ("auto", "gray", "rgb")],
+    *[("bad.jpg", lambda path: truncated_jpeg(path, NOISE), color, "cannot read image")
+      for color in ("auto", "gray", "rgb")],
     # 1-bit: a small file that would decode to a huge array
     ("bad.png", lambda path: Image.new("1", (int(MAX_PIXELS**0.5) + 64,) * 2).save(path), "gray", "pixel limit"),
 ])
@@ -223,15 +222,7 @@ def test_every_formats_mask_is_thresholded_at_half_its_range_and_a_gradient_is_n
     assert [w.category for w in caught] == ([NonBinaryMaskWarning] if warns else [])
 
 
-def _every_key(defaults: dict, prefix: str = ""):
-    for key, value in defaults.items():
-        if isinstance(value, dict):
-            yield from _every_key(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-@pytest.mark.parametrize("key, default", list(_every_key(Settings().to_dict())))
+@pytest.mark.parametrize("key, default", pd.json_normalize(Settings().to_dict()).to_dict("records")[0].items())
 def test_a_wrong_type_for_every_key_gives_one_error_naming_the_key(key, default):
     """A string for numbers and booleans, a mapping for strings, lists and null defaults."""
     *parents, leaf = key.split(".")
@@ -242,23 +233,18 @@ def test_a_wrong_type_for_every_key_gives_one_error_naming_the_key(key, default)
 
 
 # ---------------------------------------------------------------- determinism
-_DETERMINISM_SCRIPT = """
-import sys, hashlib, numpy as np
-sys.path[:0] = [{root!r}, {tests!r}]
-from conftest import smooth_textures, to_batch
-from utils.config import settings_from_dict
-from utils.padim.model import Padim
-s = settings_from_dict({{"image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 4}})
-m = Padim(s).fit(to_batch(smooth_textures(10, 64, seed=1)), progress=False)
-r = m.score(to_batch(smooth_textures(3, 64, seed=2)), progress=False)
-print(hashlib.sha256(np.ascontiguousarray(r.maps).tobytes()).hexdigest())
-"""
+def maps_digest() -> str:
+    """The SHA-256 of the maps of a model fitted and scored with the default seed (run in fresh processes below)."""
+    settings = settings_from_dict({"image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 4})
+    model = Padim(settings).fit(to_batch(smooth_textures(10, 64, seed=1)), progress=False)
+    maps = model.score(to_batch(smooth_textures(3, 64, seed=2)), progress=False).maps
+    return hashlib.sha256(np.ascontiguousarray(maps).tobytes()).hexdigest()
 
 
 def test_same_seed_bitwise_identical_maps_in_two_processes():
-    script = _DETERMINISM_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-    digests = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                              timeout=300).stdout.strip() for _ in range(2)]
+    script = "from test_robustness import maps_digest\nprint(maps_digest())"
+    digests = [subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), capture_output=True,
+                              text=True, check=True, timeout=300).stdout.strip() for _ in range(2)]
     assert len(digests[0]) == 64 and digests[0] == digests[1]
 
 
