@@ -67,7 +67,7 @@ def truncated_jpeg(path, image=None) -> None:
     """``image`` (by default the one at ``path``) written to ``path`` as a JPEG without its end: it passes
     Pillow's verify(), decoding fails."""
     buffer = io.BytesIO()
-    (image or Image.open(path)).save(buffer, "JPEG")
+    (Image.open(path) if image is None else image).save(buffer, "JPEG")
     path.write_bytes(buffer.getvalue()[:-20])
     Image.open(path).verify()  # the premise: the damage is only found when decoding
 

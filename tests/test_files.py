@@ -92,7 +92,7 @@ def _killed_writer(parent) -> str:
     ("run.tmp-{host}-{ended}-abc", False),  # not hidden: a user's folder
 ])
 def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, name, swept):
-    """Without waiting: a lock left by a process that is gone is free."""
+    """Without waiting: a lock left by a process that is gone was released with it."""
     name = name(tmp_path) if callable(name) else name.format(host=socket.gethostname(), ended=_ended_pid(),
                                                                  alive=os.getpid())
     (tmp_path / name / "sub").mkdir(parents=True, exist_ok=True)
