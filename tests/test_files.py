@@ -78,6 +78,7 @@ def _killed_writer(parent) -> str:
     """)
     assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
     (staging,) = os.listdir(parent)
+    assert staging.startswith(".run.tmp-")
     return staging
 
 
