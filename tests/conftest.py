@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,13 +47,42 @@ def to_batch(gray: np.ndarray) -> torch.Tensor:
     return torch.stack([normalise(torch.from_numpy(g)) for g in gray])
 
 
+def one_line_error(kind, call, *args) -> str:
+    """The message of the ``kind`` exception that ``call(*args)`` raises; it must be one line."""
+    with pytest.raises(kind) as info:
+        call(*args)
+    assert "\n" not in str(info.value), str(info.value)
+    return str(info.value)
+
+
 def one_line_data_error(settings, splits=("train", "val", "test")) -> str:
     """The message of the :class:`DataError` that loading ``splits`` raises; it must be one line."""
     from utils.data import load_data
     from utils.errors import DataError
 
-    with pytest.raises(DataError) as info:
-        load_data(settings, splits)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(DataError, load_data, settings, splits)
+
+
+def truncated_jpeg(path, image=None) -> None:
+    """``image`` (by default the one at ``path``) written to ``path`` as a JPEG without its end: it passes
+    Pillow's verify(), decoding fails."""
+    buffer = io.BytesIO()
+    (Image.open(path) if image is None else image).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:-20])
+    Image.open(path).verify()  # the premise: the damage is only found when decoding
+
+
+class FailingStream:
+    """A stream that calls ``fail()`` as the bytes written to it pass ``limit``: in the middle of an archive."""
+
+    def __init__(self, stream, limit: int, fail):
+        self.stream, self.limit, self.fail, self.written = stream, limit, fail, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written - len(data) <= self.limit < self.written:
+            self.fail()
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

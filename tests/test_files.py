@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 
-from utils.files import atomic_writer, staged_folder  # the only import of the package: spawned writers start fast
+from utils.files import staged_folder  # the only import of the package: spawned writers start fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,44 +66,43 @@ def _ended_pid() -> int:
     return process.pid
 
 
+def _killed_writer(parent) -> str:
+    """A writer killed (SIGKILL) inside its folder: no clean-up ran, the kernel released its lock."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from utils.files import staged_folder
+        with staged_folder({str(parent / "run")!r}) as folder:
+            open(os.path.join(folder, "partial.txt"), "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    (staging,) = os.listdir(parent)
+    assert staging.startswith(".run.tmp-")
+    return staging
+
+
 @pytest.mark.parametrize("name, swept", [
     (".run.tmp-{host}-{ended}-abc_1", True),
     (".run.tmp-{host}-{ended}-xyz_old", True),  # an earlier folder moved aside for the swap
     (".other-run.maps-{host}-{ended}-q0", True),  # any staging folder in the parent, not only the target's
+    (_killed_writer, True),
     (".run.tmp-{host}-{alive}-abc", False),  # its process still runs
     (".run.tmp-elsewhere-{ended}-abc", False),  # another machine's process: not ours to judge
     (".run.tmp-notes", False),  # not a staging folder
     ("run.tmp-{host}-{ended}-abc", False),  # not hidden: a user's folder
 ])
 def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, name, swept):
-    folder = tmp_path / name.format(host=socket.gethostname(), ended=_ended_pid(), alive=os.getpid())
-    (folder / "sub").mkdir(parents=True)
-    with staged_folder(tmp_path / "run") as staging:
-        open(os.path.join(staging, "new.txt"), "w").close()
-    assert folder.exists() != swept
-    assert os.listdir(tmp_path / "run") == ["new.txt"]
-
-
-def test_a_killed_writer_leaves_nothing_after_the_next_writer(tmp_path):
-    """SIGKILL inside the folder (no clean-up runs): its staging folder stays, the next writer takes
-    the lock at once (the kernel released it with the process) and sweeps the folder."""
-    target = tmp_path / "run"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {ROOT!r})
-        from utils.files import staged_folder
-        with staged_folder({str(target)!r}) as folder:
-            open(os.path.join(folder, "partial.txt"), "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], timeout=60)
-    assert done.returncode == -signal.SIGKILL
-    assert os.listdir(tmp_path)[0].startswith(".run.tmp-")
+    """Without waiting: a lock left by a process that is gone was released with it."""
+    name = name(tmp_path) if callable(name) else name.format(host=socket.gethostname(), ended=_ended_pid(),
+                                                                 alive=os.getpid())
+    (tmp_path / name / "sub").mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a lock left by a dead process is free: no waiting
-        with staged_folder(target) as staging:
+        warnings.simplefilter("error")
+        with staged_folder(tmp_path / "run") as staging:
             open(os.path.join(staging, "new.txt"), "w").close()
-    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["run"] + ([] if swept else [name]))  # and no lock file
+    assert os.listdir(tmp_path / "run") == ["new.txt"]
 
 
 @pytest.mark.parametrize("rank", ["1", "3"])
@@ -112,13 +111,11 @@ def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, caps
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", rank)
-    config = tmp_path / "c.yaml"
-    config.write_text("device: cpu\n")
-    output = tmp_path / "out"
-    argv = ["predict", "--config", str(config), "--model", str(tmp_path / "none.pt"), "--input", str(tmp_path),
-            "--output", str(output)]
+    (tmp_path / "c.yaml").write_text("device: cpu\n")
+    argv = ["predict", "--config", str(tmp_path / "c.yaml"), "--model", str(tmp_path / "none.pt"), "--input",
+            str(tmp_path), "--output", str(tmp_path / "out")]
     assert main(argv) == 0
-    assert not output.exists() and capsys.readouterr() == ("", "")
+    assert not (tmp_path / "out").exists() and capsys.readouterr() == ("", "")
     monkeypatch.setenv("RANK", "0")  # rank 0 predicts: here it finds no model file
     assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
 
@@ -148,13 +145,3 @@ def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch
             if how == "block fails":
                 raise RuntimeError("fails half-way")
     assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == left
-
-
-def test_a_write_that_fails_names_the_target_not_the_temporary_file(tmp_path):
-    target = tmp_path / "metrics.csv"
-    with pytest.raises(OSError) as info:
-        with atomic_writer(target) as stream:
-            stream.write(b"x")
-            raise OSError(errno.ENOSPC, "No space left on device")
-    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
-    assert os.listdir(tmp_path) == []

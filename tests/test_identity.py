@@ -3,6 +3,7 @@ define, is checked again before the results are swapped in, and a demo set answe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import types
@@ -16,9 +17,6 @@ from utils.data.demo.brains import DemoCounts, generate_demo
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.evaluation import Run
-
-COUNTS = DemoCounts(ixi_train=4, fastmri_train=4, val=2, per_kind=2, normal_test=2)
-
 
 def _rewrite(root, name, change):
     """The CSV ``name`` below ``root`` rewritten as ``change(frame)``, with a later modification time."""
@@ -50,28 +48,18 @@ def swap_two_labels(manifest):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return str(generate_demo(tmp_path_factory.mktemp("identity") / "demo", counts=COUNTS))
+def sets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("identity")
+    counts = DemoCounts(ixi_train=4, fastmri_train=4, val=2, per_kind=2, normal_test=2)
+    return {"demo": generate_demo(folder / "demo", counts=counts), "nifti": generate_nifti_demo(folder / "nifti")}
 
 
-@pytest.fixture(scope="module")
-def nifti(tmp_path_factory):
-    return str(generate_nifti_demo(tmp_path_factory.mktemp("identity") / "nifti"))
-
-
-def _copy(source, target):
-    return shutil.copytree(source, target, copy_function=shutil.copy2)  # times kept: the same fingerprint
-
-
-def _settings(root, fmt, results):
-    data = {"format": "demo", "root": root} if fmt == "demo" else {"format": "nifti", "manifest": os.path.join(root, "volumes.csv")}
-    return settings_from_dict({"image_size": 64, "output_dimension": 16, "device": "cpu", "results_dir": results, "data": data})
-
-
-def _name(root, fmt, results):
-    run = Run(_settings(root, fmt, results))
-    run.load_data()
-    return run.name
+def _copy(source, tmp_path, fmt="demo"):
+    """A copy of ``source`` in ``tmp_path/data`` (times kept: the same fingerprint) and settings to read it."""
+    root = str(shutil.copytree(source, tmp_path / "data", copy_function=shutil.copy2))
+    data = {"format": "demo", "root": root} if fmt == "demo" else {"format": "nifti", "manifest": f"{root}/volumes.csv"}
+    return root, settings_from_dict({"image_size": 64, "output_dimension": 16, "device": "cpu",
+                                     "results_dir": str(tmp_path / "results"), "data": data})
 
 
 @pytest.mark.parametrize("fmt, edit, changes", [
@@ -80,17 +68,18 @@ def _name(root, fmt, results):
     ("nifti", lambda root: _rewrite(root, "volumes.csv", regroup_a_test_volume), True),
     ("nifti", lambda root: _rewrite(root, "volumes.csv", swap_two_labels), True),
 ], ids=["moved-row", "same-rows", "moved-volume", "other-labels"])  # a study mask of another image: refused (test_data)
-def test_the_run_name_follows_what_the_lists_define(demo, nifti, tmp_path, fmt, edit, changes):
-    root = _copy(demo if fmt == "demo" else nifti, tmp_path / "data")
-    before = _name(str(root), fmt, str(tmp_path / "results"))
-    edit(str(root))
-    after = _name(str(root), fmt, str(tmp_path / "results"))
-    assert (after != before) == changes
+def test_the_run_name_follows_what_the_lists_define(sets, tmp_path, fmt, edit, changes):
+    root, settings = _copy(sets[fmt], tmp_path, fmt)
+    before = Run(settings)
+    before.load_data()
+    edit(root)
+    after = Run(settings)
+    after.load_data()
+    assert (after.name != before.name) == changes
 
 
-def test_data_changed_during_the_run_writes_nothing(demo, tmp_path):
-    root = _copy(demo, tmp_path / "data")
-    run = Run(_settings(str(root), "demo", str(tmp_path / "results")))
+def test_data_changed_during_the_run_writes_nothing(sets, tmp_path):
+    run = Run(_copy(sets["demo"], tmp_path)[1])
     run.load_data()
     run.fit(progress=False)
     run.score(progress=False)
@@ -109,17 +98,13 @@ def test_data_changed_during_the_run_writes_nothing(demo, tmp_path):
     (0, 7, "holds the demo set of seed 0, not data.demo_seed 7"),
     (None, 0, "holds the demo set of seed unknown"),
 ])
-def test_a_demo_set_answers_only_to_its_seed(demo, tmp_path, recorded, wanted, error):
-    root = _copy(demo, tmp_path / "demo")
+def test_a_demo_set_answers_only_to_its_seed(sets, tmp_path, recorded, wanted, error):
+    root, settings = _copy(sets["demo"], tmp_path)
     if recorded is None:
         os.remove(os.path.join(root, "data", "demo.json"))
-    settings = _settings(str(root), "demo", str(tmp_path / "results")).replace(data={"demo_seed": wanted})
-    run = Run(settings)
-    if error is None:
+    run = Run(settings.replace(data={"demo_seed": wanted}))
+    with pytest.raises(DataError, match=error) if error else contextlib.nullcontext():
         assert run.load_data().train is not None
-    else:
-        with pytest.raises(DataError, match=error):
-            run.load_data()
 
 
 def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):

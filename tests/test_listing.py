@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_line_data_error, one_line_error
 from utils.config import settings_from_dict
 from utils.data import load_data
 from utils.data.demo.mvtec import generate_mvtec
-from utils.data.listing import listed, read_table, resolved
+from utils.data.listing import listed, read_table
 from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
-from utils.data.volumes import read_manifest
 from utils.errors import DataError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")
@@ -52,47 +52,36 @@ def test_listed_files(tmp_path, names, options, expected):
     assert [os.path.relpath(p, tmp_path) for p in found] == expected
 
 
-@pytest.mark.parametrize("on_disk, asked", [(CAFE_NFD, CAFE_NFC), (CAFE_NFC, CAFE_NFD), (CAFE_NFC, CAFE_NFC)])
-def test_a_name_in_another_unicode_spelling_resolves_to_the_file(tmp_path, on_disk, asked):
-    _touch(tmp_path, f"{on_disk}/{on_disk}.png")
-    found = resolved(os.path.join(str(tmp_path), asked, asked + ".png"))
-    assert found == os.path.join(str(tmp_path), on_disk, on_disk + ".png") and os.path.isfile(found)
-    assert resolved(os.path.join(str(tmp_path), "other.png")) == os.path.join(str(tmp_path), "other.png")
-
-
 # ---------------------------------------------------------------------------- reading CSV files
-@pytest.mark.parametrize("raw, header, rows", [
-    (b"split,image\ntrain,a.nii\n", ["split", "image"], [("t.csv line 2", {"split": "train", "image": "a.nii"})]),
-    (b"\xef\xbb\xbfsplit,image\r\ntrain,a.nii\r\n", ["split", "image"], [("t.csv line 2", {"split": "train", "image": "a.nii"})]),
-    (b"split,image\n\n\ntrain,a.nii\n,\ntest, b.nii \n", ["split", "image"],
-     [("t.csv line 4", {"split": "train", "image": "a.nii"}), ("t.csv line 6", {"split": "test", "image": "b.nii"})]),
-    (b'split,image\ntrain,"a\nb.nii"\ntest,c.nii\n', ["split", "image"],
-     [("t.csv line 3", {"split": "train", "image": "a\nb.nii"}), ("t.csv line 4", {"split": "test", "image": "c.nii"})]),
-    (b"", [], []),
-], ids=["plain", "excel-bom-crlf", "blank-lines", "quoted-line-break", "empty"])
-def test_csv_rows_and_their_line_numbers(tmp_path, raw, header, rows):
-    path = tmp_path / "t.csv"
-    path.write_bytes(raw)
-    assert read_table(str(path), "manifest") == (header, rows)
+HEADER, ROW = ["split", "image"], {"split": "train", "image": "a.nii"}
 
 
-@pytest.mark.parametrize("raw, fragment", [
+@pytest.mark.parametrize("raw, expected", [
+    (b"split,image\ntrain,a.nii\n", (HEADER, [("t.csv line 2", ROW)])),
+    (b"\xef\xbb\xbfsplit,image\r\ntrain,a.nii\r\n", (HEADER, [("t.csv line 2", ROW)])),
+    (b"split,image\n\n\ntrain,a.nii\n,\ntest, b.nii \n",
+     (HEADER, [("t.csv line 4", ROW), ("t.csv line 6", {"split": "test", "image": "b.nii"})])),
+    (b'split,image\ntrain,"a\nb.nii"\ntest,c.nii\n',
+     (HEADER, [("t.csv line 3", dict(ROW, image="a\nb.nii")), ("t.csv line 4", {"split": "test", "image": "c.nii"})])),
+    (b"", ([], [])),
     (b"split,image\ntrain,a.nii\nsplit,image\n", "t.csv line 3: the header row again"),
     (b"split,image\n\ntrain,a.nii\n\n split , image\n", "t.csv line 5: the header row again"),
     (b"split,image\ntrain,caf\xe9.nii\n", "is not UTF-8 text (byte 0xe9"),
     (None, "manifest {path} not found"),
     ("folder", "is a folder, not a file"),
     (b"split,image\ntrain,a.nii\ntest," + b"x" * 140_000 + b"\n", "{path} line 3: field larger than field limit"),
-], ids=["repeated-header", "repeated-header-after-blanks", "latin-1", "missing", "folder", "field-over-128-KiB"])
-def test_bad_csv_files_give_one_line_errors(tmp_path, raw, fragment):
+], ids=["plain", "excel-bom-crlf", "blank-lines", "quoted-line-break", "empty", "repeated-header",
+        "repeated-header-after-blanks", "latin-1", "missing", "folder", "field-over-128-KiB"])
+def test_a_csv_file_gives_its_rows_and_their_line_numbers_or_one_line_error(tmp_path, raw, expected):
     path = tmp_path / "t.csv"
     if raw == "folder":
         path.mkdir()
     elif raw is not None:
         path.write_bytes(raw)
-    with pytest.raises(DataError) as info:
-        read_table(str(path), "manifest")
-    assert fragment.format(path=path) in str(info.value) and "\n" not in str(info.value)
+    if isinstance(expected, str):
+        assert expected.format(path=path) in one_line_error(DataError, read_table, str(path), "manifest")
+    else:
+        assert read_table(str(path), "manifest") == expected
 
 
 # ---------------------------------------------------------------------------- every format uses it
@@ -103,42 +92,64 @@ def _volume(path, seed=0):
     return str(path)
 
 
-def test_a_manifest_from_excel_with_upper_case_and_nfd_names_is_read(tmp_path):
-    _volume(tmp_path / "SCAN.NII.GZ")
-    _volume(tmp_path / f"{CAFE_NFD}.nii.gz")
-    manifest = tmp_path / "volumes.csv"
-    manifest.write_bytes(f"split,image\r\n\r\ntrain,SCAN.NII.GZ\r\ntest,{CAFE_NFC}.nii.gz\r\n".encode("utf-8-sig"))
-    entries = read_manifest([str(manifest)])
-    assert [(e.case, e.source) for e in entries] == [("SCAN", "volumes.csv line 3"), (CAFE_NFD, "volumes.csv line 4")]
-    assert entries[1].image == str(tmp_path / f"{CAFE_NFD}.nii.gz")
-    assert [e.case for e in read_manifest([str(tmp_path / "SCAN.NII.GZ")])] == ["SCAN"]
+def _excel_csv(path, text):
+    with open(path, "w", encoding="utf-8-sig", newline="\r\n") as handle:  # Excel's "CSV UTF-8": a BOM, CRLF
+        handle.write(text)
 
 
-def test_mvtec_skips_hidden_files_and_folders_and_reads_upper_case_suffixes(tmp_path):
-    root = generate_mvtec(str(tmp_path / "cat"), n_train=3, n_good=2, n_per_defect=2)
+def _study_naming(root, on_disk, asked):
+    """A study whose training CSVs, saved by Excel, name the file ``on_disk/on_disk.png`` as ``asked/asked.png``."""
+    from test_data import make_study, study_settings
+
+    root = make_study(root)
+    image = os.path.join(root, "data", on_disk, f"{on_disk}.png")
+    os.renames(os.path.join(root, "data", "IXI", "ixi0.png"), image)
+    for name in ("ixi_normal_train.csv", "normal_train.csv"):
+        path = os.path.join(root, "data", "splits", name)
+        _excel_csv(path, open(path, encoding="utf-8").read().replace("IXI/ixi0.png", f"{asked}/{asked}.png"))
+    return study_settings(root), image, None
+
+
+def _manifest_naming(root, on_disk, asked):
+    """A manifest, saved by Excel with a blank line, naming ``on_disk/on_disk.NII.GZ`` as ``asked/asked.NII.GZ``."""
+    (root / on_disk).mkdir()
+    image = _volume(root / on_disk / f"{on_disk}.NII.GZ")
+    text = f"split,image\n\ntrain,{_volume(root / 'b.nii.gz')}\ntrain,{asked}/{asked}.NII.GZ\n"
+    _excel_csv(root / "volumes.csv", text)
+    data = {"format": "nifti", "manifest": str(root / "volumes.csv"), "val_fraction": 0}
+    return settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), image, on_disk
+
+
+@pytest.mark.parametrize("make", [_study_naming, _manifest_naming])
+@pytest.mark.parametrize("on_disk, asked", [(CAFE_NFD, CAFE_NFC), (CAFE_NFC, CAFE_NFD), (CAFE_NFC, CAFE_NFC)])
+def test_a_csv_from_excel_finds_a_file_named_in_another_unicode_spelling(tmp_path, make, on_disk, asked):
+    settings, image, case = make(tmp_path, on_disk, asked)
+    train = load_data(settings, ("train",)).train
+    assert image in train.paths
+    assert case is None or case in [entry.case for entry in train.entries]  # a volume's case: its name, no suffix
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_mvtec_skips_hidden_files_reads_upper_case_suffixes_and_sizes_an_exif_rotated_image_upright(tmp_path):
+    """The loaders check a mask's size against the image as read: upright."""
+    root = generate_mvtec(str(tmp_path / "cat"), size=32, n_train=3, n_good=2, n_per_defect=2)
     _touch(root, "train/good/._000.png", "test/.ipynb_checkpoints/000-checkpoint.png", "test/color/.DS_Store",
            "ground_truth/color/._000_mask.png")
     os.rename(os.path.join(root, "test/scratch/001.png"), os.path.join(root, "test/scratch/001.PNG"))
-    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "mvtec", "root": root}})
-    bundle = load_data(settings)
+    image, mask = os.path.join(root, "test/color/000.png"), os.path.join(root, "ground_truth/color/000_mask.png")
+    Image.open(image).crop((0, 0, 32, 20)).save(image, exif=_exif(6))  # stored 32x20, upright 20x32
+    Image.open(mask).crop((0, 0, 20, 32)).save(mask)
+    bundle = load_data(settings_from_dict(
+        {"image_size": 32, "device": "cpu", "data": {"format": "mvtec", "root": root}}))
     assert list(bundle.test) == ["color", "scratch", "normal"]
     assert len(bundle.train) + len(bundle.val) == 3 and len(bundle.test["scratch"]) == 2
     assert bundle.test["scratch"].items[1].anomaly == (os.path.join(root, "ground_truth", "scratch", "001_mask.png"),)
-
-
-def test_a_study_csv_with_a_bom_names_an_nfd_file(tmp_path):
-    from test_data import make_study, study_settings
-
-    root = make_study(tmp_path)
-    folder = os.path.join(root, "data", "IXI")
-    os.rename(os.path.join(folder, "ixi0.png"), os.path.join(folder, f"{CAFE_NFD}.png"))
-    for name in ("ixi_normal_train.csv", "normal_train.csv"):
-        path = os.path.join(root, "data", "splits", name)
-        rows = open(path, encoding="utf-8").read().replace("ixi0.png", f"{CAFE_NFC}.png")
-        with open(path, "w", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8"
-            handle.write(rows)
-    train = load_data(study_settings(root), ("train",)).train
-    assert os.path.join(folder, f"{CAFE_NFD}.png") in train.paths
+    assert tuple(bundle.test["color"][0]["shape"].tolist()) == (32, 20)
 
 
 def _study_with_group(root, name):
@@ -170,9 +181,7 @@ def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_pa
     if make is _study_with_group and name == "normal":
         pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")
     settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": make(tmp_path, name)})
-    with pytest.raises(DataError, match=f"named '{name}', a name the results table uses") as info:
-        load_data(settings, ("test",))
-    assert "\n" not in str(info.value)
+    assert f"named '{name}', a name the results table uses" in one_line_data_error(settings, ("test",))
 
 
 # ---------------------------------------------------------------------------- opening images
@@ -182,64 +191,30 @@ def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_pa
 ])
 def test_images_are_turned_upright_by_their_exif_orientation(tmp_path, orientation, turned):
     pixels = (np.arange(6, dtype=np.uint8).reshape(2, 3) * 40)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    path = str(tmp_path / "photo.png")
-    Image.fromarray(pixels).save(path, exif=exif)
-    np.testing.assert_array_equal(np.rint(read_image(path, "gray") * 255), turned(pixels))
-
-
-def test_a_mask_of_an_exif_rotated_image_matches_its_upright_size(tmp_path):
-    """The loaders check a mask's size against the image as read: upright."""
-    root = generate_mvtec(str(tmp_path / "cat"), size=32, n_train=2, n_good=1, n_per_defect=1)
-    image = os.path.join(root, "test", "color", "000.png")
-    mask = os.path.join(root, "ground_truth", "color", "000_mask.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.open(image).crop((0, 0, 32, 20)).save(image, exif=exif)  # stored 32x20, upright 20x32
-    Image.open(mask).crop((0, 0, 20, 32)).save(mask)
-    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": {"format": "mvtec", "root": root}})
-    item = load_data(settings, ("test",)).test["color"][0]
-    assert tuple(item["shape"].tolist()) == (32, 20)
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=_exif(orientation))
+    np.testing.assert_array_equal(np.rint(read_image(str(tmp_path / "photo.png"), "gray") * 255), turned(pixels))
 
 
 # ---------------------------------------------------------------------------- train/test overlap
-def _mvtec_overlap(tmp_path, how):
-    root = generate_mvtec(str(tmp_path / "cat"), size=32, n_train=3, n_good=2, n_per_defect=1)
-    train, test = os.path.join(root, "train", "good", "001.png"), os.path.join(root, "test", "good", "dup.png")
+@pytest.mark.parametrize("how, warns", [
+    ("other, same size", False),  # the same number of bytes, other voxels: not the same content
+    ("same file", True), ("copy", True), ("link", True),
+])
+def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, how, warns):
+    """One check in load_data for every format, here through a manifest (the one format that can list a file twice)."""
+    train, test = _volume(tmp_path / "a.nii"), str(tmp_path / "b.nii")
     if how == "copy":
         shutil.copyfile(train, test)
     elif how == "link":
         os.symlink(train, test)
-    elif how == "same size":  # the same number of bytes, other pixels: not the same content
-        pixels = np.asarray(Image.open(train))
-        Image.fromarray(pixels).save(train, compress_level=0)
-        Image.fromarray(255 - pixels).save(test, compress_level=0)
-        assert os.path.getsize(train) == os.path.getsize(test)
-    return {"format": "mvtec", "root": root}
-
-
-def _nifti_overlap(tmp_path, how):
-    _volume(tmp_path / "a.nii.gz")
-    if how == "copy":
-        shutil.copyfile(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
     else:
-        _volume(tmp_path / "b.nii.gz", seed=1)
-    test = "a.nii.gz" if how == "same file" else "b.nii.gz"
-    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii.gz,a\ntest,{test},b\n")
-    return {"format": "nifti", "manifest": str(tmp_path / "v.csv"), "min_brain_fraction": 0.1}
-
-
-@pytest.mark.parametrize("make, how, warns", [
-    (_mvtec_overlap, "none", False), (_mvtec_overlap, "copy", True), (_mvtec_overlap, "link", True),
-    (_mvtec_overlap, "same size", False),
-    (_nifti_overlap, "other", False), (_nifti_overlap, "same file", True), (_nifti_overlap, "copy", True),
-])
-def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, make, how, warns):
-    data = make(tmp_path, how) | {"val_fraction": 0}
-    settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": data})
+        _volume(test, seed=1)
+    assert os.path.getsize(train) == os.path.getsize(test)
+    listed_test = train if how == "same file" else test
+    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii,a\ntest,{listed_test},b\n")
+    data = {"format": "nifti", "manifest": str(tmp_path / "v.csv"), "min_brain_fraction": 0.1, "val_fraction": 0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_data(settings, ("train", "test"))
+        load_data(settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), ("train", "test"))
     overlap = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
     assert len(overlap) == warns and all("1 test file also in the training data" in m for m in overlap)
