@@ -47,10 +47,10 @@ def to_batch(gray: np.ndarray) -> torch.Tensor:
     return torch.stack([normalise(torch.from_numpy(g)) for g in gray])
 
 
-def one_line_error(kind, call, *args) -> str:
-    """The message of the ``kind`` exception that ``call(*args)`` raises; it must be one line."""
+def one_line_error(kind, call, *args, **kwargs) -> str:
+    """The message of the ``kind`` exception that ``call(*args, **kwargs)`` raises; it must be one line."""
     with pytest.raises(kind) as info:
-        call(*args)
+        call(*args, **kwargs)
     assert "\n" not in str(info.value), str(info.value)
     return str(info.value)
 

@@ -125,6 +125,8 @@ def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, caps
     ("block fails", RuntimeError, ["earlier.txt"]),
     ("swap fails", OSError, ["earlier.txt"]),  # the new folder cannot take the target's place (a full disk)
     ("not replaced", FileExistsError, ["earlier.txt"]),  # replace=False: an existing folder stays
+    ("input kept", None, ["earlier.txt", "new.txt"]),  # a file the run read (evaluate --model <run>/model.pt) stays
+    ("input written", None, ["earlier.txt", "new.txt"]),  # ... unless the run wrote it again: the new file wins
 ])
 def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch, how, error, left):
     target = tmp_path / "run"
@@ -140,8 +142,14 @@ def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch
     if how == "swap fails":
         monkeypatch.setattr(os, "rename", failing)
     with pytest.raises(error) if error else contextlib.nullcontext():
-        with staged_folder(target, replace=how != "not replaced") as folder:
+        inputs = [str(target / "earlier.txt")] if how.startswith("input") else []
+        with staged_folder(target, replace=how != "not replaced", inputs=inputs) as folder:
             open(os.path.join(folder, "new.txt"), "w").close()
+            if how == "input written":
+                with open(os.path.join(folder, "earlier.txt"), "w") as handle:
+                    handle.write("new")
             if how == "block fails":
                 raise RuntimeError("fails half-way")
-    assert os.listdir(tmp_path) == ["run"] and os.listdir(target) == left
+    assert os.listdir(tmp_path) == ["run"] and sorted(os.listdir(target)) == left
+    if "earlier.txt" in left:
+        assert (target / "earlier.txt").read_text() == ("new" if how == "input written" else "kept")

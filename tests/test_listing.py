@@ -44,12 +44,17 @@ def _touch(folder, *names):
     (["SCAN.NII.GZ", "x.nii", "y.NII", "z.gz"], {}, ["SCAN.NII.GZ", "x.nii", "y.NII"]),
     (["sub/a.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/.cache/b.png"], {"recursive": True}, ["sub/a.png"]),
     (["sub/a.png", "b.png"], {}, ["b.png"]),  # not below the folder unless recursive
-    (["crack/x.png", ".ipynb_checkpoints/x.png", "good/x.png", "file.png"], {"folders": True}, ["crack", "good"]),
-], ids=["hidden", "image-case", "nifti-case", "hidden-folders", "flat", "folders"])
+    (["crack/x.png", ".ipynb_checkpoints/x.png", "__MACOSX/crack/._x.png", "file.png"], {"folders": True}, ["crack"]),
+    ([f"{CAFE_NFC}.png", f"{CAFE_NFD}.png"], {}, "are one name in two Unicode spellings"),  # printed alike: refused
+    ([f"{CAFE_NFC}/a.png", f"{CAFE_NFD}/b.png"], {"folders": True}, "are one name in two Unicode spellings"),
+], ids=["hidden", "image-case", "nifti-case", "hidden-folders", "flat", "folders", "nfc-nfd-files", "nfc-nfd-folders"])
 def test_listed_files(tmp_path, names, options, expected):
     _touch(tmp_path, *names)
-    found = listed(str(tmp_path), IMAGE_SUFFIXES + NIFTI_SUFFIXES, **options)
-    assert [os.path.relpath(p, tmp_path) for p in found] == expected
+    if isinstance(expected, str):
+        assert expected in one_line_error(DataError, listed, str(tmp_path), IMAGE_SUFFIXES, **options)
+    else:
+        found = listed(str(tmp_path), IMAGE_SUFFIXES + NIFTI_SUFFIXES, **options)
+        assert [os.path.relpath(p, tmp_path) for p in found] == expected
 
 
 # ---------------------------------------------------------------------------- reading CSV files
@@ -63,14 +68,18 @@ HEADER, ROW = ["split", "image"], {"split": "train", "image": "a.nii"}
      (HEADER, [("t.csv line 4", ROW), ("t.csv line 6", {"split": "test", "image": "b.nii"})])),
     (b'split,image\ntrain,"a\nb.nii"\ntest,c.nii\n',
      (HEADER, [("t.csv line 3", dict(ROW, image="a\nb.nii")), ("t.csv line 4", {"split": "test", "image": "c.nii"})])),
-    (b"", ([], [])),
+    (b"split,image,\ntrain,a.nii,\n\n", (HEADER, [("t.csv line 2", ROW)])),  # trailing commas: unnamed, empty
+    (b"", "manifest {path} is empty"),
+    (b"split;image\ntrain;a.nii\n", "is one column: are its fields separated by ';'?"),
+    (b"split,image,\ntrain,a.nii,x\n", "a column has values but no name"),
     (b"split,image\ntrain,a.nii\nsplit,image\n", "t.csv line 3: the header row again"),
     (b"split,image\n\ntrain,a.nii\n\n split , image\n", "t.csv line 5: the header row again"),
     (b"split,image\ntrain,caf\xe9.nii\n", "is not UTF-8 text (byte 0xe9"),
     (None, "manifest {path} not found"),
     ("folder", "is a folder, not a file"),
     (b"split,image\ntrain,a.nii\ntest," + b"x" * 140_000 + b"\n", "{path} line 3: field larger than field limit"),
-], ids=["plain", "excel-bom-crlf", "blank-lines", "quoted-line-break", "empty", "repeated-header",
+], ids=["plain", "excel-bom-crlf", "blank-lines", "quoted-line-break", "trailing-commas", "empty", "semicolons",
+        "unnamed-column", "repeated-header",
         "repeated-header-after-blanks", "latin-1", "missing", "folder", "field-over-128-KiB"])
 def test_a_csv_file_gives_its_rows_and_their_line_numbers_or_one_line_error(tmp_path, raw, expected):
     path = tmp_path / "t.csv"
@@ -97,8 +106,9 @@ def _excel_csv(path, text):
         handle.write(text)
 
 
-def _study_naming(root, on_disk, asked):
-    """A study whose training CSVs, saved by Excel, name the file ``on_disk/on_disk.png`` as ``asked/asked.png``."""
+def _study_naming(root, on_disk, asked, separator):
+    """A study whose training CSVs, saved by Excel, name the file ``on_disk/on_disk.png`` as ``asked/asked.png``
+    (with ``separator`` between the two)."""
     from test_data import make_study, study_settings
 
     root = make_study(root)
@@ -106,24 +116,27 @@ def _study_naming(root, on_disk, asked):
     os.renames(os.path.join(root, "data", "IXI", "ixi0.png"), image)
     for name in ("ixi_normal_train.csv", "normal_train.csv"):
         path = os.path.join(root, "data", "splits", name)
-        _excel_csv(path, open(path, encoding="utf-8").read().replace("IXI/ixi0.png", f"{asked}/{asked}.png"))
+        _excel_csv(path, open(path, encoding="utf-8").read().replace("IXI/ixi0.png", f"{asked}{separator}{asked}.png"))
     return study_settings(root), image, None
 
 
-def _manifest_naming(root, on_disk, asked):
+def _manifest_naming(root, on_disk, asked, separator):
     """A manifest, saved by Excel with a blank line, naming ``on_disk/on_disk.NII.GZ`` as ``asked/asked.NII.GZ``."""
     (root / on_disk).mkdir()
     image = _volume(root / on_disk / f"{on_disk}.NII.GZ")
-    text = f"split,image\n\ntrain,{_volume(root / 'b.nii.gz')}\ntrain,{asked}/{asked}.NII.GZ\n"
+    text = f"split,image\n\ntrain,{_volume(root / 'b.nii.gz')}\ntrain,{asked}{separator}{asked}.NII.GZ\n"
     _excel_csv(root / "volumes.csv", text)
     data = {"format": "nifti", "manifest": str(root / "volumes.csv"), "val_fraction": 0}
     return settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), image, on_disk
 
 
 @pytest.mark.parametrize("make", [_study_naming, _manifest_naming])
-@pytest.mark.parametrize("on_disk, asked", [(CAFE_NFD, CAFE_NFC), (CAFE_NFC, CAFE_NFD), (CAFE_NFC, CAFE_NFC)])
-def test_a_csv_from_excel_finds_a_file_named_in_another_unicode_spelling(tmp_path, make, on_disk, asked):
-    settings, image, case = make(tmp_path, on_disk, asked)
+@pytest.mark.parametrize("on_disk, asked, separator", [
+    (CAFE_NFD, CAFE_NFC, "/"), (CAFE_NFC, CAFE_NFD, "/"), (CAFE_NFC, CAFE_NFC, "/"), (CAFE_NFC, CAFE_NFC, "\\"),
+])
+def test_a_csv_from_excel_finds_a_file_named_in_another_unicode_spelling_or_a_windows_path(tmp_path, make, on_disk,
+                                                                                          asked, separator):
+    settings, image, case = make(tmp_path, on_disk, asked, separator)
     train = load_data(settings, ("train",)).train
     assert image in train.paths
     assert case is None or case in [entry.case for entry in train.entries]  # a volume's case: its name, no suffix
@@ -176,12 +189,15 @@ def _nifti_with_group(root, name):
 
 
 @pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
-@pytest.mark.parametrize("name", ["normal", "mean", "all", "Mean", "NORMAL", "ALL"])
-def test_a_group_named_like_a_row_of_the_table_is_refused_in_every_format(tmp_path, make, name):
-    if make is _study_with_group and name == "normal":
-        pytest.skip("the study layout reads normal_* CSVs as its normal splits, never as a pathology group")
+@pytest.mark.parametrize("name", ["normal", "mean", "all", "Mean", "NORMAL", "ALL", "mean ", " cyst", "normal_variant"])
+def test_a_group_named_like_a_row_of_the_table_or_with_spaces_is_refused_in_every_format(tmp_path, make, name):
+    if make is _nifti_with_group and name != name.strip():
+        pytest.skip("a manifest's values are stripped: ' cyst' is the group cyst")
     settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": make(tmp_path, name)})
-    assert f"named '{name}', a name the results table uses" in one_line_data_error(settings, ("test",))
+    if name == "normal_variant":  # any other name is a group, whatever it starts with
+        assert name in load_data(settings, ("test",)).test
+    else:
+        assert f"a test group is named {name!r}; names with spaces" in one_line_data_error(settings, ("test",))
 
 
 # ---------------------------------------------------------------------------- opening images

@@ -99,6 +99,7 @@ def _zip_of_one_file(good, path):
     (_edited(lambda p: p.update(train_fingerprint=["x"])), "`train_fingerprint` is ['x']"),
     (_edited(lambda p: p.update(train_count=-1)), "`train_count` is -1"),
     (_edited(lambda p: p.update(cholesky=p["cholesky"][:, :5, :5])), "is damaged: `cholesky` is"),
+    (_edited(lambda p: p.update(train_digests=p["train_digests"].float())), "is damaged: `train_digests` is"),
 ])
 def test_a_bad_model_file_is_refused_in_one_line_without_running_it(saved_model, tmp_path, monkeypatch, make, fragment):
     monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(tmp_path / "pwned"))
@@ -118,12 +119,12 @@ def _full_disk():
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _interrupted(payload, stream):  # utils.files holds a signal during the write and raises it afterwards
+def _interrupted():  # a Ctrl-C is held during the write (utils.files); raised in the stream, torch wraps it
     raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("failing, error", [
-    (_interrupted, KeyboardInterrupt),
+    (lambda payload, stream: _save(payload, FailingStream(stream, 1 << 16, _interrupted)), KeyboardInterrupt),
     # the disk's error in the middle of the archive, not torch's RuntimeError
     (lambda payload, stream: _save(payload, FailingStream(stream, 1 << 16, _full_disk)), OSError),
 ])
