@@ -1,10 +1,13 @@
-"""``predict`` writes each image's anomaly map as float32 on the image's own pixel grid."""
+"""``predict`` writes each image's anomaly map as float32 on the image's own pixel grid; it scores only
+the kind of input its model was fitted on, names inputs that are training files, and never loses an input."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import warnings
+from contextlib import nullcontext
 
 import nibabel as nib
 import numpy as np
@@ -129,3 +132,21 @@ def test_a_manifest_that_lists_a_file_inside_the_output_is_refused_and_the_file_
     with pytest.raises(DataError, match=f"{listed} \\(listed in .*m.csv\\) is inside --output"):
         predict(settings, model_path, str(tmp_path / "m.csv"), str(tmp_path / "out"), progress=False)
     assert sorted(os.listdir(tmp_path / "out")) == earlier
+
+
+@pytest.mark.parametrize("trained, given, color, refused", [
+    ("colour", "gray", "auto", True), ("gray", "colour", "rgb", True), ("colour", "colour", "auto", False),
+    ("colour", "gray", "gray", False),  # data.color gray reads both kinds as gray
+])
+def test_a_model_scores_only_the_kind_of_image_it_was_fitted_on(tmp_path, trained, given, color, refused):
+    root = generate_mvtec(str(tmp_path / "cat"), size=32, n_train=4, n_good=1, n_per_defect=1)  # colour files
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True)) if trained == "gray" else []:
+        Image.open(path).convert("L").save(path)
+    settings = settings_from_dict({"image_size": 32, "output_dimension": 8, "device": "cpu",
+                                   "data": {"format": "mvtec", "root": root, "color": color, "val_fraction": 0}})
+    model_path = run_fit(settings, str(tmp_path / "m.pt"), progress=False)
+    source = tmp_path / "x.png"
+    Image.open(os.path.join(root, "test", "good", "000.png")).convert("L" if given == "gray" else "RGB").save(source)
+    with pytest.raises(DataError, match=f"fitted on {trained} images and cannot score") if refused else nullcontext():
+        predict(settings, model_path, str(source), str(tmp_path / "out"), progress=False)
+    assert (tmp_path / "out").exists() != refused

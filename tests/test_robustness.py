@@ -100,6 +100,7 @@ def _zip_of_one_file(good, path):
     (_edited(lambda p: p.update(train_count=-1)), "`train_count` is -1"),
     (_edited(lambda p: p.update(cholesky=p["cholesky"][:, :5, :5])), "is damaged: `cholesky` is"),
     (_edited(lambda p: p.update(train_digests=p["train_digests"].float())), "is damaged: `train_digests` is"),
+    (_edited(lambda p: p.update(train_kind="sepia")), "is damaged: `train_kind` is 'sepia'"),
 ])
 def test_a_bad_model_file_is_refused_in_one_line_without_running_it(saved_model, tmp_path, monkeypatch, make, fragment):
     monkeypatch.setenv("PADIM_EXPLOIT_TARGET", str(tmp_path / "pwned"))
@@ -164,6 +165,7 @@ NOISE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).ast
       for color in ("auto", "gray", "rgb")],
     # 1-bit: a small file that would decode to a huge array
     ("bad.png", lambda path: Image.new("1", (int(MAX_PIXELS**0.5) + 64,) * 2).save(path), "gray", "pixel limit"),
+    ("i32.tif", Image.fromarray((GRADIENT * 70000).astype(np.int32)).save, "gray", "values from 0 to 70000"),
 ])
 def test_an_image_reads_as_its_gray_values_or_is_one_line_naming_it(tmp_path, name, make, color, expected):
     path = tmp_path / name

@@ -26,7 +26,7 @@ from .config import Settings
 from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
 from .data.listing import has_suffix, listed
 from .data.load import warn_trained_on
-from .data.preprocess import read_image, restore_geometry
+from .data.preprocess import image_kind, read_image, restore_geometry
 from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume, write_map
 from .errors import ConfigError, DataError
 from .evaluation.plotting import save_heatmap
@@ -46,6 +46,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     for kind, inputs in ((True, volumes), (False, images)):
         if inputs:
             check_input_kind(model.settings, kind, f"model {model_path}")  # only the kind it was fitted on
+    _check_image_kinds(model, images, model_path)
     entries = read_manifest(volumes, model.settings.data.volume_index) if volumes else []
     named = [path for entry in entries for path in (entry.image, entry.label, entry.brain_mask) if path]
     if inside := next((path for path in named if _inside(path, output)), None):  # what a manifest lists too
@@ -61,6 +62,15 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
             done.append(_predict_images(model, images, source, staging, progress))
         write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": _files_below(staging)}, indent=1).encode())
     return done
+
+
+def _check_image_kinds(model: Padim, images: list[str], model_path: str) -> None:
+    """A model fitted on colour images scores no gray ones, and the reverse (unless ``data.color: gray``
+    reads both alike): their features differ, and the scores would say so, not where the anomaly is."""
+    if model.train_kind and model.settings.data.color != "gray":
+        if other := next((path for path in images if image_kind(path) != model.train_kind), None):
+            raise DataError(f"model {model_path} was fitted on {model.train_kind} images and cannot score {other}, "
+                            f"a {image_kind(other)} image: fit a model on such images, or with data.color: gray")
 
 
 def _input_files(source: str, output: str) -> list[str]:

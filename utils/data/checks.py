@@ -67,6 +67,11 @@ class Checker:
                 f"{', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}); set data.color: gray or rgb to read them alike"
             )
 
+    def kind(self, group: Optional["ImageSet"]) -> str:
+        """``colour`` or ``gray`` when every checked image of ``group`` is that kind, else "" (mixed, or none)."""
+        kinds = {self._found[p][1] for p in (group.paths if group else ()) if isinstance(self._found.get(p), tuple)}
+        return {frozenset({True}): "colour", frozenset({False}): "gray"}.get(frozenset(kinds), "")
+
     def kept(self, name: str, items: Iterable[Item]) -> list[Item]:
         """The ``items`` whose image and mask files pass the checks, each mask of its image's size;
         bad rows are skipped (skip mode) or refused. An error if no item is left."""
@@ -106,6 +111,7 @@ class FolderLoader:
         train, val, description = None, None, "no validation set requested"
         if {"train", "val"} & set(splits):
             train, val, description = self.train_and_val(splits)
-        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description)
+        bundle = DataBundle(train if "train" in splits else None, val if "val" in splits else None, test, description,
+                            train_kind=self.check.kind(train))
         self.check.same_colour([bundle.train, bundle.val, *test.values()], self.root, self.settings.data.color)
         return bundle

@@ -52,9 +52,18 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def image_kind(path: str) -> str:
+    """``colour`` or ``gray``: the kind of the image file at ``path`` (its header only)."""
+    with open_image(path) as image:
+        return "colour" if image.mode in COLOR_MODES else "gray"
+
+
 def _to_unit_gray(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:  # a 32-bit file: no range to scale it by
+            raise DataError(f"image {getattr(image, 'filename', '') or 'file'} holds values from {array.min():.0f} to "
+                            f"{array.max():.0f}; gray levels of 8 or 16 bits (0 to 65535) are needed")
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         return (array / top).astype(np.float32)
     if image.mode == "F":

@@ -147,13 +147,15 @@ class DataBundle:
     """``train`` (normal images), ``val`` (or None), ``test``: group name -> set, in a stable
     order: pathology / defect groups, then ``"normal"`` (normal test images, all-False masks).
     ``val_description`` says where ``val`` came from (a split, or held out of train);
-    ``train_digests`` identifies the training files' content (:func:`utils.data.load.file_digests`)."""
+    ``train_digests`` identifies the training files' content (:func:`utils.data.load.file_digests`),
+    ``train_kind`` says whether every training image is ``colour`` or ``gray`` ("" if mixed or volumes)."""
 
     train: Optional[ImageSet]
     val: Optional[ImageSet]
     test: dict[str, ImageSet]
     val_description: str = "no validation set requested"
     train_digests: Optional[torch.Tensor] = None
+    train_kind: str = ""
 
     def summary(self) -> str:
         """``train 581 images, val 30 images, mass 14 images (16 rows), ...`` (volumes: slices, volumes)."""

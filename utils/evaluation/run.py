@@ -111,6 +111,7 @@ class Run:
         if model_path is None:
             model = Padim(self.settings)
             model.train_fingerprint, model.train_digests = trained_on, self.bundle.train_digests
+            model.train_kind = self.bundle.train_kind
             self.model = distributed_fit(model, train, self.ctx, progress=progress)
             self.model_source = f"fitted on {train.summary()}"
             self.timings["train_images"] = len(train)

@@ -80,6 +80,8 @@ class Padim:
         #: ``(F,)`` int64: the first 8 bytes of the SHA-256 of each training file, set with the fingerprint
         #: (:func:`utils.data.load.file_digests`): ``predict`` names inputs that are training files.
         self.train_digests = torch.zeros(0, dtype=torch.int64)
+        #: ``colour`` or ``gray`` when every training image was that kind ("" otherwise): ``predict`` refuses the other.
+        self.train_kind = ""
 
     # ------------------------------------------------------------------ features
     @functools.cached_property
@@ -175,8 +177,9 @@ class Padim:
     @classmethod
     def load(cls, path: str | os.PathLike, settings: Settings | None = None) -> "Padim":
         """Read a model file (:func:`utils.padim.model_file.load_state`); with ``settings``, checked against them."""
-        stored, mean, cholesky, count, fingerprint, digests = load_state(path, settings)
+        stored, mean, cholesky, record = load_state(path, settings)
         model = cls(stored)
         model.mean, model.cholesky = mean.to(model.device), cholesky.to(model.device)
-        model.train_count, model.train_fingerprint, model.train_digests = count, fingerprint, digests
+        model.train_count, model.train_fingerprint = record["train_count"], record["train_fingerprint"]
+        model.train_digests, model.train_kind = record["train_digests"], record["train_kind"]
         return model

@@ -23,8 +23,9 @@ from .features import channel_selection
 from .gaussian import all_finite
 
 FILE_FORMAT = "padim-model"
-#: 5: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances),
-#: ``train_fingerprint`` and ``train_digests``; files of other versions are refused with one line (refit them).
+#: 5: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances) and what the
+#: model knows of its training files: ``train_fingerprint``, ``train_digests``, ``train_kind``; files of
+#: other versions are refused with one line (refit them).
 FILE_VERSION = 5
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
@@ -62,7 +63,7 @@ def save_state(model, path: str | os.PathLike) -> str:
     before the rename); returns the path. The file holds what :func:`load_state` returns: the settings
     the model was fitted with, its per-position means ``(P, d)`` and Cholesky factors ``(P, d, d)``,
     the number of training samples, the :func:`utils.data.fingerprint` of the training files
-    ("" when unknown) and their content digests."""
+    ("" when unknown), their content digests and their kind (colour or gray)."""
     path = os.fspath(path)
     payload = {
         "format": FILE_FORMAT,
@@ -74,6 +75,7 @@ def save_state(model, path: str | os.PathLike) -> str:
         "train_count": int(model.train_count),
         "train_fingerprint": model.train_fingerprint,
         "train_digests": model.train_digests.cpu(),
+        "train_kind": model.train_kind,
     }
     with atomic_writer(path, durable=True) as stream:
         try:
@@ -148,9 +150,11 @@ def _tensor(payload: dict, key: str, shape: tuple, dtypes: tuple, path: str) -> 
     return value
 
 
-def load_state(path: str | os.PathLike, settings: Settings | None = None) -> tuple:
-    """Read and check a model file written by :func:`save_state`: ``(settings, mean, cholesky,
-    train_count, train_fingerprint, train_digests)``.
+def load_state(path: str | os.PathLike,
+               settings: Settings | None = None) -> tuple[Settings, torch.Tensor, torch.Tensor, dict]:
+    """Read and check a model file written by :func:`save_state`: ``(settings, mean, cholesky, record)``,
+    ``record`` what it knows of its training files: ``train_count``, ``train_fingerprint``, ``train_digests``
+    and ``train_kind``.
 
     With ``settings``, the file must have been fitted with the same model-defining settings
     (:func:`check_compatible`); run-time settings (device, batch size, blur, image score, data
@@ -170,12 +174,15 @@ def load_state(path: str | os.PathLike, settings: Settings | None = None) -> tup
     indices = _tensor(payload, "channel_indices", tuple(expected.shape), (torch.int64,), path)
     if not torch.equal(indices, expected):
         raise ModelFileError(f"{path} is inconsistent: its channel indices do not follow from its own settings")
-    count, fingerprint = payload.get("train_count"), payload.get("train_fingerprint")
+    count, fingerprint, kind = payload.get("train_count"), payload.get("train_fingerprint"), payload.get("train_kind")
     if not isinstance(count, int) or count < 1:
         raise ModelFileError(f"{path} is damaged: `train_count` is {count!r}")
     if not isinstance(fingerprint, str) or len(fingerprint) > 64:
         raise ModelFileError(f"{path} is damaged: `train_fingerprint` is {fingerprint!r:.80}")
+    if kind not in ("", "colour", "gray"):
+        raise ModelFileError(f"{path} is damaged: `train_kind` is {kind!r:.80}")
     mean = _tensor(payload, "mean", (positions, dim), (torch.float64, torch.float32), path)
     cholesky = _tensor(payload, "cholesky", (positions, dim, dim), (getattr(torch, stored.covariance_dtype),), path)
     digests = _tensor(payload, "train_digests", (None,), (torch.int64,), path)
-    return stored, mean, cholesky, count, fingerprint, digests
+    record = {"train_count": count, "train_fingerprint": fingerprint, "train_digests": digests, "train_kind": kind}
+    return stored, mean, cholesky, record
