@@ -234,3 +234,16 @@ def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path
         load_data(settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), ("train", "test"))
     overlap = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
     assert len(overlap) == warns and all("1 test file also in the training data" in m for m in overlap)
+
+
+def test_a_warning_of_pillows_names_the_image(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.new("L", (8, 8)).save(path, exif=_exif(6).tobytes())
+    data = bytearray(path.read_bytes())
+    start = data.find(b"Exif\0\0") + 14  # the first IFD's entry count and first tag: read past the segment's end
+    data[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(str(path), "gray").shape == (8, 8)
+    assert [str(w.message).startswith(f"image {path}: Corrupt EXIF data") for w in caught] == [True]

@@ -141,14 +141,16 @@ def _named(row: dict[str, str]) -> dict[str, str]:
 def open_image(path: str) -> Iterator[Image.Image]:
     """The opened (not yet decoded) image at ``path``: the one existence, empty-file and size check.
 
-    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file.
+    Every failure, there or in the caller's block, becomes one :class:`DataError` naming the file; a
+    warning of Pillow's there (corrupt EXIF data) names the file too.
     """
     if problem := file_problem(path):
         raise DataError(f"image file {problem}: {path}")
     if os.path.getsize(path) == 0:
         raise DataError(f"image file is empty (0 bytes): {path}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
@@ -158,3 +160,5 @@ def open_image(path: str) -> Iterator[Image.Image]:
         raise
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+    for found in caught:
+        warnings.warn(f"image {path}: {str(found.message).strip()}", found.category, stacklevel=3)
