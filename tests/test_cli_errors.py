@@ -166,6 +166,15 @@ def model_of_other_training_images(tmp, ctx):
     return ["evaluate", "--config", mvtec_config(tmp, root), "--model", ctx.category_model, "--no-figures"]
 
 
+def user_file_in_the_run_folder(tmp, ctx):
+    """A rerun replaces its folder as a whole: never with a user's own file in it."""
+    argv = ["evaluate", "--config", mvtec_config(tmp, ctx.category), "--model", ctx.category_model, "--no-figures"]
+    assert main(argv + ["--quiet"]) == 0
+    (run,) = (tmp / "results").iterdir()
+    write(run / "notes" / "mine.txt")
+    return argv
+
+
 BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folder)
     (config_text(b"seed: 1\nbatch_size: 3\nseed: 2\n"), "key `seed` is written twice (lines 1 and 3)"),
     (config_text(b"data:\n\tformat: demo\n"), "a tab character is used for indentation"),
@@ -205,6 +214,7 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "o", model=write(tmp / "p.pt", pickle.dumps([1]))),
      "is not a readable PaDiM model file"),
     (model_of_other_training_images, "fitted on other training images"),
+    (user_file_in_the_run_folder, "holds files no earlier run wrote (notes/mine.txt)"),
 ]
 
 

@@ -18,6 +18,7 @@ command line turns into ``KeyboardInterrupt``, :func:`utils.boundary.run_command
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -214,6 +215,23 @@ def _swap(staging: str, target: str, replace: bool) -> None:
             os.rename(retired, target)  # the earlier folder is back where it was, never left to the sweep
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def files_below(folder: str) -> list[str]:
+    """Every file below ``folder``, as sorted paths relative to it."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+
+
+def unlisted_files(folder: str, listing: str) -> list[str]:
+    """The files below ``folder`` (relative paths) that its JSON file ``listing`` (``{"files": [...]}``,
+    written last by the run that wrote the folder) does not name: every file when it cannot be read. A
+    folder is another run's output, to be replaced as a whole, only if this is empty."""
+    try:
+        with open(os.path.join(folder, listing), encoding="utf-8") as handle:
+            listed = set(json.load(handle)["files"]) | {listing}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        listed = set()
+    return [path for path in files_below(folder) if path not in listed]
 
 
 #: What a path that is no regular file is: the first of these that holds, else "not found".

@@ -31,7 +31,7 @@ from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume,
 from .errors import ConfigError, DataError
 from .evaluation.plotting import save_heatmap
 from .evaluation.volumes import slice_scores
-from .files import atomic_writer, staged_folder, writable_folder, write_atomic
+from .files import atomic_writer, files_below, staged_folder, unlisted_files, writable_folder, write_atomic
 from .padim import Padim
 from .padim.model_file import check_input_kind
 
@@ -60,7 +60,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
-        write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": _files_below(staging)}, indent=1).encode())
+        write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": files_below(staging)}, indent=1).encode())
     return done
 
 
@@ -103,24 +103,14 @@ def _inside(path: str, folder: str) -> bool:
 PREDICT_LIST = "predict_files.json"
 
 
-def _files_below(folder: str) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
-
-
 def _output_folder(output: str) -> str:
     """The real path of ``output`` once it is absent, empty or an earlier predict output (its file
     list, :data:`PREDICT_LIST`, covers every file in it); never a folder that holds other files."""
     output = os.path.realpath(output)  # a link to the folder stays a link to the new outputs
     writable_folder(output)
-    if not os.path.isdir(output) or not os.listdir(output):
-        return output
-    try:
-        with open(os.path.join(output, PREDICT_LIST), encoding="utf-8") as handle:
-            listed = set(json.load(handle)["files"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ConfigError(f"--output {output} holds other files (not an earlier predict output); give a new or empty folder") from None
-    if others := [f for f in _files_below(output) if f not in listed | {PREDICT_LIST}]:
-        raise ConfigError(f"--output {output} holds files an earlier predict did not write ({others[0]}); give a new or empty folder")
+    if others := unlisted_files(output, PREDICT_LIST):
+        raise ConfigError(f"--output {output} holds other files than an earlier predict wrote ({others[0]}); give a "
+                          "new or empty folder")
     return output
 
 

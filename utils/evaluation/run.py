@@ -37,7 +37,7 @@ from ..config import Settings
 from ..data import SPLITS, DataBundle, files_read, fingerprint, load_data
 from ..distributed import DistributedContext, distributed_fit, prepare_demo
 from ..errors import DataError, ModelFileError
-from ..files import staged_folder, write_atomic
+from ..files import staged_folder, unlisted_files, write_atomic
 from ..padim import Padim
 from .report import markdown, summary as summary_text
 from .images import ImageUnits
@@ -99,6 +99,14 @@ class Run:
         """The files the run read: its data and the model file it loaded."""
         data = files_read([self.bundle.train, self.bundle.val, *self.bundle.test.values()])
         return data + ([self.model_path] if self.model_path else [])
+
+    def check_replaceable(self) -> None:
+        """The run's folder may be replaced as a whole: it is absent, or every file in it is one an earlier run
+        wrote (listed in its ``timings.json``) or read; a user's own files there are never removed."""
+        read = {os.path.relpath(os.path.realpath(path), os.path.realpath(self.directory)) for path in self.inputs()}
+        if others := [path for path in unlisted_files(self.directory, TIMINGS) if path not in read]:
+            raise DataError(f"results folder {self.directory} holds files no earlier run wrote ({others[0]}); a rerun "
+                            "replaces the folder as a whole: move them out, or delete the folder")
 
     def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Optional[Padim]:
         """Fit PaDiM on the training set (sharded across the ranks under torchrun: the model on rank 0,
@@ -198,6 +206,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
              "config.yaml": f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)}
     if run.unit_table is not None:
         texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
+    run.check_replaceable()
     try:
         with staged_folder(run.directory, inputs=run.inputs()) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
@@ -207,13 +216,19 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
-            names.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(_timings(run), indent=2).encode()))
+            files = [os.path.relpath(name, folder) for name in names] + [TIMINGS]  # what check_replaceable accepts
+            timings = json.dumps(_timings(run) | {"files": files}, indent=2)
+            names.append(write_atomic(os.path.join(folder, TIMINGS), timings.encode()))
             if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
                 raise DataError(f"the data changed while run {run.name} ran (files rewritten, added or removed, or a "
                                 "split list edited): nothing was written; run it again on the data as they are now")
     finally:
         run.units.discard()
     return [os.path.join(run.directory, os.path.relpath(name, folder)) for name in names]
+
+
+#: Written last into every results folder: the run's timings and the list of the files it wrote.
+TIMINGS = "timings.json"
 
 
 def _timings(run: Run) -> dict[str, Any]:
@@ -237,6 +252,7 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
         run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None
+        run.check_replaceable()  # before the work, not only before the swap
         run.score(progress=progress)
         run.compute_metrics()
         run.save(save_model=save_model, figures=figures, maps=maps)
