@@ -48,12 +48,13 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
             check_input_kind(model.settings, kind, f"model {model_path}")  # only the kind it was fitted on
     _check_image_kinds(model, images, model_path)
     entries = read_manifest(volumes, model.settings.data.volume_index) if volumes else []
-    named = [path for entry in entries for path in (entry.image, entry.label, entry.brain_mask) if path]
-    if inside := next((path for path in named if _inside(path, output)), None):  # what a manifest lists too
-        raise DataError(f"{inside} (listed in {source}) is inside --output {output}, which predict replaces as a "
-                        "whole: the input would be lost; choose an output folder that does not hold the inputs")
+    listed_files = [path for entry in entries for path in (entry.image, entry.label, entry.brain_mask) if path]
+    inputs = [source, *images, *listed_files]
+    if inside := next((path for path in inputs if _inside(path, output)), None):  # what a manifest lists too
+        raise DataError(f"input {inside} is inside --output {output}, which predict replaces as a whole: it would be "
+                        "lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
-    with staged_folder(_output_folder(output), inputs=[source, *images, *named]) as staging:
+    with staged_folder(_output_folder(output), inputs=inputs) as staging:
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
@@ -75,11 +76,7 @@ def _check_image_kinds(model: Padim, images: list[str], model_path: str) -> None
 
 def _input_files(source: str, output: str) -> list[str]:
     """``source`` itself when it is a file, else every image or NIfTI file below it; ``output``
-    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run), and
-    ``source`` outside ``output`` (the output is replaced as a whole: an input there would be lost)."""
-    if _inside(source, output):
-        raise DataError(f"--input {source} is inside --output {output}, which predict replaces as a whole: the input "
-                        "would be lost; choose an output folder that does not hold the input")
+    must lie outside a ``source`` folder (its heat-maps would be read as images by the next run)."""
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
