@@ -166,6 +166,8 @@ NOISE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).ast
     # 1-bit: a small file that would decode to a huge array
     ("bad.png", lambda path: Image.new("1", (int(MAX_PIXELS**0.5) + 64,) * 2).save(path), "gray", "pixel limit"),
     ("i32.tif", Image.fromarray((GRADIENT * 70000).astype(np.int32)).save, "gray", "values from 0 to 70000"),
+    ("pages.tif", lambda path: Image.fromarray(EIGHT).save(path, save_all=True, append_images=[Image.fromarray(EIGHT)]),
+     "gray", "holds 2 frames"),
 ])
 def test_an_image_reads_as_its_gray_values_or_is_one_line_naming_it(tmp_path, name, make, color, expected):
     path = tmp_path / name

@@ -155,6 +155,9 @@ def open_image(path: str) -> Iterator[Image.Image]:
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise DataError(f"image {path} is {image.width}x{image.height}, larger than the {MAX_PIXELS:,} pixel limit")
+                # a multi-page TIFF, an animation: which frame is the image? (a camera's MPO: the photo, then previews)
+                if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+                    raise DataError(f"image {path} holds {image.n_frames} frames; one image per file is needed")
                 yield image
     except DataError:
         raise
