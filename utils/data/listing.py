@@ -10,8 +10,9 @@
 - CSV files are UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"), blank rows are
   skipped, a header repeated as a row is refused, trailing commas are harmless, an empty file or one
   separated by ``;`` is named as such, and messages name the line in the file;
-- images are opened once, through one size and decoding guard; their size is the one after the
-  turn their EXIF orientation asks for (the readers of :mod:`utils.data.preprocess` turn them).
+- images are opened once, through one size and decoding guard (one frame per file; Pillow's warnings
+  name the file); their size is the one after the turn their EXIF orientation asks for (the readers of
+  :mod:`utils.data.preprocess` turn them).
 """
 
 from __future__ import annotations
