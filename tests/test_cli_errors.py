@@ -132,6 +132,12 @@ def earlier_output(then):
     return make
 
 
+def pipe_among_the_inputs(tmp, ctx):  # ctx.model knows no training files: nothing reads the pipe before the reader
+    images(tmp / "in")
+    os.mkfifo(tmp / "in" / "x.png")
+    return predict(ctx, tmp / "in", tmp / "o")
+
+
 def infinite_float_image(tmp, ctx):
     (tmp / "in").mkdir()
     Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(tmp / "in" / "inf.tif")
@@ -208,6 +214,7 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (earlier_output("input inside"), "is inside --output"),
     (earlier_output("image 10 fails"), "{tmp}/in/sub/i10.png"),
     (infinite_float_image, "inf.tif holds NaN or Inf values"),
+    (pipe_among_the_inputs, "is not a regular file (a broken link, device or pipe): {tmp}/in/x.png"),
     (truncated_jpegs_read_in_workers, "error: cannot read image {tmp}/cat/train/good"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "o", model=tmp / "x.pt"), "model file not found"),
     (changed_byte_in_the_model, "fails its checksum"),
@@ -309,6 +316,18 @@ def test_an_interruption_exits_130_and_leaves_nothing(ctx, tmp_path, during, mod
     assert "Traceback" not in done.stderr and "enforce fail" not in done.stderr
     assert list(snapshot(tmp_path)) == ["config.yaml"]  # no model, no demo set, no hidden temporary
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # importing utils changed nothing in this process
+
+
+def test_reruns_replace_the_run_folder_and_keep_the_model_they_read(ctx, tmp_path, capsys):
+    """evaluate; evaluate --model <run>/model.pt --no-save-model; evaluate again, with a Finder file in the folder."""
+    argv = ["evaluate", "--config", mvtec_config(tmp_path, ctx.category), "--no-figures"]
+    assert cli(argv, capsys)[0] == 0
+    (run,) = (tmp_path / "results").iterdir()
+    assert cli(argv + ["--model", str(run / "model.pt"), "--no-save-model"], capsys)[0] == 0
+    assert (run / "model.pt").is_file()  # read by the run: kept, and listed as the folder's
+    (run / ".DS_Store").touch()  # the system's, not a user's file
+    assert cli(argv, capsys)[0] == 0
+    assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "model.pt", "timings.json"]
 
 
 def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx, tmp_path, capsys):

@@ -57,8 +57,9 @@ def test_channel_sums(backbone, total):
         ({"mask_background": 1}, ["`mask_background` must be true or false"]),
         ({"spatial_pooling": 4}, ["`spatial_pooling` is 4", "0 (off) to 3"]),
         ({"spatial_pooling": 1, "covariance_shrinkage": "ledoit_wolf"}, ["cannot be combined"]),
-        ({"results_dir": "$PADIM_UNSET_ZZ/x"}, ["`results_dir` is '$PADIM_UNSET_ZZ/x'", "variable PADIM_UNSET_ZZ is not set"]),
-        ({"data": {"root": "${PADIM_UNSET_ZZ}"}}, ["`data.root`", "variable PADIM_UNSET_ZZ is not set"]),
+        ({"results_dir": "$PADIM_UNSET_ZZ/x"}, ["`results_dir` is '$PADIM_UNSET_ZZ/x'",
+                                                "cannot expand $PADIM_UNSET_ZZ:"]),
+        ({"data": {"root": "${PADIM_UNSET_ZZ}"}}, ["`data.root`", "cannot expand ${PADIM_UNSET_ZZ}"]),
     ],
 )
 def test_each_bad_setting_gives_one_clear_error(raw, fragments):

@@ -206,11 +206,13 @@ def test_loader_with_worker_processes_gives_the_batches_and_warnings_of_one_proc
     group = load_data(settings, ("test",)).test["mass"]
     single = [group[index] for index in range(len(group))]
     gradient = group.items[0].head[0]
-    Image.fromarray((np.indices(np.asarray(Image.open(gradient)).shape).sum(0) % 16 * 16).astype(np.uint8)).save(gradient)
+    levels = np.indices(np.asarray(Image.open(gradient)).shape).sum(0) % 16 * 16  # 16 gray levels
+    Image.fromarray(levels.astype(np.uint8)).save(gradient)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(Loader(group, settings))
-    assert all(torch.equal(b["image"][k], single[b["index"][k]]["image"]) for b in batches for k in range(len(b["index"])))
+    assert all(torch.equal(batch["image"][k], single[index]["image"])
+               for batch in batches for k, index in enumerate(batch["index"]))
     assert sum(len(b["index"]) for b in batches) == len(single)
     named = [str(w.message) for w in caught if w.category is NonBinaryMaskWarning]
     reads = sum((*item.anomaly, *(item.head or ())).count(gradient) for item in group.items)  # each read warns
@@ -396,7 +398,8 @@ def _copy_in(root, source, target):
     (lambda root: shutil.rmtree(root), {}, ["MVTec AD category"]),
     (lambda root: os.remove(os.path.join(root, "ground_truth/crack/001_mask.png")), {},
      ["001_mask.png", os.path.join("test", "crack", "001.png")]),
-    (lambda root: _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8)), {}, ["48x40"]),
+    (lambda root: _png(os.path.join(root, "ground_truth/crack/001_mask.png"), np.zeros((40, 48), np.uint8)), {},
+     ["48x40"]),
     (lambda root: None, {"test_groups": ["dent"]}, ["'dent'"]),
     (lambda root: _copy_in(root, "ground_truth/crack/001_mask.png", "ground_truth/crack/000_mask.tif"), {},
      ["000_mask.png and ", "000_mask.tif are one name with two suffixes"]),  # which mask is 000's?

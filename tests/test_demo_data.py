@@ -147,7 +147,7 @@ def test_same_seed_same_bytes_other_seed_other_set(tmp_path, tiny):
 
 @pytest.mark.parametrize("before, overwrite, replaced", [
     ("empty", False, True), ("user files", False, False), ("user files", True, False),  # --force: never a user's files
-    ("demo set", False, False), ("demo set", True, True),
+    ("demo set", False, False), ("demo set", True, True), ("demo set and user files", True, False),
 ])
 def test_a_folder_is_filled_when_empty_and_replaced_only_when_generated_and_forced(tmp_path, before, overwrite,
                                                                                   replaced):
@@ -155,8 +155,11 @@ def test_a_folder_is_filled_when_empty_and_replaced_only_when_generated_and_forc
     root.mkdir()
     if before == "user files":
         (root / "notes.txt").write_text("mine")
-    elif before == "demo set":
+    elif before != "empty":
         generate_demo(root, seed=1, counts=TINY)
+        if before == "demo set and user files":
+            (root / "notes").mkdir()
+            (root / "notes" / "mine.txt").write_text("mine")
     earlier = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     if replaced:
         generate_demo(root, counts=TINY, overwrite=overwrite)

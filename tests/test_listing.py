@@ -71,7 +71,9 @@ HEADER, ROW = ["split", "image"], {"split": "train", "image": "a.nii"}
     (b"split,image,\ntrain,a.nii,\n\n", (HEADER, [("t.csv line 2", ROW)])),  # trailing commas: unnamed, empty
     (b"", "manifest {path} is empty"),
     (b"split;image\ntrain;a.nii\n", "is one column: are its fields separated by ';'?"),
-    (b"split,image,\ntrain,a.nii,x\n", "a column has values but no name"),
+    (b"\n\nsplit,image\ntrain,a.nii\n", (HEADER, [("t.csv line 4", ROW)])),  # blank lines before the header
+    (b"split,image,,\ntrain,a.nii,x,\n", "t.csv line 2: a value in a column without a name"),
+    (b"split,image\ntrain,a.nii,x\n", "t.csv line 2: a value in a column without a name"),  # beyond the header
     (b"split,image\ntrain,a.nii\nsplit,image\n", "t.csv line 3: the header row again"),
     (b"split,image\n\ntrain,a.nii\n\n split , image\n", "t.csv line 5: the header row again"),
     (b"split,image\ntrain,caf\xe9.nii\n", "is not UTF-8 text (byte 0xe9"),
@@ -79,7 +81,7 @@ HEADER, ROW = ["split", "image"], {"split": "train", "image": "a.nii"}
     ("folder", "is a folder, not a file"),
     (b"split,image\ntrain,a.nii\ntest," + b"x" * 140_000 + b"\n", "{path} line 3: field larger than field limit"),
 ], ids=["plain", "excel-bom-crlf", "blank-lines", "quoted-line-break", "trailing-commas", "empty", "semicolons",
-        "unnamed-column", "repeated-header",
+        "blank-first-lines", "unnamed-column", "beyond-the-header", "repeated-header",
         "repeated-header-after-blanks", "latin-1", "missing", "folder", "field-over-128-KiB"])
 def test_a_csv_file_gives_its_rows_and_their_line_numbers_or_one_line_error(tmp_path, raw, expected):
     path = tmp_path / "t.csv"

@@ -73,7 +73,7 @@ def command_boundary() -> Iterator[types.SimpleNamespace]:
         elif isinstance(exc, OSError):  # any file-system failure: the path and what is wrong, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
             line = f"{where}{exc.strerror or exc}"
-        elif os.environ.get(DEBUG_ENV, "0") not in ("", "0"):  # not the user's to fix: PADIM_DEBUG=1 shows where
+        elif os.environ.get(DEBUG_ENV) not in (None, "", "0"):  # not the user's to fix: PADIM_DEBUG=1 shows where
             raise
         else:
             line = f"{type(exc).__name__}: {first_line(exc)} (set {DEBUG_ENV}=1 for the traceback)"

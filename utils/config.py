@@ -285,7 +285,8 @@ def _expanded(key: str, path: str) -> str:
     if expanded.startswith("~"):  # expanduser leaves ~name of an unknown user as it is
         raise ConfigError(f"`{key}` is {path!r}: no user {expanded[1:].split(os.sep)[0]!r} on this machine")
     if unset := UNSET_VARIABLE.search(expanded):
-        raise ConfigError(f"`{key}` is {path!r}: the environment variable {unset[1].strip('{}')} is not set")
+        raise ConfigError(f"`{key}` is {path!r}: cannot expand {unset[0]}: no environment variable of that name "
+                          "is set")
     return expanded
 
 

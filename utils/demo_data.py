@@ -19,7 +19,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
     where.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
-    parser.add_argument("--force", action="store_true", help="replace the folder if it holds a demo set generated here (never a folder of other files)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the folder if it holds a demo set generated here and nothing else")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")

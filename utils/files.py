@@ -217,15 +217,25 @@ def _swap(staging: str, target: str, replace: bool) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def hidden(name: str) -> bool:
+    """Whether a file or folder ``name`` is the system's, not a user's: hidden (``.x``, macOS ``._x``,
+    ``.DS_Store``) or a zip's ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def files_below(folder: str) -> list[str]:
-    """Every file below ``folder``, as sorted paths relative to it."""
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+    """Every file below ``folder`` that is not :func:`hidden`, as sorted paths relative to it."""
+    found = []
+    for parent, children, names in os.walk(folder):
+        children[:] = [name for name in children if not hidden(name)]
+        found += [os.path.relpath(os.path.join(parent, name), folder) for name in names if not hidden(name)]
+    return sorted(found)
 
 
 def unlisted_files(folder: str, listing: str) -> list[str]:
-    """The files below ``folder`` (relative paths) that its JSON file ``listing`` (``{"files": [...]}``,
-    written last by the run that wrote the folder) does not name: every file when it cannot be read. A
-    folder is another run's output, to be replaced as a whole, only if this is empty."""
+    """The files below ``folder`` (relative paths, :func:`files_below`) that its JSON file ``listing``
+    (``{"files": [...]}``, written last by the run that wrote the folder) does not name: every file when it
+    cannot be read. A folder is another run's output, to be replaced as a whole, only if this is empty."""
     try:
         with open(os.path.join(folder, listing), encoding="utf-8") as handle:
             listed = set(json.load(handle)["files"]) | {listing}

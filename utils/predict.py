@@ -54,14 +54,15 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
         raise DataError(f"input {inside} is inside --output {output}, which predict replaces as a whole: it would be "
                         "lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
-    with staged_folder(_output_folder(output), inputs=inputs) as staging:
+    with staged_folder(_output_folder(output)) as staging:
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
-        write_atomic(os.path.join(staging, PREDICT_LIST), json.dumps({"files": files_below(staging)}, indent=1).encode())
+        listing = json.dumps({"files": files_below(staging)}, indent=1)
+        write_atomic(os.path.join(staging, PREDICT_LIST), listing.encode())
     return done
 
 
@@ -69,9 +70,10 @@ def _check_image_kinds(model: Padim, images: list[str], model_path: str) -> None
     """A model fitted on colour images scores no gray ones, and the reverse (unless ``data.color: gray``
     reads both alike): their features differ, and the scores would say so, not where the anomaly is."""
     if model.train_kind and model.settings.data.color != "gray":
-        if other := next((path for path in images if image_kind(path) != model.train_kind), None):
-            raise DataError(f"model {model_path} was fitted on {model.train_kind} images and cannot score {other}, "
-                            f"a {image_kind(other)} image: fit a model on such images, or with data.color: gray")
+        for path in images:
+            if (kind := image_kind(path)) != model.train_kind:
+                raise DataError(f"model {model_path} was fitted on {model.train_kind} images and cannot score {path}, "
+                                f"a {kind} image: fit a model on such images, or with data.color: gray")
 
 
 def _input_files(source: str, output: str) -> list[str]:

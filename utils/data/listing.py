@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import os
 import unicodedata
 import warnings
@@ -27,7 +28,7 @@ from typing import Iterator
 from PIL import Image
 
 from ..errors import DataError
-from ..files import file_problem, not_utf8
+from ..files import file_problem, hidden, not_utf8
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
@@ -43,7 +44,8 @@ def stem(path: str) -> str:
 
 
 def by_stem(paths: list[str]) -> dict[str, str]:
-    """``{stem: path}`` of ``paths``; two files of one stem (``a.png`` and ``a.tif``) are refused: either could be meant."""
+    """``{stem: path}`` of ``paths``; two files of one stem (``a.png`` and ``a.tif``) are refused: either
+    could be meant."""
     found: dict[str, str] = {}
     for path in paths:
         if (name := stem(path)) in found:
@@ -55,11 +57,6 @@ def by_stem(paths: list[str]) -> dict[str, str]:
 def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     """Whether ``path`` ends in one of ``suffixes`` (lower case), in any case."""
     return path.lower().endswith(suffixes)
-
-
-def hidden(name: str) -> bool:
-    """Whether a file or folder ``name`` is not an input: hidden (``.x``, macOS ``._x``) or a zip's ``__MACOSX``."""
-    return name.startswith(".") or name == "__MACOSX"
 
 
 def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
@@ -100,29 +97,32 @@ def resolved(path: str) -> str:
 def read_table(path: str, what: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
     """The header (stripped) and the non-blank rows of the CSV file at ``path`` (``what`` it is, for
     messages), each row as ``(source, {column: stripped value})`` with ``source`` = ``"name.csv line N"``.
-    Columns without a name and without values (trailing commas) are dropped."""
+    Columns without a name are dropped when they hold no value (trailing commas); a value without a
+    column is refused."""
     if problem := file_problem(path):
         raise DataError(f"{what} {path} {problem}")
     name, rows = os.path.basename(path), []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            header = _header([cell.strip() for cell in next(reader, [])], f"{what} {path}")
-            for row in reader:
-                cells = [cell.strip() for cell in row]
+            lines = ([cell.strip() for cell in row] for row in reader)
+            header = _header(next((cells for cells in lines if any(cells)), []), f"{what} {path}")
+            for cells in lines:
+                source = f"{name} line {reader.line_num}"
                 if cells == header:
-                    raise DataError(f"{name} line {reader.line_num}: the header row again; remove the repeated header")
+                    raise DataError(f"{source}: the header row again; remove the repeated header")
+                if any(cell for column, cell in itertools.zip_longest(header, cells, fillvalue="") if not column):
+                    raise DataError(f"{source}: a value in a column without a name in the header; name the column "
+                                    "or remove the value")
                 if any(cells):
-                    rows.append((f"{name} line {reader.line_num}", dict(zip(header, cells))))
+                    rows.append((source, {column: cell for column, cell in zip(header, cells) if column}))
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} {path} {not_utf8(exc)}: is it a CSV?") from None
     except csv.Error as exc:  # a field over csv's size limit, a NUL byte
         raise DataError(f"cannot read {what} {path} line {reader.line_num}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from None
-    if any(row.get("") for _, row in rows):
-        raise DataError(f"{what} {path}: a column has values but no name in the header; name it or remove it")
-    return [column for column in header if column], [(source, _named(row)) for source, row in rows]
+    return [column for column in header if column], rows
 
 
 def _header(header: list[str], where: str) -> list[str]:
@@ -132,10 +132,6 @@ def _header(header: list[str], where: str) -> list[str]:
         raise DataError(f"{where}: the header {header[0]!r} is one column: are its fields separated by "
                         f"{separator!r}? save it with commas")
     return header
-
-
-def _named(row: dict[str, str]) -> dict[str, str]:
-    return {column: value for column, value in row.items() if column}
 
 
 @contextlib.contextmanager

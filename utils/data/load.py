@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from typing import Sequence
 
@@ -40,7 +41,8 @@ def load_data(settings: Settings, splits: Sequence[str] = SPLITS) -> DataBundle:
         bundle.train_digests = file_digests(bundle.train.paths)
         if bundle.val is not None:  # the threshold and colour scale would be partly in-sample
             warn_trained_on(bundle.val.paths, bundle.train_digests, "validation file")
-        warn_trained_on([path for group in bundle.test.values() for path in group.paths], bundle.train_digests, "test file")
+        test = [path for group in bundle.test.values() for path in group.paths]
+        warn_trained_on(test, bundle.train_digests, "test file")
     return bundle
 
 
@@ -55,8 +57,9 @@ def file_digests(paths: Sequence[str]) -> torch.Tensor:
 
 
 def warn_trained_on(paths: Sequence[str], train_digests: torch.Tensor, what: str) -> None:
-    """Warn when any of ``paths`` is a training file: the same file, a link to it or a copy (the same bytes)."""
-    paths = list(dict.fromkeys(paths))
+    """Warn when any of ``paths`` is a training file: the same file, a link to it or a copy (the same bytes).
+    Only regular files are read here (a pipe would never end); the readers name the others."""
+    paths = [path for path in dict.fromkeys(paths) if os.path.isfile(path)]
     same = [path for path, found in zip(paths, torch.isin(file_digests(paths), train_digests)) if found]
     if same:
         warnings.warn(f"{counted(len(same), what)} also in the training data (the same file or the same "

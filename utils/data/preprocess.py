@@ -45,6 +45,10 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
     """
     with open_image(path) as image:
         ImageOps.exif_transpose(image, in_place=True)  # a photo taken sideways
+        low, high = image.getextrema() if image.mode == "I" else (0, 0)
+        if low < 0 or high > 65535:  # a 32-bit image: no range to scale it to [0, 1] by (a mask is binarised)
+            raise DataError(f"image {path} holds values from {low} to {high}; gray levels of 8 or 16 bits (0 to "
+                            "65535) are needed")
         if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
             return _to_unit_gray(image)
         if image.mode not in COLOR_MODES:
@@ -61,9 +65,6 @@ def image_kind(path: str) -> str:
 def _to_unit_gray(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
-        if array.min() < 0 or array.max() > 65535:  # a 32-bit file: no range to scale it by
-            raise DataError(f"image {getattr(image, 'filename', '') or 'file'} holds values from {array.min():.0f} to "
-                            f"{array.max():.0f}; gray levels of 8 or 16 bits (0 to 65535) are needed")
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         return (array / top).astype(np.float32)
     if image.mode == "F":

@@ -130,7 +130,8 @@ def checked_groups(names: Sequence[str], where: str) -> list[str]:
     taken = [name for name in names if name.strip().casefold() in RESERVED_GROUPS or name != name.strip()]
     if taken:
         raise DataError(f"{where}: a test group is named {taken[0]!r}; names with spaces around them and the names "
-                        f"the results table uses for its own rows ({', '.join(RESERVED_GROUPS)}) are refused; rename it")
+                        f"the results table uses for its own rows ({', '.join(RESERVED_GROUPS)}) are refused; "
+                        "rename it")
     return list(names)
 
 

@@ -27,6 +27,8 @@ from .sets import NORMAL, ImageSet, Item, chosen_groups, counted, hold_out
 
 #: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
+#: The split of the normal test images (with ``normal_test_ann.csv``, their head masks): never a pathology group.
+NORMAL_TEST = "normal_test"
 #: A fastMRI slice ``x.png`` has its brain mask beside it as ``x_brain_map_full.png``.
 BRAIN_MAP_SUFFIX = "_brain_map_full.png"
 STUDY_DOWNLOAD_HINT = (
@@ -53,10 +55,9 @@ class StudyLoader(FolderLoader):
         self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
     def available_groups(self) -> list[str]:
-        """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv, sorted (the normal test split has
-        no ``normal_test_neg.csv``)."""
+        """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv, sorted; not the normal test split."""
         groups = [name[: -len("_ann")] for name in self.csvs if name.endswith("_ann")]
-        return sorted(g for g in groups if {g, g + "_neg"} <= self.csvs.keys())
+        return sorted(g for g in groups if g != NORMAL_TEST and {g, g + "_neg"} <= self.csvs.keys())
 
     def read_csv(self, name: str) -> list[Item]:
         """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as items (resolved
@@ -127,7 +128,7 @@ class StudyLoader(FolderLoader):
         ``normal_test.csv`` and its head masks ``normal_test_ann.csv``. A mask's name must start with its
         row's image name (rows out of order are refused). One check covers a row's image and masks, so a
         skipped image drops its masks too."""
-        names = [group, group + "_ann", group + "_neg"] if anomalous else ["normal_test", "normal_test_ann"]
+        names = [group, group + "_ann", group + "_neg"] if anomalous else [NORMAL_TEST, NORMAL_TEST + "_ann"]
         tables = [self.read_csv(name) for name in names]
         if len({len(table) for table in tables}) > 1:
             listing = ", ".join(f"{name}.csv has {len(table)}" for name, table in zip(names, tables))

@@ -31,8 +31,9 @@ def run_name(settings: Settings, data_fingerprint: str) -> str:
     Excluded: device, batch size, the CPU micro-batch and memory format, results folder, worker
     count and the ``target_dimension`` check, which change no number (beyond float rounding); and where
     the data lie (``data.root``, ``data.manifest``): the fingerprint names them wherever they are, so a data
-    set moved, or copied with its times, keeps the name. ``data.demo_seed`` counts only for the demo format. A weights file is identified by its path and content hash, so replacing the file
-    changes the name; so do images added to, removed from or rewritten in the data under the same config.
+    set moved, or copied with its times, keeps the name. ``data.demo_seed`` counts only for the demo format.
+    A weights file is identified by its path and content hash, so replacing the file changes the name; so
+    do images added to, removed from or rewritten in the data under the same config.
     """
     identity = {key: value for key, value in settings.to_dict().items() if key not in RUN_TIME_KEYS}
     data = identity["data"]

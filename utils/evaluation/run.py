@@ -100,10 +100,16 @@ class Run:
         data = files_read([self.bundle.train, self.bundle.val, *self.bundle.test.values()])
         return data + ([self.model_path] if self.model_path else [])
 
+    def inputs_inside(self) -> list[str]:
+        """The run's :meth:`inputs` that lie inside its folder (a ``--model`` there), relative to it: kept
+        there by the next write (:func:`utils.files.staged_folder`) and listed in its ``timings.json``."""
+        folder = os.path.realpath(self.directory) + os.sep
+        return [path[len(folder):] for path in map(os.path.realpath, self.inputs()) if path.startswith(folder)]
+
     def check_replaceable(self) -> None:
         """The run's folder may be replaced as a whole: it is absent, or every file in it is one an earlier run
-        wrote (listed in its ``timings.json``) or read; a user's own files there are never removed."""
-        read = {os.path.relpath(os.path.realpath(path), os.path.realpath(self.directory)) for path in self.inputs()}
+        wrote (listed in its ``timings.json``) or this run reads; a user's own files there are never removed."""
+        read = set(self.inputs_inside())
         if others := [path for path in unlisted_files(self.directory, TIMINGS) if path not in read]:
             raise DataError(f"results folder {self.directory} holds files no earlier run wrote ({others[0]}); a rerun "
                             "replaces the folder as a whole: move them out, or delete the folder")
@@ -197,9 +203,10 @@ class Run:
 
 def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list[str]:
     """Write ``run``'s folder as a whole (:func:`utils.files.staged_folder`: an earlier run's folder of
-    the same name is replaced, never mixed with these files): metrics.csv, metrics.md, config.yaml,
-    model.pt, figures/, the format's own files (volumes.csv, maps/) and timings.json. Returns the
-    paths written."""
+    the same name is replaced, never mixed with these files, unless it holds a user's own files:
+    :meth:`Run.check_replaceable`): metrics.csv, metrics.md, config.yaml, model.pt, figures/, the
+    format's own files (volumes.csv, maps/) and timings.json, which lists them and the run's inputs
+    kept inside the folder. Returns the paths written."""
     started = time.perf_counter()
     csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
     texts = {"metrics.csv": run.table.to_csv(**csv), "metrics.md": markdown(run),
@@ -216,7 +223,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
-            files = [os.path.relpath(name, folder) for name in names] + [TIMINGS]  # what check_replaceable accepts
+            files = sorted({os.path.relpath(name, folder) for name in names} | {TIMINGS, *run.inputs_inside()})
             timings = json.dumps(_timings(run) | {"files": files}, indent=2)
             names.append(write_atomic(os.path.join(folder, TIMINGS), timings.encode()))
             if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
@@ -249,10 +256,12 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
     with DistributedContext.from_settings(settings) as ctx:
         run = Run(settings, ctx)
         run.load_data()
+        run.model_path = model_path
+        # before the work, not only before the swap; rank 0 writes the folder
+        ctx.agree("checking the results folder", lambda: run.check_replaceable() if ctx.is_main else None)
         run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None
-        run.check_replaceable()  # before the work, not only before the swap
         run.score(progress=progress)
         run.compute_metrics()
         run.save(save_model=save_model, figures=figures, maps=maps)
