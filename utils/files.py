@@ -117,13 +117,18 @@ def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Seque
 
 def _carry(inputs: Sequence[str], staging: str, target: str) -> None:
     """Copy each of ``inputs`` that lies inside ``target`` to the same place in ``staging``, unless one is there."""
-    real = os.path.realpath(target) + os.sep
     for path in inputs:
-        if (os.path.realpath(path)).startswith(real):
-            copy = os.path.join(staging, os.path.realpath(path)[len(real):])
+        if relative := relative_inside(path, target):
+            copy = os.path.join(staging, relative)
             if not os.path.lexists(copy):
                 os.makedirs(os.path.dirname(copy), exist_ok=True)
                 shutil.copy2(path, copy)
+
+
+def relative_inside(path: str, folder: str) -> str | None:
+    """``path`` relative to ``folder`` when it is ``folder`` ("") or lies below it, links resolved; else None."""
+    real, base = os.path.realpath(path), os.path.realpath(folder) + os.sep
+    return real[len(base):] if (real + os.sep).startswith(base) else None
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume,
 from .errors import ConfigError, DataError
 from .evaluation.plotting import save_heatmap
 from .evaluation.volumes import slice_scores
-from .files import atomic_writer, files_below, staged_folder, unlisted_files, writable_folder, write_atomic
+from .files import (atomic_writer, files_below, relative_inside, staged_folder, unlisted_files, writable_folder,
+                    write_atomic)
 from .padim import Padim
 from .padim.model_file import check_input_kind
 
@@ -50,7 +51,8 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
     entries = read_manifest(volumes, model.settings.data.volume_index) if volumes else []
     listed_files = [path for entry in entries for path in (entry.image, entry.label, entry.brain_mask) if path]
     inputs = [source, *images, *listed_files]
-    if inside := next((path for path in inputs if _inside(path, output)), None):  # what a manifest lists too
+    # every input, the files a manifest lists too
+    if inside := next((path for path in inputs if relative_inside(path, output) is not None), None):
         raise DataError(f"input {inside} is inside --output {output}, which predict replaces as a whole: it would be "
                         "lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
@@ -83,18 +85,13 @@ def _input_files(source: str, output: str) -> list[str]:
         return [source]
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is neither an image/NIfTI file nor a folder")
-    if _inside(output, source):
+    if relative_inside(output, source) is not None:
         raise DataError(f"--output {output} is inside --input {source}: the next run would score its heat-maps as "
                         "images; choose an output folder outside the input folder")
     files = listed(source, IMAGE_SUFFIXES + NIFTI_SUFFIXES, recursive=True)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
     return files
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it, links resolved."""
-    return (os.path.realpath(path) + os.sep).startswith(os.path.realpath(folder) + os.sep)
 
 
 #: Written last into every ``predict`` output: the list of its files. A folder is an earlier

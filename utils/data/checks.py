@@ -58,8 +58,8 @@ class Checker:
     def same_colour(self, groups: Sequence[Optional["ImageSet"]], root: str, color: str) -> None:
         """With ``data.color: auto`` every checked image of a data set must be colour, or every one
         gray (a batch cannot hold both)."""
-        checked = [(p, self._found[p]) for g in groups if g is not None for p in g.paths if isinstance(self._found.get(p), tuple)]
-        colour, gray = [p for p, (_, c) in checked if c], [p for p, (_, c) in checked if not c]
+        checked = self._colour(groups)
+        colour, gray = [p for p, c in checked.items() if c], [p for p, c in checked.items() if not c]
         if color == "auto" and colour and gray:
             fewer, kind = (colour, "colour") if len(colour) <= len(gray) else (gray, "gray")
             raise DataError(
@@ -69,8 +69,13 @@ class Checker:
 
     def kind(self, group: Optional["ImageSet"]) -> str:
         """``colour`` or ``gray`` when every checked image of ``group`` is that kind, else "" (mixed, or none)."""
-        kinds = {self._found[p][1] for p in (group.paths if group else ()) if isinstance(self._found.get(p), tuple)}
-        return {frozenset({True}): "colour", frozenset({False}): "gray"}.get(frozenset(kinds), "")
+        kinds = frozenset(self._colour([group]).values())
+        return {frozenset({True}): "colour", frozenset({False}): "gray"}.get(kinds, "")
+
+    def _colour(self, groups: Sequence[Optional["ImageSet"]]) -> dict[str, bool]:
+        """Whether each checked (readable) image of ``groups`` holds colour."""
+        return {p: self._found[p][1] for g in groups if g is not None for p in g.paths
+                if isinstance(self._found.get(p), tuple)}
 
     def kept(self, name: str, items: Iterable[Item]) -> list[Item]:
         """The ``items`` whose image and mask files pass the checks, each mask of its image's size;

@@ -37,7 +37,7 @@ from ..config import Settings
 from ..data import SPLITS, DataBundle, files_read, fingerprint, load_data
 from ..distributed import DistributedContext, distributed_fit, prepare_demo
 from ..errors import DataError, ModelFileError
-from ..files import staged_folder, unlisted_files, write_atomic
+from ..files import relative_inside, staged_folder, unlisted_files, write_atomic
 from ..padim import Padim
 from .report import markdown, summary as summary_text
 from .images import ImageUnits
@@ -99,20 +99,6 @@ class Run:
         """The files the run read: its data and the model file it loaded."""
         data = files_read([self.bundle.train, self.bundle.val, *self.bundle.test.values()])
         return data + ([self.model_path] if self.model_path else [])
-
-    def inputs_inside(self) -> list[str]:
-        """The run's :meth:`inputs` that lie inside its folder (a ``--model`` there), relative to it: kept
-        there by the next write (:func:`utils.files.staged_folder`) and listed in its ``timings.json``."""
-        folder = os.path.realpath(self.directory) + os.sep
-        return [path[len(folder):] for path in map(os.path.realpath, self.inputs()) if path.startswith(folder)]
-
-    def check_replaceable(self) -> None:
-        """The run's folder may be replaced as a whole: it is absent, or every file in it is one an earlier run
-        wrote (listed in its ``timings.json``) or this run reads; a user's own files there are never removed."""
-        read = set(self.inputs_inside())
-        if others := [path for path in unlisted_files(self.directory, TIMINGS) if path not in read]:
-            raise DataError(f"results folder {self.directory} holds files no earlier run wrote ({others[0]}); a rerun "
-                            "replaces the folder as a whole: move them out, or delete the folder")
 
     def fit(self, progress: bool = True, model_path: Optional[str] = None) -> Optional[Padim]:
         """Fit PaDiM on the training set (sharded across the ranks under torchrun: the model on rank 0,
@@ -204,7 +190,7 @@ class Run:
 def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list[str]:
     """Write ``run``'s folder as a whole (:func:`utils.files.staged_folder`: an earlier run's folder of
     the same name is replaced, never mixed with these files, unless it holds a user's own files:
-    :meth:`Run.check_replaceable`): metrics.csv, metrics.md, config.yaml, model.pt, figures/, the
+    :func:`check_replaceable`): metrics.csv, metrics.md, config.yaml, model.pt, figures/, the
     format's own files (volumes.csv, maps/) and timings.json, which lists them and the run's inputs
     kept inside the folder. Returns the paths written."""
     started = time.perf_counter()
@@ -213,7 +199,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
              "config.yaml": f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)}
     if run.unit_table is not None:
         texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
-    run.check_replaceable()
+    check_replaceable(run)
     try:
         with staged_folder(run.directory, inputs=run.inputs()) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
@@ -223,7 +209,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
-            files = sorted({os.path.relpath(name, folder) for name in names} | {TIMINGS, *run.inputs_inside()})
+            files = sorted({os.path.relpath(name, folder) for name in names} | {TIMINGS, *_inputs_inside(run)})
             timings = json.dumps(_timings(run) | {"files": files}, indent=2)
             names.append(write_atomic(os.path.join(folder, TIMINGS), timings.encode()))
             if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
@@ -236,6 +222,21 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
 
 #: Written last into every results folder: the run's timings and the list of the files it wrote.
 TIMINGS = "timings.json"
+
+
+def _inputs_inside(run: Run) -> list[str]:
+    """The run's inputs that lie inside its folder (a ``--model`` there), relative to it: kept there by the
+    next write (:func:`utils.files.staged_folder`) and listed in its ``timings.json``."""
+    return [relative for path in run.inputs() if (relative := relative_inside(path, run.directory))]
+
+
+def check_replaceable(run: Run) -> None:
+    """``run``'s folder may be replaced as a whole: it is absent, or every file in it is one an earlier run
+    wrote (listed in its ``timings.json``) or this run reads; a user's own files there are never removed."""
+    read = set(_inputs_inside(run))
+    if others := [path for path in unlisted_files(run.directory, TIMINGS) if path not in read]:
+        raise DataError(f"results folder {run.directory} holds files no earlier run wrote ({others[0]}); a rerun "
+                        "replaces the folder as a whole: move them out, or delete the folder")
 
 
 def _timings(run: Run) -> dict[str, Any]:
@@ -258,7 +259,7 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
         run.load_data()
         run.model_path = model_path
         # before the work, not only before the swap; rank 0 writes the folder
-        ctx.agree("checking the results folder", lambda: run.check_replaceable() if ctx.is_main else None)
+        ctx.agree("checking the results folder", lambda: check_replaceable(run) if ctx.is_main else None)
         run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None
