@@ -257,9 +257,15 @@ def test_bad_png_fails_naming_it(tmp_path, damage):
     assert "t1.png" in message and "normal_train.csv line 3" in message and "skip_bad_images" in message
 
 
-def test_bad_training_png_skipped_with_a_warning(tmp_path):
+@pytest.mark.parametrize("pixels", [
+    None,  # an empty file
+    np.full((32, 64), 70_000, np.int32),  # 32-bit values the reader refuses (past 16 bits): skipped before the run
+    np.full((32, 64), np.inf, np.float32),  # a float image holding Inf
+])
+def test_bad_training_png_skipped_with_a_warning(tmp_path, pixels):
     root = make_study(tmp_path)
-    open(os.path.join(root, "data/fastMRI/brain_mid_png/t1.png"), "wb").close()
+    target = os.path.join(root, "data/fastMRI/brain_mid_png/t1.png")
+    open(target, "wb").close() if pixels is None else Image.fromarray(pixels).save(target, format="TIFF")
     with pytest.warns(SkippedImageWarning, match="t1.png"):
         bundle = load_data(study_settings(root, skip_bad_images=True), ("train",))
     assert len(bundle.train) == 4 and not any(p.endswith("t1.png") for p in bundle.train.paths)

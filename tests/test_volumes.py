@@ -328,7 +328,8 @@ def test_no_maps_writes_the_tables_and_no_map_volumes(small_set, tmp_path):
     evaluation.score(progress=False)
     evaluation.compute_metrics()
     run = evaluation.save(save_model=False, figures=False, maps=False)
-    assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json", "volumes.csv"]
+    assert sorted(os.listdir(run)) == [".padim-files.json", "config.yaml", "metrics.csv", "metrics.md", "timings.json",
+                                       "volumes.csv"]
     with open(os.path.join(run, "metrics.md")) as handle:
         assert "- mean: unweighted mean over 1 group" in handle.read()
 

@@ -4,7 +4,8 @@
   over the target at the end; an existing file stays intact until the new one is complete.
 - :func:`staged_folder`: a whole folder (a results folder, predict's outputs, a generated data
   set), written beside the target and swapped in at the end, so the target holds the files of
-  exactly one run, complete, or is left as it was.
+  exactly one run, complete, or is left as it was; it lists its files (:data:`FILE_LIST`), and only
+  a folder that holds nothing else is replaced (:func:`check_replaceable`): a user's files never are.
 - :func:`folder_lock`: writers of one folder take turns (two ``evaluate`` runs into one results
   folder, two ``predict`` runs into one output); the next writer sweeps the staging folders of
   processes that were killed before they could remove them.
@@ -92,15 +93,16 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
 def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Sequence[str] = ()) -> Iterator[str]:
     """A temporary folder beside ``target`` that becomes ``target`` when the ``with`` block succeeds.
 
-    An existing ``target`` is replaced as a whole (``replace``) or must be empty, so old files
-    never sit beside new ones; on any failure or interruption the temporary folder is removed and
-    ``target`` is left as it was. The block runs holding ``target``'s lock (:func:`folder_lock`):
-    two writers of one folder take turns, the later one's files win. ``inputs``, the files the run
-    read (a model, data), are never removed: one inside ``target`` is carried into the new folder
-    unless the run wrote a file of that name.
+    An existing ``target`` is replaced as a whole, if it may be (:func:`check_replaceable`, before the
+    block and again before the swap), so old files never sit beside new ones; on any failure or
+    interruption the temporary folder is removed and ``target`` is left as it was. The block runs
+    holding ``target``'s lock (:func:`folder_lock`): two writers of one folder take turns, the later
+    one's files win. ``inputs``, the files the run read (a model, data), are never removed: one inside
+    ``target`` is carried into the new folder unless the run wrote a file of that name.
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
+    check_replaceable(target, replace, inputs)  # before the block's work; and again under the lock, before the swap
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(parent, exist_ok=True)
@@ -111,8 +113,35 @@ def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Seque
         with _removed_on_failure(staging, target):
             yield staging
             _carry(inputs, staging, target)
+            write_atomic(os.path.join(staging, FILE_LIST), json.dumps({"files": files_below(staging)}).encode())
+            check_replaceable(target, replace, inputs)
             with signals_deferred():
-                _swap(staging, target, replace)
+                _swap(staging, target)
+
+
+#: Written last into every folder :func:`staged_folder` writes: the list of its files.
+FILE_LIST = ".padim-files.json"
+
+
+def check_replaceable(target: str, replace: bool = True, inputs: Sequence[str] = ()) -> None:
+    """Refuse (``FileExistsError``, ``NotADirectoryError``) to replace ``target`` unless it is absent or empty,
+    or (``replace``) holds only files its :data:`FILE_LIST` names or a run reads (``inputs``): written by
+    this package, never a user's (system files, :func:`hidden`, do not count)."""
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
+    if not (found := files_below(target)):
+        return
+    if not replace:
+        raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
+    try:
+        with open(os.path.join(target, FILE_LIST), encoding="utf-8") as handle:
+            listed = set(json.load(handle)["files"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        listed = set()
+    listed |= {relative_inside(path, target) for path in inputs}
+    if others := [path for path in found if path not in listed]:
+        raise FileExistsError(errno.EEXIST, f"holds files that no run wrote ({others[0]}); it is replaced as a whole "
+                              "and a user's files never are: move them out, or choose another folder", target)
 
 
 def _carry(inputs: Sequence[str], staging: str, target: str) -> None:
@@ -204,12 +233,8 @@ def _removed_on_failure(temporary: str, target: str) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), target + inside) from None
 
 
-def _swap(staging: str, target: str, replace: bool) -> None:
+def _swap(staging: str, target: str) -> None:
     """Rename ``staging`` to ``target`` (the folder's lock is held: no other writer swaps meanwhile)."""
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
-    if os.path.isdir(target) and os.listdir(target) and not replace:
-        raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
     retired = staging + "_old"  # named like a staging folder: swept if this process dies before removing it
     if os.path.isdir(target):
         os.rename(target, retired)  # when the earlier folder cannot be moved (not ours to replace), it stays as it was
@@ -228,25 +253,18 @@ def hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def files_below(folder: str) -> list[str]:
-    """Every file below ``folder`` that is not :func:`hidden`, as sorted paths relative to it."""
+def files_below(folder: str, recursive: bool = True, folders: bool = False) -> list[str]:
+    """Every file (or with ``folders`` every sub-folder) below ``folder``, at any depth or with ``recursive``
+    false directly in it, that is not :func:`hidden` and not inside a hidden folder; as sorted paths relative
+    to ``folder``."""
     found = []
     for parent, children, names in os.walk(folder):
         children[:] = [name for name in children if not hidden(name)]
-        found += [os.path.relpath(os.path.join(parent, name), folder) for name in names if not hidden(name)]
+        found += [os.path.relpath(os.path.join(parent, name), folder) for name in (children if folders else names)
+                  if not hidden(name)]
+        if not recursive:
+            break
     return sorted(found)
-
-
-def unlisted_files(folder: str, listing: str) -> list[str]:
-    """The files below ``folder`` (relative paths, :func:`files_below`) that its JSON file ``listing``
-    (``{"files": [...]}``, written last by the run that wrote the folder) does not name: every file when it
-    cannot be read. A folder is another run's output, to be replaced as a whole, only if this is empty."""
-    try:
-        with open(os.path.join(folder, listing), encoding="utf-8") as handle:
-            listed = set(json.load(handle)["files"]) | {listing}
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        listed = set()
-    return [path for path in files_below(folder) if path not in listed]
 
 
 #: What a path that is no regular file is: the first of these that holds, else "not found".

@@ -13,7 +13,6 @@ and an earlier run's files are replaced as a whole, never mixed with new ones.
 from __future__ import annotations
 
 import collections
-import json
 import os
 from typing import Sequence
 
@@ -28,11 +27,10 @@ from .data.listing import has_suffix, listed
 from .data.load import warn_trained_on
 from .data.preprocess import image_kind, read_image, restore_geometry
 from .data.volumes import VolumeEntry, read_manifest, read_volume, score_volume, write_map
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .evaluation.plotting import save_heatmap
 from .evaluation.volumes import slice_scores
-from .files import (atomic_writer, files_below, relative_inside, staged_folder, unlisted_files, writable_folder,
-                    write_atomic)
+from .files import atomic_writer, relative_inside, staged_folder, write_atomic
 from .padim import Padim
 from .padim.model_file import check_input_kind
 
@@ -56,15 +54,14 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
         raise DataError(f"input {inside} is inside --output {output}, which predict replaces as a whole: it would be "
                         "lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
-    with staged_folder(_output_folder(output)) as staging:
+    # a link to the folder stays a link, to the new outputs; only an earlier output is replaced (staged_folder)
+    with staged_folder(os.path.realpath(output)) as staging:
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
             done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
-        listing = json.dumps({"files": files_below(staging)}, indent=1)
-        write_atomic(os.path.join(staging, PREDICT_LIST), listing.encode())
     return done
 
 
@@ -92,22 +89,6 @@ def _input_files(source: str, output: str) -> list[str]:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}) found in {source}")
     return files
-
-
-#: Written last into every ``predict`` output: the list of its files. A folder is an earlier
-#: output (replaced as a whole by the next run) only if it holds this list and nothing else.
-PREDICT_LIST = "predict_files.json"
-
-
-def _output_folder(output: str) -> str:
-    """The real path of ``output`` once it is absent, empty or an earlier predict output (its file
-    list, :data:`PREDICT_LIST`, covers every file in it); never a folder that holds other files."""
-    output = os.path.realpath(output)  # a link to the folder stays a link to the new outputs
-    writable_folder(output)
-    if others := unlisted_files(output, PREDICT_LIST):
-        raise ConfigError(f"--output {output} holds other files than an earlier predict wrote ({others[0]}); give a "
-                          "new or empty folder")
-    return output
 
 
 def _write_scores(path: str, table: pd.DataFrame) -> None:

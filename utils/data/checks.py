@@ -9,7 +9,7 @@ from ..config import Settings
 from ..errors import DataError
 from ..files import file_problem
 from .listing import open_image
-from .preprocess import COLOR_MODES
+from .preprocess import COLOR_MODES, read_image
 from .sets import DataBundle, ImageSet, Item
 
 
@@ -22,27 +22,34 @@ class Checker:
     size (width, height; turned as its EXIF orientation says, as the readers of
     :mod:`utils.data.preprocess` turn it) and whether it holds colour.
 
-    With ``skip_bad`` the pixels are decoded too, so a file whose header and chunks are fine but
-    whose data are not (a truncated JPEG) is skipped here, not mid-run; otherwise Pillow's
-    ``verify()`` checks the structure and a decode failure later is one :class:`DataError`.
+    With ``skip_bad`` the pixels are decoded too (an image as the run reads it,
+    :func:`~utils.data.preprocess.read_image`), so a file whose header and chunks are fine but whose
+    data are not (a truncated JPEG, values past 16 bits) is skipped here, not mid-run; otherwise
+    Pillow's ``verify()`` checks the structure and a decode failure later is one :class:`DataError`.
     """
 
     def __init__(self, skip_bad: bool):
         self.skip_bad = skip_bad
         self._found: dict[str, tuple[tuple[int, int], bool] | DataError] = {}
 
-    def size(self, path: str, source: str) -> Optional[tuple[int, int]]:
-        """``(width, height)``; ``None`` if the file is bad and may be skipped (a warning is issued)."""
+    def size(self, path: str, source: str, image: bool = False) -> Optional[tuple[int, int]]:
+        """``(width, height)`` of the ``image`` (else mask) file; ``None`` if the file is bad and may be skipped
+        (a warning is issued)."""
         if path not in self._found:
             try:
-                with open_image(path) as image:
-                    image.load() if self.skip_bad else image.verify()
-                with open_image(path) as image:  # verify() leaves the image unusable: the header is read again
+                with open_image(path) as opened:
+                    if not self.skip_bad:
+                        opened.verify()
+                    elif image:
+                        read_image(path)
+                    else:
+                        opened.load()
+                with open_image(path) as header:  # verify() leaves the image unusable: the header is read again
                     # getexif() of a PNG without an eXIf chunk before its pixels decodes the whole image to look
                     # behind them (rare there; the readers still turn such images): 0.5 s per 1,000 slices
-                    exif = {} if image.format == "PNG" and "exif" not in image.info else image.getexif()
+                    exif = {} if header.format == "PNG" and "exif" not in header.info else header.getexif()
                     sideways = exif.get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
-                    self._found[path] = image.size[::-1] if sideways else image.size, image.mode in COLOR_MODES
+                    self._found[path] = header.size[::-1] if sideways else header.size, header.mode in COLOR_MODES
             except DataError as exc:
                 self._found[path] = exc
         result = self._found[path]
@@ -87,7 +94,7 @@ class Checker:
 
     def row(self, item: Item) -> bool:
         """Whether the item's image and masks pass (False: skipped); one call per listed row."""
-        size = self.size(item.image, item.source)
+        size = self.size(item.image, item.source, image=True)
         if size is None:
             return False
         for mask in dict.fromkeys((*item.anomaly, *(item.head or ()))):

@@ -28,7 +28,7 @@ from typing import Iterator
 from PIL import Image
 
 from ..errors import DataError
-from ..files import file_problem, hidden, not_utf8
+from ..files import file_problem, files_below, not_utf8
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
@@ -63,13 +63,8 @@ def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, r
     """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
     in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name.
     Two names that are one name in two Unicode spellings are refused."""
-    found = []
-    for parent, children, names in os.walk(folder):
-        children[:] = [name for name in children if not hidden(name)]
-        found += [os.path.join(parent, name) for name in (children if folders else names) if not hidden(name)]
-        if not recursive:
-            break
-    found = sorted((path for path in found if folders or has_suffix(path, suffixes)), key=nfc)
+    found = sorted((os.path.join(folder, path) for path in files_below(folder, recursive, folders)
+                    if folders or has_suffix(path, suffixes)), key=nfc)
     for first, second in zip(found, found[1:]):
         if nfc(first) == nfc(second):  # two inputs that print alike and would be one row each
             raise DataError(f"{ascii(first)} and {ascii(second)} are one name in two Unicode spellings (NFC and NFD); "

@@ -37,7 +37,7 @@ from ..config import Settings
 from ..data import SPLITS, DataBundle, files_read, fingerprint, load_data
 from ..distributed import DistributedContext, distributed_fit, prepare_demo
 from ..errors import DataError, ModelFileError
-from ..files import relative_inside, staged_folder, unlisted_files, write_atomic
+from ..files import check_replaceable, staged_folder, write_atomic
 from ..padim import Padim
 from .report import markdown, summary as summary_text
 from .images import ImageUnits
@@ -189,17 +189,15 @@ class Run:
 
 def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list[str]:
     """Write ``run``'s folder as a whole (:func:`utils.files.staged_folder`: an earlier run's folder of
-    the same name is replaced, never mixed with these files, unless it holds a user's own files:
-    :func:`check_replaceable`): metrics.csv, metrics.md, config.yaml, model.pt, figures/, the
-    format's own files (volumes.csv, maps/) and timings.json, which lists them and the run's inputs
-    kept inside the folder. Returns the paths written."""
+    the same name is replaced, never mixed with these files, unless it holds a user's own files):
+    metrics.csv, metrics.md, config.yaml, model.pt, figures/, the format's own files (volumes.csv,
+    maps/) and timings.json. Returns the paths written."""
     started = time.perf_counter()
     csv = {"float_format": "%.6f", "na_rep": "nan", "index": False}
     texts = {"metrics.csv": run.table.to_csv(**csv), "metrics.md": markdown(run),
              "config.yaml": f"# settings of run {run.name}\n" + yaml.safe_dump(run.settings.to_dict(), sort_keys=False)}
     if run.unit_table is not None:
         texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
-    check_replaceable(run)
     try:
         with staged_folder(run.directory, inputs=run.inputs()) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
@@ -209,34 +207,13 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
-            files = sorted({os.path.relpath(name, folder) for name in names} | {TIMINGS, *_inputs_inside(run)})
-            timings = json.dumps(_timings(run) | {"files": files}, indent=2)
-            names.append(write_atomic(os.path.join(folder, TIMINGS), timings.encode()))
+            names.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(_timings(run), indent=2).encode()))
             if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
                 raise DataError(f"the data changed while run {run.name} ran (files rewritten, added or removed, or a "
                                 "split list edited): nothing was written; run it again on the data as they are now")
     finally:
         run.units.discard()
     return [os.path.join(run.directory, os.path.relpath(name, folder)) for name in names]
-
-
-#: Written last into every results folder: the run's timings and the list of the files it wrote.
-TIMINGS = "timings.json"
-
-
-def _inputs_inside(run: Run) -> list[str]:
-    """The run's inputs that lie inside its folder (a ``--model`` there), relative to it: kept there by the
-    next write (:func:`utils.files.staged_folder`) and listed in its ``timings.json``."""
-    return [relative for path in run.inputs() if (relative := relative_inside(path, run.directory))]
-
-
-def check_replaceable(run: Run) -> None:
-    """``run``'s folder may be replaced as a whole: it is absent, or every file in it is one an earlier run
-    wrote (listed in its ``timings.json``) or this run reads; a user's own files there are never removed."""
-    read = set(_inputs_inside(run))
-    if others := [path for path in unlisted_files(run.directory, TIMINGS) if path not in read]:
-        raise DataError(f"results folder {run.directory} holds files no earlier run wrote ({others[0]}); a rerun "
-                        "replaces the folder as a whole: move them out, or delete the folder")
 
 
 def _timings(run: Run) -> dict[str, Any]:
@@ -259,7 +236,8 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
         run.load_data()
         run.model_path = model_path
         # before the work, not only before the swap; rank 0 writes the folder
-        ctx.agree("checking the results folder", lambda: check_replaceable(run) if ctx.is_main else None)
+        ctx.agree("checking the results folder",
+                  lambda: check_replaceable(run.directory, inputs=run.inputs()) if ctx.is_main else None)
         run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None

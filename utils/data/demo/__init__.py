@@ -44,9 +44,8 @@ def ensure_demo(settings: Settings) -> None:
             generate(root, seed=d.demo_seed)
         except FileExistsError:  # the folder holds other files, or another process generated the set meanwhile
             if not os.path.exists(marker):
-                what = "is a file" if os.path.isfile(root) else f"exists but holds no demo set ({marker} is missing)"
-                raise DataError(f"{name} {what}; point the config at an absent or empty folder to generate the "
-                                "demo set there") from None
+                raise DataError(f"{name} exists but holds no demo set ({marker} is missing); point the config at an "
+                                "absent or empty folder to generate the demo set there") from None
         except OSError as exc:
             raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
     try:

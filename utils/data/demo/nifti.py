@@ -32,7 +32,7 @@ from nibabel.eulerangles import euler2mat
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
-from ...files import files_below, staged_folder, unlisted_files, write_atomic
+from ...files import staged_folder, write_atomic
 
 NIFTI_KINDS = ("hypointense_lesion", "cyst", "mass")
 COUNTS = {"train": 8, "val": 2, "test_per_kind": 2}
@@ -130,25 +130,13 @@ def generate_nifti_demo(root: str | os.PathLike, seed: int = 0, overwrite: bool 
     return write_folder(root, lambda folder: _write_set(folder, seed), overwrite)
 
 
-#: The list of the files :func:`write_folder` wrote: only a folder holding these and nothing else is replaced.
-GENERATED = ".padim-generated"
-
-
 def write_folder(root: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> str:
     """Run ``write(folder)`` on a temporary folder beside ``root`` that then becomes ``root``
     (:func:`utils.files.staged_folder`: an interrupted run leaves no partial set); returns ``root``.
 
     ``root`` must be absent or an empty folder, or with ``overwrite`` a folder written here before that
-    holds nothing else (the files :data:`GENERATED` lists; replaced as a whole): a user's files are never
-    removed. Raises ``FileExistsError`` before writing if it is not, and after writing if another process
-    filled it meanwhile."""
-    root = os.path.abspath(os.fspath(root))
-    ours = os.path.isfile(os.path.join(root, GENERATED)) and not unlisted_files(root, GENERATED)
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root) and not (overwrite and ours)):
-        replace = (", or replace it with --force (overwrite=True)" if ours else
-                   " (--force replaces only a folder that holds a generated demo set and nothing else)")
-        raise FileExistsError(f"{root} exists and is not empty, or not a folder; choose another folder{replace}")
+    holds nothing else (replaced as a whole): a user's files are never removed. Raises ``FileExistsError``
+    before writing if it is not, and after writing if another process filled it meanwhile."""
     with staged_folder(root, replace=overwrite) as temporary:
         write(temporary)
-        write_atomic(os.path.join(temporary, GENERATED), json.dumps({"files": files_below(temporary)}).encode())
-    return root
+    return os.path.abspath(root)
