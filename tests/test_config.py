@@ -42,7 +42,7 @@ def test_channel_sums(backbone, total):
         ({"batch_size": 2**63}, ["`batch_size` is 9223372036854775808", "at most 16777216"]),
         ({"cpu_micro_batch": 2**25}, ["`cpu_micro_batch` is 33554432", "at most 16777216"]),
         ({"data": {"num_workers": 100000}}, ["`data.num_workers` is 100000", "per CPU"]),
-        ({"epsilon": "tiny"}, ["`epsilon` must be a number"]),
+        ({"epsilon": 1e300}, ["`epsilon` is 1e+300", "at most 1e+06"]),  # the statistics would overflow
         ({"cpu_channels_last": "yes"}, ["`cpu_channels_last` must be true or false"]),
         ({"batch_size": True}, ["`batch_size` must be an integer"]),
         ({"layers": [3, 1]}, ["`layers` is [3, 1]"]),

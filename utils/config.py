@@ -128,7 +128,7 @@ class Settings:
     image_size: int = 128
     #: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Covariance regularisation: Sigma + epsilon * I (epsilon > 0).
+    #: Covariance regularisation: Sigma + epsilon * I (0 < epsilon <= 1e6).
     epsilon: float = 0.01
     #: Per-position shrinkage of the covariance before the epsilon term: "none" or "ledoit_wolf"
     #: ((1 - a) Sigma + a mu I, mu = trace / d, a from Ledoit & Wolf 2004 as scikit-learn computes it).
@@ -335,7 +335,7 @@ def _check_ranges(s: Settings) -> None:
         ("output_dimension", _within(s.output_dimension, 1, total), f"1 to {total} ({stages}) or null"),
         ("image_size", _within(s.image_size, 2 * MAX_STRIDE, 1024, MAX_STRIDE),
          f"a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to 1024"),
-        ("epsilon", 0 < s.epsilon < float("inf"), "a finite number > 0"),
+        ("epsilon", 0 < s.epsilon <= MAX_EPSILON, f"a number > 0, at most {MAX_EPSILON:g} (features vary by about 1)"),
         ("blur_sigma", 0 <= s.blur_sigma <= s.input_size / 4, f"0 to the input size / 4 = {s.input_size / 4}"),
         ("spatial_pooling", _within(s.spatial_pooling, 0, 3), "0 (off) to 3 grid cells"),
         ("spatial_pooling", not (s.spatial_pooling and s.covariance_shrinkage != "none"),
@@ -359,6 +359,9 @@ def _check_ranges(s: Settings) -> None:
     ], s)
 
 
+#: ``epsilon`` is added to covariances of features that vary by about 1: far above that every distance is the
+#: Euclidean one scaled down, and near 1e300 the statistics overflow.
+MAX_EPSILON = 1e6
 #: The state-dict files ``weights`` may name.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
