@@ -62,12 +62,13 @@ def test_each_image_gets_its_map_on_its_own_grid(tiny, tmp_path):
         np.testing.assert_allclose(written, restore_geometry(alone, shape, settings), rtol=1e-5, atol=1e-5)
 
 
-def test_two_inputs_that_would_write_the_same_map_are_refused(tiny, tmp_path):
+@pytest.mark.parametrize("names", [("x.png", "x.jpg"), ("X.png", "x.png")])  # case: one file on macOS or Windows
+def test_two_inputs_that_would_write_the_same_map_are_refused(tiny, tmp_path, names):
     settings, model_path = tiny
     (tmp_path / "in").mkdir()
-    for suffix in (".png", ".jpg"):
-        Image.fromarray(np.full((32, 32), 120, np.uint8)).save(tmp_path / "in" / f"x{suffix}")
-    with pytest.raises(DataError, match=r"would write the same x_anomaly\.npy \(same name, other suffix\)"):
+    for name in names:
+        Image.fromarray(np.full((32, 32), 120, np.uint8)).save(tmp_path / "in" / name)
+    with pytest.raises(DataError, match=r"would write the same x_anomaly\.npy \(one name with another suffix or case\)"):
         predict(settings, model_path, str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -105,9 +105,10 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
     stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
-    if clashes := sorted(stem for stem, count in collections.Counter(stems).items() if count > 1):
+    # one output file on a file system that ignores case (macOS, Windows, a USB disk) clashes too
+    if clashes := sorted(stem for stem, count in collections.Counter(s.casefold() for s in stems).items() if count > 1):
         raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
-                        "(same name, other suffix); rename one")
+                        "(one name with another suffix or case); rename one")
     rows, settings = [], model.settings
     for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
         arrays = [read_image(f, settings.data.color) for f in files[start : start + settings.batch_size]]

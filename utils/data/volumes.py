@@ -151,9 +151,10 @@ def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) ->
     for entry in entries:
         if entry.case in (".", "..") or "/" in entry.case or "\\" in entry.case:
             raise DataError(f"{entry.source}: case name {entry.case!r} is not a plain file name (it names the output files)")
-        if entry.case in seen:
-            raise DataError(f"{entry.source}: case name {entry.case!r} already used at {seen[entry.case]}; set distinct `case` values")
-        seen[entry.case] = entry.source
+        if (key := entry.case.casefold()) in seen:  # its output files would clash where case is ignored (macOS)
+            raise DataError(f"{entry.source}: case name {entry.case!r} already used at {seen[key]} (in this or "
+                            "another case); set distinct `case` values")
+        seen[key] = entry.source
         if (degrees := _check_entry(entry, volume_index)) > OBLIQUE_DEGREES:
             oblique.append(f"{entry.image} ({degrees:.0f} degrees)")
     if oblique:
