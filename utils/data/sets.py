@@ -124,14 +124,17 @@ class ImageSet(Dataset):
 
 
 def checked_groups(names: Sequence[str], where: str) -> list[str]:
-    """``names`` when none is reserved (:data:`RESERVED_GROUPS`, in any case) or has spaces around it: a group
-    named ``normal``, ``mean`` or ``all`` (or ``mean `` printed as ``mean``) would be replaced by, or printed
-    beside, the table's own row of that name."""
-    taken = [name for name in names if name.strip().casefold() in RESERVED_GROUPS or name != name.strip()]
+    """``names`` when none is reserved (:data:`RESERVED_GROUPS`, in any case), has spaces around it or differs
+    from another only in case: a group named ``normal``, ``mean`` or ``all`` (or ``mean `` printed as ``mean``)
+    would be replaced by, or printed beside, the table's own row of that name; ``Mass`` beside ``mass`` is one
+    group split in two (and one figure file where case is ignored)."""
+    keys = [name.strip().casefold() for name in names]
+    taken = [name for name, key in zip(names, keys)
+             if key in RESERVED_GROUPS or name != name.strip() or keys.count(key) > 1]
     if taken:
-        raise DataError(f"{where}: a test group is named {taken[0]!r}; names with spaces around them and the names "
-                        f"the results table uses for its own rows ({', '.join(RESERVED_GROUPS)}) are refused; "
-                        "rename it")
+        raise DataError(f"{where}: a test group is named {taken[0]!r}; names with spaces around them, names that "
+                        f"differ from another only in case and the names the results table uses for its own rows "
+                        f"({', '.join(RESERVED_GROUPS)}) are refused; rename it")
     return list(names)
 
 
