@@ -166,7 +166,7 @@ def test_a_folder_is_filled_when_empty_and_replaced_only_when_generated_and_forc
         with open(root / "data" / "demo.json", encoding="utf-8") as handle:
             assert json.load(handle)["seed"] == 0
     else:
-        with pytest.raises(FileExistsError, match="not empty|files that no run wrote"):
+        with pytest.raises(FileExistsError, match="not empty|that no demo_data run wrote"):
             generate_demo(root, counts=TINY, overwrite=overwrite)
         assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == earlier
 

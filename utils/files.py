@@ -4,8 +4,9 @@
   over the target at the end; an existing file stays intact until the new one is complete.
 - :func:`staged_folder`: a whole folder (a results folder, predict's outputs, a generated data
   set), written beside the target and swapped in at the end, so the target holds the files of
-  exactly one run, complete, or is left as it was; it lists its files (:data:`FILE_LIST`), and only
-  a folder that holds nothing else is replaced (:func:`check_replaceable`): a user's files never are.
+  exactly one run, complete, or is left as it was; it lists its files and their writer
+  (:data:`FILE_LIST`), and only a folder that holds nothing else is replaced (:func:`check_replaceable`):
+  a user's files, or another command's outputs, never are.
 - :func:`folder_lock`: writers of one folder take turns (two ``evaluate`` runs into one results
   folder, two ``predict`` runs into one output); the next writer sweeps the staging folders of
   processes that were killed before they could remove them.
@@ -90,19 +91,20 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Sequence[str] = ()) -> Iterator[str]:
+def staged_folder(target: str | os.PathLike, writer: str, replace: bool = True,
+                  inputs: Sequence[str] = ()) -> Iterator[str]:
     """A temporary folder beside ``target`` that becomes ``target`` when the ``with`` block succeeds.
 
-    An existing ``target`` is replaced as a whole, if it may be (:func:`check_replaceable`, before the
-    block and again before the swap), so old files never sit beside new ones; on any failure or
-    interruption the temporary folder is removed and ``target`` is left as it was. The block runs
-    holding ``target``'s lock (:func:`folder_lock`): two writers of one folder take turns, the later
-    one's files win. ``inputs``, the files the run read (a model, data), are never removed: one inside
+    An existing ``target`` is replaced as a whole if it may be (:func:`check_replaceable`: an earlier
+    output of ``writer``, e.g. "predict"; checked before the block and again before the swap), so old
+    files never sit beside new ones; on any failure or interruption the temporary folder is removed and
+    ``target`` is left as it was. The block runs holding ``target``'s lock (:func:`folder_lock`): two
+    writers of one folder take turns, the later one's files win. ``inputs``, the files the run read (a model, data), are never removed: one inside
     ``target`` is carried into the new folder unless the run wrote a file of that name.
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
-    check_replaceable(target, replace, inputs)  # before the block's work; and again under the lock, before the swap
+    check_replaceable(target, writer, replace, inputs)  # before the block's work; again under the lock, before the swap
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(parent, exist_ok=True)
@@ -113,20 +115,22 @@ def staged_folder(target: str | os.PathLike, replace: bool = True, inputs: Seque
         with _removed_on_failure(staging, target):
             yield staging
             _carry(inputs, staging, target)
-            write_atomic(os.path.join(staging, FILE_LIST), json.dumps({"files": files_below(staging)}).encode())
-            check_replaceable(target, replace, inputs)
+            listing = {"writer": writer, "files": files_below(staging)}
+            write_atomic(os.path.join(staging, FILE_LIST), json.dumps(listing).encode())
+            check_replaceable(target, writer, replace, inputs)
             with signals_deferred():
                 _swap(staging, target)
 
 
-#: Written last into every folder :func:`staged_folder` writes: the list of its files.
+#: Written last into every folder :func:`staged_folder` writes: its writer and the list of its files.
 FILE_LIST = ".padim-files.json"
 
 
-def check_replaceable(target: str, replace: bool = True, inputs: Sequence[str] = ()) -> None:
+def check_replaceable(target: str, writer: str, replace: bool = True, inputs: Sequence[str] = ()) -> None:
     """Refuse (``FileExistsError``, ``NotADirectoryError``) to replace ``target`` unless it is absent or empty,
-    or (``replace``) holds only files its :data:`FILE_LIST` names or a run reads (``inputs``): written by
-    this package, never a user's (system files, :func:`hidden`, do not count)."""
+    or (``replace``) holds only files that its :data:`FILE_LIST`, written by ``writer``, names or that a run
+    reads (``inputs``): never a user's files or another command's outputs (system files, :func:`hidden`, do
+    not count)."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
     if not (found := files_below(target)):
@@ -135,13 +139,14 @@ def check_replaceable(target: str, replace: bool = True, inputs: Sequence[str] =
         raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
     try:
         with open(os.path.join(target, FILE_LIST), encoding="utf-8") as handle:
-            listed = set(json.load(handle)["files"])
+            listing = json.load(handle)
+        listed = set(listing["files"]) if listing["writer"] == writer else set()
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         listed = set()
     listed |= {relative_inside(path, target) for path in inputs}
     if others := [path for path in found if path not in listed]:
-        raise FileExistsError(errno.EEXIST, f"holds files that no run wrote ({others[0]}); it is replaced as a whole "
-                              "and a user's files never are: move them out, or choose another folder", target)
+        raise FileExistsError(errno.EEXIST, f"holds files that no {writer} run wrote ({others[0]}); it is replaced as "
+                              "a whole, and other files never are: move them out, or choose another folder", target)
 
 
 def _carry(inputs: Sequence[str], staging: str, target: str) -> None:

@@ -199,7 +199,7 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
     if run.unit_table is not None:
         texts[f"{run.units.unit}s.csv"] = run.unit_table.to_csv(**csv)
     try:
-        with staged_folder(run.directory, inputs=run.inputs()) as folder:
+        with staged_folder(run.directory, "evaluate", inputs=run.inputs()) as folder:
             names = [write_atomic(os.path.join(folder, name), text.encode()) for name, text in texts.items()]
             if save_model:
                 names.append(run.model.save(os.path.join(folder, "model.pt")))
@@ -207,7 +207,8 @@ def write_results(run: Run, save_model: bool, figures: bool, maps: bool) -> list
                 names += [save_figure(fig, os.path.join(folder, "figures", f"{name}.png")) for name, fig in run.figures.items()]
             names += run.units.write(folder, maps)
             run.timings["save_s"] = round(time.perf_counter() - started, 3)
-            names.append(write_atomic(os.path.join(folder, "timings.json"), json.dumps(_timings(run), indent=2).encode()))
+            timings = json.dumps(_timings(run), indent=2)
+            names.append(write_atomic(os.path.join(folder, "timings.json"), timings.encode()))
             if run._data_fingerprint() != run.data_fingerprint:  # the last moment before the swap
                 raise DataError(f"the data changed while run {run.name} ran (files rewritten, added or removed, or a "
                                 "split list edited): nothing was written; run it again on the data as they are now")
@@ -237,7 +238,7 @@ def run_evaluation(settings: Settings, model_path: Optional[str] = None, progres
         run.model_path = model_path
         # before the work, not only before the swap; rank 0 writes the folder
         ctx.agree("checking the results folder",
-                  lambda: check_replaceable(run.directory, inputs=run.inputs()) if ctx.is_main else None)
+                  lambda: check_replaceable(run.directory, "evaluate", inputs=run.inputs()) if ctx.is_main else None)
         run.fit(progress=progress, model_path=model_path)
         if not ctx.is_main:
             return None

@@ -81,7 +81,7 @@ def _save(array: np.ndarray, path: str) -> None:
 def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40, n_good: int = 10,
                    n_per_defect: int = 8) -> str:
     """Write the synthetic category to ``root`` (which must not exist yet); returns ``root``."""
-    with staged_folder(root, replace=False) as temporary:
+    with staged_folder(root, "demo_data", replace=False) as temporary:
         rng = np.random.default_rng(seed)
         for split, count in (("train", n_train), ("test", n_good)):
             for index in range(count):

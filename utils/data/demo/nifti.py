@@ -137,6 +137,6 @@ def write_folder(root: str | os.PathLike, write: Callable[[str], None], overwrit
     ``root`` must be absent or an empty folder, or with ``overwrite`` a folder written here before that
     holds nothing else (replaced as a whole): a user's files are never removed. Raises ``FileExistsError``
     before writing if it is not, and after writing if another process filled it meanwhile."""
-    with staged_folder(root, replace=overwrite) as temporary:
+    with staged_folder(root, "demo_data", replace=overwrite) as temporary:
         write(temporary)
     return os.path.abspath(root)
