@@ -97,6 +97,10 @@ def test_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize("text, key, expected", [
     ("epsilon: 1e-3\n", "epsilon", 0.001),  # YAML 1.1 reads it as a string: a number float() parses is a number
     ("blur_sigma: '2.5'\n", "blur_sigma", 2.5),
+    ("seed: 010\n", "seed", 10),  # YAML 1.2's decimal, not YAML 1.1's octal 8
+    ("seed: 0_12\n", "seed", 12),
+    ("seed: 0x1F\n", "seed", 31),
+    ("data:\n  root: 1:30\n", "data.root", "1:30"),  # not YAML 1.1's base-60 number 90
     ("results_dir: ~/padim-results\n", "results_dir", os.path.expanduser("~/padim-results")),
     ("data:\n  root: ~/demo\n", "data.root", os.path.expanduser("~/demo")),
     ("results_dir: $HOME/padim-results\n", "results_dir", os.path.join(os.environ["HOME"], "padim-results")),

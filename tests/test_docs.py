@@ -60,7 +60,8 @@ Every key of `config.yaml`, validated in one place (`utils/config.py`): an unkno
 value out of range is one error naming the key and what is allowed. "model" marks the keys that define a
 fitted model file (`utils.padim.model_file.MODEL_KEYS` and `MODEL_DATA_KEYS`: a file fitted with other
 values is refused); the others are run-time settings. Paths (`results_dir`, `weights`, `data.root`,
-`data.manifest`) expand `~` and `$NAME` as a shell does; an unknown user or an unset variable is an error."""
+`data.manifest`) expand `~` and `$NAME` as a shell does; an unknown user or an unset variable is an error.
+Numbers read as YAML 1.2 reads them: `010` is ten (not octal 8), `1e-3` a number (not text)."""
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -218,7 +218,16 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key written twice in one mapping is an error (PyYAML keeps the last)."""
+    """PyYAML's safe loader, but a key written twice in one mapping is an error (PyYAML keeps the last), and
+    integers are read as YAML 1.2 reads them: ``010`` is ten (YAML 1.1: octal 8), ``1:30`` no number (1.1:
+    90, base 60)."""
+
+    def construct_yaml_int(self, node):
+        if ":" in node.value:
+            return self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?0[0-7_]+", node.value):
+            return int(node.value.replace("_", ""), 10)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node, deep=False):
         first_line: dict[Any, int] = {}
@@ -234,6 +243,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key `{key}` is written twice (lines {first_line[key]} and {line})")
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
