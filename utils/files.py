@@ -29,7 +29,7 @@ import socket
 import tempfile
 import threading
 import warnings
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -102,7 +102,7 @@ def staged_folder(target: str | os.PathLike, writer: str, replace: bool = True,
     writers of one folder take turns, the later one's files win. ``inputs``, the files the run read (a model, data), are never removed: one inside
     ``target`` is carried into the new folder unless the run wrote a file of that name.
     """
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(target)  # a link to the folder stays a link, to the new files
     parent, name = os.path.split(target)
     check_replaceable(target, writer, replace, inputs)  # before the block's work; again under the lock, before the swap
     with contextlib.ExitStack() as stack:
@@ -115,7 +115,7 @@ def staged_folder(target: str | os.PathLike, writer: str, replace: bool = True,
         with _removed_on_failure(staging, target):
             yield staging
             _carry(inputs, staging, target)
-            listing = {"writer": writer, "files": files_below(staging)}
+            listing = {"writer": writer, "files": files_below(staging, skip=system_file)}
             write_atomic(os.path.join(staging, FILE_LIST), json.dumps(listing).encode())
             check_replaceable(target, writer, replace, inputs)
             with signals_deferred():
@@ -129,11 +129,14 @@ FILE_LIST = ".padim-files.json"
 def check_replaceable(target: str, writer: str, replace: bool = True, inputs: Sequence[str] = ()) -> None:
     """Refuse (``FileExistsError``, ``NotADirectoryError``) to replace ``target`` unless it is absent or empty,
     or (``replace``) holds only files that its :data:`FILE_LIST`, written by ``writer``, names or that a run
-    reads (``inputs``): never a user's files or another command's outputs (system files, :func:`hidden`, do
-    not count)."""
+    reads (``inputs``): never a user's files (hidden ones too: ``.git``) or another command's outputs; only
+    :func:`system_file` files do not count."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
-    if not (found := files_below(target)):
+    if owner := written_above(target):
+        raise FileExistsError(errno.EEXIST, f"is inside {owner}, which another run wrote as a whole; choose a folder "
+                              "outside it", target)
+    if not (found := [path for path in files_below(target, skip=system_file) if path != FILE_LIST]):
         return
     if not replace:
         raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
@@ -147,6 +150,16 @@ def check_replaceable(target: str, writer: str, replace: bool = True, inputs: Se
     if others := [path for path in found if path not in listed]:
         raise FileExistsError(errno.EEXIST, f"holds files that no {writer} run wrote ({others[0]}); it is replaced as "
                               "a whole, and other files never are: move them out, or choose another folder", target)
+
+
+def written_above(path: str) -> str | None:
+    """The nearest folder above ``path`` that :func:`staged_folder` wrote (it holds a :data:`FILE_LIST`): its
+    files belong together, and no other run adds or replaces one. None if there is none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isfile(os.path.join(folder, FILE_LIST)):
+        if folder == (folder := os.path.dirname(folder)):
+            return None
+    return folder
 
 
 def _carry(inputs: Sequence[str], staging: str, target: str) -> None:
@@ -252,21 +265,30 @@ def _swap(staging: str, target: str) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+#: What an operating system puts into folders by itself (macOS Finder and its zips, Windows Explorer): never a
+#: user's file, and no input.
+SYSTEM_FILES = re.compile(r"\.DS_Store|\._.*|__MACOSX|Thumbs\.db|desktop\.ini", re.IGNORECASE)
+
+
 def hidden(name: str) -> bool:
-    """Whether a file or folder ``name`` is the system's, not a user's: hidden (``.x``, macOS ``._x``,
-    ``.DS_Store``) or a zip's ``__MACOSX``."""
-    return name.startswith(".") or name == "__MACOSX"
+    """Whether a file or folder ``name`` is no input: hidden (``.x``: ``.ipynb_checkpoints``) or the system's."""
+    return name.startswith(".") or system_file(name)
 
 
-def files_below(folder: str, recursive: bool = True, folders: bool = False) -> list[str]:
+def system_file(name: str) -> bool:
+    return SYSTEM_FILES.fullmatch(name) is not None
+
+
+def files_below(folder: str, recursive: bool = True, folders: bool = False,
+                skip: Callable[[str], bool] = hidden) -> list[str]:
     """Every file (or with ``folders`` every sub-folder) below ``folder``, at any depth or with ``recursive``
-    false directly in it, that is not :func:`hidden` and not inside a hidden folder; as sorted paths relative
-    to ``folder``."""
+    false directly in it, whose name and folders' names ``skip`` passes over (:func:`hidden` ones); as sorted
+    paths relative to ``folder``."""
     found = []
     for parent, children, names in os.walk(folder):
-        children[:] = [name for name in children if not hidden(name)]
+        children[:] = [name for name in children if not skip(name)]
         found += [os.path.relpath(os.path.join(parent, name), folder) for name in (children if folders else names)
-                  if not hidden(name)]
+                  if not skip(name)]
         if not recursive:
             break
     return sorted(found)

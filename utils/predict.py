@@ -54,8 +54,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
         raise DataError(f"input {inside} is inside --output {output}, which predict replaces as a whole: it would be "
                         "lost; choose an output folder that does not hold the inputs")
     warn_trained_on(images + [entry.image for entry in entries], model.train_digests, "input file")
-    # a link to the folder stays a link, to the new outputs; only an earlier output is replaced (staged_folder)
-    with staged_folder(os.path.realpath(output), "predict") as staging:
+    with staged_folder(output, "predict") as staging:  # only an earlier predict output is replaced
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
