@@ -187,6 +187,22 @@ def test_save_load_round_trip_gives_identical_scores(small_settings, tmp_path):
     assert loaded.train_count == 10
 
 
+def test_a_model_whose_weights_file_changed_since_the_fit_is_refused(small_settings, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    settings = small_settings.replace(backbone="resnet18", weights=str(weights))
+    path = Padim(settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
+    original, state = weights.read_bytes(), torch.load(weights, weights_only=True)
+    state["conv1.weight"] += 0.1  # other features: the model's statistics no longer describe them
+    torch.save(state, weights)
+    with pytest.raises(ModelFileError, match="other weights than the file .*w.pth holds now"):
+        Padim.load(path, settings)
+    weights.write_bytes(original)
+    assert Padim.load(path, settings).train_count == 4
+
+
 def test_files_of_another_version_are_refused_with_what_to_do(small_settings, tmp_path):
     model = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False)
     payload = torch.load(model.save(tmp_path / "v2.pt"), weights_only=True)
@@ -199,7 +215,9 @@ def test_files_of_another_version_are_refused_with_what_to_do(small_settings, tm
 @pytest.mark.parametrize(
     "change, key",
     [({"backbone": "efficientnet_lite1"}, "backbone"), ({"image_size": 96}, "image_size"),
-     ({"output_dimension": 20}, "output_dimension"), ({"seed": 9}, "seed")],
+     ({"output_dimension": 20}, "output_dimension"), ({"seed": 9}, "seed"),
+     ({"data": {"volume_intensity": "zscore"}}, "data.volume_intensity"),  # NIfTI: what the slices hold
+     ({"data": {"min_brain_fraction": 0.3}}, "data.min_brain_fraction")],  # NIfTI: which slices it was fitted on
 )
 def test_loading_with_other_model_settings_is_refused(small_settings, tmp_path, change, key):
     path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")

@@ -9,6 +9,7 @@ import os
 import re
 
 from ..config import Settings
+from ..padim.backbones import weights_digest
 
 #: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
 RUN_NAME_VERSION = 5
@@ -41,9 +42,8 @@ def run_name(settings: Settings, data_fingerprint: str) -> str:
         data.pop(key)
     if data["format"] != "demo":
         data.pop("demo_seed", None)
-    if settings.weights not in ("imagenet", "random") and os.path.isfile(settings.weights):
-        with open(settings.weights, "rb") as handle:
-            identity["weights_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+    if digest := weights_digest(settings.weights):
+        identity["weights_sha256"] = digest
     identity |= {"data_fingerprint": data_fingerprint, "run_name_version": RUN_NAME_VERSION}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]

@@ -7,7 +7,9 @@ forward pass stops after the deepest requested stage (layer4 / the last blocks a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -126,6 +128,15 @@ def _efficientnet(name: str, weights: str) -> tuple[nn.Module, nn.Module, list[n
             ) from None
         weights = getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
     return model, nn.Sequential(model._conv_stem, model._bn0, model._swish), stages, weights
+
+
+def weights_digest(weights: str) -> str:
+    """The SHA-256 of the weights file ``weights`` names (hex), "" for ``imagenet``, ``random`` or no file: what
+    identifies a backbone read from a file (run names, model files)."""
+    if weights in ("imagenet", "random") or not os.path.isfile(weights):
+        return ""
+    with open(weights, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _load_state_dict(model: nn.Module, path: str, name: str) -> None:

@@ -19,19 +19,20 @@ import torch
 from ..config import Settings, settings_from_dict
 from ..errors import ConfigError, ModelFileError
 from ..files import atomic_writer, file_problem
+from .backbones import weights_digest
 from .features import channel_selection
 from .gaussian import all_finite
 
 FILE_FORMAT = "padim-model"
-#: 5: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances) and what the
-#: model knows of its training files: ``train_fingerprint``, ``train_digests``, ``train_kind``; files of
-#: other versions are refused with one line (refit them).
-FILE_VERSION = 5
+#: 6: the file stores ``cholesky`` (lower Cholesky factors of the regularised covariances), what the
+#: model knows of its training files: ``train_fingerprint``, ``train_digests``, ``train_kind``, and the
+#: SHA-256 of a weights file it was fitted with; files of other versions are refused with one line (refit them).
+FILE_VERSION = 6
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
 #: Data settings that change what the model sees, so they must match too.
-MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop", "align")
+MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop", "align", "volume_intensity", "min_brain_fraction")
 #: The two kinds of input a model is fitted on, by whether ``data.format`` is ``nifti``.
 INPUT_KINDS = {False: "images (PNG, MVTec, demo)", True: "NIfTI volume slices"}
 
@@ -76,6 +77,7 @@ def save_state(model, path: str | os.PathLike) -> str:
         "train_fingerprint": model.train_fingerprint,
         "train_digests": model.train_digests.cpu(),
         "train_kind": model.train_kind,
+        "weights_sha256": weights_digest(model.settings.weights),
     }
     with atomic_writer(path, durable=True) as stream:
         try:
@@ -169,6 +171,9 @@ def load_state(path: str | os.PathLike,
     if settings is not None:
         check_compatible(stored, settings, path)
         stored = settings  # equal in every model-defining key; the run-time keys are the request's
+    if (now := weights_digest(stored.weights)) and now != payload.get("weights_sha256"):  # no file: the backbone says so
+        raise ModelFileError(f"{path} was fitted with other weights than the file {stored.weights} holds now (another "
+                             "SHA-256): refit the model, or restore the weights file it was fitted with")
     positions, dim = stored.feature_size**2, stored.kept_channels
     expected = channel_selection(stored)[0]
     indices = _tensor(payload, "channel_indices", tuple(expected.shape), (torch.int64,), path)
