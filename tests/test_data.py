@@ -347,6 +347,8 @@ def test_unknown_test_group(tmp_path):
     message = one_line_data_error(study_settings(root, test_groups=["tumour"]), ("test",))
     assert "'tumour'" in message and "available groups: edema, mass, mass_all" in message
     assert "local_ann.csv is missing" in one_line_data_error(study_settings(root, test_groups=["local"]), ("test",))
+    os.remove(os.path.join(root, "data", "splits", "edema_neg.csv"))  # a group found by its other CSVs never vanishes
+    assert "'edema': edema_neg.csv is missing" in one_line_data_error(study_settings(root), ("test",))
 
 
 def test_data_config_errors_name_key_value_and_allowed():

@@ -56,8 +56,11 @@ class StudyLoader(FolderLoader):
 
     def available_groups(self) -> list[str]:
         """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv, sorted; not the normal test split."""
-        groups = [name[: -len("_ann")] for name in self.csvs if name.endswith("_ann")]
-        return sorted(g for g in groups if g != NORMAL_TEST and {g, g + "_neg"} <= self.csvs.keys())
+        return [group for group in self._named_groups() if {group, group + "_ann", group + "_neg"} <= self.csvs.keys()]
+
+    def _named_groups(self) -> list[str]:
+        """Names P with P_ann.csv or P_neg.csv: a pathology group, complete or not."""
+        return sorted({name[:-4] for name in self.csvs if name.endswith(("_ann", "_neg"))} - {NORMAL_TEST})
 
     def read_csv(self, name: str) -> list[Item]:
         """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as items (resolved
@@ -105,15 +108,14 @@ class StudyLoader(FolderLoader):
         return ImageSet(name, self.check.kept(name, items), self.settings, anomalous, estimate_head=True)
 
     def test(self) -> dict[str, ImageSet]:
-        available = self.available_groups()
-        requested = self.settings.data.test_groups
-        groups = chosen_groups(requested, [g for g in available if g not in EXCLUDED_GROUPS], self.split_dir)
-        for group in groups if requested is not None else ():
+        available, requested = self.available_groups(), self.settings.data.test_groups
+        groups = chosen_groups(requested, [g for g in self._named_groups() if g not in EXCLUDED_GROUPS], self.split_dir)
+        for group in groups:  # requested, or named by one of its CSVs: never left out without a word
             missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if nfc(n) not in self.csvs]
             if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level
                 raise DataError(
-                    f"data.test_groups names {group!r} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                    f"missing in {self.split_dir}; available groups: {', '.join(available) or 'none'}"
+                    f"test group {group!r}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing in "
+                    f"{self.split_dir}; available groups: {', '.join(available) or 'none'}"
                 )
         # a group listed by <group>.csv alone (no boxes, e.g. the slices with global findings) is scored for image
         # AUROC only, each image inside its brain mask where the layout has one
