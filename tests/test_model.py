@@ -203,6 +203,23 @@ def test_a_model_whose_weights_file_changed_since_the_fit_is_refused(small_setti
     assert Padim.load(path, settings).train_count == 4
 
 
+def test_weights_that_give_non_finite_features_are_named_on_fit_and_score(small_settings, tmp_path):
+    import torchvision
+
+    network = torchvision.models.resnet18(weights=None)
+    weights = tmp_path / "w.pth"
+    torch.save(network.state_dict(), weights)
+    settings = small_settings.replace(backbone="resnet18", weights=str(weights))
+    model = Padim(settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False)
+    network.bn1.running_var.fill_(-1.0)  # a damaged file: the batch norm's square root of a negative variance
+    torch.save(network.state_dict(), weights)
+    model.__dict__.pop("embedder")  # built again from the file, as a new process would
+    for call in (lambda: Padim(settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False),
+                 lambda: model.score(to_batch(smooth_textures(2, 64, seed=4)), progress=False)):
+        with pytest.raises(DataError, match=r"backbone gives NaN or Inf features for finite images: check its weights"):
+            call()
+
+
 def test_files_of_another_version_are_refused_with_what_to_do(small_settings, tmp_path):
     model = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False)
     payload = torch.load(model.save(tmp_path / "v2.pt"), weights_only=True)

@@ -222,7 +222,7 @@ def regularised_cholesky(stats: GaussianStatistics, epsilon: float, chunk: int =
             bad = start + int(torch.nonzero(info)[0])
             raise PadimError(
                 f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
-                "(non-finite features?); check the input images or raise `epsilon`"
+                "; check the input images and the backbone's weights, or raise `epsilon`"
             )
         stats.scatter[start : start + chunk] = factor
     return stats.scatter

@@ -90,8 +90,13 @@ class Padim:
         return PatchEmbedder(self.settings).to(self.device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images ``(N, 3, S, S)`` -> patch embeddings ``(N, d, S/4, S/4)``."""
-        return self.embedder(images.to(self.device, non_blocking=True))
+        """Preprocessed images ``(N, 3, S, S)`` -> patch embeddings ``(N, d, S/4, S/4)``, finite (else one
+        :class:`DataError`: the images are, :func:`batches`, so the backbone's weights made them so)."""
+        features = self.embedder(images.to(self.device, non_blocking=True))
+        if not all_finite(features):
+            raise DataError(f"the backbone gives NaN or Inf features for finite images: check its weights "
+                            f"({self.settings.weights})")
+        return features
 
     # ------------------------------------------------------------------ fitting
     def accumulate(self, images: ImageSource, progress: bool = True) -> GaussianStatistics:
@@ -122,7 +127,8 @@ class Padim:
                 shrink_ledoit_wolf(stats)
             self.cholesky = regularised_cholesky(stats, self.settings.epsilon)
         if not (all_finite(self.mean) and all_finite(self.cholesky)):
-            raise DataError("the fit produced non-finite statistics (NaN or Inf features); check the training images")
+            raise DataError("the fit produced non-finite statistics: features too large to sum; check the backbone's "
+                            f"weights ({self.settings.weights})")
         return self
 
     def fit(self, images: ImageSource, progress: bool = True) -> "Padim":
