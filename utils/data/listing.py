@@ -62,7 +62,11 @@ def has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
 def listed(folder: str, suffixes: tuple[str, ...] = (), folders: bool = False, recursive: bool = False) -> list[str]:
     """The visible files below ``folder`` (directly, or at any depth with ``recursive``) whose names end
     in one of ``suffixes`` (any case), or with ``folders`` its visible sub-folders; sorted by NFC name.
-    Two names that are one name in two Unicode spellings are refused."""
+    Two names that are one name in two Unicode spellings are refused; sub-folders that are not read are
+    named in a warning (images moved into one would be missing without a word)."""
+    if not (recursive or folders) and (unread := files_below(folder, recursive=False, folders=True)):
+        warnings.warn(f"{os.path.join(folder, unread[0])}{f' and {len(unread) - 1} more' if unread[1:] else ''}: "
+                      f"folders in {folder} are not read, only the files directly in it", stacklevel=2)
     found = sorted((os.path.join(folder, path) for path in files_below(folder, recursive, folders)
                     if folders or has_suffix(path, suffixes)), key=nfc)
     for first, second in zip(found, found[1:]):
