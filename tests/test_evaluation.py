@@ -122,8 +122,9 @@ def test_table_uses_one_row_per_annotation_for_a_and_distinct_images_for_c():
     single = group("single", maps[:1], [0], [box1], [box1])
     normal_maps = rng.random((3, 4, 4)) * 0.5
     normal = group("normal", normal_maps, [0, 1, 2], np.zeros((3, 4, 4), bool), np.zeros((3, 4, 4), bool))
-    table = metrics_table({"lesion": lesion, "single": single, "normal": normal}, threshold=0.9)
-    assert list(table["group"]) == ["lesion", "single", "mean", "all"]
+    unlocated = group("global", rng.random((2, 4, 4)) + 0.5, [0, 1], np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), bool))
+    table = metrics_table({"lesion": lesion, "single": single, "global": unlocated, "normal": normal}, threshold=0.9)
+    assert list(table["group"]) == ["lesion", "single", "global", "mean", "all"]
     row = table.iloc[0]
     rows, row_masks = maps[[0, 0, 1, 2]], np.stack([box1, box2, box3, box4])
     assert row["A_auroc"] == pytest.approx(roc_auc_score(row_masks.ravel(), rows.ravel()))
@@ -136,15 +137,18 @@ def test_table_uses_one_row_per_annotation_for_a_and_distinct_images_for_c():
     predicted = maps >= 0.9
     assert row["dice_val_threshold"] == pytest.approx(2 * (predicted & per_image_masks).sum() / (predicted.sum() + per_image_masks.sum()))
     assert bool(table.iloc[1]["small_group"]) and not bool(row["small_group"])
-    mean = table.iloc[2]
-    assert mean["A_auroc"] == pytest.approx((row["A_auroc"] + table.iloc[1]["A_auroc"]) / 2)
-    assert mean["n_images"] == 4
-    # "all": every distinct test image once (image 0 of "single" is another file here), normal ones included
-    everything = table.iloc[3]
+    mean = table.iloc[3]
+    assert mean["A_auroc"] == pytest.approx((row["A_auroc"] + table.iloc[1]["A_auroc"]) / 2)  # global: (C) only
+    assert mean["n_images"] == 6
+    # "all": every distinct test image once (image 0 of "single" is another file here), normal ones included;
+    # its pixels without global's images, whose lesions have no mask
+    everything = table.iloc[4]
     all_maps = np.concatenate([maps, maps[:1], normal_maps])
     all_masks = np.concatenate([per_image_masks, box1[None], np.zeros((3, 4, 4), bool)])
-    assert everything["n_images"] == 7
+    assert everything["n_images"] == 9 and "without the 2 images without masks" in everything["note"]
     assert everything["A_auroc"] == pytest.approx(roc_auc_score(all_masks.ravel(), all_maps.ravel()))
+    anomalous = np.r_[maps, maps[:1], unlocated.maps].reshape(6, -1).max(1)
+    assert everything["C_auroc"] == pytest.approx(roc_auc_score([1] * 6 + [0] * 3, np.r_[anomalous, scores[3:]]))
     text = markdown_table(table)
     assert "| single † |" in text and "| **mean** |" in text and "| **all** |" in text and "| lesion |" in text
 

@@ -151,3 +151,19 @@ def test_val_fraction_is_seeded_disjoint_and_sized(category):
     assert "train/good" in description and "seed 0" in description and "5 images" in description
     none = load_data(mvtec_settings(category, val_fraction=0), ("train", "val"))
     assert none.val is None and len(none.train) == 20 and "val_fraction is 0" in none.val_description
+
+
+def test_a_defect_whose_masks_are_all_empty_is_named_in_a_warning(small):
+    """It is scored as an image-level group; the other groups, the normal one included, give no warning."""
+    from utils.evaluation.images import score_group
+    from utils.padim.model import Padim
+
+    for mask in os.listdir(os.path.join(small, "ground_truth", "scratch")):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(os.path.join(small, "ground_truth", "scratch", mask))
+    settings = mvtec_settings(small, val_fraction=0)
+    bundle = load_data(settings, ("train", "test"))
+    model = Padim(settings).fit(Loader(bundle.train, settings), progress=False)
+    with pytest.warns(UserWarning, match="test group scratch: every one of its masks is empty") as caught:
+        for group in bundle.test.values():
+            score_group(model, group, settings)
+    assert len(caught) == 1

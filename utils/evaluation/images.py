@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -90,6 +91,9 @@ def score_group(model: Padim, dataset: ImageSet, settings: Settings, bar=None) -
     pairs = [dataset.masks(row) for row in range(len(dataset.items))]  # (box, head) of every row
     row_masks, row_heads = (torch.stack(part).numpy() for part in zip(*pairs))
     masks, heads = _union(row_image, row_masks), _union(row_image, row_heads)
+    if dataset.anomalous and not masks.any() and any(item.anomaly for item in dataset.items):
+        warnings.warn(f"test group {dataset.name}: every one of its masks is empty; it is scored as an image-level "
+                      "group ((C) only)", stacklevel=2)
     heads[~heads.reshape(len(paths), -1).any(axis=1)] = True
     images = ImageSet(dataset.name, [Item(path) for path in paths], settings)  # no mask files: nothing decoded twice
     maps, scores, display = [], [], []
@@ -140,18 +144,22 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
 
 def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict[str, Any]:
     """The row ``all``: every distinct test image once (normal ones included; an image in two
-    groups with the union of its masks), pooled."""
+    groups with the union of its masks), pooled; the pixel metrics leave out anomalous images without
+    a mask (image-level groups): their lesion pixels would count as normal ones."""
     parts = list(groups.values())
     image, paths = pd.Series([path for group in parts for path in group.paths]).factorize()
     first = np.unique(image, return_index=True)[1]
     maps, heads, scores = (np.concatenate([getattr(g, name) for g in parts])[first] for name in ("maps", "heads", "scores"))
     masks = _union(image, np.concatenate([group.masks for group in parts]))
     anomalous = _union(image, np.repeat([group.anomalous for group in parts], [group.n_images for group in parts]))
+    located = ~anomalous | masks.any(axis=(1, 2))
+    unlocated = f"; pixel metrics without the {counted(int((~located).sum()))} without masks" if not located.all() else ""
     return {
         "group": "all", "n_images": len(paths), "n_rows": sum(len(g.row_image) for g in parts), "small_group": False,
-        "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps, masks),
-        "field_f1": NAN, "field_detection": NAN, "note": "whole test set, every distinct image once (normal images included)",
-    } | localisation(threshold, maps, masks, heads)
+        "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps[located], masks[located]),
+        "field_f1": NAN, "field_detection": NAN,
+        "note": f"whole test set, every distinct image once (normal images included{unlocated})",
+    } | localisation(threshold, maps[located], masks[located], heads[located])
 
 
 def metrics_table(groups: dict[str, GroupScores], threshold: float, field_threshold: float = NAN) -> pd.DataFrame:
