@@ -222,7 +222,8 @@ def hold_out(items: Sequence[T], settings: Settings, origin: str, unit: str = "i
     count = min(len(items) - 1, max(1, round(fraction * len(items))))
     order = np.random.default_rng(settings.seed).permutation(len(items))
     held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
-    description = f"{fraction:.0%} of {origin} held out (seed {settings.seed}, {counted(count, unit)})"
+    description = (f"{counted(count, unit)} of {len(items)} held out of {origin} (data.val_fraction {fraction:g}, "
+                   f"seed {settings.seed})")
     return [items[i] for i in kept], [items[i] for i in held], description
 
 
