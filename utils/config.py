@@ -253,9 +253,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if "'\\t'" in problem:  # PyYAML names a tab as '\\t'
-        problem = "a tab character is used for indentation; YAML needs spaces"
+    problem = next((plain for words, plain in YAML_WORDS.items() if words in problem), problem)
     return f"{problem}{where}"
+
+
+#: PyYAML's words for common mistakes (its ``'\\t'`` is a tab), and the plain ones said instead.
+YAML_WORDS = {"'\\t'": "a tab character is used for indentation; YAML needs spaces",
+              "another document": "a second document (after `---`) follows the first; a config is one document"}
 
 
 def settings_from_dict(raw: dict[str, Any]) -> Settings:

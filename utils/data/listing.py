@@ -25,7 +25,7 @@ import unicodedata
 import warnings
 from typing import Iterator
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..files import file_problem, files_below, not_utf8
@@ -158,6 +158,7 @@ def open_image(path: str) -> Iterator[Image.Image]:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+        why = "not an image file, or damaged" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"cannot read image {path}: {why[:200]}") from None
     for found in caught:
         warnings.warn(f"image {path}: {str(found.message).strip()}", found.category, stacklevel=3)
