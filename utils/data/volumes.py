@@ -137,7 +137,7 @@ def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) ->
     entries = []
     for path in sources:
         if not has_suffix(path, (".csv",)):
-            entries.append(VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), path))
+            entries.append(VolumeEntry("test", path, None, None, DEFAULT_GROUP, case_name(path), "--input"))
             continue
         columns, rows = read_table(path, "manifest")
         if unknown := [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]:
@@ -248,7 +248,9 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     brain = _mask(entry.brain_mask, entry.source) if entry.brain_mask else estimate_brain(data)
     brain &= finite
     if brain.sum() < 16:
-        raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels; check brain_mask")
+        why = f"check its brain_mask {entry.brain_mask}" if entry.brain_mask else "give a brain_mask (a manifest column)"
+        broken = f", {int((~finite).sum())} of its voxels are NaN or Inf" if not finite.all() else ""
+        raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels{broken}; {why}")
     label = _mask(entry.label, entry.source) if entry.label is not None else np.zeros(data.shape, bool)
     image = normalise_volume(data, brain, settings.data.volume_intensity)
     kept = brain.mean(axis=(0, 1)) >= max(settings.data.min_brain_fraction, 1e-9)
