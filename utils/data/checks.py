@@ -9,7 +9,7 @@ from ..config import Settings
 from ..errors import DataError
 from ..files import file_problem
 from .listing import open_image
-from .preprocess import COLOR_MODES, read_image
+from .preprocess import holds_colour, read_image
 from .sets import DataBundle, ImageSet, Item
 
 
@@ -49,7 +49,7 @@ class Checker:
                     # behind them (rare there; the readers still turn such images): 0.5 s per 1,000 slices
                     exif = {} if header.format == "PNG" and "exif" not in header.info else header.getexif()
                     sideways = exif.get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
-                    self._found[path] = header.size[::-1] if sideways else header.size, header.mode in COLOR_MODES
+                    self._found[path] = header.size[::-1] if sideways else header.size, holds_colour(header)
             except DataError as exc:
                 self._found[path] = exc
         result = self._found[path]

@@ -49,9 +49,10 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
         if low < 0 or high > 65535:  # a 32-bit image: no range to scale it to [0, 1] by (a mask is binarised)
             raise DataError(f"image {path} holds values from {low} to {high}; gray levels of 8 or 16 bits (0 to "
                             "65535) are needed")
-        if color == "gray" or (color == "auto" and image.mode not in COLOR_MODES):
+        colour = holds_colour(image)
+        if color == "gray" or (color == "auto" and not colour):
             return _to_unit_gray(image)
-        if image.mode not in COLOR_MODES:
+        if not colour:
             return np.repeat(_to_unit_gray(image)[..., None], 3, axis=2)
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
@@ -59,7 +60,16 @@ def read_image(path: str, color: str = "auto") -> np.ndarray:
 def image_kind(path: str) -> str:
     """``colour`` or ``gray``: the kind of the image file at ``path`` (its header only)."""
     with open_image(path) as image:
-        return "colour" if image.mode in COLOR_MODES else "gray"
+        return "colour" if holds_colour(image) else "gray"
+
+
+def holds_colour(image: Image.Image) -> bool:
+    """Whether ``image`` holds colour: a colour mode, but a palette of grays only is gray (a gray image saved
+    with a palette: its palette is read, the pixels are decoded too)."""
+    if image.mode in ("P", "PA"):
+        palette = np.asarray(image.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
+        return bool((palette != palette[:, :1]).any())
+    return image.mode in COLOR_MODES
 
 
 def _to_unit_gray(image: Image.Image) -> np.ndarray:
