@@ -22,6 +22,7 @@ from utils.data.demo import brains
 from utils.config import load_config, settings_from_dict
 from utils.data import NORMAL, Loader, load_data
 from utils.data.demo.brains import KINDS, DemoCounts, generate_demo
+from utils.data.demo.mvtec import generate_mvtec
 from utils.errors import DataError
 
 TINY = DemoCounts(ixi_train=2, fastmri_train=2, val=1, per_kind=2, normal_test=2, second_lesion=0.5)
@@ -194,14 +195,20 @@ def test_load_data_refuses_a_foreign_folder_as_demo_root(tmp_path):
         load_data(settings)
 
 
-def test_command_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("kind, written", [([], "data/demo.json"), (["--mvtec"], "train/good/000.png")])
+def test_command_line(tmp_path, capsys, monkeypatch, kind, written):
+    """Every generator alike: an empty folder is filled, a second run is refused, ``--force`` replaces its own set."""
     monkeypatch.setattr(demo_data, "generate_demo", functools.partial(generate_demo, counts=TINY))
-    assert demo_data.main([str(tmp_path / "cli"), "--seed", "5"]) == 0
+    monkeypatch.setattr(demo_data, "generate_mvtec", functools.partial(generate_mvtec, size=32, n_train=2, n_good=1,
+                                                                       n_per_defect=1))
+    (tmp_path / "cli").mkdir()
+    assert demo_data.main(kind + [str(tmp_path / "cli"), "--seed", "5"]) == 0
     out = capsys.readouterr().out
-    assert "demo set written to" in out and os.path.isfile(tmp_path / "cli" / "data" / "demo.json")
-    assert demo_data.main([str(tmp_path / "cli")]) == 2  # exists and not empty
+    assert "written to" in out and os.path.isfile(tmp_path / "cli" / written)
+    assert demo_data.main(kind + [str(tmp_path / "cli")]) == 2  # exists and not empty
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "not empty" in err and "\n" not in err
+    assert demo_data.main(kind + [str(tmp_path / "cli"), "--force"]) == 0
     for bad in (["--seed", "-1", str(tmp_path / "a")], ["--seed", "x", str(tmp_path / "a")], []):
         with pytest.raises(SystemExit) as info:
             demo_data.main(bad)

@@ -50,7 +50,7 @@ def _small(copy: str, config: str, **changes) -> str:
 def test_fit_evaluate_and_predict_work_on_a_fresh_checkout(tmp_path, config, inputs):
     copy = _copy(tmp_path)
     if "mvtec" in config:  # the shipped config points at a downloaded category: the generator writes one there
-        _run(copy, "utils.demo_mvtec", "data/mvtec/bottle")
+        _run(copy, "utils.demo_data", "--mvtec", "data/mvtec/bottle")
     used = config if config != "config.yaml" else _small(copy, config, image_size=64)
     fitted = _run(copy, "utils", "fit", "--config", used, "--output", "model.pt", "--quiet")
     assert "model written to model.pt" in fitted

@@ -1,4 +1,4 @@
-"""MVTec AD layout on the synthetic category of :mod:`utils.demo_mvtec`: colour matters (a
+"""MVTec AD layout on the synthetic category of :mod:`utils.data.demo.mvtec`: colour matters (a
 defect of equal luminance and other hue is found in RGB, not in gray), each bad input of the
 layout is one clear error, and the held-out validation images are seeded and disjoint."""
 

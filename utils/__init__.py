@@ -7,7 +7,7 @@
 - :mod:`utils.data`         data formats (study, demo, MVTec AD, NIfTI), one preprocessing path, demo sets
 - :mod:`utils.distributed`  ``torchrun``: sharded fitting
 - :mod:`utils.evaluation`   one run for images and volumes: metrics, report, figures, results folder
-- :mod:`utils.predict`, :mod:`utils.cli`, :mod:`utils.demo_data`, :mod:`utils.demo_mvtec`  the commands
+- :mod:`utils.predict`, :mod:`utils.cli`, :mod:`utils.demo_data`  the commands
 
 Importing the package changes nothing in the process (no thread, allocator or global settings).
 """

@@ -1,7 +1,8 @@
-"""Write the small synthetic brain-MRI demo set (study layout) to DIR.
+"""Write the small synthetic brain-MRI demo set (study layout) to DIR, or another synthetic set.
 
 ``python -m utils.demo_data DIR [--seed N] [--force]``: the demo set of brain slices
-(:mod:`utils.data.demo.brains`); ``--nifti DIR``: the NIfTI volume demo (:mod:`utils.data.demo.nifti`)."""
+(:mod:`utils.data.demo.brains`); ``--nifti DIR``: the NIfTI volume demo (:mod:`utils.data.demo.nifti`);
+``--mvtec DIR``: a colour category in the MVTec AD layout (:mod:`utils.data.demo.mvtec`)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from typing import Optional, Sequence
 
 from .boundary import OneLineParser, run_command
 from .data.demo.brains import generate_demo
+from .data.demo.mvtec import generate_mvtec
 from .data.demo.nifti import generate_nifti_demo
 
 
@@ -18,6 +20,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
     where.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
+    where.add_argument("--mvtec", metavar="DIR", help="write a synthetic MVTec AD category (utils.data.demo.mvtec) to DIR "
+                                                      "instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
     parser.add_argument("--force", action="store_true",
                         help="replace the folder if it holds a demo set generated here and nothing else")
@@ -29,6 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.nifti is not None:
             generate_nifti_demo(args.nifti, seed=args.seed, overwrite=args.force)
             print(f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
+        elif args.mvtec is not None:
+            generate_mvtec(args.mvtec, seed=args.seed, overwrite=args.force)
+            print(f"MVTec-layout category written to {args.mvtec} (data.format: mvtec, data.root: {args.mvtec})")
         else:
             generate_demo(args.directory, seed=args.seed, overwrite=args.force)
             print(_written_counts(args.directory))

@@ -11,7 +11,7 @@ Layout written (deterministic from ``seed``, atomically: a temporary folder rena
     <root>/train/good/000.png ...   <root>/test/{good,color,scratch}/000.png ...
     <root>/ground_truth/{color,scratch}/000_mask.png ...
 
-Command line: ``python -m utils.demo_mvtec DIR [--seed N]``.
+Command line: ``python -m utils.demo_data --mvtec DIR [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def _save(array: np.ndarray, path: str) -> None:
 
 
 def generate_mvtec(root: str, seed: int = 0, size: int = 128, n_train: int = 40, n_good: int = 10,
-                   n_per_defect: int = 8) -> str:
-    """Write the synthetic category to ``root`` (which must not exist yet); returns ``root``."""
-    with staged_folder(root, "demo_data", replace=False) as temporary:
+                   n_per_defect: int = 8, overwrite: bool = False) -> str:
+    """Write the synthetic category to ``root`` (absent or empty, or with ``overwrite`` a set generated here
+    that holds nothing else: :func:`utils.files.staged_folder`); returns ``root``."""
+    with staged_folder(root, "demo_data", replace=overwrite) as temporary:
         rng = np.random.default_rng(seed)
         for split, count in (("train", n_train), ("test", n_good)):
             for index in range(count):
