@@ -164,6 +164,8 @@ def test_table_notes_a_group_without_positive_pixels_in_the_head():
     assert "B: no anomalous pixels inside the head" in row["note"]
     assert "C: no normal test images" in row["note"]
     assert math.isnan(row["C_auroc"])
+    normal = group("normal", maps * 0.5, [0], np.zeros_like(box), np.zeros_like(box))
+    assert "C: only 1 normal image" in metrics_table({"outside": outside, "normal": normal}, 0.5).iloc[0]["note"]
 
 
 def test_an_image_level_group_has_image_auroc_only_and_says_why():

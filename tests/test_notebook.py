@@ -125,7 +125,7 @@ def test_notebook_writes_the_results_files(notebook_run):
     figures = sorted(os.listdir(sources))
     assert "demo_auroc.png" in figures and len(figures) == 4
     assert all(os.path.getsize(sources / f) < 200_000 for f in figures)
-    assert not [f for f in os.listdir(run) if f.startswith(".")], "no temporary files left behind"
+    assert [f for f in os.listdir(run) if f.startswith(".")] == [".padim-files.json"], "no temporary files left behind"
     with open(run / "timings.json") as handle:
         timings = json.load(handle)
     phases = ("load_data_s", "fit_s", "score_s", "metrics_s", "figures_s", "save_s")
@@ -160,7 +160,8 @@ def test_command_line_evaluate_can_skip_figures_and_model(notebook_run, tmp_path
     assert "mean" in capsys.readouterr().out
     (run,) = os.listdir(tmp_path / "results")
     assert run == os.listdir(folder / "results")[0]
-    assert sorted(os.listdir(tmp_path / "results" / run)) == ["config.yaml", "metrics.csv", "metrics.md", "timings.json"]
+    assert sorted(os.listdir(tmp_path / "results" / run)) == [".padim-files.json", "config.yaml", "metrics.csv",
+                                                              "metrics.md", "timings.json"]
     full = pd.read_csv(folder / "results" / run / "metrics.csv")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / run / "metrics.csv"), full, atol=1e-4, check_exact=False)
 

@@ -20,8 +20,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("directory", metavar="DIR", nargs="?", help="folder to create (absent or empty)")
     where.add_argument("--nifti", metavar="DIR", help="write the NIfTI volume demo (utils.data.demo.nifti) to DIR instead")
-    where.add_argument("--mvtec", metavar="DIR", help="write a synthetic MVTec AD category (utils.data.demo.mvtec) to DIR "
-                                                      "instead")
+    where.add_argument("--mvtec", metavar="DIR",
+                       help="write a synthetic MVTec AD category (utils.data.demo.mvtec) to DIR instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed (integer >= 0, default 0)")
     parser.add_argument("--force", action="store_true",
                         help="replace the folder if it holds a demo set generated here and nothing else")

@@ -99,8 +99,9 @@ def staged_folder(target: str | os.PathLike, writer: str, replace: bool = True,
     output of ``writer``, e.g. "predict"; checked before the block and again before the swap), so old
     files never sit beside new ones; on any failure or interruption the temporary folder is removed and
     ``target`` is left as it was. The block runs holding ``target``'s lock (:func:`folder_lock`): two
-    writers of one folder take turns, the later one's files win. ``inputs``, the files the run read (a model, data), are never removed: one inside
-    ``target`` is carried into the new folder unless the run wrote a file of that name.
+    writers of one folder take turns, the later one's files win. ``inputs``, the files the run read (a
+    model, data), are never removed: one inside ``target`` is carried into the new folder unless the run
+    wrote a file of that name.
     """
     target = os.path.realpath(target)  # a link to the folder stays a link, to the new files
     parent, name = os.path.split(target)

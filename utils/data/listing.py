@@ -158,7 +158,8 @@ def open_image(path: str) -> Iterator[Image.Image]:
     except DataError:
         raise
     except Exception as exc:
-        why = "not an image file, or damaged" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        unknown = isinstance(exc, UnidentifiedImageError)
+        why = "not an image file, or damaged" if unknown else f"{type(exc).__name__}: {exc}"
         raise DataError(f"cannot read image {path}: {why[:200]}") from None
     for found in caught:
         warnings.warn(f"image {path}: {str(found.message).strip()}", found.category, stacklevel=3)

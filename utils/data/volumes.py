@@ -248,7 +248,7 @@ def read_volume(entry: VolumeEntry, settings: Settings) -> Volume:
     brain = _mask(entry.brain_mask, entry.source) if entry.brain_mask else estimate_brain(data)
     brain &= finite
     if brain.sum() < 16:
-        why = f"check its brain_mask {entry.brain_mask}" if entry.brain_mask else "give a brain_mask (a manifest column)"
+        why = f"check its brain_mask {entry.brain_mask}" if entry.brain_mask else "give one (a manifest's brain_mask)"
         broken = f", {int((~finite).sum())} of its voxels are NaN or Inf" if not finite.all() else ""
         raise DataError(f"{entry.source}: the brain of {entry.image} has {int(brain.sum())} voxels{broken}; {why}")
     label = _mask(entry.label, entry.source) if entry.label is not None else np.zeros(data.shape, bool)

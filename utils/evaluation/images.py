@@ -134,8 +134,8 @@ def group_metrics(group: GroupScores, normal: Optional[GroupScores], threshold: 
     if math.isfinite(field_threshold) and group.row_masks.any(axis=(1, 2)).all():  # the field's protocol: a box per row
         detections = row_detections(group.maps, group.row_image, group.row_masks, group.row_heads, field_threshold)
         row["field_f1"], row["field_detection"] = group_means(detections)
-    if normal is None:
-        notes.append("C: no normal test images")
+    if normal is None or normal.n_images <= SMALL_GROUP:  # (C) compares with the normal images: as noisy as few
+        notes.append(f"C: only {counted(normal.n_images, 'normal image')}" if normal else "C: no normal test images")
     if row["small_group"]:
         notes.append(f"only {counted(group.n_images)}: noise")
     row["note"] = "; ".join(notes)
@@ -153,7 +153,7 @@ def whole_test_metrics(groups: dict[str, GroupScores], threshold: float) -> dict
     masks = _union(image, np.concatenate([group.masks for group in parts]))
     anomalous = _union(image, np.repeat([group.anomalous for group in parts], [group.n_images for group in parts]))
     located = ~anomalous | masks.any(axis=(1, 2))
-    unlocated = f"; pixel metrics without the {counted(int((~located).sum()))} without masks" if not located.all() else ""
+    unlocated = "" if located.all() else f"; pixel metrics without the {counted(int((~located).sum()))} without masks"
     return {
         "group": "all", "n_images": len(paths), "n_rows": sum(len(g.row_image) for g in parts), "small_group": False,
         "C_auroc": image_auroc(scores[anomalous], scores[~anomalous]), "aupro": aupro(maps[located], masks[located]),

@@ -105,6 +105,7 @@ def summary(run) -> str:
     shown.loc[shown["small_group"], "group"] = shown.loc[shown["small_group"], "group"] + SMALL_MARK
     lines.append(shown.drop(columns=["small_group"]).to_string(index=False, float_format="{:.3f}".format, na_rep="–"))
     lines.append("† 1-2 scoring units: noise.  dice_best is optimistic (threshold chosen on the test group or volume).")
+    lines += [f"note: mean: {note}" for note in table.loc[table["group"] == "mean", "note"]]
     lines += [f"note: {n}" for n in run.notes]
     t = run.timings
     lines.append(f"fit {t.get('fit_s', 0):.1f} s, scoring {t.get('score_s', 0):.1f} s "

@@ -171,7 +171,8 @@ def load_state(path: str | os.PathLike,
     if settings is not None:
         check_compatible(stored, settings, path)
         stored = settings  # equal in every model-defining key; the run-time keys are the request's
-    if (now := weights_digest(stored.weights)) and now != payload.get("weights_sha256"):  # no file: the backbone says so
+    # a weights file that is gone: the backbone says so when it is built
+    if (now := weights_digest(stored.weights)) and now != payload.get("weights_sha256"):
         raise ModelFileError(f"{path} was fitted with other weights than the file {stored.weights} holds now (another "
                              "SHA-256): refit the model, or restore the weights file it was fitted with")
     positions, dim = stored.feature_size**2, stored.kept_channels
