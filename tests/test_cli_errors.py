@@ -110,11 +110,6 @@ def unwritable_results(command):
     return make
 
 
-def output_inside_input_via_a_link(tmp, ctx):
-    (tmp / "via").symlink_to(images(tmp / "in", 2), target_is_directory=True)
-    return predict(ctx, tmp / "via", tmp / "in" / "out")
-
-
 def earlier_output(then):
     """``tmp/out``, a predict's output of the images in ``tmp/in/sub`` (12 for "image 10 fails"); then ``then``."""
     def make(tmp, ctx):
@@ -131,12 +126,12 @@ def earlier_output(then):
     return make
 
 
-def odd_input(name, make):
-    """predict of ``tmp/in``: an image and ``name``, made by ``make(path)``."""
+def predict_after(prepare, source="in", output="o"):
+    """predict of ``tmp/source`` into ``tmp/output`` once ``tmp/in`` holds an image and ``prepare(tmp)`` ran."""
     def build(tmp, ctx):
         images(tmp / "in")
-        make(tmp / "in" / name)
-        return predict(ctx, tmp / "in", tmp / "o")
+        prepare(tmp)
+        return predict(ctx, tmp / source, tmp / output)
     return build
 
 
@@ -195,16 +190,18 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     *[pytest.param(unwritable_results(name), "{tmp}/locked", marks=as_user) for name in ["fit", "evaluate", "predict"]],
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "out")), "{tmp}/out"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "in" / "out"), "is inside --input"),
-    (output_inside_input_via_a_link, "is inside --input"),
+    (predict_after(lambda tmp: (tmp / "via").symlink_to(tmp / "in", target_is_directory=True), "via", "in/out"),
+     "is inside --input"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "docs" / "thesis.tex").parent), "holds other files"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "mine" / "scores.csv").parent), "holds other files"),
     (earlier_output("damaged file list"), "holds other files"),
     (earlier_output("input inside"), "is inside --output"),
     (earlier_output("image 10 fails"), "{tmp}/in/sub/i10.png"),
-    (odd_input("inf.tif", lambda path: Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(path)),
+    (predict_after(lambda tmp: Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(tmp / "in" / "inf.tif")),
      "inf.tif holds NaN or Inf values"),
     # ctx.model knows no training files: nothing reads the pipe before the reader
-    (odd_input("x.png", os.mkfifo), "is not a regular file (a broken link, device or pipe): {tmp}/in/x.png"),
+    (predict_after(lambda tmp: os.mkfifo(tmp / "in" / "x.png")),
+     "is not a regular file (a broken link, device or pipe): {tmp}/in/x.png"),
     (truncated_jpegs_read_in_workers, "error: cannot read image {tmp}/cat/train/good"),
     (changed_byte_in_the_model, "fails its checksum"),
     (user_file_in_the_run_folder, "holds files no earlier run wrote (notes/mine.txt)"),
@@ -325,24 +322,33 @@ def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx,
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 
 
-def gradient_mask(path):
-    """0 outside, 16 levels from 15 to 255 inside: half the range (127.5) drops the lower ones."""
-    inside = np.asarray(Image.open(path)) > 0
-    Image.fromarray(np.where(inside, 15 + 16 * (np.indices(inside.shape).sum(0) % 16), 0).astype(np.uint8)).save(path)
-
-
-@pytest.mark.parametrize("files, damage, start", [
-    ("train/good/*.png", truncated_jpeg, "warning: skipping"),
-    ("ground_truth/*/*_mask.png", gradient_mask, "warning: mask "),
-])
-def test_a_problem_of_several_files_is_one_warning_line_naming_one_and_the_count(ctx, tmp_path, capsys, files, damage,
-                                                                                   start):
-    victims = sorted(shutil.copytree(ctx.category, tmp_path / "cat").glob(files))[:2]
-    for victim in victims:
-        damage(victim)
-    config = mvtec_config(tmp_path, tmp_path / "cat", data={"skip_bad_images": True})
+def test_a_problem_of_several_files_is_one_warning_line_per_kind_naming_one_and_the_count(ctx, tmp_path, capsys):
+    """Two damaged training images, two gradient masks (16 levels from 15 to 255 inside: half the range drops some)."""
+    root = shutil.copytree(ctx.category, tmp_path / "cat")
+    victims = {"warning: mask ": sorted(root.glob("ground_truth/*/*_mask.png"))[:2],
+               "warning: skipping": sorted(root.glob("train/good/*.png"))[:2]}
+    for path in victims["warning: mask "]:
+        inside = np.asarray(Image.open(path)) > 0
+        levels = 15 + 16 * (np.indices(inside.shape).sum(0) % 16)
+        Image.fromarray(np.where(inside, levels, 0).astype(np.uint8)).save(path)
+    for path in victims["warning: skipping"]:
+        truncated_jpeg(path)
+    config = mvtec_config(tmp_path, root, data={"skip_bad_images": True})
     code, err, out = cli(["evaluate", "--config", config, "--no-figures", "--no-save-model"], capsys)
     assert code == 0 and out, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start) and lines[0].endswith("(and 1 more like it)"), err
-    assert any(str(victim) in lines[0] for victim in victims)
+    lines = sorted(err.splitlines())
+    assert len(lines) == 2 and all(line.endswith("(and 1 more like it)") for line in lines), err
+    for line, (start, paths) in zip(lines, victims.items()):
+        assert line.startswith(start) and any(str(path) in line for path in paths)
+
+
+@pytest.mark.parametrize("rank", ["1", "3"])
+def test_predict_under_torchrun_runs_on_rank_0_alone(ctx, tmp_path, monkeypatch, capsys, rank):
+    """The other ranks exit 0 before any check; rank 0 predicts (here it finds no model file)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    argv = predict(ctx, tmp_path, tmp_path / "out", model=tmp_path / "none.pt")
+    assert cli(argv, capsys) == (0, "", "") and not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    code, err, _ = cli(argv, capsys)
+    assert code == 2 and "none.pt" in err

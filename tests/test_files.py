@@ -60,12 +60,6 @@ def test_two_writers_of_one_folder_take_turns_and_the_later_one_wins(tmp_path):
     assert os.listdir(tmp_path / "results") == ["run"]  # no staging folder left, no lock file
 
 
-def _ended_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def _killed_writer(parent) -> str:
     """A writer killed (SIGKILL) inside its folder: no clean-up ran, the kernel released its lock."""
     script = textwrap.dedent(f"""
@@ -94,8 +88,10 @@ def _killed_writer(parent) -> str:
 ])
 def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, name, swept):
     """Without waiting: a lock left by a process that is gone was released with it."""
-    name = name(tmp_path) if callable(name) else name.format(host=socket.gethostname(), ended=_ended_pid(),
-                                                                 alive=os.getpid())
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    name = name(tmp_path) if callable(name) else name.format(host=host, ended=ended.pid, alive=os.getpid())
     (tmp_path / name / "sub").mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -103,21 +99,6 @@ def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, nam
             open(os.path.join(staging, "new.txt"), "w").close()
     assert sorted(os.listdir(tmp_path)) == sorted(["run"] + ([] if swept else [name]))  # and no lock file
     assert os.listdir(tmp_path / "run") == ["new.txt"]
-
-
-@pytest.mark.parametrize("rank", ["1", "3"])
-def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, capsys, rank):
-    from utils.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", rank)
-    (tmp_path / "c.yaml").write_text("device: cpu\n")
-    argv = ["predict", "--config", str(tmp_path / "c.yaml"), "--model", str(tmp_path / "none.pt"), "--input",
-            str(tmp_path), "--output", str(tmp_path / "out")]
-    assert main(argv) == 0
-    assert not (tmp_path / "out").exists() and capsys.readouterr() == ("", "")
-    monkeypatch.setenv("RANK", "0")  # rank 0 predicts: here it finds no model file
-    assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how, error, left", [

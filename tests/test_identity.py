@@ -1,8 +1,6 @@
 """A run's name describes the run (issue 26, class 2): it covers what the split lists and manifests
 define, is checked again before the results are swapped in, and a demo set answers only to its seed."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import shutil
@@ -17,6 +15,7 @@ from utils.data.demo.brains import DemoCounts, generate_demo
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.evaluation import Run
+
 
 def _rewrite(root, name, change):
     """The CSV ``name`` below ``root`` rewritten as ``change(frame)``, with a later modification time."""

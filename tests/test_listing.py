@@ -1,9 +1,6 @@
-"""One listing of input files for every loader (utils.data.listing): odd and bad inputs as a user's
-file system holds them, against the mechanism and through each format that uses it; the group names
-every format refuses.
-
-Expectations are written by hand: which names a folder should yield, which line of a CSV a row is
-on (counted in the file's text), how an EXIF-rotated image looks (``np.rot90``)."""
+"""One listing and opening of input files for every loader (utils.data.listing): odd and bad inputs as a user's
+file system holds them, against the mechanism and through each format; the group names every format refuses.
+Expectations are by hand: the names a folder yields, a CSV row's line in the text, an upright image (``np.rot90``)."""
 
 from __future__ import annotations
 
