@@ -81,14 +81,13 @@ def mvtec_config(folder, root, data=(), **top) -> str:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    """A model fitted on textures and its config; a small MVTec-layout category (40 px) and a model fitted on it."""
+    """A model fitted on textures and its config; a small MVTec-layout category (40 px)."""
     folder = tmp_path_factory.mktemp("ctx")
     settings = settings_from_dict({"image_size": 64, "output_dimension": 24, "device": "cpu", "batch_size": 8})
     model = Padim(settings).fit(to_batch(smooth_textures(6, 64, seed=1)), progress=False).save(folder / "m.pt")
     category = generate_mvtec(str(folder / "cat"), seed=0, size=40, n_train=12, n_good=4, n_per_defect=3)
-    assert main(["fit", "--config", mvtec_config(folder, category), "--output", str(folder / "cat.pt"), "--quiet"]) == 0
     return types.SimpleNamespace(config=str(write(folder / "c.yaml", yaml.safe_dump(settings.to_dict()))), model=model,
-                                 category=category, category_model=str(folder / "cat.pt"))
+                                 category=category)
 
 
 # ---------------------------------------------------------------- builders of bad states: (tmp, ctx) -> argv
@@ -156,15 +155,6 @@ def truncated_jpegs_read_in_workers(tmp, ctx):
     return ["fit", "--config", mvtec_config(tmp, root, data={"num_workers": 2}), "--output", str(tmp / "m.pt")]
 
 
-def user_file_in_the_run_folder(tmp, ctx):
-    """A rerun replaces its folder as a whole: never with a user's own file in it."""
-    argv = ["evaluate", "--config", mvtec_config(tmp, ctx.category), "--model", ctx.category_model, "--no-figures"]
-    assert main(argv + ["--quiet"]) == 0
-    (run,) = (tmp / "results").iterdir()
-    write(run / "notes" / "mine.txt")
-    return argv
-
-
 BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folder)
     (config_text(b"seed: 1\nbatch_size: 3\nseed: 2\n"), "key `seed` is written twice (lines 1 and 3)"),
     (config_text(b"data:\n\tformat: demo\n"), "a tab character is used for indentation"),
@@ -204,7 +194,6 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
      "is not a regular file (a broken link, device or pipe): {tmp}/in/x.png"),
     (truncated_jpegs_read_in_workers, "error: cannot read image {tmp}/cat/train/good"),
     (changed_byte_in_the_model, "fails its checksum"),
-    (user_file_in_the_run_folder, "holds files no earlier run wrote (notes/mine.txt)"),
 ]
 
 
@@ -300,8 +289,9 @@ def test_an_interruption_exits_130_and_leaves_nothing(ctx, tmp_path, during, mod
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # importing utils changed nothing in this process
 
 
-def test_reruns_replace_the_run_folder_and_keep_the_model_they_read(ctx, tmp_path, capsys):
-    """evaluate; evaluate --model <run>/model.pt --no-save-model; evaluate again, with a Finder file in the folder."""
+def test_reruns_replace_the_run_folder_keep_the_model_they_read_and_never_a_users_file(ctx, tmp_path, capsys):
+    """evaluate; evaluate --model <run>/model.pt --no-save-model; again with a Finder file in the folder; again with
+    a user's file in it: refused, nothing changed."""
     argv = ["evaluate", "--config", mvtec_config(tmp_path, ctx.category), "--no-figures"]
     assert cli(argv, capsys)[0] == 0
     (run,) = (tmp_path / "results").iterdir()
@@ -310,6 +300,11 @@ def test_reruns_replace_the_run_folder_and_keep_the_model_they_read(ctx, tmp_pat
     (run / ".DS_Store").touch()  # the system's, not a user's file
     assert cli(argv, capsys)[0] == 0
     assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "model.pt", "timings.json"]
+    write(run / "notes" / "mine.txt")
+    before = snapshot(tmp_path)
+    code, err, _ = cli(argv, capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "holds files no earlier run wrote (notes/mine.txt)" in err and snapshot(tmp_path) == before
 
 
 def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx, tmp_path, capsys):

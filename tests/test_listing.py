@@ -105,8 +105,7 @@ def _excel_csv(path, text):
 
 
 def _study_naming(root, on_disk, asked, separator):
-    """A study whose training CSVs, saved by Excel, name the file ``on_disk/on_disk.png`` as ``asked/asked.png``
-    (with ``separator`` between the two)."""
+    """A study whose training CSVs, saved by Excel, name ``on_disk/on_disk.png`` as ``asked<separator>asked.png``."""
     from test_data import make_study, study_settings
 
     root = make_study(root)
@@ -237,22 +236,18 @@ def test_an_image_reads_as_its_gray_values_upright_or_is_one_line_naming_it(tmp_
 
 
 # ---------------------------------------------------------------------------- train/test overlap
-@pytest.mark.parametrize("how, warns", [
-    ("other, same size", False),  # the same number of bytes, other voxels: not the same content
-    ("same file", True), ("copy", True), ("link", True),
-])
-def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, recwarn, how, warns):
+@pytest.mark.parametrize("make, listed, warns", [
+    (lambda train, test: _volume(test, seed=1), "b.nii", False),  # as many bytes, other voxels: not the same content
+    (lambda train, test: _volume(test, seed=1), "{tmp}/a.nii", True),  # the training file, spelled otherwise
+    (shutil.copyfile, "b.nii", True),
+    (os.symlink, "b.nii", True),
+], ids=["other-same-size", "same-file", "copy", "link"])
+def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, recwarn, make, listed, warns):
     """One check in load_data for every format, here through a manifest (the one format that can list a file twice)."""
     train, test = _volume(tmp_path / "a.nii"), str(tmp_path / "b.nii")
-    if how == "copy":
-        shutil.copyfile(train, test)
-    elif how == "link":
-        os.symlink(train, test)
-    else:
-        _volume(test, seed=1)
+    make(train, test)
     assert os.path.getsize(train) == os.path.getsize(test)
-    listed_test = train if how == "same file" else test
-    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii,a\ntest,{listed_test},b\n")
+    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii,a\ntest,{listed.format(tmp=tmp_path)},b\n")
     data = {"format": "nifti", "manifest": str(tmp_path / "v.csv"), "min_brain_fraction": 0.1, "val_fraction": 0}
     load_data(settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), ("train", "test"))
     overlap = [str(w.message) for w in recwarn if w.category is TrainTestOverlapWarning]
