@@ -1,5 +1,4 @@
-"""Robustness: numerical edge cases, model files, odd mask files, every settings key,
-determinism, properties (hypothesis)."""
+"""Robustness: numerical edge cases, model files, odd mask files, every settings key, determinism, properties."""
 
 import errno
 import hashlib
@@ -9,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -117,11 +117,7 @@ def test_a_failed_model_write_raises_its_cause_and_changes_no_file(saved_model, 
         target.parent.mkdir()
         shutil.copy(path, target)
     before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    save = torch.save
-
-    def fail():
-        raise cause
-
+    save, fail = torch.save, mock.Mock(side_effect=cause)
     monkeypatch.setattr(torch, "save", lambda payload, stream: save(payload, FailingStream(stream, 1 << 16, fail)))
     with pytest.raises(type(cause)) as info:
         model.save(target)
