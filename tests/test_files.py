@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT
 from utils.files import staged_folder
 
+
 def _writer(target, then: str) -> subprocess.Popen:
     """Another process in its staged folder for ``target``: it writes ``first.txt``, prints a line, runs ``then``."""
     script = textwrap.dedent(f"""

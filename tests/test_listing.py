@@ -1,6 +1,5 @@
-"""One listing and opening of input files for every loader (utils.data.listing): odd and bad inputs as a user's
-file system holds them, against the mechanism and through each format; the group names every format refuses.
-Expectations are by hand: the names a folder yields, a CSV row's line in the text, an upright image (``np.rot90``)."""
+"""One listing and opening of input files for every loader (utils.data.listing): odd and bad inputs against the
+mechanism and through each format; the group names every format refuses. Expectations by hand (names, np.rot90)."""
 
 from __future__ import annotations
 

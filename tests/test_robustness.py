@@ -23,7 +23,7 @@ from conftest import FailingStream, one_line_error, smooth_textures, to_batch
 from utils.config import Settings, settings_from_dict
 from utils.data.preprocess import NonBinaryMaskWarning, read_mask
 from utils.data.volumes import VolumeEntry, read_volume
-from utils.errors import ConfigError, DataError, ModelFileError
+from utils.errors import ConfigError, ModelFileError
 from utils.padim.gaussian import GaussianStatistics, regularised_cholesky
 from utils.padim.model import Padim
 from utils.padim.scoring import mahalanobis
