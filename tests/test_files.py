@@ -5,78 +5,52 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
-import warnings
 
 import pytest
 
-from utils.files import staged_folder  # the only import of the package: spawned writers start fast
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-HOLD_S = 2.0  # how long the first writer stays inside its folder
+from conftest import ROOT
+from utils.files import staged_folder
 
 
-def _first_writer(target: str, inside, finishing) -> None:
-    with staged_folder(target) as folder:
-        open(os.path.join(folder, "first.txt"), "w").close()
-        inside.set()
-        time.sleep(HOLD_S)
-        finishing.set()  # the last thing before the swap
+def _writer(target, then: str) -> subprocess.Popen:
+    """Another process in its staged folder for ``target``: it writes ``first.txt``, prints a line, runs ``then``."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {ROOT!r})
+        from utils.files import staged_folder
+        with staged_folder({str(target)!r}) as folder:
+            open(os.path.join(folder, "first.txt"), "w").close()
+            print(flush=True)
+            {then}
+    """)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
 
 
-def _second_writer(target: str, inside, finishing, report) -> None:
-    inside.wait(60)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with staged_folder(target) as folder:
-            report.put(finishing.is_set())  # entered only once the first writer is done
-            open(os.path.join(folder, "second.txt"), "w").close()
-    report.put([str(w.message) for w in caught])
-
-
-def test_two_writers_of_one_folder_take_turns_and_the_later_one_wins(tmp_path):
-    spawn = multiprocessing.get_context("spawn")
-    inside, finishing, report = spawn.Event(), spawn.Event(), spawn.Queue()
+def test_two_writers_of_one_folder_take_turns_and_the_later_one_wins(tmp_path, recwarn):
     target = str(tmp_path / "results" / "run")
-    first = spawn.Process(target=_first_writer, args=(target, inside, finishing))
-    second = spawn.Process(target=_second_writer, args=(target, inside, finishing, report))
-    first.start()
-    second.start()
-    entered_after_first, messages = report.get(timeout=120), report.get(timeout=120)
-    first.join(60)
-    second.join(60)
-    assert (first.exitcode, second.exitcode) == (0, 0)
-    assert entered_after_first, "the second writer ran while the first one still wrote the folder"
+    first = _writer(target, "time.sleep(2)")  # it holds its folder for 2 s
+    first.stdout.readline()  # the first writer is inside its folder
+    with staged_folder(target) as folder:
+        assert os.listdir(target) == ["first.txt"], "the second writer ran while the first one still wrote the folder"
+        open(os.path.join(folder, "second.txt"), "w").close()
+    assert first.communicate(timeout=60)[0] == "" and first.returncode == 0
+    messages = [str(w.message) for w in recwarn]
     assert len(messages) == 1 and "waiting for another process that writes" in messages[0] and target in messages[0]
     assert os.listdir(target) == ["second.txt"]
     assert os.listdir(tmp_path / "results") == ["run"]  # no staging folder left, no lock file
 
 
-def _ended_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def _killed_writer(parent) -> str:
     """A writer killed (SIGKILL) inside its folder: no clean-up ran, the kernel released its lock."""
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {ROOT!r})
-        from utils.files import staged_folder
-        with staged_folder({str(parent / "run")!r}) as folder:
-            open(os.path.join(folder, "partial.txt"), "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    killed = _writer(parent / "run", "os.kill(os.getpid(), signal.SIGKILL)")
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
     (staging,) = os.listdir(parent)
     assert staging.startswith(".run.tmp-")
     return staging
@@ -92,32 +66,18 @@ def _killed_writer(parent) -> str:
     (".run.tmp-notes", False),  # not a staging folder
     ("run.tmp-{host}-{ended}-abc", False),  # not hidden: a user's folder
 ])
-def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, name, swept):
+def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, recwarn, name, swept):
     """Without waiting: a lock left by a process that is gone was released with it."""
-    name = name(tmp_path) if callable(name) else name.format(host=socket.gethostname(), ended=_ended_pid(),
-                                                                 alive=os.getpid())
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    name = name(tmp_path) if callable(name) else name.format(host=host, ended=ended.pid, alive=os.getpid())
     (tmp_path / name / "sub").mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with staged_folder(tmp_path / "run") as staging:
-            open(os.path.join(staging, "new.txt"), "w").close()
+    with staged_folder(tmp_path / "run") as staging:
+        open(os.path.join(staging, "new.txt"), "w").close()
+    assert recwarn.list == []  # it did not wait
     assert sorted(os.listdir(tmp_path)) == sorted(["run"] + ([] if swept else [name]))  # and no lock file
     assert os.listdir(tmp_path / "run") == ["new.txt"]
-
-
-@pytest.mark.parametrize("rank", ["1", "3"])
-def test_predict_under_torchrun_runs_on_rank_0_alone(tmp_path, monkeypatch, capsys, rank):
-    from utils.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", rank)
-    (tmp_path / "c.yaml").write_text("device: cpu\n")
-    argv = ["predict", "--config", str(tmp_path / "c.yaml"), "--model", str(tmp_path / "none.pt"), "--input",
-            str(tmp_path), "--output", str(tmp_path / "out")]
-    assert main(argv) == 0
-    assert not (tmp_path / "out").exists() and capsys.readouterr() == ("", "")
-    monkeypatch.setenv("RANK", "0")  # rank 0 predicts: here it finds no model file
-    assert main(argv) == 2 and "none.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how, error, left", [

@@ -1,8 +1,6 @@
 """A run's name describes the run (issue 26, class 2): it covers what the split lists and manifests
 define, is checked again before the results are swapped in, and a demo set answers only to its seed."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import shutil
@@ -17,6 +15,7 @@ from utils.data.demo.brains import DemoCounts, generate_demo
 from utils.data.demo.nifti import generate_nifti_demo
 from utils.errors import DataError
 from utils.evaluation import Run
+
 
 def _rewrite(root, name, change):
     """The CSV ``name`` below ``root`` rewritten as ``change(frame)``, with a later modification time."""
@@ -62,20 +61,25 @@ def _copy(source, tmp_path, fmt="demo"):
                                      "results_dir": str(tmp_path / "results"), "data": data})
 
 
-@pytest.mark.parametrize("fmt, edit, changes", [
-    ("demo", move_row_to_another_group, True),
-    ("demo", lambda root: _rewrite(root, "data/splits/cyst.csv", lambda rows: rows), False),  # the same rows
-    ("nifti", lambda root: _rewrite(root, "volumes.csv", regroup_a_test_volume), True),
-    ("nifti", lambda root: _rewrite(root, "volumes.csv", swap_two_labels), True),
-], ids=["moved-row", "same-rows", "moved-volume", "other-labels"])  # a study mask of another image: refused (test_data)
-def test_the_run_name_follows_what_the_lists_define(sets, tmp_path, fmt, edit, changes):
+@pytest.mark.parametrize("fmt, edit, seed, expected", [
+    ("demo", move_row_to_another_group, 0, True),
+    ("demo", lambda root: _rewrite(root, "data/splits/cyst.csv", lambda rows: rows), 0, False),  # the same rows
+    ("nifti", lambda root: _rewrite(root, "volumes.csv", regroup_a_test_volume), 0, True),
+    ("nifti", lambda root: _rewrite(root, "volumes.csv", swap_two_labels), 0, True),
+    ("demo", lambda root: None, 7, "holds the demo set of seed 0, not data.demo_seed 7"),
+    ("demo", lambda root: os.remove(os.path.join(root, "data", "demo.json")), 0, "holds the demo set of seed unknown"),
+], ids=["moved-row", "same-rows", "moved-volume", "other-labels", "other-seed", "no-seed"])
+def test_the_run_name_follows_what_the_lists_define_and_a_demo_set_answers_only_to_its_seed(sets, tmp_path, fmt, edit,
+                                                                                           seed, expected):
+    """True: another name after the edit; False: the same; a str: its error (another image's study mask: test_data)."""
     root, settings = _copy(sets[fmt], tmp_path, fmt)
     before = Run(settings)
     before.load_data()
     edit(root)
-    after = Run(settings)
-    after.load_data()
-    assert (after.name != before.name) == changes
+    after = Run(settings.replace(data={"demo_seed": seed}))
+    with pytest.raises(DataError, match=expected) if isinstance(expected, str) else contextlib.nullcontext():
+        after.load_data()
+        assert (after.name != before.name) == expected
 
 
 def test_data_changed_during_the_run_writes_nothing(sets, tmp_path):
@@ -91,20 +95,6 @@ def test_data_changed_during_the_run_writes_nothing(sets, tmp_path):
         run.save(figures=False)
     assert not os.path.exists(run.directory)
     assert not os.listdir(tmp_path / "results"), "no staging folder left behind"
-
-
-@pytest.mark.parametrize("recorded, wanted, error", [
-    (0, 0, None),
-    (0, 7, "holds the demo set of seed 0, not data.demo_seed 7"),
-    (None, 0, "holds the demo set of seed unknown"),
-])
-def test_a_demo_set_answers_only_to_its_seed(sets, tmp_path, recorded, wanted, error):
-    root, settings = _copy(sets["demo"], tmp_path)
-    if recorded is None:
-        os.remove(os.path.join(root, "data", "demo.json"))
-    run = Run(settings.replace(data={"demo_seed": wanted}))
-    with pytest.raises(DataError, match=error) if error else contextlib.nullcontext():
-        assert run.load_data().train is not None
 
 
 def test_a_file_name_that_is_not_utf8_has_a_fingerprint(tmp_path):

@@ -1,27 +1,22 @@
-"""One listing of input files for every loader (utils.data.listing): odd and bad inputs as a user's
-file system holds them, against the mechanism and through each format that uses it; the group names
-every format refuses.
-
-Expectations are written by hand: which names a folder should yield, which line of a CSV a row is
-on (counted in the file's text), how an EXIF-rotated image looks (``np.rot90``)."""
+"""One listing and opening of input files for every loader (utils.data.listing): odd and bad inputs against the
+mechanism and through each format; the group names every format refuses. Expectations by hand (names, np.rot90)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import unicodedata
-import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_line_data_error, one_line_error
+from conftest import one_line_data_error, one_line_error, truncated_jpeg
 from utils.config import settings_from_dict
 from utils.data import load_data
 from utils.data.demo.mvtec import generate_mvtec
-from utils.data.listing import listed, read_table
+from utils.data.listing import MAX_PIXELS, listed, read_table
 from utils.data.load import TrainTestOverlapWarning
 from utils.data.preprocess import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
 from utils.errors import DataError
@@ -109,8 +104,7 @@ def _excel_csv(path, text):
 
 
 def _study_naming(root, on_disk, asked, separator):
-    """A study whose training CSVs, saved by Excel, name the file ``on_disk/on_disk.png`` as ``asked/asked.png``
-    (with ``separator`` between the two)."""
+    """A study whose training CSVs, saved by Excel, name ``on_disk/on_disk.png`` as ``asked<separator>asked.png``."""
     from test_data import make_study, study_settings
 
     root = make_study(root)
@@ -203,49 +197,68 @@ def test_a_group_named_like_a_row_of_the_table_or_with_spaces_is_refused_in_ever
 
 
 # ---------------------------------------------------------------------------- opening images
-@pytest.mark.parametrize("orientation, turned", [
-    (1, lambda a: a), (3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
-    (2, np.fliplr),
+GRADIENT = np.add.outer(np.linspace(0, 0.25, 20), np.linspace(0, 0.75, 30))  # 20 x 30: any turn or flip shows
+EIGHT = (GRADIENT * 255).astype(np.uint8)
+READ8 = EIGHT / 255  # an 8-bit file read back
+NOISE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name, make, color, expected", [
+    ("sixteen.png", Image.fromarray((GRADIENT * 65535).astype(np.uint16)).save, "gray", GRADIENT),  # all 16 bits
+    ("rgba.png", Image.fromarray(np.dstack([EIGHT, EIGHT, EIGHT, np.full_like(EIGHT, 128)]), "RGBA").save, "gray",
+     READ8),
+    ("palette.png", Image.fromarray(EIGHT, "L").convert("P").save, "gray", READ8),
+    (os.path.join("IRM cerveau é 脑", "coupe n°1.png"), Image.fromarray(EIGHT).save, "gray", READ8),
+    *[(f"exif{key}.png", lambda path, key=key: Image.fromarray(EIGHT).save(path, exif=_exif(key)), "gray", upright)
+      for key, upright in [(1, READ8), (3, np.rot90(READ8, 2)), (6, np.rot90(READ8, -1)), (8, np.rot90(READ8)),
+                           (2, np.fliplr(READ8))]],  # EXIF orientations
+    ("bad.jpg", lambda path: path.write_bytes(b""), "gray", "0 bytes"),
+    ("bad.jpg", lambda path: path.write_bytes(b"not an image at all"), "gray", "cannot read image"),
+    ("bad.jpg", lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "gray", "cannot read image"),
+    *[("bad.jpg", lambda path: truncated_jpeg(path, NOISE), color, "cannot read image")
+      for color in ("auto", "gray", "rgb")],
+    # 1-bit: a small file that would decode to a huge array
+    ("bad.png", lambda path: Image.new("1", (int(MAX_PIXELS**0.5) + 64,) * 2).save(path), "gray", "pixel limit"),
+    ("i32.tif", Image.fromarray((GRADIENT * 70000).astype(np.int32)).save, "gray", "values from 0 to 70000"),
+    ("pages.tif", lambda path: Image.fromarray(EIGHT).save(path, save_all=True, append_images=[Image.fromarray(EIGHT)]),
+     "gray", "holds 2 frames"),
 ])
-def test_images_are_turned_upright_by_their_exif_orientation(tmp_path, orientation, turned):
-    pixels = (np.arange(6, dtype=np.uint8).reshape(2, 3) * 40)
-    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=_exif(orientation))
-    np.testing.assert_array_equal(np.rint(read_image(str(tmp_path / "photo.png"), "gray") * 255), turned(pixels))
+def test_an_image_reads_as_its_gray_values_upright_or_is_one_line_naming_it(tmp_path, name, make, color, expected):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    make(path)
+    if isinstance(expected, str):
+        message = one_line_error(DataError, read_image, str(path), color)
+        assert expected in message and str(path) in message
+    else:  # 8-bit levels are 4e-3 apart
+        np.testing.assert_allclose(read_image(str(path), color), expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- train/test overlap
-@pytest.mark.parametrize("how, warns", [
-    ("other, same size", False),  # the same number of bytes, other voxels: not the same content
-    ("same file", True), ("copy", True), ("link", True),
-])
-def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, how, warns):
+@pytest.mark.parametrize("make, listed, warns", [
+    (lambda train, test: _volume(test, seed=1), "b.nii", False),  # as many bytes, other voxels: not the same content
+    (lambda train, test: _volume(test, seed=1), "{tmp}/a.nii", True),  # the training file, spelled otherwise
+    (shutil.copyfile, "b.nii", True),
+    (os.symlink, "b.nii", True),
+], ids=["other-same-size", "same-file", "copy", "link"])
+def test_a_test_file_that_is_also_a_training_file_is_named_in_a_warning(tmp_path, recwarn, make, listed, warns):
     """One check in load_data for every format, here through a manifest (the one format that can list a file twice)."""
     train, test = _volume(tmp_path / "a.nii"), str(tmp_path / "b.nii")
-    if how == "copy":
-        shutil.copyfile(train, test)
-    elif how == "link":
-        os.symlink(train, test)
-    else:
-        _volume(test, seed=1)
+    make(train, test)
     assert os.path.getsize(train) == os.path.getsize(test)
-    listed_test = train if how == "same file" else test
-    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii,a\ntest,{listed_test},b\n")
+    (tmp_path / "v.csv").write_text(f"split,image,case\ntrain,a.nii,a\ntest,{listed.format(tmp=tmp_path)},b\n")
     data = {"format": "nifti", "manifest": str(tmp_path / "v.csv"), "min_brain_fraction": 0.1, "val_fraction": 0}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        load_data(settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), ("train", "test"))
-    overlap = [str(w.message) for w in caught if w.category is TrainTestOverlapWarning]
+    load_data(settings_from_dict({"image_size": 32, "device": "cpu", "data": data}), ("train", "test"))
+    overlap = [str(w.message) for w in recwarn if w.category is TrainTestOverlapWarning]
     assert len(overlap) == warns and all("1 test file also in the training data" in m for m in overlap)
 
 
-def test_a_warning_of_pillows_names_the_image(tmp_path):
+def test_a_warning_of_pillows_names_the_image(tmp_path, recwarn):
     path = tmp_path / "photo.jpg"
     Image.new("L", (8, 8)).save(path, exif=_exif(6).tobytes())
     data = bytearray(path.read_bytes())
     start = data.find(b"Exif\0\0") + 14  # the first IFD's entry count and first tag: read past the segment's end
     data[start:start + 8] = b"\xff" * 8
     path.write_bytes(bytes(data))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert read_image(str(path), "gray").shape == (8, 8)
-    assert [str(w.message).startswith(f"image {path}: Corrupt EXIF data") for w in caught] == [True]
+    assert read_image(str(path), "gray").shape == (8, 8)
+    assert [str(w.message).startswith(f"image {path}: Corrupt EXIF data") for w in recwarn] == [True]
