@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -25,6 +26,7 @@ from utils.boundary import run_command
 from utils.cli import main
 from utils.config import settings_from_dict
 from utils.data.demo.mvtec import generate_mvtec
+from utils.files import FILE_LIST, staged_folder
 from utils.padim.model import Padim
 
 as_user = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads and writes any mode")
@@ -115,7 +117,7 @@ def earlier_output(then):
         argv = predict(ctx, tmp / "in", tmp / "out")
         assert main(argv + ["--quiet"]) == 0
         if then == "damaged file list":
-            write(tmp / "out" / "predict_files.json", "[" * 200_000 + "]" * 200_000)
+            write(tmp / "out" / FILE_LIST, "[" * 200_000 + "]" * 200_000)
         elif then == "image 10 fails":  # batch_size 8: the first batch was written when image 10 fails
             write(tmp / "in" / "sub" / "i10.png", "not an image")
         elif then == "input inside":  # the swap would delete the output's own heat-maps given as input
@@ -131,6 +133,13 @@ def predict_after(prepare, source="in", output="o"):
         prepare(tmp)
         return predict(ctx, tmp / source, tmp / output)
     return build
+
+
+def written_folder(tmp, writer="evaluate") -> str:
+    """``tmp/r``, a folder another command (``writer``) wrote as a whole."""
+    with staged_folder(tmp / "r", writer) as folder:
+        write(Path(folder) / "metrics.csv")
+    return str(tmp / "r")
 
 
 def changed_byte_in_the_model(tmp, ctx):
@@ -175,20 +184,29 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
     (lambda tmp, ctx: ["fit", "--config", mvtec_config(tmp, ctx.category), "--output", str(write(tmp / "notes.txt"))],
      "is not a model file"),
     (torch_checkpoint_as_fit_output, "is not a model file"),
-    (config_text("data:\n  root: {tmp}/config.yaml\n"), "data.root {tmp}/config.yaml is a file"),
+    (config_text("seed: 1\n---\nseed: 2\n"), "a second document (after `---`) follows the first"),
+    (config_text("data:\n  root: {tmp}/config.yaml\n"), "demo set to {tmp}/config.yaml: exists and is not a folder"),
     *[pytest.param(unwritable_results(name), "{tmp}/locked", marks=as_user) for name in ["fit", "evaluate", "predict"]],
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "out")), "{tmp}/out"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), tmp / "in" / "out"), "is inside --input"),
     (predict_after(lambda tmp: (tmp / "via").symlink_to(tmp / "in", target_is_directory=True), "via", "in/out"),
      "is inside --input"),
-    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "docs" / "thesis.tex").parent), "holds other files"),
-    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "mine" / "scores.csv").parent), "holds other files"),
-    (earlier_output("damaged file list"), "holds other files"),
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "docs" / "thesis.tex").parent),
+     "holds files that no predict run wrote (thesis.tex)"),
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "mine" / "scores.csv").parent), "(scores.csv)"),
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "repo" / ".git" / "HEAD").parent.parent),
+     "holds files that no predict run wrote (.git/HEAD)"),  # a user's hidden files are theirs
+    (lambda tmp, ctx: predict(ctx, images(tmp / "in"), written_folder(tmp)), "that no predict run wrote (metrics.csv)"),
+    (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", f"{written_folder(tmp)}/model.pt"],
+     "is inside {tmp}/r, which another run wrote as a whole"),  # the metrics beside it would describe another model
+    (earlier_output("damaged file list"), "holds files that no predict run wrote"),
     (earlier_output("input inside"), "is inside --output"),
     (earlier_output("image 10 fails"), "{tmp}/in/sub/i10.png"),
     (predict_after(lambda tmp: Image.fromarray(np.full((64, 64), np.inf, np.float32)).save(tmp / "in" / "inf.tif")),
      "inf.tif holds NaN or Inf values"),
     # ctx.model knows no training files: nothing reads the pipe before the reader
+    (predict_after(lambda tmp: write(tmp / "in" / "x.png", "not an image")),
+     "cannot read image {tmp}/in/x.png: not an image file, or damaged"),
     (predict_after(lambda tmp: os.mkfifo(tmp / "in" / "x.png")),
      "is not a regular file (a broken link, device or pipe): {tmp}/in/x.png"),
     (truncated_jpegs_read_in_workers, "error: cannot read image {tmp}/cat/train/good"),
@@ -295,12 +313,13 @@ def test_reruns_replace_the_run_folder_keep_the_model_they_read_and_never_a_user
     assert (run / "model.pt").is_file()  # read by the run: kept, and listed as the folder's
     (run / ".DS_Store").touch()  # the system's, not a user's file
     assert cli(argv, capsys)[0] == 0
-    assert sorted(os.listdir(run)) == ["config.yaml", "metrics.csv", "metrics.md", "model.pt", "timings.json"]
+    assert sorted(os.listdir(run)) == [FILE_LIST, "config.yaml", "metrics.csv", "metrics.md", "model.pt",
+                                       "timings.json"]
     write(run / "notes" / "mine.txt")
     before = snapshot(tmp_path)
     code, err, _ = cli(argv, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert "holds files no earlier run wrote (notes/mine.txt)" in err and snapshot(tmp_path) == before
+    assert "holds files that no evaluate run wrote (notes/mine.txt)" in err and snapshot(tmp_path) == before
 
 
 def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx, tmp_path, capsys):
@@ -309,7 +328,7 @@ def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx,
     assert cli(predict(ctx, images(tmp_path / "a", 3), link), capsys)[0] == 0
     code, _, out = cli(predict(ctx, os.path.join(images(tmp_path / "b"), "i00.png"), link), capsys)  # one image file
     assert code == 0 and "1 images scored" in out and link.is_symlink()
-    assert sorted(os.listdir(link)) == ["i00_anomaly.npy", "i00_heatmap.png", "predict_files.json", "scores.csv"]
+    assert sorted(os.listdir(link)) == [FILE_LIST, "i00_anomaly.npy", "i00_heatmap.png", "scores.csv"]
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 
 

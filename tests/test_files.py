@@ -1,10 +1,12 @@
 """Several writers of one folder (utils.files): they take turns on the folder's lock, the later one's
-files win, and the staging folders of processes that are gone are swept by the next writer."""
+files win, the staging folders of processes that are gone are swept by the next writer, and a folder is
+replaced only when it holds nothing but what the same command wrote there (its file list)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -15,7 +17,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from utils.files import staged_folder
+from utils.files import FILE_LIST, staged_folder
 
 
 def _writer(target, then: str) -> subprocess.Popen:
@@ -23,8 +25,8 @@ def _writer(target, then: str) -> subprocess.Popen:
     script = textwrap.dedent(f"""
         import os, signal, sys, time
         sys.path.insert(0, {ROOT!r})
-        from utils.files import staged_folder
-        with staged_folder({str(target)!r}) as folder:
+        from utils.files import FILE_LIST, staged_folder
+        with staged_folder({str(target)!r}, "test") as folder:
             open(os.path.join(folder, "first.txt"), "w").close()
             print(flush=True)
             {then}
@@ -36,13 +38,13 @@ def test_two_writers_of_one_folder_take_turns_and_the_later_one_wins(tmp_path, r
     target = str(tmp_path / "results" / "run")
     first = _writer(target, "time.sleep(2)")  # it holds its folder for 2 s
     first.stdout.readline()  # the first writer is inside its folder
-    with staged_folder(target) as folder:
-        assert os.listdir(target) == ["first.txt"], "the second writer ran while the first one still wrote the folder"
+    with staged_folder(target, "test") as folder:
+        assert _files(target) == ["first.txt"], "the second writer ran while the first one still wrote the folder"
         open(os.path.join(folder, "second.txt"), "w").close()
     assert first.communicate(timeout=60)[0] == "" and first.returncode == 0
     messages = [str(w.message) for w in recwarn]
     assert len(messages) == 1 and "waiting for another process that writes" in messages[0] and target in messages[0]
-    assert os.listdir(target) == ["second.txt"]
+    assert _files(target) == ["second.txt"]
     assert os.listdir(tmp_path / "results") == ["run"]  # no staging folder left, no lock file
 
 
@@ -73,11 +75,16 @@ def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, rec
     host = socket.gethostname()
     name = name(tmp_path) if callable(name) else name.format(host=host, ended=ended.pid, alive=os.getpid())
     (tmp_path / name / "sub").mkdir(parents=True, exist_ok=True)
-    with staged_folder(tmp_path / "run") as staging:
+    with staged_folder(tmp_path / "run", "test") as staging:
         open(os.path.join(staging, "new.txt"), "w").close()
     assert recwarn.list == []  # it did not wait
     assert sorted(os.listdir(tmp_path)) == sorted(["run"] + ([] if swept else [name]))  # and no lock file
-    assert os.listdir(tmp_path / "run") == ["new.txt"]
+    assert _files(tmp_path / "run") == ["new.txt"]
+
+
+def _files(folder) -> list[str]:
+    """The files in ``folder`` but its file list."""
+    return sorted(name for name in os.listdir(folder) if name != FILE_LIST)
 
 
 @pytest.mark.parametrize("how, error, left", [
@@ -87,11 +94,22 @@ def test_the_next_writer_sweeps_staging_folders_of_ended_processes(tmp_path, rec
     ("not replaced", FileExistsError, ["earlier.txt"]),  # replace=False: an existing folder stays
     ("input kept", None, ["earlier.txt", "new.txt"]),  # a file the run read (evaluate --model <run>/model.pt) stays
     ("input written", None, ["earlier.txt", "new.txt"]),  # ... unless the run wrote it again: the new file wins
+    ("a user's file", FileExistsError, ["earlier.txt", "notes.txt"]),  # one no run wrote there is never removed
+    ("a user's hidden file", FileExistsError, [".git", "earlier.txt"]),  # hidden is not the system's: .git/HEAD
+    ("a system file", None, ["new.txt"]),  # .DS_Store, which Finder puts there, is not a user's
+    ("another command's", FileExistsError, ["earlier.txt"]),  # written by another writer (predict into evaluate's)
+    ("inside a written folder", FileExistsError, ["earlier.txt"]),  # no run writes into another's folder
 ])
 def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch, how, error, left):
-    target = tmp_path / "run"
-    target.mkdir()
-    (target / "earlier.txt").write_text("kept")
+    written = tmp_path / "run"
+    with staged_folder(written, "other" if how == "another command's" else "test") as folder:
+        with open(os.path.join(folder, "earlier.txt"), "w") as handle:
+            handle.write("kept")
+    extras = {"a user's file": "notes.txt", "a user's hidden file": ".git/HEAD", "a system file": ".DS_Store"}
+    if extra := extras.get(how):
+        (written / extra).parent.mkdir(exist_ok=True)
+        (written / extra).write_text("x")
+    target = written / "sub" if how == "inside a written folder" else written
     rename = os.rename
 
     def failing(source, destination):
@@ -103,13 +121,15 @@ def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch
         monkeypatch.setattr(os, "rename", failing)
     with pytest.raises(error) if error else contextlib.nullcontext():
         inputs = [str(target / "earlier.txt")] if how.startswith("input") else []
-        with staged_folder(target, replace=how != "not replaced", inputs=inputs) as folder:
+        with staged_folder(target, "test", replace=how != "not replaced", inputs=inputs) as folder:
             open(os.path.join(folder, "new.txt"), "w").close()
             if how == "input written":
                 with open(os.path.join(folder, "earlier.txt"), "w") as handle:
                     handle.write("new")
             if how == "block fails":
                 raise RuntimeError("fails half-way")
-    assert os.listdir(tmp_path) == ["run"] and sorted(os.listdir(target)) == left
+    assert os.listdir(tmp_path) == ["run"] and _files(written) == left
     if "earlier.txt" in left:
-        assert (target / "earlier.txt").read_text() == ("new" if how == "input written" else "kept")
+        assert (written / "earlier.txt").read_text() == ("new" if how == "input written" else "kept")
+    if how == "written":
+        assert json.loads((written / FILE_LIST).read_text()) == {"writer": "test", "files": ["new.txt"]}

@@ -38,18 +38,21 @@ def _touch(folder, *names):
     (["B.PNG", "c.Jpeg", "d.txt", "e.png.bak"], {}, ["B.PNG", "c.Jpeg"]),  # suffixes in any case, nothing else
     (["SCAN.NII.GZ", "x.nii", "y.NII", "z.gz"], {}, ["SCAN.NII.GZ", "x.nii", "y.NII"]),
     (["sub/a.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/.cache/b.png"], {"recursive": True}, ["sub/a.png"]),
-    (["sub/a.png", "b.png"], {}, ["b.png"]),  # not below the folder unless recursive
+    (["sub/a.png", ".cache/c.png", "b.png"], {}, ["b.png"]),  # not below the folder unless recursive: sub is named
     (["crack/x.png", ".ipynb_checkpoints/x.png", "__MACOSX/crack/._x.png", "file.png"], {"folders": True}, ["crack"]),
     ([f"{CAFE_NFC}.png", f"{CAFE_NFD}.png"], {}, "are one name in two Unicode spellings"),  # printed alike: refused
     ([f"{CAFE_NFC}/a.png", f"{CAFE_NFD}/b.png"], {"folders": True}, "are one name in two Unicode spellings"),
 ], ids=["hidden", "image-case", "nifti-case", "hidden-folders", "flat", "folders", "nfc-nfd-files", "nfc-nfd-folders"])
-def test_listed_files(tmp_path, names, options, expected):
+def test_listed_files(tmp_path, recwarn, names, options, expected):
     _touch(tmp_path, *names)
     if isinstance(expected, str):
         assert expected in one_line_error(DataError, listed, str(tmp_path), IMAGE_SUFFIXES, **options)
     else:
         found = listed(str(tmp_path), IMAGE_SUFFIXES + NIFTI_SUFFIXES, **options)
         assert [os.path.relpath(p, tmp_path) for p in found] == expected
+    flat = names[0] == "sub/a.png" and not options  # a folder not read is named, once
+    unread = [f"{tmp_path / 'sub'}: folders in {tmp_path} are not read, only the files directly in it"] if flat else []
+    assert [str(w.message) for w in recwarn] == unread
 
 
 # ---------------------------------------------------------------------------- reading CSV files
@@ -180,15 +183,20 @@ def _mvtec_with_defect(root, name):
 
 def _nifti_with_group(root, name):
     _volume(root / "v.nii.gz")
-    (root / "m.csv").write_text(f"split,image,group,case\ntrain,v.nii.gz,,a\ntest,v.nii.gz,{name},b\n")
+    rows = f"train,v.nii.gz,,a\ntest,v.nii.gz,{name},b\ntest,v.nii.gz,cyst,c\n"
+    (root / "m.csv").write_text("split,image,group,case\n" + rows)
     return {"format": "nifti", "manifest": str(root / "m.csv")}
 
 
 @pytest.mark.parametrize("make", [_study_with_group, _mvtec_with_defect, _nifti_with_group])
-@pytest.mark.parametrize("name", ["normal", "mean", "all", "Mean", "NORMAL", "ALL", "mean ", " cyst", "normal_variant"])
+@pytest.mark.parametrize("name", ["normal", "mean", "all", "Mean", "NORMAL", "ALL", "mean ", " cyst", "normal_variant",
+                                  "twin"])
 def test_a_group_named_like_a_row_of_the_table_or_with_spaces_is_refused_in_every_format(tmp_path, make, name):
+    """... or like another group but for case (one group split in two); "twin": MASS, COLOR or CYST beside its twin."""
     if make is _nifti_with_group and name != name.strip():
         pytest.skip("a manifest's values are stripped: ' cyst' is the group cyst")
+    if name == "twin":
+        name = {_study_with_group: "MASS", _mvtec_with_defect: "COLOR", _nifti_with_group: "CYST"}[make]
     settings = settings_from_dict({"image_size": 32, "device": "cpu", "data": make(tmp_path, name)})
     if name == "normal_variant":  # any other name is a group, whatever it starts with
         assert name in load_data(settings, ("test",)).test
@@ -207,13 +215,13 @@ NOISE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).ast
     ("sixteen.png", Image.fromarray((GRADIENT * 65535).astype(np.uint16)).save, "gray", GRADIENT),  # all 16 bits
     ("rgba.png", Image.fromarray(np.dstack([EIGHT, EIGHT, EIGHT, np.full_like(EIGHT, 128)]), "RGBA").save, "gray",
      READ8),
-    ("palette.png", Image.fromarray(EIGHT, "L").convert("P").save, "gray", READ8),
+    *[("palette.png", Image.fromarray(EIGHT, "L").convert("P").save, color, READ8) for color in ("gray", "auto")],
     (os.path.join("IRM cerveau é 脑", "coupe n°1.png"), Image.fromarray(EIGHT).save, "gray", READ8),
     *[(f"exif{key}.png", lambda path, key=key: Image.fromarray(EIGHT).save(path, exif=_exif(key)), "gray", upright)
       for key, upright in [(1, READ8), (3, np.rot90(READ8, 2)), (6, np.rot90(READ8, -1)), (8, np.rot90(READ8)),
                            (2, np.fliplr(READ8))]],  # EXIF orientations
     ("bad.jpg", lambda path: path.write_bytes(b""), "gray", "0 bytes"),
-    ("bad.jpg", lambda path: path.write_bytes(b"not an image at all"), "gray", "cannot read image"),
+    ("bad.jpg", lambda path: path.write_bytes(b"not an image at all"), "gray", "not an image file, or damaged"),
     ("bad.jpg", lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "gray", "cannot read image"),
     *[("bad.jpg", lambda path: truncated_jpeg(path, NOISE), color, "cannot read image")
       for color in ("auto", "gray", "rgb")],
