@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.errors import ConfigError
 from utils.padim.gaussian import GaussianStatistics, SampleBuffer, regularised_cholesky
 
 
@@ -140,3 +141,9 @@ def test_all_finite_agrees_with_numpy_wherever_the_bad_value_sits(bad):
         if bad is not None:
             array[tuple(rng.integers(0, n) for n in shape)] = bad
         assert all_finite(torch.from_numpy(array)) == bool(np.isfinite(array).all())
+
+
+def test_statistics_that_do_not_fit_in_memory_are_one_error_naming_the_settings():
+    """10^6 positions x 10^4^2 channels x 4 bytes = 4e14 bytes: no machine allocates that."""
+    with pytest.raises(ConfigError, match=rf"need {4e14 / 2**30:.1f} GiB .* lower image_size or output_dimension"):
+        GaussianStatistics.empty(10**6, 10**4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PadimError
+from ..errors import ConfigError, PadimError
 
 
 class FourthMoments:
@@ -73,12 +73,16 @@ class GaussianStatistics:
     @classmethod
     def empty(cls, positions: int, dim: int, dtype: torch.dtype = torch.float32, device="cpu",
               moments: bool = False) -> "GaussianStatistics":
-        return cls(
-            0,
-            torch.zeros(positions, dim, dtype=torch.float64, device=device),
-            torch.zeros(positions, dim, dim, dtype=dtype, device=device),
-            FourthMoments(positions, dim, device) if moments else None,
-        )
+        """Zero statistics; one :class:`ConfigError` naming the settings when the scatter does not fit in memory."""
+        try:
+            scatter = torch.zeros(positions, dim, dim, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError):  # torch's "[enforce fail at alloc_cpu.cpp] ...", CUDA's out of memory
+            size = positions * dim * dim * dtype.itemsize
+            raise ConfigError(f"the covariances need {size / 2**30:.1f} GiB ({positions} positions x {dim}^2 channels x "
+                              f"{dtype.itemsize} bytes) and do not fit in memory: lower image_size or output_dimension, "
+                              "or set covariance_dtype: float32") from None
+        mean = torch.zeros(positions, dim, dtype=torch.float64, device=device)
+        return cls(0, mean, scatter, FourthMoments(positions, dim, device) if moments else None)
 
     def update(self, embeddings: torch.Tensor) -> None:
         """Fold in a batch of embeddings ``(N, d, H, W)`` (``P = H * W`` positions)."""
