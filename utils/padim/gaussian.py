@@ -78,9 +78,9 @@ class GaussianStatistics:
             scatter = torch.zeros(positions, dim, dim, dtype=dtype, device=device)
         except (RuntimeError, MemoryError):  # torch's "[enforce fail at alloc_cpu.cpp] ...", CUDA's out of memory
             size = positions * dim * dim * dtype.itemsize
-            raise ConfigError(f"the covariances need {size / 2**30:.1f} GiB ({positions} positions x {dim}^2 channels x "
-                              f"{dtype.itemsize} bytes) and do not fit in memory: lower image_size or output_dimension, "
-                              "or set covariance_dtype: float32") from None
+            raise ConfigError(f"the covariances need {size / 2**30:.1f} GiB ({positions} positions x {dim}^2 "
+                              f"channels x {dtype.itemsize} bytes) and do not fit in memory: lower image_size or "
+                              "output_dimension, or set covariance_dtype: float32") from None
         mean = torch.zeros(positions, dim, dtype=torch.float64, device=device)
         return cls(0, mean, scatter, FourthMoments(positions, dim, device) if moments else None)
 
