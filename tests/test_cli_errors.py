@@ -327,7 +327,7 @@ def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx,
     link.symlink_to(tmp_path / "real", target_is_directory=True)
     assert cli(predict(ctx, images(tmp_path / "a", 3), link), capsys)[0] == 0
     code, _, out = cli(predict(ctx, os.path.join(images(tmp_path / "b"), "i00.png"), link), capsys)  # one image file
-    assert code == 0 and "1 images scored" in out and link.is_symlink()
+    assert code == 0 and "1 image scored" in out and link.is_symlink()
     assert sorted(os.listdir(link)) == [FILE_LIST, "i00_anomaly.npy", "i00_heatmap.png", "scores.csv"]
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Settings
-from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, prepare
+from .data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, counted, prepare
 from .data.listing import has_suffix, listed
 from .data.load import warn_trained_on
 from .data.preprocess import image_kind, read_image, restore_geometry
@@ -58,7 +58,7 @@ def predict(settings: Settings, model_path: str, source: str, output: str, progr
         done = []
         if entries:
             rows = predict_volumes(model, entries, staging, progress)
-            done.append(f"{len(rows)} volumes scored; NIfTI maps, previews and volume_scores.csv")
+            done.append(f"{counted(len(rows), 'volume')} scored; NIfTI maps, previews and volume_scores.csv")
         if images:
             done.append(_predict_images(model, images, source, staging, progress))
     return done
@@ -122,7 +122,8 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
                 np.save(stream, restore_geometry(heat, array.shape[:2], settings))
             rows.append((relative[start + k], float(score)))
     _write_scores(os.path.join(output, "scores.csv"), pd.DataFrame(rows, columns=["image", "score"]))
-    return f"{len(rows)} images scored (max score {max(r[1] for r in rows):.3f}); heat-maps, anomaly maps and scores.csv"
+    top = max(score for _, score in rows)
+    return f"{counted(len(rows))} scored (max score {top:.3f}); heat-maps, anomaly maps and scores.csv"
 
 
 def predict_volumes(model, entries: Sequence[VolumeEntry], output_dir: str, progress: bool = True) -> list[dict]:

@@ -309,7 +309,7 @@ class SliceSet(VolumeSet, Dataset):
         return self._cached
 
     def summary(self) -> str:
-        return f"{len(self)} slices of {len(self.entries)} volumes"
+        return f"{counted(len(self), 'slice')} of {counted(len(self.entries), 'volume')}"
 
     def __len__(self) -> int:
         return len(self.index)
