@@ -135,11 +135,23 @@ def predict_after(prepare, source="in", output="o"):
     return build
 
 
-def written_folder(tmp, writer="evaluate") -> str:
-    """``tmp/r``, a folder another command (``writer``) wrote as a whole."""
-    with staged_folder(tmp / "r", writer) as folder:
+def written_folder(tmp, model=None) -> str:
+    """``tmp/r``, a folder ``evaluate`` wrote as a whole: metrics.csv, and ``model`` as model.pt."""
+    with staged_folder(tmp / "r", "evaluate") as folder:
         write(Path(folder) / "metrics.csv")
+        if model:
+            shutil.copy(model, Path(folder) / "model.pt")
     return str(tmp / "r")
+
+
+def fit_into_a_written_folder(how):
+    """``fit`` whose model would land in ``tmp/r``: its results_dir inside, or --output a link to its model.pt."""
+    def make(tmp, ctx):
+        if how == "results_dir":
+            return ["fit", "--config", str(write(tmp / "c.yaml", f"results_dir: {written_folder(tmp)}/res\n"))]
+        (tmp / "link.pt").symlink_to(Path(written_folder(tmp, ctx.model)) / "model.pt")
+        return ["fit", "--config", ctx.config, "--output", str(tmp / "link.pt")]
+    return make
 
 
 def changed_byte_in_the_model(tmp, ctx):
@@ -195,10 +207,12 @@ BAD = [  # (builder, a fragment of the one error line; {tmp} is the test's folde
      "holds files that no predict run wrote (thesis.tex)"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "mine" / "scores.csv").parent), "(scores.csv)"),
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), write(tmp / "repo" / ".git" / "HEAD").parent.parent),
-     "holds files that no predict run wrote (.git/HEAD)"),  # a user's hidden files are theirs
+     "holds files that no predict run wrote (.git)"),  # a user's hidden files are theirs
     (lambda tmp, ctx: predict(ctx, images(tmp / "in"), written_folder(tmp)), "that no predict run wrote (metrics.csv)"),
     (lambda tmp, ctx: ["fit", "--config", ctx.config, "--output", f"{written_folder(tmp)}/model.pt"],
      "is inside {tmp}/r, which another run wrote as a whole"),  # the metrics beside it would describe another model
+    (fit_into_a_written_folder("link"), "link.pt: is inside {tmp}/r, which another run wrote as a whole"),
+    (fit_into_a_written_folder("results_dir"), "{tmp}/r/res: is inside {tmp}/r, which another run wrote"),
     (earlier_output("damaged file list"), "holds files that no predict run wrote"),
     (earlier_output("input inside"), "is inside --output"),
     (earlier_output("image 10 fails"), "{tmp}/in/sub/i10.png"),
@@ -319,7 +333,7 @@ def test_reruns_replace_the_run_folder_keep_the_model_they_read_and_never_a_user
     before = snapshot(tmp_path)
     code, err, _ = cli(argv, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert "holds files that no evaluate run wrote (notes/mine.txt)" in err and snapshot(tmp_path) == before
+    assert "holds files that no evaluate run wrote (notes)" in err and snapshot(tmp_path) == before
 
 
 def test_a_new_predict_replaces_the_earlier_output_as_a_whole_behind_a_link(ctx, tmp_path, capsys):

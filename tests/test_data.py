@@ -347,7 +347,10 @@ def test_unknown_test_group(tmp_path):
     message = one_line_data_error(study_settings(root, test_groups=["tumour"]), ("test",))
     assert "'tumour'" in message and "available groups: edema, mass, mass_all" in message
     assert "local_ann.csv is missing" in one_line_data_error(study_settings(root, test_groups=["local"]), ("test",))
-    os.remove(os.path.join(root, "data", "splits", "edema_neg.csv"))  # a group found by its other CSVs never vanishes
+    splits = os.path.join(root, "data", "splits")
+    shutil.copy(os.path.join(splits, "normal_test_ann.csv"), os.path.join(splits, "normal_val_ann.csv"))
+    assert "normal_val" not in load_data(study_settings(root), ("test",)).test  # a split's masks are no group
+    os.remove(os.path.join(splits, "edema_neg.csv"))  # a group found by its other CSVs never vanishes
     assert "'edema': edema_neg.csv is missing" in one_line_data_error(study_settings(root), ("test",))
 
 

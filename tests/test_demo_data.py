@@ -207,7 +207,7 @@ def test_command_line(tmp_path, capsys, monkeypatch, kind, written):
     assert "written to" in out and os.path.isfile(tmp_path / "cli" / written)
     assert demo_data.main(kind + [str(tmp_path / "cli")]) == 2  # exists and not empty
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "not empty" in err and "\n" not in err
+    assert err.startswith("error:") and "not empty (--force replaces" in err and "\n" not in err
     assert demo_data.main(kind + [str(tmp_path / "cli"), "--force"]) == 0
     for bad in (["--seed", "-1", str(tmp_path / "a")], ["--seed", "x", str(tmp_path / "a")], []):
         with pytest.raises(SystemExit) as info:

@@ -61,7 +61,8 @@ value out of range is one error naming the key and what is allowed. "model" mark
 fitted model file (`utils.padim.model_file.MODEL_KEYS` and `MODEL_DATA_KEYS`: a file fitted with other
 values is refused); the others are run-time settings. Paths (`results_dir`, `weights`, `data.root`,
 `data.manifest`) expand `~` and `$NAME` as a shell does; an unknown user or an unset variable is an error.
-Numbers read as YAML 1.2 reads them: `010` is ten (not octal 8), `1e-3` a number (not text)."""
+An integer with a leading zero is decimal (`010` is ten, not YAML 1.1's octal 8), `1:30` is text (not base-60
+90) and `1e-3` a number where a number is expected."""
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -97,6 +97,8 @@ def _files(folder) -> list[str]:
     ("a user's file", FileExistsError, ["earlier.txt", "notes.txt"]),  # one no run wrote there is never removed
     ("a user's hidden file", FileExistsError, [".git", "earlier.txt"]),  # hidden is not the system's: .git/HEAD
     ("a system file", None, ["new.txt"]),  # .DS_Store, which Finder puts there, is not a user's
+    ("a user's empty folder", FileExistsError, ["earlier.txt", "mine"]),  # folders and links count, not only files
+    ("a user's link", FileExistsError, ["earlier.txt", "mine"]),  # to a folder: never followed, never removed
     ("another command's", FileExistsError, ["earlier.txt"]),  # written by another writer (predict into evaluate's)
     ("inside a written folder", FileExistsError, ["earlier.txt"]),  # no run writes into another's folder
 ])
@@ -109,6 +111,10 @@ def test_a_staged_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch
     if extra := extras.get(how):
         (written / extra).parent.mkdir(exist_ok=True)
         (written / extra).write_text("x")
+    if how == "a user's empty folder":
+        (written / "mine").mkdir()
+    if how == "a user's link":
+        (written / "mine").symlink_to(tmp_path, target_is_directory=True)
     target = written / "sub" if how == "inside a written folder" else written
     rename = os.rename
 

@@ -135,7 +135,7 @@ def test_manifest_errors_name_the_file_and_row(small_set):
     assert "no test volumes" in _error(folder, rows[:2])
     assert "unknown column 'weight'" in _error(folder, rows, columns=("split", "image", "weight"))
     for case in ("c", "C"):  # "C" and "c" name one output file where case is ignored (macOS, Windows)
-        assert "already used" in _error(folder, [dict(rows[0], case=case)] + rows[1:])
+        assert "case name 'c' of" in _error(folder, [dict(rows[0], case=case)] + rows[1:])  # named at the later row
     message = _error(folder, [{"split": "train", "image": "missing.nii.gz"}, test_row])
     assert "volumes.csv" in message and "missing.nii.gz" in message
     # damaged or hostile files and rows

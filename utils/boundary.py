@@ -71,8 +71,7 @@ def command_boundary() -> Iterator[types.SimpleNamespace]:
         if isinstance(exc, PadimError):
             line = str(exc)
         elif isinstance(exc, OSError):  # any file-system failure: the path and what is wrong, not a traceback
-            where = f"{exc.filename}: " if exc.filename else ""
-            line = f"{where}{exc.strerror or exc}"
+            line = first_line(exc)
         elif os.environ.get(DEBUG_ENV) not in (None, "", "0"):  # not the user's to fix: PADIM_DEBUG=1 shows where
             raise
         else:

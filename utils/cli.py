@@ -16,7 +16,7 @@ from .config import Settings, load_config
 from .distributed import DistributedContext
 from .errors import ConfigError
 from .evaluation import run_evaluation, run_fit
-from .files import writable_folder, written_above
+from .files import refuse_inside_written, writable_folder
 from .padim.model_file import is_model_file
 from .predict import predict
 
@@ -60,9 +60,7 @@ def _fit(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"--output {output} is a folder; give the model file's path, e.g. {os.path.join(output, 'model.pt')}")
         if os.path.lexists(output) and not is_model_file(output):
             raise ConfigError(f"--output {output} exists and is not a model file; give a new path (only a model file is replaced)")
-        if owner := written_above(output):  # a run's model.pt: the metrics beside it would describe another model
-            raise ConfigError(f"--output {output} is inside {owner}, which another run wrote as a whole; give a path "
-                              "outside it")
+        refuse_inside_written(output)  # a run's model.pt: the metrics beside it would describe another model
         writable_folder(os.path.dirname(os.path.abspath(output)))
     else:
         _writable_results(settings.results_dir)  # the run's folder is named once the training files are known
@@ -74,6 +72,7 @@ def _fit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _writable_results(folder: str) -> None:
+    refuse_inside_written(folder, folder=True)  # fit writes <folder>/<run>/model.pt
     try:
         writable_folder(folder)
     except OSError as exc:

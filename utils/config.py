@@ -219,8 +219,8 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> Settings:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but a key written twice in one mapping is an error (PyYAML keeps the last), and
-    integers are read as YAML 1.2 reads them: ``010`` is ten (YAML 1.1: octal 8), ``1:30`` no number (1.1:
-    90, base 60)."""
+    integers with a leading zero are decimal: ``010`` is ten (YAML 1.1: octal 8); ``1:30`` is text (1.1: 90,
+    base 60)."""
 
     def construct_yaml_int(self, node):
         if ":" in node.value:

@@ -4,6 +4,7 @@
 (:mod:`utils.data.demo.brains`); ``--nifti DIR``: the NIfTI volume demo (:mod:`utils.data.demo.nifti`);
 ``--mvtec DIR``: a colour category in the MVTec AD layout (:mod:`utils.data.demo.mvtec`)."""
 
+import argparse
 import json
 import os
 import sys
@@ -30,18 +31,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
 
     def command() -> int:
-        if args.nifti is not None:
-            generate_nifti_demo(args.nifti, seed=args.seed, overwrite=args.force)
-            print(f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}")
-        elif args.mvtec is not None:
-            generate_mvtec(args.mvtec, seed=args.seed, overwrite=args.force)
-            print(f"MVTec-layout category written to {args.mvtec} (data.format: mvtec, data.root: {args.mvtec})")
-        else:
-            generate_demo(args.directory, seed=args.seed, overwrite=args.force)
-            print(_written_counts(args.directory))
+        try:
+            print(_generate(args))
+        except FileExistsError as exc:  # the one place that knows --force
+            hint = "" if args.force else " (--force replaces a set generated there, and nothing else)"
+            raise FileExistsError(exc.errno, exc.strerror + hint, exc.filename) from None
         return 0
 
     return run_command(command)  # one ``error:`` line, exit 2; Ctrl-C or SIGTERM, exit 130, nothing partial left
+
+
+def _generate(args: argparse.Namespace) -> str:
+    """Write the set ``args`` names; returns what was written."""
+    if args.nifti is not None:
+        generate_nifti_demo(args.nifti, seed=args.seed, overwrite=args.force)
+        return f"NIfTI demo written to {args.nifti}: manifest {os.path.join(args.nifti, 'volumes.csv')}"
+    if args.mvtec is not None:
+        generate_mvtec(args.mvtec, seed=args.seed, overwrite=args.force)
+        return f"MVTec-layout category written to {args.mvtec} (data.format: mvtec, data.root: {args.mvtec})"
+    generate_demo(args.directory, seed=args.seed, overwrite=args.force)
+    return _written_counts(args.directory)
 
 
 def _written_counts(directory: str) -> str:

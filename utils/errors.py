@@ -6,8 +6,12 @@ so any message raised through these classes must be complete on its own line.
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (at most 300 characters), or "(no message)"."""
-    text = str(exc).strip()
+    """The first line of ``exc``'s message (at most 300 characters), or "(no message)"; a file-system error
+    as ``<path>: <what is wrong>``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    else:
+        text = str(exc).strip()
     return text.splitlines()[0][:300] if text else "(no message)"
 
 

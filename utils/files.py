@@ -116,31 +116,30 @@ def staged_folder(target: str | os.PathLike, writer: str, replace: bool = True,
         with _removed_on_failure(staging, target):
             yield staging
             _carry(inputs, staging, target)
-            listing = {"writer": writer, "files": files_below(staging, skip=system_file)}
+            listing = {"writer": writer, "files": sorted(_contents(staging))}
             write_atomic(os.path.join(staging, FILE_LIST), json.dumps(listing).encode())
             check_replaceable(target, writer, replace, inputs)
             with signals_deferred():
                 _swap(staging, target)
 
 
-#: Written last into every folder :func:`staged_folder` writes: its writer and the list of its files.
+#: Written last into every folder :func:`staged_folder` writes: its writer and the list of its contents.
 FILE_LIST = ".padim-files.json"
 
 
 def check_replaceable(target: str, writer: str, replace: bool = True, inputs: Sequence[str] = ()) -> None:
     """Refuse (``FileExistsError``, ``NotADirectoryError``) to replace ``target`` unless it is absent or empty,
-    or (``replace``) holds only files that its :data:`FILE_LIST`, written by ``writer``, names or that a run
-    reads (``inputs``): never a user's files (hidden ones too: ``.git``) or another command's outputs; only
-    :func:`system_file` files do not count."""
+    or (``replace``) holds only what its :data:`FILE_LIST`, written by ``writer``, names or what a run reads
+    (``inputs``): never a user's files, folders or links (hidden ones too: ``.git``) or another command's
+    outputs; only :func:`system_file` files do not count. Nor is a folder inside another run's replaced."""
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", target)
-    if owner := written_above(target):
-        raise FileExistsError(errno.EEXIST, f"is inside {owner}, which another run wrote as a whole; choose a folder "
-                              "outside it", target)
-    if not (found := [path for path in files_below(target, skip=system_file) if path != FILE_LIST]):
-        return
+    refuse_inside_written(target)
+    contents = _contents(target) if os.path.isdir(target) else iter(())
     if not replace:
-        raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
+        if next(contents, None) is not None:
+            raise FileExistsError(errno.EEXIST, "exists and is not empty", target)
+        return
     try:
         with open(os.path.join(target, FILE_LIST), encoding="utf-8") as handle:
             listing = json.load(handle)
@@ -148,19 +147,35 @@ def check_replaceable(target: str, writer: str, replace: bool = True, inputs: Se
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         listed = set()
     listed |= {relative_inside(path, target) for path in inputs}
-    if others := [path for path in found if path not in listed]:
-        raise FileExistsError(errno.EEXIST, f"holds files that no {writer} run wrote ({others[0]}); it is replaced as "
-                              "a whole, and other files never are: move them out, or choose another folder", target)
+    if others := [path for path in contents if path not in listed]:
+        raise FileExistsError(errno.EEXIST, f"holds files that no {writer} run wrote ({others[0]}), or an earlier "
+                              "version did; it is replaced as a whole, and other files never are: move them out, or "
+                              "choose another folder", target)
 
 
-def written_above(path: str) -> str | None:
-    """The nearest folder above ``path`` that :func:`staged_folder` wrote (it holds a :data:`FILE_LIST`): its
-    files belong together, and no other run adds or replaces one. None if there is none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isfile(os.path.join(folder, FILE_LIST)):
-        if folder == (folder := os.path.dirname(folder)):
-            return None
-    return folder
+def _contents(folder: str) -> Iterator[str]:
+    """Every file, folder and link below ``folder`` (relative paths; links not followed) but :func:`system_file`
+    files and the :data:`FILE_LIST`; a folder that cannot be read is an error, never passed over."""
+    for parent, folders, files in os.walk(folder, onerror=_raise):
+        for name in folders + [name for name in files if not system_file(name)]:
+            if (path := os.path.relpath(os.path.join(parent, name), folder)) != FILE_LIST:
+                yield path
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def refuse_inside_written(path: str, folder: bool = False) -> None:
+    """Refuse (``FileExistsError``) ``path`` (a file; with ``folder``, a folder that may itself be one) inside a
+    folder that :func:`staged_folder` wrote (it holds a :data:`FILE_LIST`, links resolved): its files belong
+    together, and no other run adds or replaces one."""
+    here = os.path.realpath(path) if folder else os.path.dirname(os.path.realpath(path))
+    while not os.path.isfile(os.path.join(here, FILE_LIST)):
+        if here == (here := os.path.dirname(here)):
+            return
+    raise FileExistsError(errno.EEXIST, f"is inside {here}, which another run wrote as a whole; choose a place "
+                          "outside it", os.fspath(path))
 
 
 def _carry(inputs: Sequence[str], staging: str, target: str) -> None:

@@ -103,11 +103,13 @@ def _predict_images(model, files: list[str], source: str, output: str, progress:
     (image, score) in ``output``; returns what was done."""
     base = source if os.path.isdir(source) else os.path.dirname(source)
     relative = [os.path.relpath(f, base) for f in files]
-    stems = [os.path.join(output, os.path.splitext(r)[0]) for r in relative]
+    stems = [os.path.splitext(r)[0] for r in relative]
     # one output file on a file system that ignores case (macOS, Windows, a USB disk) clashes too
-    if clashes := sorted(stem for stem, count in collections.Counter(s.casefold() for s in stems).items() if count > 1):
-        raise DataError(f"two input images would write the same {os.path.relpath(clashes[0], output)}{ANOMALY_MAP} "
-                        "(one name with another suffix or case); rename one")
+    counts = collections.Counter(stem.casefold() for stem in stems)
+    if clash := sorted((stem.casefold(), path) for stem, path in zip(stems, relative) if counts[stem.casefold()] > 1):
+        raise DataError(f"input images {clash[0][1]} and {clash[1][1]} would write one {clash[0][0]}{ANOMALY_MAP} (one "
+                        "name with another suffix or case); rename one")
+    stems = [os.path.join(output, stem) for stem in stems]
     rows, settings = [], model.settings
     for start in tqdm(range(0, len(files), settings.batch_size), desc="predict", unit="batch", leave=False, disable=not progress):
         arrays = [read_image(f, settings.data.color) for f in files[start : start + settings.batch_size]]

@@ -25,7 +25,7 @@ from .checks import FolderLoader
 from .listing import listed, nfc, read_table, resolved, stem
 from .sets import NORMAL, ImageSet, Item, chosen_groups, counted, hold_out
 
-#: Study CSVs with ``P_ann.csv`` that are not pathology groups unless ``data.test_groups`` names them.
+#: Study CSVs with ``P_ann.csv`` or ``P_neg.csv`` that are not pathology groups unless ``data.test_groups`` names them.
 EXCLUDED_GROUPS = ("mass_all", "local")
 #: The split of the normal test images (with ``normal_test_ann.csv``, their head masks): never a pathology group.
 NORMAL_TEST = "normal_test"
@@ -59,8 +59,11 @@ class StudyLoader(FolderLoader):
         return [group for group in self._named_groups() if {group, group + "_ann", group + "_neg"} <= self.csvs.keys()]
 
     def _named_groups(self) -> list[str]:
-        """Names P with P_ann.csv or P_neg.csv: a pathology group, complete or not."""
-        return sorted({name[:-4] for name in self.csvs if name.endswith(("_ann", "_neg"))} - {NORMAL_TEST})
+        """Names P with P_ann.csv or P_neg.csv: a pathology group, complete or not; not a split's (normal_test,
+        the training and validation splits: masks of their images)."""
+        d = self.settings.data
+        splits = {NORMAL_TEST, *d.train_splits, *([d.val_split] if d.val_split else [])}
+        return sorted({name[:-4] for name in self.csvs if name.endswith(("_ann", "_neg"))} - splits)
 
     def read_csv(self, name: str) -> list[Item]:
         """Rows of ``<name>.csv`` (header ``filename``; paths relative to ``data.root``) as items (resolved

@@ -152,9 +152,9 @@ def read_manifest(sources: Sequence[str], volume_index: Optional[int] = None) ->
         if entry.case in (".", "..") or "/" in entry.case or "\\" in entry.case:
             raise DataError(f"{entry.source}: case name {entry.case!r} is not a plain file name (it names the output files)")
         if (key := entry.case.casefold()) in seen:  # its output files would clash where case is ignored (macOS)
-            raise DataError(f"{entry.source}: case name {entry.case!r} already used at {seen[key]} (in this or "
-                            "another case); set distinct `case` values")
-        seen[key] = entry.source
+            raise DataError(f"{entry.source}: case name {entry.case!r} of {entry.image} is {seen[key]}'s too (in this "
+                            "or another case): set distinct `case` values in a manifest, or rename a file")
+        seen[key] = entry.image
         if (degrees := _check_entry(entry, volume_index)) > OBLIQUE_DEGREES:
             oblique.append(f"{entry.image} ({degrees:.0f} degrees)")
     if oblique:

@@ -12,7 +12,7 @@ from ..config import Settings
 from ..padim.backbones import weights_digest
 
 #: Bump when the meaning of a run's files changes: old names can then never be mistaken for new ones.
-RUN_NAME_VERSION = 5
+RUN_NAME_VERSION = 6
 #: Settings that change neither the model nor any number in the results (excluded from the run name).
 RUN_TIME_KEYS = ("device", "batch_size", "results_dir", "target_dimension", "cpu_micro_batch", "cpu_channels_last")
 

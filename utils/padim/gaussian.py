@@ -78,9 +78,10 @@ class GaussianStatistics:
             scatter = torch.zeros(positions, dim, dim, dtype=dtype, device=device)
         except (RuntimeError, MemoryError):  # torch's "[enforce fail at alloc_cpu.cpp] ...", CUDA's out of memory
             size = positions * dim * dim * dtype.itemsize
+            smaller = ", or set covariance_dtype: float32" if dtype == torch.float64 else ""
             raise ConfigError(f"the covariances need {size / 2**30:.1f} GiB ({positions} positions x {dim}^2 "
                               f"channels x {dtype.itemsize} bytes) and do not fit in memory: lower image_size or "
-                              "output_dimension, or set covariance_dtype: float32") from None
+                              f"output_dimension{smaller}") from None
         mean = torch.zeros(positions, dim, dtype=torch.float64, device=device)
         return cls(0, mean, scatter, FourthMoments(positions, dim, device) if moments else None)
 
@@ -225,8 +226,8 @@ def regularised_cholesky(stats: GaussianStatistics, epsilon: float, chunk: int =
         if bool((info != 0).any()):
             bad = start + int(torch.nonzero(info)[0])
             raise PadimError(
-                f"covariance at position {bad} is not positive definite even with epsilon={epsilon} "
-                "; check the input images and the backbone's weights, or raise `epsilon`"
+                f"covariance at position {bad} is not positive definite even with epsilon={epsilon}; "
+                "check the input images and the backbone's weights, or raise `epsilon`"
             )
         stats.scatter[start : start + chunk] = factor
     return stats.scatter

@@ -42,10 +42,10 @@ def ensure_demo(settings: Settings) -> None:
     if not os.path.exists(marker):
         try:
             generate(root, seed=d.demo_seed)
-        except FileExistsError:  # the folder holds other files, or another process generated the set meanwhile
+        except FileExistsError as exc:  # the folder holds other files, or another process generated the set meanwhile
             if not os.path.exists(marker):
-                raise DataError(f"{name} exists but holds no demo set ({marker} is missing); point the config at an "
-                                "absent or empty folder to generate the demo set there") from None
+                raise DataError(f"{name} holds no demo set ({marker} is missing) and cannot take one: {exc.strerror}; "
+                                "point the config at an absent or empty folder to generate it there") from None
         except OSError as exc:
             raise DataError(f"cannot write the demo set to {root}: {exc.strerror or exc}") from None
     try:

@@ -39,7 +39,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from .nifti import write_folder
+from ...files import staged_folder
+
 
 GENERATOR_VERSION = 1
 #: Lesion kinds and the range of their radius (pixels at 1 mm).
@@ -273,6 +274,8 @@ def _write_set(folder: str, seed: int, counts: DemoCounts) -> None:
 
 def generate_demo(root: str | os.PathLike, seed: int = 0, counts: DemoCounts = DemoCounts(),
                   overwrite: bool = False) -> str:
-    """Write the demo set to ``root`` (absent or empty unless ``overwrite``, :func:`utils.data.demo.nifti.write_folder`:
-    written beside it and renamed into place); returns ``root``. Raises ``FileExistsError`` if ``root`` is not empty."""
-    return write_folder(root, lambda folder: _write_set(folder, seed, counts), overwrite)
+    """Write the demo set to ``root`` (absent or empty, or with ``overwrite`` a set generated there that holds
+    nothing else: :func:`utils.files.staged_folder`); returns ``root``. Raises ``FileExistsError`` otherwise."""
+    with staged_folder(root, "demo_data", replace=overwrite) as folder:
+        _write_set(folder, seed, counts)
+    return os.path.abspath(root)

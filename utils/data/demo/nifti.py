@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -126,17 +125,9 @@ def _write_set(folder: str, seed: int) -> None:
 
 
 def generate_nifti_demo(root: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> str:
-    """Write the NIfTI demo set to ``root`` (:func:`write_folder`); returns ``root``."""
-    return write_folder(root, lambda folder: _write_set(folder, seed), overwrite)
-
-
-def write_folder(root: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> str:
-    """Run ``write(folder)`` on a temporary folder beside ``root`` that then becomes ``root``
-    (:func:`utils.files.staged_folder`: an interrupted run leaves no partial set); returns ``root``.
-
-    ``root`` must be absent or an empty folder, or with ``overwrite`` a folder written here before that
-    holds nothing else (replaced as a whole): a user's files are never removed. Raises ``FileExistsError``
-    before writing if it is not, and after writing if another process filled it meanwhile."""
-    with staged_folder(root, "demo_data", replace=overwrite) as temporary:
-        write(temporary)
+    """Write the NIfTI demo set to ``root`` (absent or empty, or with ``overwrite`` a set generated there that
+    holds nothing else: :func:`utils.files.staged_folder`, so an interrupted run leaves no partial set);
+    returns ``root``."""
+    with staged_folder(root, "demo_data", replace=overwrite) as folder:
+        _write_set(folder, seed)
     return os.path.abspath(root)
