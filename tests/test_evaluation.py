@@ -122,7 +122,8 @@ def test_table_uses_one_row_per_annotation_for_a_and_distinct_images_for_c():
     single = group("single", maps[:1], [0], [box1], [box1])
     normal_maps = rng.random((3, 4, 4)) * 0.5
     normal = group("normal", normal_maps, [0, 1, 2], np.zeros((3, 4, 4), bool), np.zeros((3, 4, 4), bool))
-    unlocated = group("global", rng.random((2, 4, 4)) + 0.5, [0, 1], np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), bool))
+    empty = np.zeros((2, 4, 4), bool)
+    unlocated = group("global", rng.random((2, 4, 4)) + 0.5, [0, 1], empty, empty)
     table = metrics_table({"lesion": lesion, "single": single, "global": unlocated, "normal": normal}, threshold=0.9)
     assert list(table["group"]) == ["lesion", "single", "global", "mean", "all"]
     row = table.iloc[0]

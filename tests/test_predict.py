@@ -68,7 +68,8 @@ def test_two_inputs_that_would_write_the_same_map_are_refused(tiny, tmp_path, na
     (tmp_path / "in").mkdir()
     for name in names:
         Image.fromarray(np.full((32, 32), 120, np.uint8)).save(tmp_path / "in" / name)
-    with pytest.raises(DataError, match=rf"images {min(names)} and {max(names)} would write one x_anomaly\.npy \(one name"):
+    clash = rf"images {min(names)} and {max(names)} would write one x_anomaly\.npy \(one name"
+    with pytest.raises(DataError, match=clash):
         predict(settings, model_path, str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 
