@@ -237,9 +237,14 @@ def test_files_of_another_version_are_refused_with_what_to_do(small_settings, tm
      ({"data": {"min_brain_fraction": 0.3}}, "data.min_brain_fraction")],  # NIfTI: which slices it was fitted on
 )
 def test_loading_with_other_model_settings_is_refused(small_settings, tmp_path, change, key):
-    path = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
+    """A model fitted on volume slices: every key counts; for images the NIfTI keys change nothing and are not compared."""
+    fitted = small_settings.replace(data={"format": "nifti", "manifest": "volumes.csv"})
+    path = Padim(fitted).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "m.pt")
     with pytest.raises(ModelFileError, match=key):
-        Padim.load(path, small_settings.replace(**change))
+        Padim.load(path, fitted.replace(**change))
+    images = Padim(small_settings).fit(to_batch(smooth_textures(4, 64, seed=3)), progress=False).save(tmp_path / "i.pt")
+    if key.startswith("data."):
+        assert Padim.load(images, small_settings.replace(**change)).train_count == 4
 
 
 FORMATS = {"demo": {}, "mvtec": {"root": "data/mvtec/bottle"}, "study": {}, "nifti": {"manifest": "volumes.csv"}}

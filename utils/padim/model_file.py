@@ -31,8 +31,10 @@ FILE_VERSION = 6
 #: Settings that define a fitted model: a file fitted with other values cannot serve a request.
 MODEL_KEYS = ("backbone", "weights", "layers", "output_dimension", "seed", "image_size", "epsilon", "covariance_dtype",
               "covariance_shrinkage", "flip_train", "spatial_pooling", "channel_reduction")
-#: Data settings that change what the model sees, so they must match too.
+#: Data settings that change what the model sees, so they must match too (the NIfTI ones, :data:`VOLUME_KEYS`,
+#: only for a model fitted on volumes).
 MODEL_DATA_KEYS = ("resize", "intensity", "color", "center_crop", "align", "volume_intensity", "min_brain_fraction")
+VOLUME_KEYS = ("volume_intensity", "min_brain_fraction")
 #: The two kinds of input a model is fitted on, by whether ``data.format`` is ``nifti``.
 INPUT_KINDS = {False: "images (PNG, MVTec, demo)", True: "NIfTI volume slices"}
 
@@ -52,7 +54,8 @@ def check_compatible(stored: Settings, requested: Settings, what: str) -> None:
     other kind of input (:func:`check_input_kind`), or naming every model-defining setting in which
     it differs from the requested settings."""
     check_input_kind(stored, requested.data.format == "nifti", what)
-    keys = MODEL_KEYS + tuple(f"data.{key}" for key in MODEL_DATA_KEYS)
+    volumes = stored.data.format == "nifti"
+    keys = MODEL_KEYS + tuple(f"data.{key}" for key in MODEL_DATA_KEYS if volumes or key not in VOLUME_KEYS)
     values = {key: (attrgetter(key)(stored), attrgetter(key)(requested)) for key in keys}
     differences = [f"{key}: {old!r} vs config {new!r}" for key, (old, new) in values.items() if old != new]
     if differences:
