@@ -29,7 +29,7 @@ import socket
 import tempfile
 import threading
 import warnings
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -295,16 +295,15 @@ def system_file(name: str) -> bool:
     return SYSTEM_FILES.fullmatch(name) is not None
 
 
-def files_below(folder: str, recursive: bool = True, folders: bool = False,
-                skip: Callable[[str], bool] = hidden) -> list[str]:
+def files_below(folder: str, recursive: bool = True, folders: bool = False) -> list[str]:
     """Every file (or with ``folders`` every sub-folder) below ``folder``, at any depth or with ``recursive``
-    false directly in it, whose name and folders' names ``skip`` passes over (:func:`hidden` ones); as sorted
-    paths relative to ``folder``."""
+    false directly in it, that is not :func:`hidden` nor inside a hidden folder; as sorted paths relative to
+    ``folder``."""
     found = []
     for parent, children, names in os.walk(folder):
-        children[:] = [name for name in children if not skip(name)]
+        children[:] = [name for name in children if not hidden(name)]
         found += [os.path.relpath(os.path.join(parent, name), folder) for name in (children if folders else names)
-                  if not skip(name)]
+                  if not hidden(name)]
         if not recursive:
             break
     return sorted(found)

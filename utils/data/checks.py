@@ -37,13 +37,11 @@ class Checker:
         (a warning is issued)."""
         if path not in self._found:
             try:
-                with open_image(path) as opened:
-                    if not self.skip_bad:
-                        opened.verify()
-                    elif image:
-                        read_image(path)
-                    else:
-                        opened.load()
+                if self.skip_bad and image:
+                    read_image(path)  # as the run reads it: what the reader refuses is skipped now, not mid-run
+                else:
+                    with open_image(path) as opened:
+                        opened.load() if self.skip_bad else opened.verify()
                 with open_image(path) as header:  # verify() leaves the image unusable: the header is read again
                     # getexif() of a PNG without an eXIf chunk before its pixels decodes the whole image to look
                     # behind them (rare there; the readers still turn such images): 0.5 s per 1,000 slices

@@ -54,10 +54,6 @@ class StudyLoader(FolderLoader):
         #: The split CSVs by name (``mass`` for ``mass.csv``).
         self.csvs = {nfc(os.path.basename(path)[:-4]): path for path in listed(self.split_dir, (".csv",))}
 
-    def available_groups(self) -> list[str]:
-        """Pathology groups: names P with P.csv, P_ann.csv and P_neg.csv, sorted; not the normal test split."""
-        return [group for group in self._named_groups() if {group, group + "_ann", group + "_neg"} <= self.csvs.keys()]
-
     def _named_groups(self) -> list[str]:
         """Names P with P_ann.csv or P_neg.csv: a pathology group, complete or not; not a split's (normal_test,
         the training and validation splits: masks of their images)."""
@@ -111,8 +107,9 @@ class StudyLoader(FolderLoader):
         return ImageSet(name, self.check.kept(name, items), self.settings, anomalous, estimate_head=True)
 
     def test(self) -> dict[str, ImageSet]:
-        available, requested = self.available_groups(), self.settings.data.test_groups
-        groups = chosen_groups(requested, [g for g in self._named_groups() if g not in EXCLUDED_GROUPS], self.split_dir)
+        named, requested = self._named_groups(), self.settings.data.test_groups
+        available = [group for group in named if {group, group + "_ann", group + "_neg"} <= self.csvs.keys()]
+        groups = chosen_groups(requested, [g for g in named if g not in EXCLUDED_GROUPS], self.split_dir)
         for group in groups:  # requested, or named by one of its CSVs: never left out without a word
             missing = [f"{n}.csv" for n in (group, group + "_ann", group + "_neg") if nfc(n) not in self.csvs]
             if missing and missing != [f"{group}_ann.csv", f"{group}_neg.csv"]:  # an image list alone is image level
